@@ -1,0 +1,13 @@
+"""crossent: PyTorch-exact softmax, log_softmax, nll_loss and cross-entropy,
+fused and memory-lean, on CPU and NVIDIA GPUs.
+
+Importing crossent imports torch only: no triton, no CUDA initialisation.
+"""
+from . import nn
+from .functional import (CrossEntropyOutput, cross_entropy, cross_entropy_with_stats, log_softmax,
+                         nll_loss, softmax)
+
+__version__ = "0.1.0"
+
+__all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
+           "CrossEntropyOutput", "nn", "__version__"]

@@ -1,0 +1,120 @@
+"""The autograd Functions: one for cross-entropy, one for (log_)softmax.
+
+Every backend runs under these same Functions; a backend only supplies
+kernels (see backends/base.py).  Options travel as a frozen dataclass on ctx.
+
+Cross-entropy saves the per-row log-sum-exp, never probabilities.  For 'sum'
+and 'mean' the gradient is computed in the forward pass (the logits are read
+once, while they are hot) and only rescaled by the upstream gradient in the
+backward; for 'none', or when that buffer was already handed out (a second
+backward with retain_graph=True), the backward recomputes it from the lse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _ops, backends
+
+
+@dataclass(frozen=True)
+class CEOptions:
+    """Everything about a cross-entropy call that is not a tensor."""
+
+    reduction: str = "mean"  # 'none' | 'mean' | 'sum'
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0  # 0 = off
+    inplace_backward: bool = False
+    backend: str = "torch"
+    out_dtype: torch.dtype = torch.float32
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """(x, target, weight, denom) -> (loss, lse).
+
+    x: (R, C) or (B, C, S) logits, class dim 1.  target: rows-shaped class
+    indices, or x-shaped probabilities.  denom: 0-d acc-dtype tensor, the mean's
+    denominator (ignored unless reduction == 'mean').  loss: 0-d for mean/sum,
+    rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32 (fp64 for
+    fp64 input), not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor,
+                opts: CEOptions):
+        need_grad = ctx.needs_input_grad[0]
+        precompute = need_grad and opts.reduction != "none"
+        # The gradient baked into the forward is that of loss * 1 upstream.
+        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, scale)
+        if precompute and opts.inplace_backward:
+            rows, lse = _ops.ce_forward_inplace(x, *args, opts.backend)
+            grad = x  # x now holds the gradient; the caller opted in
+        else:
+            rows, lse, grad = _ops.ce_forward(x, *args, precompute, opts.backend)
+        if opts.reduction == "mean":
+            loss = rows.sum() / denom
+        elif opts.reduction == "sum":
+            loss = rows.sum()
+        else:
+            loss = rows
+        ctx.opts = opts
+        ctx.grad = grad if precompute else None
+        # With inplace_backward the logits are gone, so nothing can be recomputed.
+        ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, scale)
+        ctx.mark_non_differentiable(lse)
+        return loss.to(opts.out_dtype), lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor, _g_lse: Tensor):
+        opts: CEOptions = ctx.opts
+        if ctx.grad is not None:
+            # Hand the forward's buffer over (autograd can then adopt it as
+            # x.grad without a copy); rescale in place only if g != 1.  The
+            # saved tensors are not unpacked, so editing x after the forward
+            # is as harmless as it is for torch's own cross_entropy.
+            grad, ctx.grad = ctx.grad, None
+            _ops.rescale_(grad, g.float(), opts.backend)
+            return grad, None, None, None, None
+        x, target, weight, lse, scale = ctx.saved_tensors
+        g = g.to(lse.dtype)
+        if x is None:
+            raise RuntimeError(
+                "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
+                "it cannot be backpropagated a second time")
+        row_scale = g if opts.reduction == "none" else g * scale
+        grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
+                                opts.z_loss, opts.softcap, row_scale, opts.backend)
+        return grad, None, None, None, None
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, log: bool, backend: str):
+        y = _ops.softmax_forward(x, dim, log, backend)
+        ctx.save_for_backward(y)
+        ctx.meta = (dim, log, backend, x.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        (y,) = ctx.saved_tensors
+        dim, log, backend, dtype = ctx.meta
+        return _ops.softmax_backward(g.contiguous(), y, dim, log, dtype, backend), None, None, None
+
+
+def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
+    backend = backends.select(x.device)
+    if getattr(backend, "softmax_native_autograd", False):
+        # torch's own kernels keep torch's autograd: double backward, jvp, vmap.
+        return backend.softmax_forward(x, dim, log)
+    return SoftmaxFunction.apply(x, dim, log, backend.name)

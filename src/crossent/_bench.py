@@ -1,0 +1,425 @@
+"""CPU benchmark runner behind ``crossent bench`` and ``benchmarks/cpu_bench.py``.
+
+Every (provider, case) pair runs in a fresh ``python -m crossent._bench --worker``
+subprocess, so one provider's peak RSS, allocator state and page-fault history
+cannot leak into the next measurement.  The parent only spawns workers, joins
+their JSON results, computes ratios and prints the table.
+
+What a worker measures (fwd+bwd, fp32 unless the case says otherwise):
+  time    per-iteration wall time (time.perf_counter) over k timed iterations
+          after warm-up; k adapts so a case takes ~--seconds (at least 3).
+  memory  extra peak RSS = peak RSS during the timed loop minus RSS right before
+          it (inputs already built, warm-up done, grads cleared).  The peak is
+          VmHWM from /proc/self/status after resetting it through
+          /proc/self/clear_refs ("hwm"); where that reset is unavailable it is
+          ru_maxrss ("ru_maxrss"), a lifetime peak, which is still right here
+          because building the inputs peaks lower than one fwd+bwd does.
+  GB/s    minimal bytes moved / median time: cross_entropy reads the logits
+          once and writes the grad once (2*N*V*elt); nll_loss only writes the
+          grad (1x); softmax/log_softmax read x, write y, then read g and y and
+          write dx (4x).  "% copy" divides by the bandwidth of a large
+          tensor.copy_ (bytes read + written) measured by its own worker at the
+          start of the same run: a practical roofline for this machine.
+The helpers (stats, stamps, rows, table) are re-exported by benchmarks/harness.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OPS = {"ce": "cross_entropy", "nll": "nll_loss", "softmax": "softmax", "log_softmax": "log_softmax"}
+BYTES_FACTOR = {"cross_entropy": 2, "nll_loss": 1, "softmax": 4, "log_softmax": 4}
+PROVIDERS = ("crossent", "torch", "compile")
+FULL_CASES = ["ce-4096x32000", "ce-8192x50257", "ce-8x21x256x256",
+              "nll-4096x32000", "softmax-4096x32000", "log_softmax-4096x32000"]
+QUICK_CASES = ["ce-1024x32000"]
+# cross_entropy is where torch.compile is the interesting rival; elsewhere it only adds compile time
+DEFAULT_PROVIDERS = {"cross_entropy": PROVIDERS}
+COPY_BYTES = 256 << 20  # large enough to defeat the caches of any current CPU
+
+
+# ----------------------------------------------------------------------------- stats
+
+def quantile(xs, q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), q in [0, 1]."""
+    if not xs:
+        raise ValueError("quantile of an empty sequence")
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def median(xs) -> float:
+    return quantile(xs, 0.5)
+
+
+def summarize(times_s) -> dict:
+    """Per-iteration times in seconds -> median/p10/p90 in milliseconds."""
+    return {"median_ms": median(times_s) * 1e3, "p10_ms": quantile(times_s, 0.1) * 1e3,
+            "p90_ms": quantile(times_s, 0.9) * 1e3}
+
+
+def gbps(nbytes: float, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- cases
+
+def parse_case(name: str) -> dict:
+    """'ce-4096x32000' -> {op, shape}. For cross_entropy/nll_loss dim 1 is the class dim
+    (so 'ce-8x21x256x256' is input (8,21,256,256), target (8,256,256)); softmax uses dim -1."""
+    op, _, dims = name.rpartition("-")
+    if op not in OPS or not dims:
+        raise ValueError(f"bad case {name!r}: expected OP-D0xD1[x...] with OP in {', '.join(OPS)}")
+    try:
+        shape = tuple(int(d) for d in dims.split("x"))
+    except ValueError:
+        raise ValueError(f"bad case {name!r}: dimensions must be integers") from None
+    if len(shape) < 2 or min(shape) < 1:
+        raise ValueError(f"bad case {name!r}: need at least 2 positive dimensions")
+    return {"case": name, "op": OPS[op], "shape": shape}
+
+
+def select_cases(patterns: str | None, quick: bool) -> list[str]:
+    """Comma-separated names or globs ('ce-*'); a name that parses need not be a default."""
+    defaults = QUICK_CASES if quick else FULL_CASES
+    if not patterns:
+        return list(defaults)
+    out = []
+    for p in (p.strip() for p in patterns.split(",") if p.strip()):
+        hits = fnmatch.filter(FULL_CASES + QUICK_CASES, p) if any(c in p for c in "*?[") else [p]
+        if not hits:
+            raise ValueError(f"--cases pattern {p!r} matches no known case")
+        for h in hits:
+            parse_case(h)  # validate early, before any worker starts
+            if h not in out:
+                out.append(h)
+    return out
+
+
+# ----------------------------------------------------------------------------- environment stamp
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (r.stdout.strip() or None) if r.returncode == 0 else None
+
+
+def crossent_version() -> str:
+    import crossent
+    v = getattr(crossent, "__version__", None)
+    if v:
+        return v
+    try:
+        from importlib.metadata import version
+        return version("crossent")
+    except Exception:
+        return "unknown"
+
+
+def backend_name() -> str:
+    try:
+        from crossent import backends
+        return backends.select("cpu").name
+    except Exception as e:  # a broken backend should not stop the benchmark from reporting it
+        return f"unavailable ({type(e).__name__})"
+
+
+def env_stamp() -> dict:
+    import torch
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "hostname": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "crossent": crossent_version(), "python": platform.python_version(),
+            "git_commit": git_commit(), "backend": backend_name()}
+
+
+# ----------------------------------------------------------------------------- rows and table
+
+def add_ratios(rows: list[dict]) -> None:
+    """ratio_vs_X = this row's median / provider X's median on the same case (<1: faster)."""
+    med = {(r["case"], r["provider"]): r.get("median_ms") for r in rows}
+    for r in rows:
+        for other in ("torch", "compile"):
+            ref = med.get((r["case"], other))
+            mine = r.get("median_ms")
+            r[f"ratio_vs_{other}"] = mine / ref if mine and ref else None
+
+
+def write_json(path: str | os.PathLike, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Aligned text table, one line per row; numbers to 4 significant places where it matters."""
+    head = ["provider", "case", "median ms", "p10-p90 ms", "extra MiB", "extra/logits",
+            "GB/s", "% copy", "vs torch", "vs compile"]
+    body = []
+    for r in rows:
+        if r.get("error"):
+            body.append([r["provider"], r["case"], "error: " + r["error"].splitlines()[-1][:60]]
+                        + [""] * (len(head) - 3))
+            continue
+        body.append([r["provider"], r["case"], _fmt(r["median_ms"], ".4g"),
+                     f"{r['p10_ms']:.4g}-{r['p90_ms']:.4g}", _fmt(r["extra_peak_mib"], ".1f"),
+                     _fmt(r["peak_over_logits"], ".2f"), _fmt(r["gbps"], ".2f"),
+                     _fmt(r.get("pct_of_copy"), ".1f"), _fmt(r.get("ratio_vs_torch"), ".4f"),
+                     _fmt(r.get("ratio_vs_compile"), ".4f")])
+    ok = [b for b in body if not b[2].startswith("error")]
+    widths = [max([len(h)] + [len(b[i]) for b in ok]) for i, h in enumerate(head)]
+
+    def line(cells):  # names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines = [line(head)]
+    for b in body:
+        lines.append(line(b) if b in ok else "  ".join([b[0].ljust(widths[0]), b[1].ljust(widths[1]), b[2]]))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- worker (subprocess side)
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> str:
+    """Reset the kernel's RSS high-water mark if we can; return the method used."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        if _rss_kib("VmHWM") is not None:
+            return "hwm"
+    except OSError:
+        pass
+    return "ru_maxrss"
+
+
+def _peak_kib(method: str) -> int:
+    if method == "hwm":
+        return _rss_kib("VmHWM")
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _copy_worker(spec: dict) -> dict:
+    import torch
+    n = spec.get("copy_bytes", COPY_BYTES) // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    dst.copy_(src)  # fault the pages in before timing
+    times = []
+    for _ in range(spec.get("iters", 10)):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return {"copy_gbps": gbps(2 * n * 4, median(times))}
+
+
+def _build(op: str, shape: tuple, provider: str, seed: int):
+    """Inputs and a zero-argument fwd+bwd step for one measurement."""
+    import torch
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    if provider == "crossent":
+        import crossent as lib
+        fn = getattr(lib, op)
+    elif provider in ("torch", "compile"):
+        fn = getattr(F, op)
+        if provider == "compile":
+            fn = torch.compile(fn)
+    else:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    x = torch.randn(shape, generator=g)
+    C = shape[1]
+    if op in ("cross_entropy", "nll_loss"):
+        t = torch.randint(0, C, shape[:1] + shape[2:], generator=g)
+        if op == "nll_loss":  # nll_loss consumes log-probabilities; make them outside the timed region
+            x = torch.log_softmax(x, dim=1)
+        x.requires_grad_(True)
+
+        def step():
+            x.grad = None
+            fn(x, t).backward()
+    else:
+        dy = torch.randn(shape, generator=g)
+        x.requires_grad_(True)
+
+        def step():
+            x.grad = None
+            fn(x, dim=-1).backward(dy)
+    return x, step
+
+
+def _measure_worker(spec: dict) -> dict:
+    import gc
+    import torch
+    c = parse_case(spec["case"])
+    op, shape, provider = c["op"], c["shape"], spec["provider"]
+    x, step = _build(op, shape, provider, spec.get("seed", 0))
+    t0 = time.perf_counter()
+    step()  # first call: compiles (compile provider), faults pages in, primes caches
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step()  # a second warm-up, timed to size the loop: the first call carries one-off costs
+    iters = spec.get("iters") or max(3, min(spec.get("max_iters", 50),
+                                             int(spec.get("seconds", 4.0) / max(time.perf_counter() - t0, 1e-6))))
+    x.grad = None
+    gc.collect()
+    base = _rss_kib("VmRSS")
+    method = _reset_peak()
+    if base is None:  # no /proc: ru_maxrss is all there is
+        import resource
+        base, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    peak = _peak_kib(method)
+    elt = x.element_size()
+    numel = x.numel()
+    out = {"op": op, "shape": list(shape), "dtype": str(x.dtype).replace("torch.", ""),
+           "iters": iters, "first_call_ms": first_s * 1e3, **summarize(times),
+           "extra_peak_mib": max(0, peak - base) / 1024, "logits_mib": numel * elt / 2**20,
+           "rss_method": method, "bytes_moved": BYTES_FACTOR[op] * numel * elt,
+           "threads": torch.get_num_threads()}
+    out["peak_over_logits"] = out["extra_peak_mib"] / out["logits_mib"]
+    out["gbps"] = gbps(out["bytes_moved"], out["median_ms"] / 1e3)
+    return out
+
+
+def worker_main(spec_json: str) -> int:
+    spec = json.loads(spec_json)
+    try:
+        res = _copy_worker(spec) if spec.get("kind") == "copy" else _measure_worker(spec)
+    except Exception as e:
+        res = {"error": f"{type(e).__name__}: {e}"}
+    print("@@RESULT " + json.dumps(res), flush=True)  # a marker line: libraries may print too
+    return 0
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def _spawn(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ)
+    import crossent  # the child must import the very crossent this process runs
+    pkg = Path(crossent.__file__ or __file__).resolve()
+    src = str(pkg.parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "crossent._bench", "--worker", json.dumps(spec)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("@@RESULT "):
+            return json.loads(line[len("@@RESULT "):])
+    tail = (r.stderr or r.stdout).strip().splitlines()
+    return {"error": f"worker exited {r.returncode}: {tail[-1] if tail else 'no output'}"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help=f"small shapes ({', '.join(QUICK_CASES)}), ~1 s per measurement")
+    p.add_argument("--json", metavar="PATH", help="write one JSON row per measurement to PATH")
+    p.add_argument("--cases", metavar="LIST",
+                   help="comma-separated case names or globs, e.g. 'ce-*' or ce-64x1000 "
+                        f"(OP-D0xD1..., OP in {', '.join(OPS)}); default: {', '.join(FULL_CASES)}")
+    p.add_argument("--providers", metavar="LIST",
+                   help=f"comma-separated subset of {', '.join(PROVIDERS)} "
+                        "(default: all three for cross_entropy, crossent,torch otherwise)")
+    p.add_argument("--iters", type=int, help="timed iterations (default: adaptive, >= 3)")
+    p.add_argument("--seconds", type=float, help="target timed seconds per measurement when adaptive")
+    p.add_argument("--timeout", type=float, default=600, help="seconds before a worker is abandoned")
+
+
+def run(args) -> int:
+    try:
+        cases = select_cases(args.cases, args.quick)
+        provs = [p.strip() for p in args.providers.split(",")] if args.providers else None
+        bad = [p for p in provs or [] if p not in PROVIDERS]
+        if bad:
+            raise ValueError(f"unknown provider(s) {', '.join(bad)}; choose from {', '.join(PROVIDERS)}")
+    except ValueError as e:
+        print(f"crossent bench: error: {e}", file=sys.stderr)
+        return 2
+    seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 4.0)
+    plan = [(c, p) for c in cases
+            for p in (provs or DEFAULT_PROVIDERS.get(parse_case(c)["op"], ("crossent", "torch")))]
+    stamp = env_stamp()
+    print(f"[0/{len(plan)}] copy bandwidth ...", file=sys.stderr, flush=True)
+    copy = _spawn({"kind": "copy"}, args.timeout)
+    copy_gbps = copy.get("copy_gbps")
+    rows = []
+    for i, (case, prov) in enumerate(plan, 1):
+        c = parse_case(case)
+        print(f"[{i}/{len(plan)}] {prov} {c['op']} {case.rpartition('-')[2]} ...",
+              file=sys.stderr, flush=True)
+        spec = {"kind": "measure", "case": case, "provider": prov, "iters": args.iters,
+                "seconds": seconds}
+        t0 = time.perf_counter()
+        res = _spawn(spec, args.timeout)
+        row = {**stamp, "case": case, "op": c["op"], "provider": prov, "copy_gbps": copy_gbps, **res,
+               "worker_s": time.perf_counter() - t0}
+        if copy_gbps and row.get("gbps"):
+            row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
+        rows.append(row)
+    add_ratios(rows)
+    print(f"crossent {stamp['crossent']} (backend {stamp['backend']}), torch {stamp['torch']}, "
+          f"{stamp['cpu']}, {stamp['cores']} cores, {stamp['torch_threads']} threads")
+    print(f"copy bandwidth (roofline): {_fmt(copy_gbps, '.2f')} GB/s"
+          + (f"  [{copy['error']}]" if copy.get("error") else ""))
+    print("fwd+bwd; extra MiB = peak RSS during timing minus RSS before; "
+          "vs X = median time / X's median (<1 is faster)")
+    print(format_table(rows))
+    if args.json:
+        write_json(args.json, rows)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        return worker_main(argv[1])
+    p = argparse.ArgumentParser(prog="crossent-bench", description="crossent CPU benchmark")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Argument checks with PyTorch 2.13's exception types, messages and order.
+
+Only shapes, dtypes and Python values are inspected here, never tensor data,
+except in ``check_target_bounds``, which reads targets on the CPU (free: no
+device to sync with) and is skipped on accelerators and under torch.compile
+unless CROSSENT_CHECK=1 asks for it.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+# torch's C++ ScalarType names, as they appear in its error messages.
+_DTYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool",
+    torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble", torch.complex32: "ComplexHalf",
+}
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", "").capitalize())
+
+
+def _type_name(v) -> str:
+    return type(v).__name__
+
+
+# ---------------------------------------------------------------------------
+# Python-level arguments
+# ---------------------------------------------------------------------------
+def tensor_arg(v, fname: str, arg: str, pos: int) -> Tensor:
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be Tensor, not {_type_name(v)}")
+    return v
+
+
+def int_arg(v, fname: str, arg: str, pos: int) -> int:
+    """An int argument as torch's C++ binding accepts it (ints, 0-d int tensors)."""
+    if isinstance(v, bool) or (isinstance(v, float)):
+        raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be int, not {_type_name(v)}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be int, not {_type_name(v)}") from None
+
+
+def float_arg(v, fname: str, arg: str, pos: int) -> float:
+    if isinstance(v, (bool, str)) or v is None:
+        raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be float, not {_type_name(v)}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be float, not {_type_name(v)}") from None
+
+
+def legacy_reduction(size_average, reduce) -> str:
+    """torch.nn._reduction.legacy_get_string, warning included."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    ret = "none" if not reduce else ("mean" if size_average else "sum")
+    warnings.warn(f"size_average and reduce args will be deprecated, please use reduction='{ret}' instead.",
+                  stacklevel=3)
+    return ret
+
+
+def reduction(size_average, reduce, reduction: str) -> str:
+    """The effective reduction string ('none' | 'mean' | 'sum')."""
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce)
+    if reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                      stacklevel=3)
+        return "mean"
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    return reduction
+
+
+def softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
+    """torch.nn.functional._get_softmax_dim: the implicit dim, with its warning."""
+    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. "
+                  "Change the call to include dim=X as an argument.", stacklevel=stacklevel)
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def wrap_dim(dim, ndim: int, fname: str = "softmax") -> int:
+    dim = int_arg(dim, fname, "dim", 1)
+    lo, hi = (-1, 0) if ndim == 0 else (-ndim, ndim - 1)
+    if not lo <= dim <= hi:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})")
+    return dim % max(ndim, 1)
+
+
+def floating_input(x: Tensor, kernel: str) -> None:
+    """Reject non-floating inputs the way torch's CPU kernels do."""
+    if x.dtype not in _FLOATING:
+        raise NotImplementedError(f'"{kernel}" not implemented for \'{dtype_name(x.dtype)}\'')
+
+
+def softmax_kernel(log: bool, dim: int, ndim: int) -> str:
+    lastdim = "_lastdim" if dim == max(ndim, 1) - 1 else ""
+    return f"{'log_' if log else ''}softmax{lastdim}_kernel_impl"
+
+
+# ---------------------------------------------------------------------------
+# nll_loss_nd / cross_entropy shape and dtype checks
+# ---------------------------------------------------------------------------
+def _check_weight_dtype(x: Tensor, weight: Tensor | None) -> None:
+    if weight is not None and weight.dtype != x.dtype:
+        raise RuntimeError(f"expected scalar type {dtype_name(x.dtype)} but found {dtype_name(weight.dtype)}")
+
+
+def _check_target_dtype(target: Tensor, spatial: bool) -> None:
+    # Deliberate difference: int32 targets are accepted everywhere.
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}")
+    if spatial and target.dtype == torch.uint8:
+        raise RuntimeError("expected scalar type Long but found Byte")
+
+
+def class_target(x: Tensor, target: Tensor, weight: Tensor | None) -> None:
+    """The checks of aten's nll_loss_nd and its nll_loss / nll_loss2d meta
+    functions, in their order, for class-index targets."""
+    if x.dim() < 1:
+        raise ValueError(f"Expected 1 or more dimensions (got {x.dim()})")
+    if x.dim() != 1 and x.shape[0] != (target.shape[0] if target.dim() > 0 else 0):
+        tb = target.shape[0] if target.dim() > 0 else 0
+        raise ValueError(f"Expected input batch_size ({x.shape[0]}) to match target batch_size ({tb}).")
+    if x.dim() <= 2:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
+        _check_target_dtype(target, spatial=False)
+        if x.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
+        C = x.shape[-1]
+        if weight is not None and (weight.dim() != 1 or weight.numel() != C):
+            raise RuntimeError(f"weight tensor should be defined either for all {C} classes or no classes "
+                               f"but got weight tensor of shape: {list(weight.shape)}")
+    else:
+        if x.dim() == 4:
+            if target.dim() != 3:
+                raise RuntimeError("only batches of spatial targets supported (3D tensors) but got targets "
+                                   f"of dimension: {target.dim()}")
+            if tuple(x.shape[2:]) != tuple(target.shape[1:]):
+                raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
+        elif tuple(target.shape[1:]) != tuple(x.shape[2:]):
+            expected = [x.shape[0], *x.shape[2:]]
+            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+        _check_target_dtype(target, spatial=True)
+        if weight is not None and (weight.dim() != 1 or weight.numel() != x.shape[1]):
+            raise RuntimeError("weight tensor should be defined either for all or no classes")
+    _check_weight_dtype(x, weight)
+
+
+def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> None:
+    """cross_entropy's checks for probability targets (same shape as input)."""
+    if not target.is_floating_point():
+        raise RuntimeError(f"Expected floating point type for target with class probabilities, "
+                           f"got {dtype_name(target.dtype)}")
+    if ignore_index >= 0:
+        raise RuntimeError("ignore_index is not supported for floating point target")
+    if x.dim() == 0:
+        raise IndexError("Dimension specified as 1 but tensor has no dimensions")
+    C = x.shape[0 if x.dim() == 1 else 1]
+    if weight is not None and (weight.dim() != 1 or weight.numel() != C):
+        raise RuntimeError(f"cross_entropy: weight tensor should be defined either for all {C} classes or no "
+                           f"classes but got weight tensor of shape: {list(weight.shape)}")
+
+
+def weight_no_grad(weight: Tensor | None) -> None:
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument "
+                           "'weight'. This input cannot have requires_grad True.")
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # torch < 2.3
+        return False
+
+
+def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """IndexError for a non-ignored class index outside [0, C), like torch on CPU.
+
+    Runs only where it costs no host sync: CPU tensors in eager mode, or
+    anywhere with CROSSENT_CHECK=1.  Elsewhere an out-of-range target gives a
+    NaN loss (and NaN gradient row) instead of a device-side assert.
+    """
+    forced = os.environ.get("CROSSENT_CHECK", "0") not in ("", "0")
+    if not forced and (target.device.type != "cpu" or _compiling()):
+        return
+    if target.numel() == 0:
+        return
+    t = target.long()
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(t[bad][0])} is out of bounds.")

@@ -1,0 +1,78 @@
+"""The kernel contract every backend implements.
+
+The public API (``crossent.functional``) canonicalises arguments, then calls the
+autograd Functions in ``crossent._autograd``; those call a backend through the
+custom ops in ``crossent._ops``.  A backend is a plain object with the methods
+below; it never sees reductions, legacy arguments or error checks.
+
+Layouts (class dim is always dim 1):
+  x        (R, C)       class index in the last dim, any row stride, or
+           (B, C, S)    K-dim input flattened to one spatial dim S = d1*..*dk
+  target   int64/int32/uint8 of shape x.shape without dim 1: (R,) or (B, S)
+           (class indices; ``ignore_index`` marks skipped positions), or
+           floating, the same shape as x (probability targets; no ignore).
+  weight   (C,) fp32/fp64 or None.  All math is fp32 (fp64 for fp64 input).
+  rows     "a row" below is one position: (r,) or (b, s).
+
+Per-row loss, with z = softcap*tanh(x/softcap) if softcap else x,
+lse = logsumexp(z over C), m = [target != ignore_index], eps = label_smoothing,
+w = weight or ones, zl = z_loss:
+  class index: loss = m * ((1-eps)*w[y]*(lse - z[y]) + eps/C * sum_c w_c*(lse - z_c)
+                           + zl*lse**2)
+  probability: t' = t*(1-eps) + eps/C  (t' = t when eps == 0)
+               loss = sum_c w_c*t'_c*(lse - z_c) + zl*lse**2
+Gradient of sum(scale * loss) w.r.t. x, with p = softmax(z):
+  class index: dz = scale*m*(p*A - B),  A = (1-eps)*w[y] + eps/C*sum(w) + 2*zl*lse,
+               B_c = (1-eps)*w[y]*[c == y] + eps/C*w_c
+  probability: dz = scale*(p*(sum_c w_c*t'_c + 2*zl*lse) - w*t')
+  dx = dz * (1 - (z/softcap)**2) with softcap, else dz.
+``scale`` is a 0-d fp32 tensor or one value per row (fp32, shape of loss).
+Ignored rows get exactly 0 in loss and gradient, whatever ``scale`` is (even
+inf), unless their own logits are non-finite (then the gradient row is NaN,
+as in PyTorch).
+A class-index target outside [0, C) that is not ignore_index never reads or
+writes out of bounds: its loss is NaN and its gradient row is NaN.
+
+Methods (all return new tensors; none mutates its inputs except ``rescale_``):
+  ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+             scale, need_grad, grad_into=None) -> (loss fp32 rows, lse fp32 rows, grad)
+      grad: x.shape, contiguous, x.dtype, = gradient of sum(scale*loss) when
+      need_grad, else an empty tensor.  Reads x once where the device allows.
+      grad_into: a tensor of x's shape and dtype (in practice x itself, for the
+      opt-in ``inplace_backward``) that receives the gradient instead; the
+      returned grad is then an empty tensor.  softcap: 0.0 means off.
+  ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss,
+              softcap, scale) -> grad   (recomputes p from the saved lse)
+  rescale_(grad, g) -> None: grad *= g in place (g a 0-d tensor); may skip the
+      pass when g == 1 if that needs no host sync on this device.
+  softmax_forward(x, dim, log) -> y     (x.dtype output, fp32 accumulation)
+  softmax_backward(g, y, dim, log, input_dtype) -> dx
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+class Backend(Protocol):
+    name: str
+
+    def available(self, device: torch.device) -> tuple[bool, str]: ...
+
+    def ce_forward(self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                   label_smoothing: float, z_loss: float, softcap: float,
+                   scale: Tensor, need_grad: bool,
+                   grad_into: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def ce_backward(self, x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
+                    ignore_index: int, label_smoothing: float, z_loss: float,
+                    softcap: float, scale: Tensor) -> Tensor: ...
+
+    def rescale_(self, grad: Tensor, g: Tensor) -> None: ...
+
+    def softmax_forward(self, x: Tensor, dim: int, log: bool) -> Tensor: ...
+
+    def softmax_backward(self, g: Tensor, y: Tensor, dim: int, log: bool,
+                         input_dtype: torch.dtype) -> Tensor: ...

@@ -1,0 +1,94 @@
+"""The spec in code: plain eager math for everything crossent computes.
+
+These functions define what the fused kernels must produce.  They are built
+from torch's own differentiable ops (so autograd, double backward and
+probability-target gradients all work here) and are used
+  * by the tests, as the oracle for crossent's extras (z_loss, softcap, lse),
+    whose plain-PyTorch part is torch.nn.functional itself;
+  * by ``crossent.functional`` as the fallback for the rare calls that need a
+    gradient the fused path does not produce (w.r.t. probability targets or
+    class weights).
+Low-precision inputs are computed in fp32 and the result rounded once: that
+is crossent's documented behaviour (PyTorch rounds log_softmax to bf16/fp16
+first and accumulates fp16 means in fp16).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def apply_softcap(x: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(x / cap), Gemma-2 style; identity when cap is None/0."""
+    return x if not cap else cap * torch.tanh(x / cap)
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def logsumexp(input: Tensor, class_dim: int, softcap_: float | None = None) -> Tensor:
+    """Per-position lse of (softcapped) logits, fp32 for low precision."""
+    return torch.logsumexp(apply_softcap(_upcast(input), softcap_), class_dim)
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, *, z_loss: float = 0.0,
+                  softcap: float | None = None) -> Tensor:
+    """F.cross_entropy on softcap(input), plus z_loss * lse**2 per counted position.
+
+    The z-loss term is not multiplied by class weights; it is reduced like the
+    loss (under 'mean', divided by the same denominator: the weighted count of
+    non-ignored positions for class targets, the number of positions for
+    probability targets).  Shapes and dtypes as in F.cross_entropy.
+    """
+    dtype = input.dtype if input.shape != target.shape else torch.result_type(input, target)
+    x = apply_softcap(_upcast(input), softcap)
+    w = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
+    prob = input.shape == target.shape
+    if prob:
+        t = target if target.dtype == torch.float64 else target.to(x.dtype)
+        ce = F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=label_smoothing)
+        dtype = torch.promote_types(dtype, weight.dtype) if weight is not None else dtype
+    else:
+        ce = F.cross_entropy(x, target.long(), w, ignore_index=ignore_index,
+                             reduction=reduction, label_smoothing=label_smoothing)
+    if z_loss:
+        class_dim = 0 if input.dim() == 1 else 1
+        lse = torch.logsumexp(x, class_dim)
+        if prob:
+            zt = z_loss * lse * lse
+            denom = lse.new_tensor(float(lse.numel()))
+        else:
+            valid = target != ignore_index
+            zt = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+            if weight is not None:
+                wy = w[torch.where(valid, target, 0).long()]
+                denom = torch.where(valid, wy, torch.zeros_like(wy)).sum()
+            else:
+                denom = valid.sum().to(lse.dtype)
+        if reduction == "none":
+            ce = ce + zt
+        elif reduction == "sum":
+            ce = ce + zt.sum()
+        else:
+            ce = ce + zt.sum() / denom
+    return ce.to(dtype)
+
+
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None,
+             ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """F.nll_loss with fp32 accumulation for fp16/bf16 (crossent's behaviour)."""
+    w = weight.float() if weight is not None and input.dtype in (torch.float16, torch.bfloat16) else weight
+    out = F.nll_loss(_upcast(input), target.long(), w, ignore_index=ignore_index, reduction=reduction)
+    return out.to(input.dtype)
+
+
+def softmax(input: Tensor, dim: int) -> Tensor:
+    return torch.softmax(_upcast(input), dim).to(input.dtype)
+
+
+def log_softmax(input: Tensor, dim: int) -> Tensor:
+    return torch.log_softmax(_upcast(input), dim).to(input.dtype)
