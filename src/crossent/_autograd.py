@@ -64,6 +64,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             loss = rows
         ctx.opts = opts
+        ctx.acc = lse.dtype
         ctx.grad = grad if precompute else None
         # With inplace_backward the logits are gone, so nothing can be recomputed.
         ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, scale)
@@ -80,7 +81,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            _ops.rescale_(grad, g.float(), opts.backend)
+            _ops.rescale_(grad, g.to(ctx.acc), opts.backend)
             return grad, None, None, None, None
         x, target, weight, lse, scale = ctx.saved_tensors
         g = g.to(lse.dtype)
@@ -113,8 +114,103 @@ class SoftmaxFunction(torch.autograd.Function):
 
 
 def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
-    backend = backends.select(x.device)
-    if getattr(backend, "softmax_native_autograd", False):
-        # torch's own kernels keep torch's autograd: double backward, jvp, vmap.
-        return backend.softmax_forward(x, dim, log)
-    return SoftmaxFunction.apply(x, dim, log, backend.name)
+    name = backends.name_for(x.device.type)
+    if name == "torch":
+        # torch's own fused kernels, with torch's autograd: double backward, jvp, vmap.
+        return torch._log_softmax(x, dim, False) if log else torch._softmax(x, dim, False)
+    return SoftmaxFunction.apply(x, dim, log, name)
+
+
+# ===========================================================================
+# Fused linear + cross-entropy (crossent.linear_cross_entropy)
+# ===========================================================================
+@dataclass(frozen=True)
+class LinearCEOptions:
+    """Everything about a linear_cross_entropy call that is not a tensor
+    (resolved: policy is never 'auto', sizes are concrete)."""
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0
+    policy: str = "accurate"  # 'accurate' | 'balanced' | 'compact'
+    chunk_rows: int = 1024    # tokens per chunk of the token pass
+    budget: int = 64 << 20    # bytes for the vocab pass's block (compact)
+    drop_ignored: bool = True  # CPU only: skip ignored tokens' matmuls
+    inplace: bool = False     # dx overwrites the hidden states (permission granted and usable)
+    backend: str = "torch"
+    out_dtype: torch.dtype = torch.float32
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """(x, rows, w, b, target, weight, denom, opts) -> (loss, lse).
+
+    x (M, D) hidden-state rows; rows None (token i is x[i], i < N) or (N,)
+    int64 row map; w (V, D); b (V,) or None; target (N,) class indices or
+    (N, V) probabilities; denom 0-d, the mean's denominator.  The loss is
+    cross_entropy(x[rows] @ w.T + b, target) as in CrossEntropyFunction: for
+    'mean'/'sum' every requested gradient is produced by the forward pass (one
+    matmul pass fewer than recomputing) and only rescaled by the upstream
+    gradient in backward; for 'none' (per-token upstream gradients, Liger
+    #968), or a second backward, the backward recomputes with per-token scales.
+    """
+
+    @staticmethod
+    def forward(ctx, x, rows, w, b, target, weight, denom, opts: LinearCEOptions):
+        from . import _linear_ops
+        nx, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        nb = b is not None and ctx.needs_input_grad[3]
+        precompute = (nx or nw or nb) and opts.reduction != "none"
+        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, scale)
+        inplace = precompute and nx and opts.inplace
+        if inplace:
+            rows_loss, lse, dw, db = _linear_ops.linear_ce_inplace(
+                x, w, b, *args, precompute and nw, precompute and nb, opts.policy, opts.chunk_rows,
+                opts.backend)
+            dx = x
+        else:
+            rows_loss, lse, dx, dw, db = _linear_ops.linear_ce(
+                x, rows, w, b, *args, precompute and nx, precompute and nw, precompute and nb,
+                opts.policy, opts.chunk_rows, opts.budget, opts.drop_ignored, opts.backend)
+        if opts.reduction == "mean":
+            loss = rows_loss.sum() / denom
+        elif opts.reduction == "sum":
+            loss = rows_loss.sum()
+        else:
+            loss = rows_loss
+        ctx.opts = opts
+        ctx.needs = (nx, nw, nb)
+        ctx.grads = (dx, dw, db) if precompute else None
+        ctx.save_for_backward(None if inplace else x, rows, w, b, target, weight, lse, scale)
+        ctx.mark_non_differentiable(lse)
+        return loss.to(opts.out_dtype), lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor, _g_lse: Tensor):
+        from . import _linear_ops
+        opts: LinearCEOptions = ctx.opts
+        nx, nw, nb = ctx.needs
+        if ctx.grads is not None:
+            grads, ctx.grads = ctx.grads, None
+            gf = g.float()
+            for need, t in zip(ctx.needs, grads):
+                if need:
+                    _ops.rescale_(t, gf, opts.backend)
+            dx, dw, db = grads
+        else:
+            x, rows, w, b, target, weight, lse, scale = ctx.saved_tensors
+            if x is None:
+                raise RuntimeError(
+                    "crossent.linear_cross_entropy(allow_inplace=True) wrote its gradient into the "
+                    "hidden states; it cannot be backpropagated a second time")
+            g = g.to(lse.dtype)
+            row_scale = g if opts.reduction == "none" else g * scale
+            _, _, dx, dw, db = _linear_ops.linear_ce(
+                x, rows, w, b, target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss,
+                opts.softcap, row_scale, nx, nw, nb, opts.policy, opts.chunk_rows, opts.budget,
+                opts.drop_ignored, opts.backend)
+        return (dx if nx else None, None, dw if nw else None, db if nb else None,
+                None, None, None, None)

@@ -155,7 +155,8 @@ def env_stamp() -> dict:
             "hostname": socket.gethostname(), "cpu": cpu_model(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "crossent": crossent_version(), "python": platform.python_version(),
-            "git_commit": git_commit(), "backend": backend_name()}
+            "git_commit": git_commit(), "backend": backend_name(),
+            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 # ----------------------------------------------------------------------------- rows and table
@@ -381,6 +382,9 @@ def run(args) -> int:
     plan = [(c, p) for c in cases
             for p in (provs or DEFAULT_PROVIDERS.get(parse_case(c)["op"], ("crossent", "torch")))]
     stamp = env_stamp()
+    if (stamp["loadavg_1m"] or 0) > 0.5 * (stamp["cores"] or 1):
+        print(f"warning: load average {stamp['loadavg_1m']:.2f} on {stamp['cores']} cores: "
+              "other work is running, timings will be noisy", file=sys.stderr)
     print(f"[0/{len(plan)}] copy bandwidth ...", file=sys.stderr, flush=True)
     copy = _spawn({"kind": "copy"}, args.timeout)
     copy_gbps = copy.get("copy_gbps")

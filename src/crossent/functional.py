@@ -79,7 +79,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _canonical(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(N, C, d1..dk) -> (N, C, S) and (N, d1..dk) -> (N, S); (C,) -> (1, C)."""
     if input.dim() == 1:
-        return input.unsqueeze(0), target.reshape(1) if target.dim() <= 1 else target.unsqueeze(0)
+        return input.unsqueeze(0), target.unsqueeze(0) if target.shape == input.shape else target.reshape(1)
     if input.dim() == 2:
         return input, target
     n, c = input.shape[:2]
@@ -196,7 +196,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
                          "input that requires grad")
     opts = CEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, inplace_backward=bool(inplace_backward),
-                     backend=backends.select(x.device).name, out_dtype=out_dtype)
+                     backend=backends.name_for(x.device.type), out_dtype=out_dtype)
     loss, lse = CrossEntropyFunction.apply(x, t, weight, denom, opts)
     none_shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
     lse = lse.reshape(none_shape)

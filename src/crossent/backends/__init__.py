@@ -67,4 +67,11 @@ def select(device: torch.device | str, requested: str | None = None) -> Backend:
     return backend
 
 
-__all__ = ["Backend", "load", "names", "select"]
+@torch.compiler.assume_constant_result
+def name_for(device_type: str) -> str:
+    """select(device_type).name; a constant to torch.compile, so tracing never
+    runs the registry (imports, environment lookups) inside a graph."""
+    return select(device_type).name
+
+
+__all__ = ["Backend", "load", "name_for", "names", "select"]

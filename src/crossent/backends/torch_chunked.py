@@ -120,6 +120,11 @@ class TorchChunkedBackend:
         grad = x.new_empty(0)
         if need_grad:
             grad = grad_into if grad_into is not None else empty_like_fast(x)
+        if x.shape[1] == 0:  # no classes: lse = log(0); any counted row is out of range
+            lse.fill_(float("-inf"))
+            if k.prob:
+                return torch.zeros(rows, dtype=k.acc, device=x.device), lse, grad
+            return torch.where(target != ignore_index, float("nan"), 0.0).to(k.acc), lse, grad
         for xi, ri in _chunks(x):
             # Write e = z - max straight into the gradient buffer when dtypes
             # agree: the chunk then lives in one place from here on.
@@ -141,6 +146,8 @@ class TorchChunkedBackend:
                     scale):
         k = _Terms(x, target, weight, ignore_index, label_smoothing, z_loss, softcap)
         grad = empty_like_fast(x)
+        if x.shape[1] == 0:
+            return grad
         for xi, ri in _chunks(x):
             out = grad[xi] if x.dtype == k.acc else None
             lse_c = _col(lse[ri])

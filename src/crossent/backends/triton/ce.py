@@ -246,7 +246,7 @@ def _ce_kernel(
                 else:
                     p1 = tl.zeros([BLOCK_S], tl.float32) + C
         else:
-            logs = tl.log(ssum)
+            logs = tl.log(tl.where(smask, ssum, 1.0))  # padded positions: no log(0)
             lse = ms + logs
             if PROB:
                 loss = logs * p1 - p2
@@ -259,7 +259,7 @@ def _ce_kernel(
             if not PROB:
                 loss = tl.where(inb, loss, float("nan"))
                 loss = tl.where(valid, loss, 0.0)
-            wmask = smask & (split == 0)
+            wmask = smask & ((s * 0 + split) == 0)
             tl.store(loss_ptr + pos, loss, mask=wmask)
             tl.store(lse_ptr + pos, lse, mask=wmask)
 

@@ -45,7 +45,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, S, C, sb, ss, sc, n_sblk,
         m = tl.max(z, 1)
         ms = tl.where(tl.abs(m) == float("inf"), 0.0, m)
         e = tl.exp(z - ms[:, None])
-        ssum = tl.sum(e, 1)
+        ssum = tl.where(smask, tl.sum(e, 1), 1.0)   # padded positions: no log(0)
         if LOG:
             y = z - (ms + tl.log(ssum))[:, None]
         else:
@@ -64,6 +64,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, S, C, sb, ss, sc, n_sblk,
             ssum = ssum * tl.exp(m - mns) + tl.sum(tl.exp(z - mns[:, None]), 1)
             m = m_new
         ms = tl.where(tl.abs(m) == float("inf"), 0.0, m)
+        ssum = tl.where(smask, ssum, 1.0)
         lse = ms + tl.log(ssum)
         inv = 1.0 / ssum
         bad = tl.abs(m)[:, None] == float("inf")

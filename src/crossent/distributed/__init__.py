@@ -1,0 +1,11 @@
+"""Tensor-parallel (vocab-parallel) losses over torch.distributed.
+
+Works with any backend that has all_reduce MAX and SUM (gloo on CPU, NCCL on
+GPU); ``group`` may be a ProcessGroup, a 1-D DeviceMesh or None (the default
+group).  Importing this package initialises nothing.
+"""
+from .linear_parallel import VocabParallelLinearCrossEntropyFunction, vocab_parallel_linear_cross_entropy
+from .vocab_parallel import VocabParallelCrossEntropyFunction, vocab_parallel_cross_entropy
+
+__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
+           "VocabParallelCrossEntropyFunction", "VocabParallelLinearCrossEntropyFunction"]

@@ -1,0 +1,356 @@
+"""Shared pieces of the vocab-parallel losses: groups, collectives, shard math.
+
+Notation as in ``crossent/backends/base.py``; each rank holds the columns
+[start, start + C_l) of the (softcapped) logits z, C = sum of C_l over ranks.
+A rank computes, per row, from its own columns only:
+
+  lse_r = logsumexp_local(z)            -> MAX all_reduce (together with the
+                                           slice sizes when they are unknown)
+  S_r   = exp(lse_r - M)                   M = max_r lse_r
+  zy_r  = z[y] if y is a local class else 0
+  class targets, smoothing:  zdot_r = sum_c w_c z_c
+  probability targets:       A_r = sum_c w_c t_c z_c,  T_r = sum_c w_c t_c,
+                             B_r = sum_c w_c z_c (smoothing only)
+                                        -> one SUM all_reduce of the stack
+
+and then lse = M + log(sum_r S_r); everything else is a global sum, so the loss
+is exactly the single-process formula.  The gradient of a shard needs only the
+global lse (saved) and local data: no communication in the backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import _validate as V
+
+
+@dataclass(frozen=True)
+class VPOptions:
+    """Everything about a vocab-parallel call that is not a tensor."""
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0  # 0 = off
+    prob: bool = False
+    out_dtype: torch.dtype = torch.float32
+    reduce_input_grad: bool = True  # linear variant only
+
+
+# ---------------------------------------------------------------------------
+# Groups and collectives
+# ---------------------------------------------------------------------------
+def resolve_group(group):
+    """ProcessGroup, 1-D DeviceMesh or None -> (group or None, rank, world).
+
+    Without an initialised default group and group=None, this is a world of
+    one (no collectives at all), which keeps single-process use and tests easy.
+    """
+    if group is not None and hasattr(group, "get_group") and hasattr(group, "ndim"):
+        if group.ndim != 1:
+            raise ValueError(f"vocab-parallel cross-entropy needs a 1-D DeviceMesh, got {group.ndim}-D; "
+                             "pass mesh['tp'] (or mesh.get_group('tp'))")
+        group = group.get_group()
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return None, 0, 1
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def all_reduce_(buf: Tensor, op, group, world: int) -> Tensor:
+    # Looked up as dist.all_reduce at call time so that benchmarks can count bytes.
+    if world > 1:
+        dist.all_reduce(buf, op=op, group=group)
+    return buf
+
+
+def sizes_onehot(c_local: int, rank: int, world: int, dtype, device) -> Tensor:
+    """This rank's slice size at position ``rank``, 0 elsewhere: a MAX
+    all_reduce of these gives every rank's size (sizes are >= 0).  Exact in
+    fp32 up to 2**24 classes per rank."""
+    if c_local >= 2 ** 24 and dtype != torch.float64:
+        raise ValueError("vocab shards of 2**24 classes or more are not supported")
+    v = torch.zeros(world, dtype=dtype, device=device)
+    v[rank] = c_local
+    return v
+
+
+def gather_sizes(c_local: int, rank: int, world: int, group, device, dtype=torch.float32) -> Tensor:
+    """All slice sizes (world,) as a device tensor, from one small MAX all_reduce."""
+    return all_reduce_(sizes_onehot(c_local, rank, world, dtype, device), dist.ReduceOp.MAX, group, world)
+
+
+@dataclass
+class Layout:
+    """Where this rank's slice sits: start (0-d int64) and C (0-d acc) as device
+    tensors, so nothing syncs with the host on an accelerator."""
+
+    start: Tensor
+    C: Tensor
+    c_local: int
+
+
+def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, acc,
+                device, weight: Tensor | None) -> Layout:
+    if vocab_start_index is not None:
+        start = torch.as_tensor(vocab_start_index, dtype=torch.int64, device=device).reshape(())
+    else:
+        start = sizes[:rank].sum().to(torch.int64)
+    if sizes is not None:
+        C = sizes.sum().to(acc)
+    else:
+        C = torch.tensor(float(weight.numel()), dtype=acc, device=device)
+    lay = Layout(start, C, c_local)
+    if device.type == "cpu":  # free to check here; on an accelerator it would sync
+        s, c = int(start), int(C.item())
+        if s < 0 or s + c_local > c:
+            raise ValueError(f"vocab slice [{s}, {s + c_local}) does not fit in {c} classes")
+        if weight is not None and weight.numel() != c:
+            raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no classes "
+                               f"but got weight tensor of shape: {list(weight.shape)}")
+    return lay
+
+
+# ---------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------
+def check_weight(x: Tensor, weight: Tensor | None, prob: bool) -> None:
+    if weight is None:
+        return
+    V.tensor_arg(weight, "cross_entropy_loss", "weight", 3)
+    if weight.dim() != 1:
+        raise RuntimeError(f"weight tensor should be defined either for all classes or no classes "
+                           f"but got weight tensor of shape: {list(weight.shape)}")
+    if not prob and weight.dtype != x.dtype:
+        raise RuntimeError(f"expected scalar type {V.dtype_name(x.dtype)} but found "
+                           f"{V.dtype_name(weight.dtype)}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
+                                  "'weight'")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _wcol(w: Tensor, ndim: int) -> Tensor:
+    return w.view(1, -1, *([1] * (ndim - 2)))
+
+
+def _col(v: Tensor) -> Tensor:
+    return v.unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------
+# The shard math
+# ---------------------------------------------------------------------------
+class ShardMath:
+    """Per-call state for one rank: targets, weights and the O(N) buffers.
+
+    z chunks have layout (r, C_l) or (b, C_l, s); ``ri`` indexes the row
+    buffers (r,) or (b, s) and ``xi`` the logits/probability-target chunk.
+    """
+
+    def __init__(self, opts: VPOptions, target: Tensor, weight: Tensor | None, acc, rows_shape,
+                 ndim: int, device):
+        self.o, self.acc, self.ndim, self.device = opts, acc, ndim, device
+        self.eps, self.zl, self.cap = opts.label_smoothing, opts.z_loss, opts.softcap
+        self.target, self.weight = target, weight
+        self.w = None if weight is None else weight.to(acc)
+        self.lse_r = torch.empty(rows_shape, dtype=acc, device=device)
+        self.lay: Layout | None = None
+        self.w_l = None
+        # Local sums that need class weights (or probabilities) per column.
+        if opts.prob:
+            self.A = torch.empty(rows_shape, dtype=acc, device=device)
+            self.T = torch.empty(rows_shape, dtype=acc, device=device)
+            self.B = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
+        else:
+            self.zdot = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
+
+    # -- layout-dependent state ---------------------------------------------
+    def needs_layout_early(self) -> bool:
+        """Pass 1 needs this rank's weight slice: weighted smoothing or prob targets."""
+        return self.w is not None and (self.o.prob or self.eps > 0)
+
+    def set_layout(self, lay: Layout) -> None:
+        self.lay = lay
+        dev, acc = self.device, self.acc
+        if self.w is not None:
+            cols = torch.arange(lay.c_local, device=dev) + lay.start
+            self.w_l = self.w.index_select(0, cols.clamp_(0, max(self.w.numel() - 1, 0)))
+            self.sum_w = self.w.sum()
+        else:
+            self.sum_w = lay.C
+        self.eps_c = self.eps / lay.C  # eps / C with the GLOBAL C (0-d tensor)
+        if self.o.prob:
+            return
+        t = self.target
+        zero = torch.zeros((), dtype=acc, device=dev)
+        valid = t != self.o.ignore_index
+        inb = (t >= 0) & (t.long() < lay.C.long())
+        if self.w is not None:
+            inb = inb & (t.long() < self.w.numel())
+        safe = torch.where(valid & inb, t, torch.zeros((), dtype=t.dtype, device=dev)).long()
+        self.wy = self.w[safe] if self.w is not None else torch.ones((), dtype=acc, device=dev)
+        m = torch.where(valid, torch.ones((), dtype=acc, device=dev), zero)
+        self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
+        self.valid = valid
+        loc = t.long() - lay.start
+        self.owner = valid & inb & (loc >= 0) & (loc < lay.c_local)
+        self.idx = torch.where(self.owner, loc, torch.zeros((), dtype=torch.int64, device=dev))
+
+    def denominator(self, rows: int) -> Tensor:
+        """The mean's denominator, local (target and weight are replicated)."""
+        if self.o.prob:
+            return torch.full((), float(rows), dtype=self.acc, device=self.device)
+        valid = self.target != self.o.ignore_index
+        if self.w is None:
+            return valid.sum(dtype=self.acc)
+        n = self.w.numel()
+        safe = torch.where(valid & (self.target >= 0) & (self.target.long() < n), self.target,
+                           torch.zeros((), dtype=self.target.dtype, device=self.device)).long()
+        return torch.where(valid, self.w[safe], torch.zeros((), dtype=self.acc, device=self.device)).sum()
+
+    # -- forward ---------------------------------------------------------------
+    def z(self, xc: Tensor) -> Tensor:
+        z = xc.to(self.acc)
+        if self.cap:
+            z = torch.tanh(z / self.cap).mul_(self.cap)
+        return z
+
+    def _wl(self) -> Tensor:
+        return _wcol(self.w_l, self.ndim)
+
+    def stats(self, z: Tensor, xi, ri) -> None:
+        """Pass 1 on one chunk: local lse and the local weighted sums."""
+        if z.shape[1] == 0:
+            self.lse_r[ri] = float("-inf")
+        else:
+            self.lse_r[ri] = torch.logsumexp(z, 1)
+        if self.o.prob:
+            t = self.target[xi].to(self.acc)
+            tw = t if self.w is None else t * self._wl()
+            self.A[ri] = (tw * z).sum(1)
+            self.T[ri] = tw.sum(1)
+            if self.B is not None:
+                self.B[ri] = (z if self.w is None else z * self._wl()).sum(1)
+        elif self.zdot is not None:
+            self.zdot[ri] = (z if self.w is None else z * self._wl()).sum(1)
+
+    def target_logit(self, x: Tensor) -> Tensor:
+        """z[y] on the owning rank, 0 elsewhere (a gather: O(N))."""
+        if self.lay.c_local == 0:
+            return torch.zeros(self.target.shape, dtype=self.acc, device=self.device)
+        zy = self.z(x.gather(1, self.idx.unsqueeze(1)).squeeze(1))
+        return torch.where(self.owner, zy, torch.zeros((), dtype=self.acc, device=self.device))
+
+    def sum_stack(self, M: Tensor, zy: Tensor | None) -> Tensor:
+        """The quantities of the SUM all_reduce, stacked (K, *rows)."""
+        s = torch.exp(self.lse_r - M)
+        if self.o.prob:
+            parts = [s, self.A, self.T] + ([self.B] if self.B is not None else [])
+        else:
+            parts = [s, zy] + ([self.zdot] if self.zdot is not None else [])
+        return torch.stack(parts)
+
+    def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
+        """Global lse and per-row loss from the reduced stack."""
+        lse = M + torch.log(summed[0])
+        if self.o.prob:
+            A, T = summed[1], summed[2]
+            if self.eps > 0:
+                zdot = (1 - self.eps) * A + self.eps_c * summed[3]
+                self.tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
+            else:
+                zdot, self.tw_sum = A, T
+            out = lse * self.tw_sum - zdot
+            if self.zl:
+                out = out + self.zl * lse * lse
+            return lse, out
+        zy = summed[1]
+        out = (lse - zy) * self.wy * (1 - self.eps)
+        if self.eps > 0:
+            out = out + self.eps_c * (self.sum_w * lse - summed[2])
+        if self.zl:
+            out = out + self.zl * lse * lse
+        out = torch.where(self.valid, out * self.m, torch.zeros((), dtype=out.dtype, device=out.device))
+        return lse, out
+
+    # -- backward --------------------------------------------------------------
+    def grad(self, z: Tensor, xi, ri, lse: Tensor, scale: Tensor) -> Tensor:
+        """d(sum scale*loss)/dx for one chunk of this rank's columns (acc dtype)."""
+        lse_c = _col(lse[ri])
+        e = torch.exp(z - lse_c)  # p, with the GLOBAL lse
+        sc = scale if scale.dim() == 0 else _col(scale[ri])
+        zterm = 2 * self.zl * lse_c if self.zl else 0.0
+        if self.o.prob:
+            t = self.target[xi].to(self.acc)
+            if self.eps > 0:
+                t = t * (1 - self.eps) + self.eps_c
+            tw = t if self.w is None else t * self._wl()
+            e.mul_(sc * (_col(self.tw_sum[ri]) + zterm)).sub_(sc * tw)
+        else:
+            m = _col(self.m[ri])
+            sm = torch.where(m != 0, sc * m, torch.zeros((), dtype=e.dtype, device=e.device))
+            wy = _col(self.wy[ri]) if self.wy.dim() else self.wy
+            e.mul_(sm * ((1 - self.eps) * wy + self.eps_c * self.sum_w + zterm))
+            if self.eps > 0:
+                e.sub_(sm * self.eps_c * (1.0 if self.w is None else self._wl()))
+            if self.lay.c_local > 0:
+                own = _col(self.owner[ri])
+                hot = torch.where(own, -(1 - self.eps) * sm * wy, torch.zeros((), dtype=e.dtype, device=e.device))
+                e.scatter_add_(1, _col(self.idx[ri]), hot.expand(own.shape).to(e.dtype))
+        if self.cap:
+            e.mul_(1 - (z / self.cap).square_())
+        return e
+
+
+def early_layout(sm: ShardMath, vocab_start_index, rank: int, world: int, group, c_local: int,
+                 weight: Tensor | None, force: bool = False) -> None:
+    """Set the layout before pass 1 when it is free (start given and C known
+    from the weight) or needed (pass 1 uses the weight slice; ``force``)."""
+    if vocab_start_index is not None and weight is not None:
+        sm.set_layout(layout_from(None, vocab_start_index, rank, c_local, sm.acc, sm.device, weight))
+    elif force or sm.needs_layout_early():
+        sizes = gather_sizes(c_local, rank, world, group, sm.device, sm.acc)
+        sm.set_layout(layout_from(sizes, vocab_start_index, rank, c_local, sm.acc, sm.device, weight))
+
+
+def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index, rank: int,
+                       world: int, group, c_local: int, weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """After pass 1: the MAX and SUM collectives, then lse and the loss rows.
+
+    zy_fn() returns the local target logits once the layout is known (class
+    targets).  While the layout is unknown the slice sizes ride on the MAX
+    all_reduce, so the whole forward is two collectives.
+    """
+    dev, acc = sm.device, sm.acc
+    flat = sm.lse_r.reshape(-1)
+    need_sizes = sm.lay is None
+    if need_sizes:
+        buf = torch.cat([flat, sizes_onehot(c_local, rank, world, acc, dev)])
+    else:
+        buf = flat.clone()
+    all_reduce_(buf, dist.ReduceOp.MAX, group, world)
+    M = buf[:flat.numel()].reshape(sm.lse_r.shape)
+    if need_sizes:
+        sm.set_layout(layout_from(buf[flat.numel():], vocab_start_index, rank, c_local, acc, dev, weight))
+    if not opts.prob and dev.type == "cpu":
+        V.check_target_bounds(sm.target, int(sm.lay.C.item()), opts.ignore_index)
+    zy = None if opts.prob else zy_fn()
+    stack = sm.sum_stack(M, zy)
+    all_reduce_(stack, dist.ReduceOp.SUM, group, world)
+    return sm.finish(M, stack)
+
+
+def reduce_rows(rows: Tensor, reduction: str, denom: Tensor) -> Tensor:
+    if reduction == "mean":
+        return rows.sum() / denom
+    if reduction == "sum":
+        return rows.sum()
+    return rows

@@ -1,0 +1,184 @@
+"""Vocab-parallel linear + cross-entropy: the tensor-parallel classifier head.
+
+Each rank holds rows [start, start + V_l) of the (V, D) classifier weight
+(and of the bias).  The logits are computed one chunk of tokens at a time and
+never exist in full on any rank: the forward keeps only O(N) statistics, the
+backward recomputes each chunk's logits from the saved global lse and turns
+them straight into the input, weight and bias gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _validate as V
+from ..functional import _ce_options
+from . import _core as K
+from ._core import VPOptions
+
+__all__ = ["vocab_parallel_linear_cross_entropy", "VocabParallelLinearCrossEntropyFunction"]
+
+# Budget for one chunk of fp32 logits.
+_CPU_CHUNK_BYTES = 8 << 20
+_DEV_CHUNK_BYTES = 256 << 20
+
+
+def _row_chunks(n: int, v_local: int, device: torch.device, chunk_size: int | None):
+    if chunk_size is None:
+        budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEV_CHUNK_BYTES
+        chunk_size = max(1, budget // (4 * max(v_local, 1)))
+    for r in range(0, n, chunk_size):
+        yield slice(r, min(n, r + chunk_size))
+
+
+class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """(x (N, D), w_shard (V_l, D), b_shard | None, target, weight, opts, group,
+    vocab_start_index, chunk_size) -> loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None,
+                opts: VPOptions, group, vocab_start_index, chunk_size):
+        group, rank, world = K.resolve_group(group)
+        acc = K.acc_dtype(x.dtype)
+        n, v_local = x.shape[0], w.shape[0]
+        sm = K.ShardMath(opts, target, weight, acc, (n,), 2, x.device)
+        # Pass 1 reads each target logit out of its chunk, so the layout must be
+        # known first (free when vocab_start_index and weight are given).
+        K.early_layout(sm, vocab_start_index, rank, world, group, v_local, weight, force=not opts.prob)
+        zy = None if opts.prob else torch.zeros((n,), dtype=acc, device=x.device)
+        for ri in _row_chunks(n, v_local, x.device, chunk_size):
+            z = sm.z(F.linear(x[ri], w, b))
+            sm.stats(z, (ri,), (ri,))
+            if zy is not None and v_local > 0:
+                zc = z.gather(1, sm.idx[ri].unsqueeze(1)).squeeze(1)
+                zy[ri] = torch.where(sm.owner[ri], zc, torch.zeros((), dtype=acc, device=x.device))
+            del z
+        lse, rows = K.forward_reductions(sm, opts, lambda: zy, vocab_start_index, rank, world, group,
+                                         v_local, weight)
+        denom = sm.denominator(n)
+        loss = K.reduce_rows(rows, opts.reduction, denom)
+        ctx.opts, ctx.sm, ctx.group, ctx.world, ctx.chunk_size = opts, sm, group, world, chunk_size
+        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+        ctx.save_for_backward(x, w, b, lse, scale)
+        return loss.to(opts.out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        x, w, b, lse, scale = ctx.saved_tensors
+        opts: VPOptions = ctx.opts
+        sm: K.ShardMath = ctx.sm
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = g.to(lse.dtype)
+        row_scale = g if opts.reduction == "none" else g * scale
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        dw = torch.zeros_like(w) if need_w else None
+        db = torch.zeros(w.shape[0], dtype=lse.dtype, device=w.device) if need_b and b is not None else None
+        for ri in _row_chunks(x.shape[0], w.shape[0], x.device, ctx.chunk_size):
+            xc = x[ri]
+            z = sm.z(F.linear(xc, w, b))
+            dz = sm.grad(z, (ri,), (ri,), lse, row_scale)
+            del z
+            if db is not None:
+                db += dz.sum(0)
+            dz = dz.to(x.dtype)
+            if dx is not None:
+                torch.mm(dz, w, out=dx[ri])
+            if dw is not None:
+                dw.addmm_(dz.t(), xc)
+        if dx is not None and opts.reduce_input_grad:
+            K.all_reduce_(dx, torch.distributed.ReduceOp.SUM, ctx.group, ctx.world)
+        if db is not None:
+            db = db.to(b.dtype)
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, target: Tensor, *,
+                                        group=None, linear_bias_shard: Tensor | None = None,
+                                        weight: Tensor | None = None, ignore_index: int = -100,
+                                        reduction: str = "mean", label_smoothing: float = 0.0,
+                                        z_loss: float = 0.0, softcap: float | None = None,
+                                        vocab_start_index: int | Tensor | None = None,
+                                        reduce_input_grad: bool = True,
+                                        chunk_size: int | None = None) -> Tensor:
+    """cross_entropy(input @ W.T + bias, target) with W's rows (the vocabulary)
+    sharded across the ranks of ``group``; the logits are never materialised
+    beyond one chunk of tokens per rank.
+
+    input: (..., D), the same (replicated) hidden states on every rank.
+    weight_shard: (V_l, D), this rank's rows [vocab_start_index, +V_l) of the
+        (V, D) classifier weight, slices contiguous and in rank order (uneven
+        allowed).  linear_bias_shard: (V_l,) or None.
+    target: (...) global class indices (identical on every rank), or this
+        rank's shard (..., V_l) of probability targets.
+    weight (class weights), ignore_index, reduction, label_smoothing, z_loss,
+    softcap, vocab_start_index, group: as vocab_parallel_cross_entropy.
+    chunk_size: tokens per chunk (default: ~8 MiB of fp32 logits on CPU,
+        ~256 MiB on accelerators).
+
+    Returns the value of crossent.cross_entropy(F.linear(input, W, bias), ...)
+    on every rank.  Gradients:
+      * weight_shard / linear_bias_shard: exactly this rank's slice of the
+        full gradient.
+      * input, reduce_input_grad=True (default): the FULL gradient, the same
+        on every rank: the partial gradients of all vocab slices are summed
+        with one all_reduce of N x D in the backward.  This is what a
+        Megatron ColumnParallelLinear returns to the layer before it (its
+        copy_to_tensor_model_parallel_region does that all_reduce), so this
+        function is a drop-in for ColumnParallelLinear + vocab-parallel CE.
+      * input, reduce_input_grad=False: only this rank's partial sum
+        dL/dlogits_shard @ weight_shard.  Use it when the caller reduces the
+        input gradient itself (input passed through its own
+        copy_to_tensor_model_parallel_region, or a sequence-parallel
+        reduce-scatter); reducing twice would multiply by the world size.
+    Weight/bias gradients accumulate chunk by chunk in weight_shard's dtype.
+    The backward recomputes each chunk's logits (one extra matmul, no extra
+    memory); without ``vocab_start_index`` the forward adds one all_reduce of
+    ``world`` numbers (class targets).
+    """
+    V.tensor_arg(input, "linear_cross_entropy", "input", 1)
+    V.tensor_arg(weight_shard, "linear_cross_entropy", "weight_shard", 2)
+    V.tensor_arg(target, "linear_cross_entropy", "target", 3)
+    if input.dim() < 1:
+        raise ValueError("input must have at least one dimension (..., D)")
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
+        raise RuntimeError(f"weight_shard must be (V_local, {input.shape[-1]}), got {list(weight_shard.shape)}")
+    if linear_bias_shard is not None and tuple(linear_bias_shard.shape) != (weight_shard.shape[0],):
+        raise RuntimeError(f"linear_bias_shard must be ({weight_shard.shape[0]},), got "
+                           f"{list(linear_bias_shard.shape)}")
+    red = V.reduction(None, None, reduction)
+    ignore_index = V.int_arg(ignore_index, "linear_cross_entropy", "ignore_index", 5)
+    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
+    lead = tuple(input.shape[:-1])
+    v_local = weight_shard.shape[0]
+    prob = target.is_floating_point() and tuple(target.shape) == lead + (v_local,)
+    if prob:
+        if ignore_index >= 0:
+            raise RuntimeError("ignore_index is not supported for floating point target")
+        if target.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("not differentiable with respect to probability targets")
+    else:
+        if tuple(target.shape) != lead:
+            raise ValueError(f"Expected target of shape {list(lead)} (or {list(lead) + [v_local]} "
+                             f"probabilities), got {list(target.shape)}")
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {V.dtype_name(target.dtype)}")
+    V.floating_input(input, "linear_cross_entropy")
+    K.check_weight(input, weight, prob)
+    out_dtype = input.dtype
+    if prob:
+        out_dtype = torch.result_type(input, target)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    x2 = input.reshape(-1, input.shape[-1])
+    t2 = target.reshape(-1, v_local) if prob else target.reshape(-1)
+    opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
+                     softcap=cap, prob=prob, out_dtype=out_dtype,
+                     reduce_input_grad=bool(reduce_input_grad))
+    loss = VocabParallelLinearCrossEntropyFunction.apply(x2, weight_shard, linear_bias_shard, t2, weight,
+                                                         opts, group, vocab_start_index, chunk_size)
+    if red == "none":
+        loss = loss.reshape(lead)
+    return loss

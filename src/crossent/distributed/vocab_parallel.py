@@ -1,0 +1,133 @@
+"""Vocab-parallel cross-entropy: each rank holds a contiguous slice of the classes.
+
+Forward: one pass over the local logits (local logsumexp and weighted sums),
+then one MAX all_reduce and one SUM all_reduce of O(N) numbers (plus, only for
+weighted smoothing / weighted probability targets without ``vocab_start_index``,
+one all_reduce of ``world`` numbers for the slice sizes).  The logits never
+travel.  Backward: the shard's gradient from the saved global lse, locally,
+with no communication.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _validate as V
+from ..backends.torch_chunked import _chunks, empty_like_fast
+from ..functional import _canonical, _ce_options
+from . import _core as K
+from ._core import VPOptions
+
+__all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropyFunction"]
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """(x_shard, target, weight, opts, group, vocab_start_index) -> loss.
+
+    x_shard: (R, C_l) or (B, C_l, S), class dim 1.  target: rows-shaped global
+    class indices, or x_shard-shaped probabilities (this rank's columns).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, weight: Tensor | None, opts: VPOptions, group,
+                vocab_start_index):
+        group, rank, world = K.resolve_group(group)
+        acc = K.acc_dtype(x.dtype)
+        rows_shape = x.shape[:1] + x.shape[2:]
+        c_local = x.shape[1]
+        sm = K.ShardMath(opts, target, weight, acc, rows_shape, x.dim(), x.device)
+        K.early_layout(sm, vocab_start_index, rank, world, group, c_local, weight)
+        for xi, ri in _chunks(x):
+            sm.stats(sm.z(x[xi]), xi, ri)
+        lse, rows = K.forward_reductions(sm, opts, lambda: sm.target_logit(x), vocab_start_index,
+                                         rank, world, group, c_local, weight)
+        n_rows = 1
+        for d in rows_shape:
+            n_rows *= d
+        denom = sm.denominator(n_rows)
+        loss = K.reduce_rows(rows, opts.reduction, denom)
+        ctx.opts = opts
+        ctx.sm = sm  # O(N) state: masks, weights, the layout; never logits
+        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+        ctx.save_for_backward(x, lse, scale)
+        return loss.to(opts.out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        x, lse, scale = ctx.saved_tensors
+        opts: VPOptions = ctx.opts
+        sm: K.ShardMath = ctx.sm
+        g = g.to(lse.dtype)
+        row_scale = g if opts.reduction == "none" else g * scale
+        grad = empty_like_fast(x)
+        for xi, ri in _chunks(x):
+            z = sm.z(x[xi])
+            grad[xi] = sm.grad(z, xi, ri, lse, row_scale)
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=None,
+                                 weight: Tensor | None = None, ignore_index: int = -100,
+                                 reduction: str = "mean", label_smoothing: float = 0.0,
+                                 z_loss: float = 0.0, softcap: float | None = None,
+                                 vocab_start_index: int | Tensor | None = None) -> Tensor:
+    """Cross-entropy over logits sharded by class across the ranks of ``group``.
+
+    Every rank of ``group`` (a ProcessGroup, a 1-D DeviceMesh, or None for the
+    default group) calls this with its own slice of the classes and returns
+    the same value as ``crossent.cross_entropy`` on the full logits, with the
+    same semantics: all reductions, weighted mean, ignore_index, label
+    smoothing (with the GLOBAL class count C), z_loss and softcap.
+
+    logits_shard: (C_l), (N, C_l) or (N, C_l, d1..dk): this rank's classes
+        [vocab_start_index, vocab_start_index + C_l), contiguous, slices in
+        rank order; slices may be uneven (even one class, or none).
+    target: class indices (), (N) or (N, d1..dk) in GLOBAL class numbering,
+        identical on every rank; or probability targets: then ``target`` is
+        this rank's shard of the (N, C, ...) probabilities, the same shape as
+        ``logits_shard`` (floating; ignore_index must be negative).
+    weight: the FULL (C,) class-weight tensor, identical on every rank.
+    vocab_start_index: this rank's first class.  None: derived from the slice
+        sizes, which ride along with the first all_reduce (no extra collective,
+        no host sync) except for weighted smoothing/probability targets, which
+        need one tiny extra all_reduce of ``world`` numbers first.
+
+    Gradient: the gradient of this rank's shard is exactly that slice of the
+    full gradient (not multiplied by the world size).  target and weight are
+    not differentiable here.  Communication: forward, one MAX and one SUM
+    all_reduce of O(N) fp32 numbers; backward, none.
+    """
+    x = V.tensor_arg(logits_shard, "cross_entropy_loss", "input", 1)
+    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
+    red = V.reduction(None, None, reduction)
+    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
+    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
+    prob = x.shape == target.shape
+    class_dim = 0 if x.dim() == 1 else 1
+    if prob:
+        V.prob_target(x, target, None, ignore_index)
+        if target.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
+                                      "probability targets")
+    elif x.dim() == 0:
+        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
+    else:
+        V.class_target(x, target, None)
+    K.check_weight(x, weight, prob)
+    V.floating_input(x, V.softmax_kernel(True, class_dim, x.dim()))
+    if prob:
+        out_dtype = torch.result_type(x, target)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    else:
+        out_dtype = x.dtype
+    xc, tc = _canonical(x, target)
+    opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
+                     softcap=cap, prob=prob, out_dtype=out_dtype)
+    loss = VocabParallelCrossEntropyFunction.apply(xc, tc, weight, opts, group, vocab_start_index)
+    if red == "none":
+        shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
+        loss = loss.reshape(shape)
+    return loss

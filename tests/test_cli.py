@@ -1,0 +1,153 @@
+"""The crossent command: explain, check, bench, --version, and input errors.
+
+A few tests run ``python -m crossent`` in a subprocess (the real entry point);
+the rest call ``crossent.cli.main`` in-process, which is the same code and
+much faster than paying torch's import each time.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from crossent.cli import main
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+CE_LINE = re.compile(r"cross_entropy\(x, t\)\s+= (-?\d+\.\d{4})")
+
+
+def run_cli(*args, timeout=120):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "crossent", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def explain(capsys, *args):
+    rc = main(["explain", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_explain_tutorial_example():
+    r = run_cli("explain")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "= 1.4125" in out  # step 6, the hand computation
+    m = CE_LINE.search(out)
+    assert m and m.group(1) == "1.4125"
+    assert re.search(r"nll_loss\(log_softmax\(x\), t\) = 1\.4125\s+matches torch", out)
+    assert "nll_loss(log_softmax) and cross_entropy agree" in out
+    assert "All steps agree with torch." in out
+    assert out.count("1.0000") >= 3  # every softmax row sums to 1
+    assert "-0.8030" in out and "t = [0, 2, 3]" in out
+
+
+def _expected(x, t):
+    return f"{F.cross_entropy(torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(t)).item():.4f}"
+
+
+def test_explain_inline_lists(capsys):
+    x, t = [[1.0, 2.0, 0.5, -1.0], [0.1, 0.2, 3.0, 0.0]], [1, 3]
+    rc, out, _ = explain(capsys, "--logits", json.dumps(x), "--target", json.dumps(t))
+    assert rc == 0
+    assert CE_LINE.search(out).group(1) == _expected(x, t)
+    assert "All steps agree with torch." in out
+
+
+def test_explain_python_literal_and_single_row(capsys):
+    rc, out, _ = explain(capsys, "--logits", "(3, 1, 2)", "--target", "0")  # tuple syntax, one row
+    assert rc == 0
+    assert CE_LINE.search(out).group(1) == _expected([[3.0, 1.0, 2.0]], [0])
+
+
+def test_explain_pt_files(tmp_path, capsys):
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(5, 7, generator=g), torch.randint(0, 7, (5,), generator=g)
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(t, tmp_path / "t.pt")
+    rc, out, _ = explain(capsys, "--logits", str(tmp_path / "x.pt"), "--target", str(tmp_path / "t.pt"))
+    assert rc == 0
+    assert CE_LINE.search(out).group(1) == f"{F.cross_entropy(x, t).item():.4f}"
+
+
+def test_explain_npy_files(tmp_path, capsys):
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(0)
+    x, t = rng.standard_normal((4, 6)).astype(np.float32), np.array([5, 0, 2, 2])
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "t.npy", t)
+    rc, out, _ = explain(capsys, "--logits", str(tmp_path / "x.npy"), "--target", str(tmp_path / "t.npy"))
+    assert rc == 0
+    assert CE_LINE.search(out).group(1) == f"{F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t)).item():.4f}"
+
+
+def test_bad_input_exits_2_subprocess():
+    r = run_cli("explain", "--logits", "[[1, 2], [3]]", "--target", "[0, 1]")
+    assert r.returncode == 2
+    assert "error" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--logits", "[[1, 2], [3]]", "--target", "[0, 1]"], "rectangular"),
+    (["--logits", "not a list", "--target", "[0]"], "must be a list"),
+    (["--logits", "[[1, 2], [3, 4]]", "--target", "[0, 2]"], "not a class index"),
+    (["--logits", "[[1, 2], [3, 4]]", "--target", "[0]"], "entries"),
+    (["--logits", "[[1, 2], [3, 4]]", "--target", "[0.5, 1.0]"], "class indices"),
+    (["--logits", "[[[1, 2]]]", "--target", "[[0]]"], "2-D"),
+    (["--logits", "missing.pt", "--target", "[0]"], "not found"),
+    (["--logits", "[[1, 2]]"], "both"),
+])
+def test_bad_input_exits_2(capsys, args, msg):
+    rc, _, err = explain(capsys, *args)
+    assert rc == 2
+    assert err.startswith("crossent explain: error:") and msg in err
+
+
+def test_check_passes():
+    r = run_cli("check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"(\d+)/\1 cases pass", r.stdout)
+    assert "FAIL" not in r.stdout
+
+
+def test_version():
+    import crossent
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith(f"crossent {crossent.__version__}")
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "explain" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_json_rows(tmp_path):
+    path = tmp_path / "rows.json"
+    r = run_cli("bench", "--quick", "--cases", "ce-64x1000", "--providers", "crossent,torch",
+                "--iters", "3", "--json", str(path), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[2/2] torch cross_entropy 64x1000" in r.stderr  # progress goes to stderr
+    rows = json.loads(path.read_text())
+    assert [row["provider"] for row in rows] == ["crossent", "torch"]
+    keys = {"date", "hostname", "cpu", "cores", "torch", "crossent", "python", "git_commit", "backend",
+            "case", "op", "provider", "dtype", "shape", "iters", "median_ms", "p10_ms", "p90_ms",
+            "extra_peak_mib", "peak_over_logits", "gbps", "copy_gbps", "pct_of_copy",
+            "ratio_vs_torch", "ratio_vs_compile"}
+    for row in rows:
+        assert keys <= row.keys(), keys - row.keys()
+        assert "error" not in row
+        assert row["iters"] == 3 and row["shape"] == [64, 1000] and row["dtype"] == "float32"
+    assert rows[1]["ratio_vs_torch"] == 1.0
+    assert rows[0]["ratio_vs_torch"] == pytest.approx(rows[0]["median_ms"] / rows[1]["median_ms"])
+    assert "ce-64x1000" in r.stdout and "vs torch" in r.stdout
+
+
+def test_bench_bad_case_exits_2():
+    assert main(["bench", "--cases", "nope-1x2"]) == 2

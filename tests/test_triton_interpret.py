@@ -1,0 +1,361 @@
+"""Triton backend on CPU through the Triton interpreter (TRITON_INTERPRET=1).
+
+Every TritonBackend method is compared with a float64 implementation of the
+formulas in ``crossent/backends/base.py`` written here, independent of the rest
+of crossent, and with the portable torch backend where that imports.  Shapes are
+tiny because the interpreter is slow; the launch knobs of the kernels are shrunk
+(fixture ``path``) so that the looped and split paths run at these sizes too.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from crossent.backends.triton import TritonBackend, ce, softmax  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
+
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+BE = TritonBackend()
+
+
+def _torch_backend():
+    try:
+        from crossent.backends import load
+        return load("torch")
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------- reference
+
+def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, scale=None):
+    """float64 loss, lse, grad of sum(scale*loss), straight from base.py."""
+    C = x.shape[1]
+    kdim = x.dim() == 3
+    z = x.double()
+    if kdim:
+        z = z.movedim(1, -1)
+    z = z.reshape(-1, C)
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    lse = torch.logsumexp(z, -1)
+    w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
+    n = z.shape[0]
+    sc = torch.ones(n, dtype=torch.float64, device=x.device) if scale is None else \
+        scale.double().reshape(-1).expand(n)
+    p = torch.exp(z - lse[:, None])
+    if target.is_floating_point():
+        t = target.double()
+        if kdim:
+            t = t.movedim(1, -1)
+        t = t.reshape(-1, C)
+        tp = t * (1 - eps) + eps / C if eps else t
+        loss = (w * tp * (lse[:, None] - z)).sum(-1) + zl * lse ** 2
+        dz = sc[:, None] * (p * ((w * tp).sum(-1) + 2 * zl * lse)[:, None] - w * tp)
+    else:
+        y = target.reshape(-1).long()
+        m = y != ignore_index
+        inb = (y >= 0) & (y < C)
+        ys = torch.where(m & inb, y, 0)
+        wy = w[ys]
+        zy = z.gather(1, ys[:, None])[:, 0]
+        loss = (1 - eps) * wy * (lse - zy) + zl * lse ** 2
+        if eps:
+            loss = loss + eps / C * (w * (lse[:, None] - z)).sum(-1)
+        nan = torch.full_like(loss, float("nan"))
+        loss = torch.where(m, torch.where(inb, loss, nan), torch.zeros_like(loss))
+        A = (1 - eps) * wy + eps / C * w.sum() + 2 * zl * lse
+        B = (1 - eps) * wy[:, None] * torch.nn.functional.one_hot(ys, C).double() + eps / C * w
+        dz = sc[:, None] * (p * A[:, None] - B)
+        dz = torch.where(m[:, None], torch.where(inb[:, None], dz, float("nan")), p * 0)
+    dx = dz * (1 - (z / cap) ** 2) if cap else dz
+    out_shape = (x.shape[0],) + tuple(x.shape[2:])
+    if kdim:
+        dx = dx.reshape(x.shape[0], -1, C).movedim(-1, 1)
+    return loss.reshape(out_shape), lse.reshape(out_shape), dx.reshape(x.shape)
+
+
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 4e-3), torch.float16: (4e-3, 1e-3)}
+
+
+def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, scale=None,
+             also_torch=True):
+    scale_t = torch.tensor(1.0) if scale is None else scale
+    loss, lse, grad = BE.ce_forward(x, target, weight, ignore_index, eps, zl, cap, scale_t, True)
+    rl, rlse, rg = ref_ce(x, target, weight, ignore_index, eps, zl, cap, scale)
+    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    assert grad.dtype == x.dtype and grad.shape == x.shape and grad.is_contiguous()
+    torch.testing.assert_close(loss.double(), rl, rtol=2e-5, atol=2e-5, equal_nan=True)
+    valid = torch.isfinite(rl)
+    torch.testing.assert_close(lse.double()[valid], rlse[valid], rtol=2e-5, atol=2e-5)
+    rtol, atol = TOL[x.dtype]
+    gmax = rg.nan_to_num().abs().max().item() if rg.numel() else 1.0
+    torch.testing.assert_close(grad.double(), rg, rtol=rtol, atol=atol * max(gmax, 1e-3), equal_nan=True)
+    # forward without gradient, and backward from the saved lse
+    l2, lse2, g2 = BE.ce_forward(x, target, weight, ignore_index, eps, zl, cap, scale_t, False)
+    assert g2.numel() == 0
+    torch.testing.assert_close(l2, loss, equal_nan=True)
+    gb = BE.ce_backward(x, target, weight, lse, ignore_index, eps, zl, cap, scale_t)
+    torch.testing.assert_close(gb.double(), rg, rtol=rtol, atol=atol * max(gmax, 1e-3), equal_nan=True)
+    tb = _torch_backend() if also_torch else None
+    if tb is not None:
+        tl_, _, tg = tb.ce_forward(x, target, weight, ignore_index, eps, zl, cap, scale_t, True)
+        torch.testing.assert_close(loss, tl_.float(), rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(grad.double(), tg.double(), rtol=rtol, atol=atol * max(gmax, 1e-3),
+                                   equal_nan=True)
+    return loss, lse, grad
+
+
+# ----------------------------------------------------------------------------- launch paths
+
+PATHS = {
+    "single": {},
+    # one program per row, two passes over C tiles of 32
+    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=1),
+    # several rows per program, looped
+    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, sms=1),
+    # rows split over programs: partials + finish kernels
+    "split": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=10 ** 6),
+}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    cfg = dict(PATHS[request.param])
+    sms = cfg.pop("sms", None)
+    for k, v in cfg.items():
+        monkeypatch.setattr(ce, k, v)
+        monkeypatch.setattr(softmax, k, v)
+    if sms is not None:
+        monkeypatch.setattr(ce, "_num_sms", lambda device: sms)
+    return request.param
+
+
+def randn(*shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+@pytest.mark.parametrize("R,C", [(1, 1), (5, 1), (7, 257), (3, 100), (16, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ce_shapes_dtypes(R, C, dtype, path):
+    torch.manual_seed(R * 1000 + C)
+    x = randn(R, C, dtype=dtype)
+    y = torch.randint(0, C, (R,), device=DEV)
+    check_ce(x, y)
+
+
+def test_ce_prime_wide():
+    torch.manual_seed(0)
+    for R, C in [(3, 4099), (1, 4099)]:
+        x = randn(R, C)
+        check_ce(x, torch.randint(0, C, (R,), device=DEV))
+
+
+OPTIONS = [
+    dict(weight=True),
+    dict(ignore=True),
+    dict(eps=0.1),
+    dict(eps=0.1, weight=True, ignore=True),
+    dict(zl=1e-2),
+    dict(cap=5.0),
+    dict(cap=5.0, eps=0.2, zl=1e-3, weight=True, ignore=True, row_scale=True),
+    dict(prob=True),
+    dict(prob=True, weight=True, eps=0.1),
+    dict(prob=True, zl=1e-2, cap=3.0, row_scale=True),
+]
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: "-".join(f"{k}" for k in o))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ce_options(opt, dtype, path):
+    torch.manual_seed(1)
+    R, C = 6, 97
+    x = randn(R, C, dtype=dtype, scale=4.0)
+    if opt.get("prob"):
+        y = torch.softmax(randn(R, C), -1)
+    else:
+        y = torch.randint(0, C, (R,), device=DEV)
+        if opt.get("ignore"):
+            y[::3] = 7 if opt.get("weight") else -100
+    ii = 7 if (opt.get("ignore") and opt.get("weight")) else -100
+    weight = torch.rand(C, device=DEV) + 0.5 if opt.get("weight") else None
+    scale = torch.rand(R, device=DEV) + 0.1 if opt.get("row_scale") else torch.tensor(0.37, device=DEV)
+    check_ce(x, y, weight=weight, ignore_index=ii, eps=opt.get("eps", 0.0), zl=opt.get("zl", 0.0),
+             cap=opt.get("cap", 0.0), scale=scale)
+
+
+@pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])
+def test_ce_target_dtypes(tdtype):
+    x = randn(9, 33)
+    y = torch.randint(0, 33, (9,), device=DEV).to(tdtype)
+    check_ce(x, y, ignore_index=-100)
+
+
+def test_ce_all_ignored_inf_scale(path):
+    x = randn(4, 50, dtype=torch.bfloat16)
+    y = torch.full((4,), -100, device=DEV)
+    for scale in (torch.tensor(float("inf")), torch.full((4,), float("inf"))):
+        loss, lse, g = BE.ce_forward(x, y, None, -100, 0.1, 1e-3, 0.0, scale, True)
+        assert torch.equal(loss, torch.zeros_like(loss))
+        assert torch.equal(g.float(), torch.zeros(4, 50)) and not g.isnan().any()
+        gb = BE.ce_backward(x, y, None, lse, -100, 0.1, 1e-3, 0.0, scale)
+        assert torch.equal(gb.float(), torch.zeros(4, 50))
+
+
+def test_ce_nonfinite_rows(path):
+    x = randn(5, 40)
+    x[0, 3] = float("nan")        # valid row with NaN
+    x[1, 5] = float("inf")        # valid row with +inf
+    x[2] = float("-inf")          # valid row all -inf
+    x[3, 1] = float("nan")        # ignored row with NaN: grad NaN, loss 0
+    y = torch.tensor([1, 2, 3, -100, 4])
+    loss, lse, g = check_ce(x, y, also_torch=False)
+    assert loss[3] == 0 and g[3].isnan().all()
+    assert loss[:3].isnan().logical_or(loss[:3].isinf()).all()
+    assert torch.isfinite(loss[4]) and torch.isfinite(g[4]).all()
+
+
+def test_ce_out_of_range_targets(path):
+    x = randn(4, 30)
+    y = torch.tensor([30, -5, 2, -100])
+    loss, lse, g = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, torch.tensor(1.0), True)
+    assert loss[:2].isnan().all() and g[:2].isnan().all()
+    assert torch.isfinite(loss[2]) and torch.isfinite(g[2]).all()
+    assert loss[3] == 0 and (g[3] == 0).all()
+    check_ce(x, y, also_torch=False)
+
+
+def test_ce_kdim(path):
+    torch.manual_seed(2)
+    B, C, S = 2, 37, 11
+    x = randn(B, C, S)
+    y = torch.randint(0, C, (B, S), device=DEV)
+    y[0, 3] = -100
+    check_ce(x, y, weight=torch.rand(C) + 0.5, eps=0.1, zl=1e-3, cap=4.0,
+             scale=torch.rand(B, S) + 0.5)
+    # non-contiguous logits (strided in every dim) and targets
+    big = randn(B, 2 * C, S + 3, dtype=torch.bfloat16)
+    xn = big[:, ::2, 3:]
+    yn = torch.randint(0, C, (S, B), device=DEV).t()
+    check_ce(xn, yn)
+    # channels-last-like (B, C, S) whose class dim is contiguous
+    xc = randn(B, S, C).transpose(1, 2)
+    check_ce(xc, y)
+    # probability targets in K-dim layout
+    t = torch.softmax(randn(B, C, S), 1)
+    check_ce(x, t, eps=0.1, weight=torch.rand(C) + 0.5)
+    # S == 1 goes through the row layout
+    check_ce(randn(B * 3, C, 1), torch.randint(0, C, (B * 3, 1), device=DEV))
+
+
+def test_ce_transposed_2d(path):
+    x = randn(29, 12).t()                 # (12, 29) with class stride 12
+    y = torch.randint(0, 29, (12,), device=DEV)
+    check_ce(x, y, eps=0.05)
+
+
+def test_ce_grad_into(path):
+    torch.manual_seed(3)
+    for x0 in (randn(8, 70, dtype=torch.bfloat16), randn(2, 70, 5)):
+        y = torch.randint(0, 70, (x0.shape[0],) + tuple(x0.shape[2:]), device=DEV)
+        y.view(-1)[1] = -100
+        sc = torch.tensor(0.5)
+        loss_ref, _, g_ref = BE.ce_forward(x0, y, None, -100, 0.1, 0.0, 2.0, sc, True)
+        x = x0.clone()
+        loss, lse, g = BE.ce_forward(x, y, None, -100, 0.1, 0.0, 2.0, sc, True, grad_into=x)
+        assert g.numel() == 0
+        torch.testing.assert_close(loss, loss_ref)
+        torch.testing.assert_close(x, g_ref)
+
+
+def test_ce_empty():
+    loss, lse, g = BE.ce_forward(torch.empty(0, 5), torch.empty(0, dtype=torch.long), None, -100,
+                                 0.0, 0.0, 0.0, torch.tensor(1.0), True)
+    assert loss.shape == (0,) and g.shape == (0, 5)
+
+
+def test_ce_fp64_delegates():
+    if _torch_backend() is None:
+        pytest.skip("torch backend not importable")
+    x = randn(4, 9, dtype=torch.float64)
+    check_ce(x, torch.randint(0, 9, (4,)))
+
+
+# ----------------------------------------------------------------------------- rescale_
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rescale(dtype):
+    g = randn(3, 5000, dtype=dtype)
+    before = g.clone()
+    BE.rescale_(g, torch.tensor(1.0))
+    assert torch.equal(g, before)
+    BE.rescale_(g, torch.tensor(0.25))
+    torch.testing.assert_close(g, (before.float() * 0.25).to(dtype))
+    nc = randn(10, 6).t()
+    ref = nc * 3
+    BE.rescale_(nc, torch.tensor(3.0))
+    torch.testing.assert_close(nc, ref)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+@pytest.mark.parametrize("shape,dim", [((4, 6, 9), 0), ((4, 6, 9), 1), ((4, 6, 9), -1), ((3, 257), -1),
+                                       ((2, 100), 0), ((1, 1), -1), ((), 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax(shape, dim, dtype, log, path):
+    torch.manual_seed(4)
+    x = randn(*shape, dtype=dtype)
+    y = BE.softmax_forward(x, dim, log)
+    ref = (torch.log_softmax if log else torch.softmax)(x.double(), dim)
+    rtol, atol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=atol)
+    g = randn(*shape, dtype=dtype)
+    dx = BE.softmax_backward(g, y, dim, log, dtype)
+    yd, gd = y.double(), g.double()
+    rdx = gd - yd.exp() * gd.sum(dim, keepdim=True) if log else yd * (gd - (gd * yd).sum(dim, keepdim=True))
+    assert dx.dtype == dtype
+    torch.testing.assert_close(dx.double(), rdx, rtol=rtol, atol=atol * max(1.0, rdx.abs().max().item()))
+
+
+def test_softmax_noncontiguous_and_nonfinite():
+    x = randn(8, 12).t()
+    torch.testing.assert_close(BE.softmax_forward(x, 1, False), torch.softmax(x, 1))
+    x = randn(3, 20)
+    x[0, 2] = float("inf")
+    x[1] = float("-inf")
+    for log in (False, True):
+        y = BE.softmax_forward(x, -1, log)
+        assert y[:2].isnan().all() and torch.isfinite(y[2]).all()
+
+
+# ----------------------------------------------------------------------------- backend object
+
+def test_available():
+    assert BE.name == "triton" and BE.softmax_native_autograd is False
+    ok, why = BE.available(torch.device("cpu"))
+    assert ok == (os.environ.get("TRITON_INTERPRET") == "1")
+    assert BE.available(torch.device("meta"))[0] is False
+
+
+def test_import_crossent_does_not_import_triton():
+    code = "import sys, crossent; assert 'triton' not in sys.modules, 'triton imported'"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if "ModuleNotFoundError" in r.stderr or "ImportError" in r.stderr:
+        pytest.skip("crossent not importable yet")
+    assert r.returncode == 0, r.stderr
