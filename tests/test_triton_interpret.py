@@ -10,9 +10,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -61,7 +58,9 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
             t = t.movedim(1, -1)
         t = t.reshape(-1, C)
         tp = t * (1 - eps) + eps / C if eps else t
-        loss = (w * tp * (lse[:, None] - z)).sum(-1) + zl * lse ** 2
+        loss = (w * tp * (lse[:, None] - z)).sum(-1)
+        if zl:
+            loss = loss + zl * lse ** 2
         dz = sc[:, None] * (p * ((w * tp).sum(-1) + 2 * zl * lse)[:, None] - w * tp)
     else:
         y = target.reshape(-1).long()
@@ -70,7 +69,9 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
         ys = torch.where(m & inb, y, 0)
         wy = w[ys]
         zy = z.gather(1, ys[:, None])[:, 0]
-        loss = (1 - eps) * wy * (lse - zy) + zl * lse ** 2
+        loss = (1 - eps) * wy * (lse - zy)
+        if zl:
+            loss = loss + zl * lse ** 2
         if eps:
             loss = loss + eps / C * (w * (lse[:, None] - z)).sum(-1)
         nan = torch.full_like(loss, float("nan"))
@@ -94,11 +95,11 @@ def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=
     scale_t = torch.tensor(1.0) if scale is None else scale
     loss, lse, grad = BE.ce_forward(x, target, weight, ignore_index, eps, zl, cap, scale_t, True)
     rl, rlse, rg = ref_ce(x, target, weight, ignore_index, eps, zl, cap, scale)
-    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    if x.dtype != torch.float64:
+        assert loss.dtype == torch.float32 and lse.dtype == torch.float32
     assert grad.dtype == x.dtype and grad.shape == x.shape and grad.is_contiguous()
     torch.testing.assert_close(loss.double(), rl, rtol=2e-5, atol=2e-5, equal_nan=True)
-    valid = torch.isfinite(rl)
-    torch.testing.assert_close(lse.double()[valid], rlse[valid], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), rlse, rtol=2e-5, atol=2e-5, equal_nan=True)
     rtol, atol = TOL[x.dtype]
     gmax = rg.nan_to_num().abs().max().item() if rg.numel() else 1.0
     torch.testing.assert_close(grad.double(), rg, rtol=rtol, atol=atol * max(gmax, 1e-3), equal_nan=True)
@@ -126,7 +127,8 @@ PATHS = {
     # several rows per program, looped
     "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, sms=1),
     # rows split over programs: partials + finish kernels
-    "split": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=10 ** 6),
+    # (2 "SMs": fewer than 4 programs -> split into up to 8 // programs)
+    "split": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=2),
 }
 
 
@@ -143,13 +145,23 @@ def path(request, monkeypatch):
 
 
 def randn(*shape, dtype=torch.float32, scale=3.0):
-    return (torch.randn(*shape, device=DEV) * scale).to(dtype)
+    return (torch.randn(shape, device=DEV) * scale).to(dtype)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
 
-@pytest.mark.parametrize("R,C", [(1, 1), (5, 1), (7, 257), (3, 100), (16, 10)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+SHAPE_CASES = (
+    # every dtype on the default launch plan ...
+    [("single", R, C, dt) for R, C in [(1, 1), (5, 1), (7, 257), (3, 100), (16, 10)]
+     for dt in (_F32, _BF16, _F16)]
+    # ... and the looped / split paths (tiles of 16-32 classes) on a few shapes
+    + [(p, R, C, dt) for p in ("looped", "multirow", "split")
+       for R, C, dt in [(3, 257, _F32), (1, 100, _BF16), (2, 33, _F16)]]
+)
+
+
+@pytest.mark.parametrize("path,R,C,dtype", SHAPE_CASES, indirect=["path"])
 def test_ce_shapes_dtypes(R, C, dtype, path):
     torch.manual_seed(R * 1000 + C)
     x = randn(R, C, dtype=dtype)
@@ -178,18 +190,21 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: "-".join(f"{k}" for k in o))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+OPT_CASES = [(p, o, _F32) for p in PATHS for o in OPTIONS] + [("single", o, _BF16) for o in OPTIONS]
+
+
+@pytest.mark.parametrize("path,opt,dtype", OPT_CASES, indirect=["path"],
+                         ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
 def test_ce_options(opt, dtype, path):
     torch.manual_seed(1)
-    R, C = 6, 97
+    R, C = 4, 97
     x = randn(R, C, dtype=dtype, scale=4.0)
     if opt.get("prob"):
         y = torch.softmax(randn(R, C), -1)
     else:
         y = torch.randint(0, C, (R,), device=DEV)
         if opt.get("ignore"):
-            y[::3] = 7 if opt.get("weight") else -100
+            y[::2] = 7 if opt.get("weight") else -100
     ii = 7 if (opt.get("ignore") and opt.get("weight")) else -100
     weight = torch.rand(C, device=DEV) + 0.5 if opt.get("weight") else None
     scale = torch.rand(R, device=DEV) + 0.1 if opt.get("row_scale") else torch.tensor(0.37, device=DEV)
@@ -312,10 +327,14 @@ def test_rescale(dtype):
 
 # ----------------------------------------------------------------------------- softmax
 
-@pytest.mark.parametrize("shape,dim", [((4, 6, 9), 0), ((4, 6, 9), 1), ((4, 6, 9), -1), ((3, 257), -1),
-                                       ((2, 100), 0), ((1, 1), -1), ((), 0)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("log", [False, True])
+SM_SHAPES = [((4, 6, 9), 0), ((4, 6, 9), 1), ((4, 6, 9), -1), ((3, 257), -1), ((2, 100), 0),
+             ((1, 1), -1), ((), 0)]
+SM_CASES = ([("single", sh, d, dt, lg) for sh, d in SM_SHAPES for dt in (_F32, _BF16) for lg in (False, True)]
+            + [(p, sh, d, _F32, lg) for p in ("looped", "multirow")
+               for sh, d in [((3, 257), -1), ((2, 100), 0), ((2, 40, 3), 1)] for lg in (False, True)])
+
+
+@pytest.mark.parametrize("path,shape,dim,dtype,log", SM_CASES, indirect=["path"])
 def test_softmax(shape, dim, dtype, log, path):
     torch.manual_seed(4)
     x = randn(*shape, dtype=dtype)
@@ -351,11 +370,3 @@ def test_available():
     assert ok == (os.environ.get("TRITON_INTERPRET") == "1")
     assert BE.available(torch.device("meta"))[0] is False
 
-
-def test_import_crossent_does_not_import_triton():
-    code = "import sys, crossent; assert 'triton' not in sys.modules, 'triton imported'"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if "ModuleNotFoundError" in r.stderr or "ImportError" in r.stderr:
-        pytest.skip("crossent not importable yet")
-    assert r.returncode == 0, r.stderr

@@ -7,7 +7,9 @@ Cross-entropy saves the per-row log-sum-exp, never probabilities.  For 'sum'
 and 'mean' the gradient is computed in the forward pass (the logits are read
 once, while they are hot) and only rescaled by the upstream gradient in the
 backward; for 'none', or when that buffer was already handed out (a second
-backward with retain_graph=True), the backward recomputes it from the lse.
+backward with retain_graph=True), the backward recomputes it in the same
+sweep, bitwise equal.  backward(create_graph=True) recomputes it with torch's
+differentiable ops instead, so double backward works.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import _ops, backends
+from . import _ops, backends, reference
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, scale)
         if precompute and opts.inplace_backward:
             rows, lse = _ops.ce_forward_inplace(x, *args, opts.backend)
-            grad = x  # x now holds the gradient; the caller opted in
+            grad = x.detach()  # x now holds the gradient (opt-in); a fresh handle lets autograd adopt it
         else:
             rows, lse, grad = _ops.ce_forward(x, *args, precompute, opts.backend)
         if opts.reduction == "mean":
@@ -72,9 +74,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss.to(opts.out_dtype), lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor, _g_lse: Tensor):
         opts: CEOptions = ctx.opts
+        if torch.is_grad_enabled():
+            return _differentiable_grad(ctx, g), None, None, None, None
         if ctx.grad is not None:
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
@@ -93,6 +96,21 @@ class CrossEntropyFunction(torch.autograd.Function):
         grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                                 opts.z_loss, opts.softcap, row_scale, opts.backend)
         return grad, None, None, None, None
+
+
+def _differentiable_grad(ctx, g: Tensor) -> Tensor:
+    """backward(create_graph=True): the same gradient, recomputed with torch's
+    differentiable ops from the saved logits, so double backward works."""
+    x, target, weight, _, _ = ctx.saved_tensors
+    opts: CEOptions = ctx.opts
+    if x is None:
+        raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
+    with torch.enable_grad():
+        xd = x if x.requires_grad else x.detach().requires_grad_()
+        loss = reference.cross_entropy(xd, target, weight, opts.ignore_index, opts.reduction,
+                                       opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap or None)
+        (grad,) = torch.autograd.grad(loss, xd, g.to(loss.dtype), create_graph=True)
+    return grad
 
 
 class SoftmaxFunction(torch.autograd.Function):
@@ -195,7 +213,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         nx, nw, nb = ctx.needs
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
-            gf = g.float()
+            gf = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
             for need, t in zip(ctx.needs, grads):
                 if need:
                     _ops.rescale_(t, gf, opts.backend)

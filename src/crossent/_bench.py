@@ -1,7 +1,7 @@
 """CPU benchmark runner behind ``crossent bench`` and ``benchmarks/cpu_bench.py``.
 
-Every (provider, case) pair runs in a fresh ``python -m crossent._bench --worker``
-subprocess, so one provider's peak RSS, allocator state and page-fault history
+Every (provider, case) pair runs in a fresh Python subprocess (this file loaded
+by path, see _spawn), so one provider's peak RSS, allocator state and page-fault history
 cannot leak into the next measurement.  The parent only spawns workers, joins
 their JSON results, computes ratios and prints the table.
 
@@ -18,7 +18,7 @@ What a worker measures (fwd+bwd, fp32 unless the case says otherwise):
           once and writes the grad once (2*N*V*elt); nll_loss only writes the
           grad (1x); softmax/log_softmax read x, write y, then read g and y and
           write dx (4x).  "% copy" divides by the bandwidth of a large
-          tensor.copy_ (bytes read + written) measured by its own worker at the
+          tensor.copy_ (bytes read + written) measured by the parent at the
           start of the same run: a practical roofline for this machine.
 The helpers (stats, stamps, rows, table) are re-exported by benchmarks/harness.py.
 """
@@ -237,17 +237,21 @@ def _peak_kib(method: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
-def _copy_worker(spec: dict) -> dict:
+def _copy_bandwidth(nbytes: int = COPY_BYTES, iters: int = 10) -> dict:
+    """Roofline: GB/s of dst.copy_(src) on fp32 buffers far larger than the caches."""
     import torch
-    n = spec.get("copy_bytes", COPY_BYTES) // 4
-    src, dst = torch.randn(n), torch.empty(n)
-    dst.copy_(src)  # fault the pages in before timing
-    times = []
-    for _ in range(spec.get("iters", 10)):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return {"copy_gbps": gbps(2 * n * 4, median(times))}
+    try:
+        n = nbytes // 4
+        src, dst = torch.randn(n), torch.empty(n)
+        dst.copy_(src)  # fault the pages in before timing
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+        return {"copy_gbps": gbps(2 * n * 4, median(times))}
+    except RuntimeError as e:  # e.g. out of memory on a small machine: report, do not abort
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _build(op: str, shape: tuple, provider: str, seed: int):
@@ -326,7 +330,7 @@ def _measure_worker(spec: dict) -> dict:
 def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
-        res = _copy_worker(spec) if spec.get("kind") == "copy" else _measure_worker(spec)
+        res = _measure_worker(spec)
     except Exception as e:
         res = {"error": f"{type(e).__name__}: {e}"}
     print("@@RESULT " + json.dumps(res), flush=True)  # a marker line: libraries may print too
@@ -335,13 +339,21 @@ def worker_main(spec_json: str) -> int:
 
 # ----------------------------------------------------------------------------- parent side
 
+_WORKER_BOOT = """import sys, importlib.util as u
+s = u.spec_from_file_location("crossent_bench_worker", sys.argv[1])
+m = u.module_from_spec(s); s.loader.exec_module(m)
+sys.exit(m.worker_main(sys.argv[2]))"""
+
+
 def _spawn(spec: dict, timeout: float) -> dict:
     env = dict(os.environ)
     import crossent  # the child must import the very crossent this process runs
     pkg = Path(crossent.__file__ or __file__).resolve()
     src = str(pkg.parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "crossent._bench", "--worker", json.dumps(spec)]
+    # Load this file by path rather than `-m crossent._bench`: a torch/compile worker then never
+    # imports crossent, so crossent's import cost and op registrations cannot touch torch's numbers.
+    cmd = [sys.executable, "-c", _WORKER_BOOT, str(Path(__file__).resolve()), json.dumps(spec)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -386,14 +398,14 @@ def run(args) -> int:
         print(f"warning: load average {stamp['loadavg_1m']:.2f} on {stamp['cores']} cores: "
               "other work is running, timings will be noisy", file=sys.stderr)
     print(f"[0/{len(plan)}] copy bandwidth ...", file=sys.stderr, flush=True)
-    copy = _spawn({"kind": "copy"}, args.timeout)
+    copy = _copy_bandwidth()  # in this process: it holds no measurement, and a spawn costs seconds
     copy_gbps = copy.get("copy_gbps")
     rows = []
     for i, (case, prov) in enumerate(plan, 1):
         c = parse_case(case)
         print(f"[{i}/{len(plan)}] {prov} {c['op']} {case.rpartition('-')[2]} ...",
               file=sys.stderr, flush=True)
-        spec = {"kind": "measure", "case": case, "provider": prov, "iters": args.iters,
+        spec = {"case": case, "provider": prov, "iters": args.iters,
                 "seconds": seconds}
         t0 = time.perf_counter()
         res = _spawn(spec, args.timeout)

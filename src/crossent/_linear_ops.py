@@ -122,8 +122,7 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
     need_grad = need_dx or need_dw or need_db
     loss = torch.zeros(N, dtype=acc, device=x.device)
     lse = torch.full((N,), float("nan"), dtype=acc, device=x.device)
-    empty = x.new_empty(0)
-    dx = empty
+    dx = x.new_empty(0)
     if need_dx:
         if dx_into is not None:
             dx = dx_into
@@ -165,8 +164,8 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
         if need_dx:
             gl = g if g.dtype == x.dtype else tbuf[:m].copy_(g)
             R.put(dx, tok, torch.mm(gl, w))
-    dw = empty if dw_acc is None else (dw_acc if dw_acc.dtype == w.dtype else dw_acc.to(w.dtype))
-    db = empty if db_acc is None else db_acc.to(b.dtype if b is not None else x.dtype)
+    dw = w.new_empty(0) if dw_acc is None else (dw_acc if dw_acc.dtype == w.dtype else dw_acc.to(w.dtype))
+    db = x.new_empty(0) if db_acc is None else db_acc.to(b.dtype if b is not None else x.dtype)
     return loss, lse, dx, dw, db
 
 
@@ -235,8 +234,8 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
             dw.zero_()
         return dw, db
     elt = torch.finfo(acc).bits // 8 + (x.element_size() if x.dtype != acc else 0)
-    vb = max(128, budget // max(1, R.n * elt))
-    vb = min(V, -(-vb // 128) * 128)
+    vb = max(32, budget // max(1, R.n * elt))
+    vb = min(V, -(-vb // 32) * 32)
     n = R.n if R.n * vb * elt <= 2 * budget else max(1, budget // (vb * elt))
     row_scale = scale.dim() > 0
     for v0 in range(0, V, vb):
@@ -267,6 +266,7 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
                     if blk_acc is None:
                         blk_acc = torch.zeros((v1 - v0, D), dtype=acc, device=x.device)
                     _addmm_acc(blk_acc, g.t(), xc)
+            del z, g  # free this block's logits before the next one is allocated
         if blk_acc is not None:
             dw[v0:v1].copy_(blk_acc)
         if need_db:
@@ -280,7 +280,7 @@ def run(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale
         loss, lse, dx, _, _ = token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss,
                                          softcap, scale, need_dx, False, False, policy, chunk_rows,
                                          drop, backend, dx_into)
-        dw, db = x.new_empty(0), x.new_empty(0)
+        dw, db = w.new_empty(0), x.new_empty(0)
         if need_dw or need_db:
             dw, db = vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss,
                                 softcap, scale, need_dw, need_db, budget, drop)

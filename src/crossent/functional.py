@@ -167,7 +167,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
     if prob:
-        out_dtype = torch.result_type(input, target)
+        out_dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: plain promotion
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
         needs_ref = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))

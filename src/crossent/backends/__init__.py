@@ -67,11 +67,15 @@ def select(device: torch.device | str, requested: str | None = None) -> Backend:
     return backend
 
 
-@torch.compiler.assume_constant_result
 def name_for(device_type: str) -> str:
     """select(device_type).name; a constant to torch.compile, so tracing never
     runs the registry (imports, environment lookups) inside a graph."""
     return select(device_type).name
+
+
+# What torch.compiler.assume_constant_result does, without the import of
+# torch._dynamo (and through it triton) that calling it at import time costs.
+name_for._dynamo_marked_constant = True
 
 
 __all__ = ["Backend", "load", "name_for", "names", "select"]

@@ -114,21 +114,38 @@ class TorchChunkedBackend:
     def ce_forward(self, x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                    scale, need_grad, grad_into=None):
         k = _Terms(x, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-        rows = x.shape[:1] + x.shape[2:]
-        lse = torch.empty(rows, dtype=k.acc, device=x.device)
-        zdot = torch.empty(rows, dtype=k.acc, device=x.device) if k.needs_zdot else None
         grad = x.new_empty(0)
         if need_grad:
             grad = grad_into if grad_into is not None else empty_like_fast(x)
+        loss, lse = self._sweep(k, x, grad if need_grad else None, scale, with_loss=True)
+        return loss, lse, grad
+
+    def ce_backward(self, x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
+                    scale):
+        # The same sweep as the forward (max and sum recomputed, not taken from
+        # the saved lse), so a recomputed gradient is bitwise the forward's one.
+        k = _Terms(x, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+        grad = empty_like_fast(x)
+        self._sweep(k, x, grad, scale, with_loss=False)
+        return grad
+
+    @staticmethod
+    def _sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, with_loss: bool):
+        """One pass over x in chunks: per-row lse (and loss terms), and the
+        gradient into ``grad`` when given."""
+        rows = x.shape[:1] + x.shape[2:]
+        lse = torch.empty(rows, dtype=k.acc, device=x.device)
+        zdot = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss and k.needs_zdot else None
+        zy = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss and not k.prob else None
         if x.shape[1] == 0:  # no classes: lse = log(0); any counted row is out of range
             lse.fill_(float("-inf"))
             if k.prob:
-                return torch.zeros(rows, dtype=k.acc, device=x.device), lse, grad
-            return torch.where(target != ignore_index, float("nan"), 0.0).to(k.acc), lse, grad
+                return torch.zeros(rows, dtype=k.acc, device=x.device), lse
+            return torch.where(k.valid, float("nan"), 0.0).to(k.acc), lse
         for xi, ri in _chunks(x):
             # Write e = z - max straight into the gradient buffer when dtypes
             # agree: the chunk then lives in one place from here on.
-            out = grad[xi] if need_grad and x.dtype == k.acc else None
+            out = grad[xi] if grad is not None and x.dtype == k.acc else None
             z, e, m = k.logits(x[xi], out)
             e.exp_()
             s = e.sum(1, keepdim=True)
@@ -136,27 +153,13 @@ class TorchChunkedBackend:
             lse[ri] = lse_c.squeeze(1)
             if zdot is not None:
                 zdot[ri] = k.zdot(z, ri)
-            if need_grad:
+            if zy is not None:  # the target logit, read before any gradient overwrites it
+                zy[ri] = z.gather(1, _col(k.ysafe[ri])).squeeze(1)
+            if grad is not None:
                 k.grad_(e, z, lse_c, ri, scale, 1.0 / s)
                 if out is None:
                     grad[xi].copy_(e)
-        return k.loss(x, lse, zdot), lse, grad
-
-    def ce_backward(self, x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
-                    scale):
-        k = _Terms(x, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-        grad = empty_like_fast(x)
-        if x.shape[1] == 0:
-            return grad
-        for xi, ri in _chunks(x):
-            out = grad[xi] if x.dtype == k.acc else None
-            lse_c = _col(lse[ri])
-            z, e, _ = k.logits(x[xi], out, shift=lse_c)
-            e.exp_()  # p = exp(z - lse)
-            k.grad_(e, z, lse_c, ri, scale, None)
-            if out is None:
-                grad[xi].copy_(e)
-        return grad
+        return (k.loss(zy, lse, zdot) if with_loss else None), lse
 
     def rescale_(self, grad: Tensor, g: Tensor) -> None:
         if grad.device.type == "cpu":
@@ -197,6 +200,7 @@ class _Terms:
         self.target = target
         # Sum over classes of w_c * z_c is needed for smoothing and probability targets.
         self.needs_zdot = self.prob or self.eps > 0
+        self.valid = None
         if self.prob:
             return
         zero = torch.zeros((), dtype=acc, device=dev)
@@ -210,13 +214,15 @@ class _Terms:
         self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
         self.valid = valid
 
-    def logits(self, xc: Tensor, out: Tensor | None, shift: Tensor | None = None):
-        """z = softcap(x) in acc dtype, and e = z - shift (into ``out`` if given);
-        shift defaults to the row max, which is returned too."""
+    def logits(self, xc: Tensor, out: Tensor | None):
+        """z = softcap(x) in acc dtype, its row max m, and e = z - m (written
+        into ``out`` if given)."""
         z = xc.to(self.acc)
         if self.softcap:
             z = torch.tanh(z / self.softcap).mul_(self.softcap)
-        m = z.amax(1, keepdim=True) if shift is None else shift
+        elif out is not None and z.data_ptr() == out.data_ptr():
+            z = z.clone()  # grad_into=x: keep this chunk's logits while the gradient overwrites them
+        m = z.amax(1, keepdim=True)
         e = torch.sub(z, m) if out is None else torch.sub(z, m, out=out)
         return z, e, m
 
@@ -233,14 +239,12 @@ class _Terms:
             return (self._tw(ri) * z).sum(1)
         return z.sum(1) if self.w is None else (z * _wcol(self.w, self.ndim)).sum(1)
 
-    def loss(self, x: Tensor, lse: Tensor, zdot: Tensor | None) -> Tensor:
+    def loss(self, zy: Tensor | None, lse: Tensor, zdot: Tensor | None) -> Tensor:
+        """Per-row loss from the per-row lse, target logit zy and zdot."""
         if self.prob:
             tw_sum = self._tw((slice(None),)).sum(1)
             out = lse * tw_sum - zdot
         else:
-            zy = x.gather(1, self.ysafe.unsqueeze(1)).squeeze(1).to(self.acc)
-            if self.softcap:
-                zy = torch.tanh(zy / self.softcap) * self.softcap
             out = (lse - zy) * self.wy * (1 - self.eps)
             if self.eps > 0:
                 out = out + (self.eps / self.C) * (self.sum_w * lse - zdot)
@@ -251,22 +255,22 @@ class _Terms:
         # where(), not a multiply: an ignored row stays 0 even if its logits are inf/NaN.
         return torch.where(self.valid, out * self.m, torch.zeros((), dtype=out.dtype, device=out.device))
 
-    def grad_(self, e: Tensor, z: Tensor, lse_c: Tensor, ri, scale: Tensor, inv_s: Tensor | None):
-        """e holds exp(z - c) for this chunk; make it d(sum scale*loss)/dx in place.
-        inv_s = 1/sum(e) turns e into p (None when e already is p)."""
+    def grad_(self, e: Tensor, z: Tensor, lse_c: Tensor, ri, scale: Tensor, inv_s: Tensor):
+        """e holds exp(z - max) for this chunk; make it d(sum scale*loss)/dx in
+        place (inv_s = 1/sum(e) turns e into p = softmax(z))."""
         sc = scale if scale.dim() == 0 else _col(scale[ri])
         zterm = 2 * self.z_loss * lse_c if self.z_loss else 0.0
         if self.prob:
             tw = self._tw(ri)
             coef = sc * (tw.sum(1, keepdim=True) + zterm)
-            e.mul_(coef if inv_s is None else coef * inv_s).sub_(sc * tw)
+            e.mul_(coef * inv_s).sub_(sc * tw)
         else:
             # sm = s*m per row; where() keeps ignored rows exactly 0 even when s is inf.
             m = _col(self.m[ri])
             sm = torch.where(m != 0, sc * m, torch.zeros((), dtype=e.dtype, device=e.device))
             wy = _col(self.wy[ri]) if self.wy.dim() else self.wy
             coef = sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w + zterm)
-            e.mul_(coef if inv_s is None else coef * inv_s)
+            e.mul_(coef * inv_s)
             if self.eps > 0:
                 e.sub_(sm * (self.eps / self.C) * (1.0 if self.w is None else _wcol(self.w, self.ndim)))
             hot = (-(1 - self.eps) * sm * wy).expand(_col(self.ysafe[ri]).shape)

@@ -96,14 +96,16 @@ class Layout:
 
 def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, acc,
                 device, weight: Tensor | None) -> Layout:
-    if vocab_start_index is not None:
-        start = torch.as_tensor(vocab_start_index, dtype=torch.int64, device=device).reshape(())
+    if isinstance(vocab_start_index, Tensor):
+        start = vocab_start_index.to(device=device, dtype=torch.int64).reshape(())
+    elif vocab_start_index is not None:  # a fill kernel, not a host->device copy
+        start = torch.full((), int(vocab_start_index), dtype=torch.int64, device=device)
     else:
         start = sizes[:rank].sum().to(torch.int64)
     if sizes is not None:
         C = sizes.sum().to(acc)
     else:
-        C = torch.tensor(float(weight.numel()), dtype=acc, device=device)
+        C = torch.full((), float(weight.numel()), dtype=acc, device=device)
     lay = Layout(start, C, c_local)
     if device.type == "cpu":  # free to check here; on an accelerator it would sync
         s, c = int(start), int(C.item())

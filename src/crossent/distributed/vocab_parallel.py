@@ -123,7 +123,14 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
             out_dtype = torch.promote_types(out_dtype, weight.dtype)
     else:
         out_dtype = x.dtype
-    xc, tc = _canonical(x, target)
+    if x.dim() > 2:  # (N, C_l, d1..dk) -> (N, C_l, S), explicit S: C_l may be 0
+        n, c, S = x.shape[0], x.shape[1], 1
+        for d in x.shape[2:]:
+            S *= d
+        xc = x.reshape(n, c, S)
+        tc = target.reshape(n, c, S) if prob else target.reshape(n, S)
+    else:
+        xc, tc = _canonical(x, target)
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype)
     loss = VocabParallelCrossEntropyFunction.apply(xc, tc, weight, opts, group, vocab_start_index)

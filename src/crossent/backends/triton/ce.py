@@ -299,7 +299,7 @@ def _rescale_kernel(g_ptr, s_ptr, n, BLOCK: tl.constexpr):
     # off when s == 1, so the usual loss.backward() costs one launch, no host sync.
     sc = tl.load(s_ptr).to(tl.float32)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = (offs < n) & (sc != 1.0)
+    mask = (offs < n) & ((tl.zeros([BLOCK], tl.float32) + sc) != 1.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(g_ptr + offs, (g * sc).to(g_ptr.dtype.element_ty), mask=mask)
 

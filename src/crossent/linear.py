@@ -1,0 +1,358 @@
+"""crossent.linear_cross_entropy: the LM-head matmul fused with cross-entropy.
+
+``linear_cross_entropy(h, W, t, ...)`` equals
+``cross_entropy(F.linear(h, W, b), t, ...)`` (torch 2.13's
+``F.linear_cross_entropy``), values and gradients of h, W and b, without ever
+holding the N x V logits: tokens are processed in chunks sized by a byte
+budget, and each chunk's logits become its gradient in place of the logits.
+
+Design (details in crossent/_linear_ops.py):
+  * accurate  (auto's pick whenever the fp32 dW accumulator fits): one token-chunked
+    pass, ~6*N*D*V FLOPs.  Per chunk: logits (matmul) -> fused CE kernel of
+    the device's backend writing dlogits into a chunk buffer crossent owns ->
+    dx_c = dlogits @ W, dW += dlogits.T @ x_c.  dlogits and the dW accumulator
+    are fp32 (fp64 for fp64), dW is rounded to W's dtype once at the end.
+    For fp32/fp64 the accumulator *is* dW: nothing extra.
+    Extra memory: the gradients + (low precision) a V x D fp32 accumulator + one chunk.
+  * balanced  like accurate, but logits/dlogits chunks stay in the input dtype
+    (as eager PyTorch stores them; the kernel still computes in fp32): half
+    the chunk memory, matmuls in the input dtype.  fp32 dW accumulator kept.
+    Identical to accurate for fp32/fp64 input.
+  * compact   no V x D fp32 buffer (extra <= gradients + one chunk + one
+    vocabulary block): token pass for loss, lse and dx, then a vocabulary
+    pass that recomputes the logits of all tokens one block of classes at a
+    time and writes dW[block] = dlogits.T @ x from one contraction over the
+    tokens (CCE-style, ~8*N*D*V FLOPs); still rounded once, deterministic.
+  * auto      accurate for fp32/fp64; for fp16/bf16 accurate if the fp32
+    accumulator takes at most a quarter of the free memory, else compact.
+    ``linear_cross_entropy_plan`` reports the pick without running anything.
+
+Ignored tokens: on CPU their rows are dropped before the matmuls (reading a
+CPU tensor needs no host sync); on accelerators all rows are kept so nothing
+syncs (the kernel gives ignored rows a zero gradient).  A dropped row whose
+hidden state is non-finite gets a zero gradient (eager PyTorch: NaN).
+
+Extensions (keyword-only): z_loss, softcap (as crossent.cross_entropy),
+leading batch dims (input (*B, D), target (*B) or (*B, C); torch accepts only
+1-D/2-D input), ``shift`` (next-token prediction) and
+``linear_cross_entropy_with_stats`` (per-token lse).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from . import _validate as V
+from . import backends
+from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
+from ._linear_ops import acc_dtype
+from .functional import (CrossEntropyOutput, _ce_options, _class_denominator, _cross_entropy,
+                         _z_term)
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "linear_cross_entropy_plan",
+           "LinearCrossEntropyOptions", "LinearCrossEntropyPlan"]
+
+_POLICIES = ("auto", "accurate", "balanced", "compact")
+_LOWP = (torch.float16, torch.bfloat16)
+_DEFAULT_BYTES = {"cpu": 32 << 20}  # CPU: >= 128 rows at V = 32k fp32 (full-speed GEMMs), small next to dW
+_DEFAULT_BYTES_ACCEL = 1 << 30      # GPU: few large chunks (many tiny ones are what makes Liger slow)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearCrossEntropyOptions:
+    """crossent's options for :func:`linear_cross_entropy`.
+
+    chunk_bytes: memory budget, in bytes, for the per-chunk buffers (logits
+        and their gradient; compact's vocabulary block).  None: 32 MiB on CPU, 1 GiB (at most 1/8 of free memory) on GPUs.
+    chunk_size: tokens per chunk, overriding chunk_bytes for the token pass.
+    acc_policy: 'accurate' | 'balanced' | 'compact' | 'auto' (see crossent.linear).
+    allow_inplace: permission to write the input gradient into the hidden
+        states' storage as each chunk finishes (saves an N x D buffer); used
+        only when possible (reduction mean/sum, contiguous input that requires
+        grad, no shift over a batch, not compact).  The hidden states are
+        overwritten, so a second backward raises.
+    """
+
+    chunk_bytes: int | None = None
+    chunk_size: int | None = None
+    acc_policy: str = "auto"
+    allow_inplace: bool = False
+
+    def __post_init__(self):
+        if self.acc_policy not in _POLICIES:
+            raise ValueError(f"invalid acc_policy: {self.acc_policy!r}")
+        for f in ("chunk_bytes", "chunk_size"):
+            v = getattr(self, f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{f} must be a positive int or None, got {v!r}")
+
+
+class LinearCrossEntropyPlan(NamedTuple):
+    """What a call would do: ``linear_cross_entropy_plan``'s result."""
+
+    policy: str        # resolved acc_policy
+    chunk_size: int    # tokens per chunk of the token pass
+    num_chunks: int
+    vocab_block: int   # classes per block of compact's vocabulary pass (V otherwise)
+    extra_bytes: int   # estimated memory beyond inputs and gradients
+    flops: int         # matmul FLOPs of forward + backward
+    backend: str
+
+
+def _from_torch_options(o, N: int, D: int, V: int) -> LinearCrossEntropyOptions:
+    """torch.nn.LinearCrossEntropyOptions -> ours.  batch_chunk_size and an
+    explicit chunking_method ('aspect_ratio[:k]') give the chunk size;
+    'auto' leaves it to the byte budget.  acc_dtype is ignored (crossent
+    always accumulates in fp32, fp64 for fp64), allow_retain_graph too (a
+    second backward always works here)."""
+    size = o.batch_chunk_size
+    cm = o.chunking_method
+    if cm not in (None, "auto") and N > 0:
+        size = o._compute_batch_chunk_size(N, D, V, cm)
+    return LinearCrossEntropyOptions(chunk_size=max(1, size) if size else None,
+                                     acc_policy=o.acc_policy)
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except Exception:
+        return None
+    return None
+
+
+def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts,
+          backend: str) -> tuple[LinearCrossEntropyPlan, int]:
+    opts = opts or LinearCrossEntropyOptions()
+    if not isinstance(opts, LinearCrossEntropyOptions):
+        opts = _from_torch_options(opts, N, D, V)
+    lowp = dtype in _LOWP
+    free = _free_bytes(device)
+    policy = opts.acc_policy
+    if policy == "auto":
+        policy = "accurate"
+        if lowp and free is not None and 4 * V * D * 4 > free:
+            policy = "compact"
+    budget = opts.chunk_bytes
+    if budget is None:
+        budget = _DEFAULT_BYTES.get(device.type, _DEFAULT_BYTES_ACCEL)
+        if device.type != "cpu" and free is not None:
+            budget = max(64 << 20, min(budget, free // 8))
+    elt = dtype.itemsize
+    acc_elt = 8 if dtype == torch.float64 else 4
+    per_row = V * (2 * acc_elt + elt) if (lowp and policy == "accurate") else 2 * V * elt
+    chunk = opts.chunk_size or max(1, budget // per_row)
+    chunk = max(1, min(chunk, N)) if N else 1
+    vb = V
+    if policy == "compact" and N:
+        velt = acc_elt + (elt if lowp else 0)
+        vb = min(V, max(32, -(-(budget // (N * velt)) // 32) * 32))
+    extra = chunk * per_row
+    if lowp and policy in ("accurate", "balanced"):
+        extra += V * D * 4
+    if policy == "compact":
+        extra = max(extra, vb * min(N, max(1, budget // (vb * velt))) * velt) if N else extra
+    flops = (8 if policy == "compact" else 6) * N * D * V
+    num = -(-N // chunk) if N else 0
+    return LinearCrossEntropyPlan(policy, chunk, num, vb, int(extra), flops, backend), budget
+
+
+def linear_cross_entropy_plan(input: Tensor, linear_weight: Tensor, *, options=None,
+                              shift: bool = False) -> LinearCrossEntropyPlan:
+    """How :func:`linear_cross_entropy` would run these shapes: the policy
+    'auto' picks, chunking, estimated extra memory and FLOPs.  Runs nothing."""
+    D, V = input.shape[-1], linear_weight.shape[0]
+    N = 1
+    for s in input.shape[:-1]:
+        N *= s
+    if shift and input.dim() >= 2:
+        N -= N // input.shape[-2]
+    return _plan(N, D, V, input.dtype, input.device, options, backends.name_for(input.device.type))[0]
+
+
+def _checks(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
+    """torch.nn.functional.linear_cross_entropy's own checks, same messages;
+    input with more than 2 dims is crossent's extension (2-D weights only)."""
+    kdim = linear_weight.dim() > 2
+    if input.dim() < 1 or (input.dim() > 2 and kdim):
+        raise RuntimeError(f"expected input with dimensionality 1 or 2, got {input.dim()}")
+    if linear_weight.dim() < 2:
+        raise RuntimeError(
+            f"expected linear_weight with dimensionality at least 2, got {linear_weight.dim()}")
+    in_features = input.shape[-1]
+    if in_features != linear_weight.shape[-1]:
+        raise RuntimeError(
+            "expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.shape[-1]} and {linear_weight.shape[-1]}, respectively")
+    C, out_features = linear_weight.shape[0], tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (C, *out_features):
+        raise RuntimeError(f"expected linear_bias shape {(C, *out_features)}, got {tuple(linear_bias.shape)}")
+    if out_features and input.dim() == 1:
+        raise RuntimeError(
+            f"K-dimensional loss defined by linear_weight shape {tuple(linear_weight.shape)} requires"
+            f" batched input, (N, {in_features}), got unbatched input with shape {tuple(input.shape)}")
+    return C, out_features
+
+
+def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                          label_smoothing, options, z_loss, softcap, shift, stats) -> CrossEntropyOutput:
+    V.tensor_arg(input, "linear_cross_entropy", "input", 1)
+    V.tensor_arg(linear_weight, "linear_cross_entropy", "linear_weight", 2)
+    V.tensor_arg(target, "linear_cross_entropy", "target", 3)
+    C, out_features = _checks(input, linear_weight, linear_bias)
+    batch = tuple(input.shape[:-1])
+    prob = tuple(target.shape) == (*batch, C, *out_features)
+    if prob and ignore_index is not None:
+        raise RuntimeError("ignore_index cannot be specified when target contains probabilities")
+    ignore_index = -100 if ignore_index is None else ignore_index
+    D = input.shape[-1]
+    if shift:
+        if out_features or input.dim() < 2:
+            raise ValueError("shift=True needs input (..., T, D) with T the sequence dim and a 2-D "
+                             "linear_weight")
+        tdim = target.dim() - (2 if prob else 1)
+        if tdim < 0 or tuple(target.shape[:tdim + 1]) != batch:
+            raise ValueError(f"shift=True: expected target of shape {list(batch)} (class indices) or "
+                             f"{list(batch) + [C]} (probabilities), got {list(target.shape)}")
+    # The linear's dtype/device checks, with F.linear's own messages (on empty slices).
+    bias0 = None if linear_bias is None else linear_bias.reshape(-1)[:0]
+    TF.linear(input.reshape(-1, D)[:0], linear_weight.reshape(-1, D)[:0], bias0)
+    if out_features or (prob and torch.is_grad_enabled()
+                        and (target.requires_grad or (weight is not None and weight.requires_grad))):
+        # K-dim loss (softmax over dim 1 of (N, C, d1..dk)) or gradients w.r.t.
+        # targets/weights: crossent.cross_entropy on materialised logits.
+        logits = TF.linear(input, linear_weight.reshape(-1, D),
+                           None if linear_bias is None else linear_bias.reshape(-1))
+        if shift:
+            logits, target = logits[..., :-1, :], (target[..., 1:, :] if prob else target[..., 1:])
+        if input.dim() > 2:
+            logits, target = logits.reshape(-1, C), (target.reshape(-1, C) if prob else target.reshape(-1))
+        out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features else logits,
+                             target, weight, None, ignore_index, None, reduction, label_smoothing, z_loss,
+                             softcap, False)
+        if input.dim() > 2 and out.loss.dim():
+            nb = batch[:-1] + (batch[-1] - 1,) if shift else batch
+            out = CrossEntropyOutput(out.loss.reshape(nb), out.lse.reshape(nb), out.z_loss)
+        return out
+
+    # cross_entropy's checks, on a meta tensor of the logits' shape.
+    red = V.reduction(None, None, reduction)
+    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
+    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
+    if shift:
+        input_x = input
+        batch = batch[:-1] + (batch[-1] - 1,)
+        target = target[..., 1:, :] if prob else target[..., 1:]
+    nd = len(batch)
+    if nd > 1 and tuple(target.shape[:nd]) != batch:
+        raise ValueError(f"Expected target of shape {list(batch)} (class indices) or {list(batch) + [C]} "
+                         f"(probabilities), got {list(target.shape)}")
+    meta = torch.empty((*batch, C) if nd <= 1 else (max(1, _numel(batch)), C), dtype=input.dtype,
+                       device="meta")
+    t_chk = target if nd <= 1 else target.reshape(-1, C) if prob else target.reshape(-1)
+    if prob:
+        V.prob_target(meta, t_chk, weight, ignore_index)
+    V.floating_input(meta, V.softmax_kernel(True, 0 if meta.dim() == 1 else 1, meta.dim()))
+    if prob:
+        out_dtype = torch.result_type(meta, target)
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    else:
+        V.class_target(meta, t_chk, weight)
+        V.weight_no_grad(weight)
+        out_dtype = input.dtype
+        V.check_target_bounds(target, C, ignore_index)
+
+    # Canonical rows: x (M, D), optional row map, target (N,) / (N, C).
+    N = _numel(batch)
+    rows = None
+    if shift:
+        T = input_x.shape[-2]
+        x = input_x.reshape(-1, D)
+        B = x.shape[0] // T if T else 0
+        if B > 1:
+            ar = torch.arange(T - 1, device=input.device)
+            rows = (torch.arange(B, device=input.device).unsqueeze(1) * T + ar).reshape(-1)
+    else:
+        x = input.reshape(-1, D)
+    t = target.reshape(-1, C) if prob else target.reshape(-1)
+    acc = acc_dtype(input.dtype)
+    if prob:
+        denom = torch.full((), float(N), dtype=acc, device=input.device)
+    else:
+        denom = _class_denominator(t, weight, ignore_index, C, acc)
+    backend = backends.name_for(input.device.type)
+    plan, budget = _plan(N, D, C, input.dtype, input.device, options, backend)
+    allow = bool(getattr(options, "allow_inplace", False))
+    inplace = (allow and red != "none" and input.requires_grad and torch.is_grad_enabled()
+               and x.is_contiguous() and rows is None and x.shape[0] == N and plan.policy != "compact")
+    opts = LinearCEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
+                           softcap=cap, policy=plan.policy, chunk_rows=plan.chunk_size, budget=budget,
+                           drop_ignored=not stats, inplace=inplace, backend=backend, out_dtype=out_dtype)
+    loss, lse = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight, denom, opts)
+    lse = lse.reshape(batch)
+    if red == "none":
+        loss = loss.reshape(batch)
+    zt = _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(out_dtype) if stats else loss
+    return CrossEntropyOutput(loss, lse, zt)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Tensor | None = None, weight: Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int | None = None,
+                         label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                         softcap: float | None = None, shift: bool = False) -> Tensor:
+    """cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...) without
+    the logits in memory; torch 2.13's F.linear_cross_entropy signature.
+
+    input: (D), (N, D), or (*B, D) (extension: leading batch dims, logits'
+        class dim last).  linear_weight: (C, D), or (C, d1..dk, D) for a
+        K-dim loss (input (N, D); computed by crossent.cross_entropy on
+        materialised logits, as torch does).  target: class indices (*B) or
+        probabilities (*B, C).  ignore_index: None means -100 for class
+        indices; giving one with probability targets raises, as in torch.
+    options: crossent.LinearCrossEntropyOptions, or torch.nn.LinearCrossEntropyOptions
+        (mapped; the chunked path runs whatever the other arguments are).
+    z_loss, softcap: as crossent.cross_entropy.
+    shift: next-token prediction: position i predicts target i+1 along the
+        sequence dim (input's dim -2, target's last index dim), i.e. the
+        result equals linear_cross_entropy(input[..., :-1, :], ..., target[..., 1:])
+        (probabilities: target[..., 1:, :]) but the hidden states are never
+        copied.  'none' returns (*B[:-1], T-1); 'mean' averages the T-1
+        positions of every sequence.
+    """
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                 ignore_index, label_smoothing, options, z_loss, softcap, shift,
+                                 False).loss
+
+
+def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                                    linear_bias: Tensor | None = None, weight: Tensor | None = None,
+                                    reduction: str = "mean", ignore_index: int | None = None,
+                                    label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                                    softcap: float | None = None,
+                                    shift: bool = False) -> CrossEntropyOutput:
+    """:func:`linear_cross_entropy` plus per-token lse and the z-loss term
+    (always a crossent.CrossEntropyOutput; lse has the 'none' loss's shape)."""
+    return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                 ignore_index, label_smoothing, options, z_loss, softcap, shift, True)
