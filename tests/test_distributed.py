@@ -236,7 +236,10 @@ def _linear_cases(ck: Checker, rank: int, world: int, groups):
     import crossent
     from crossent.distributed import vocab_parallel_linear_cross_entropy as vplce
 
-    lce = getattr(crossent, "linear_cross_entropy", None)
+    try:  # the single-process fused version, where it exists
+        from crossent.linear import linear_cross_entropy as lce
+    except ImportError:
+        lce = None
     D = 5
     for si, sizes in enumerate(_splits(world)[:3]):
         V = sum(sizes)
@@ -269,13 +272,13 @@ def _linear_cases(ck: Checker, rank: int, world: int, groups):
             xf, Wf = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
             bf = b.clone().requires_grad_(True) if b is not None else None
             lg = F.linear(xf, Wf, bf)
-            if lce is not None and tk == "class" and b is None:
+            ref = None
+            if lce is not None:
                 try:
-                    ref = lce(xf, Wf, t, **kw)
+                    ii = {} if tk == "prob" else {"ignore_index": -100}
+                    ref = lce(xf, Wf, t, linear_bias=bf, **ii, **kw)
                 except TypeError:  # a signature we do not know: fall back to eager
                     ref = None
-            else:
-                ref = None
             if ref is None:
                 ce = crossent.cross_entropy(lg.reshape(12, V), t.reshape(12, V) if tk == "prob" else t.reshape(12),
                                             w, reduction=red, label_smoothing=eps, z_loss=kw["z_loss"],

@@ -237,7 +237,7 @@ def test_inplace_permission():
     torch.testing.assert_close(loss.detach(), ref[0])
     torch.testing.assert_close(hh.grad, ref[1])
     torch.testing.assert_close(WW.grad, ref[2])
-    assert x.data_ptr() == x.grad.data_ptr()  # the gradient lives in the hidden states' storage
+    assert torch.equal(x.detach(), hh.grad)  # the hidden states' storage now holds the gradient
 
 
 def test_compile_fullgraph():

@@ -274,3 +274,26 @@ def test_weight_on_nll_path_not_differentiable():
         crossent.cross_entropy(x, t, w)
     with torch.no_grad():
         torch.testing.assert_close(crossent.cross_entropy(x, t, w), F.cross_entropy(x, t, w))
+
+
+def test_uint8_target_with_weight_and_smoothing_works():
+    """Deliberate difference: torch 2.13 raises an internal gather() error here."""
+    x = _logits((4, 5), torch.float32)
+    t = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)
+    w = torch.rand(5) + 0.5
+    with pytest.raises(RuntimeError, match="gather"):
+        F.cross_entropy(x, t, w, label_smoothing=0.1)
+    torch.testing.assert_close(crossent.cross_entropy(x, t, w, label_smoothing=0.1),
+                               F.cross_entropy(x, t.long(), w, label_smoothing=0.1))
+
+
+def test_plus_inf_logit_row_is_nan_like_torch():
+    x = torch.tensor([[float("inf"), 0.0, 1.0], [0.0, 1.0, 2.0]])
+    t = torch.tensor([1, 2])
+    for red in ("none", "sum"):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = crossent.cross_entropy(xa, t, reduction=red), F.cross_entropy(xb, t, reduction=red)
+        torch.testing.assert_close(a, b, equal_nan=True)
+        a.sum().backward()
+        b.sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True)

@@ -61,7 +61,7 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
         loss = (w * tp * (lse[:, None] - z)).sum(-1)
         if zl:
             loss = loss + zl * lse ** 2
-        dz = sc[:, None] * (p * ((w * tp).sum(-1) + 2 * zl * lse)[:, None] - w * tp)
+        dz = sc[:, None] * (p * ((w * tp).sum(-1) + (2 * zl * lse if zl else 0.0))[:, None] - w * tp)
     else:
         y = target.reshape(-1).long()
         m = y != ignore_index
@@ -76,7 +76,7 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
             loss = loss + eps / C * (w * (lse[:, None] - z)).sum(-1)
         nan = torch.full_like(loss, float("nan"))
         loss = torch.where(m, torch.where(inb, loss, nan), torch.zeros_like(loss))
-        A = (1 - eps) * wy + eps / C * w.sum() + 2 * zl * lse
+        A = (1 - eps) * wy + eps / C * w.sum() + (2 * zl * lse if zl else 0.0)
         B = (1 - eps) * wy[:, None] * torch.nn.functional.one_hot(ys, C).double() + eps / C * w
         dz = sc[:, None] * (p * A[:, None] - B)
         dz = torch.where(m[:, None], torch.where(inb[:, None], dz, float("nan")), p * 0)
@@ -87,7 +87,8 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
     return loss.reshape(out_shape), lse.reshape(out_shape), dx.reshape(x.shape)
 
 
-TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 4e-3), torch.float16: (4e-3, 1e-3)}
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 4e-3), torch.float16: (4e-3, 1e-3),
+       torch.float64: (1e-7, 1e-9)}
 
 
 def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, scale=None,
@@ -112,7 +113,7 @@ def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=
     tb = _torch_backend() if also_torch else None
     if tb is not None:
         tl_, _, tg = tb.ce_forward(x, target, weight, ignore_index, eps, zl, cap, scale_t, True)
-        torch.testing.assert_close(loss, tl_.float(), rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(loss.double(), tl_.double(), rtol=1e-4, atol=1e-4, equal_nan=True)
         torch.testing.assert_close(grad.double(), tg.double(), rtol=rtol, atol=atol * max(gmax, 1e-3),
                                    equal_nan=True)
     return loss, lse, grad
@@ -255,10 +256,10 @@ def test_ce_out_of_range_targets(path):
 
 def test_ce_kdim(path):
     torch.manual_seed(2)
-    B, C, S = 2, 37, 11
+    B, C, S = 2, 40, 3
     x = randn(B, C, S)
     y = torch.randint(0, C, (B, S), device=DEV)
-    y[0, 3] = -100
+    y[0, 1] = -100
     check_ce(x, y, weight=torch.rand(C) + 0.5, eps=0.1, zl=1e-3, cap=4.0,
              scale=torch.rand(B, S) + 0.5)
     # non-contiguous logits (strided in every dim) and targets
@@ -284,7 +285,7 @@ def test_ce_transposed_2d(path):
 
 def test_ce_grad_into(path):
     torch.manual_seed(3)
-    for x0 in (randn(8, 70, dtype=torch.bfloat16), randn(2, 70, 5)):
+    for x0 in (randn(3, 70, dtype=torch.bfloat16), randn(2, 70, 3)):
         y = torch.randint(0, 70, (x0.shape[0],) + tuple(x0.shape[2:]), device=DEV)
         y.view(-1)[1] = -100
         sc = torch.tensor(0.5)

@@ -124,10 +124,16 @@ class SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor):
         (y,) = ctx.saved_tensors
         dim, log, backend, dtype = ctx.meta
+        if torch.is_grad_enabled():
+            # create_graph=True: the same formulas in differentiable torch ops.
+            if log:
+                dx = g - torch.exp(y) * g.sum(dim, keepdim=True)
+            else:
+                dx = y * (g - (g * y).sum(dim, keepdim=True))
+            return dx.to(dtype), None, None, None
         return _ops.softmax_backward(g.contiguous(), y, dim, log, dtype, backend), None, None, None
 
 
@@ -142,6 +148,9 @@ def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
 # ===========================================================================
 # Fused linear + cross-entropy (crossent.linear_cross_entropy)
 # ===========================================================================
+from torch.autograd.function import once_differentiable  # noqa: E402
+
+
 @dataclass(frozen=True)
 class LinearCEOptions:
     """Everything about a linear_cross_entropy call that is not a tensor

@@ -7,7 +7,8 @@ their JSON results, computes ratios and prints the table.
 
 What a worker measures (fwd+bwd, fp32 unless the case says otherwise):
   time    per-iteration wall time (time.perf_counter) over k timed iterations
-          after warm-up; k adapts so a case takes ~--seconds (at least 3).
+          after warm-up; k adapts so a case takes ~--seconds (at least 3; big
+          cases whose first call alone takes over --seconds/3 get exactly 3).
   memory  extra peak RSS = peak RSS during the timed loop minus RSS right before
           it (inputs already built, warm-up done, grads cleared).  The peak is
           VmHWM from /proc/self/status after resetting it through
@@ -180,6 +181,11 @@ def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _ms(v: float) -> str:
+    """Milliseconds without exponents: 61640.3, 973.7, 3.2500."""
+    return f"{v:.1f}" if v >= 100 else f"{v:.4f}"
+
+
 def format_table(rows: list[dict]) -> str:
     """Aligned text table, one line per row; numbers to 4 significant places where it matters."""
     head = ["provider", "case", "median ms", "p10-p90 ms", "extra MiB", "extra/logits",
@@ -190,8 +196,8 @@ def format_table(rows: list[dict]) -> str:
             body.append([r["provider"], r["case"], "error: " + r["error"].splitlines()[-1][:60]]
                         + [""] * (len(head) - 3))
             continue
-        body.append([r["provider"], r["case"], _fmt(r["median_ms"], ".4g"),
-                     f"{r['p10_ms']:.4g}-{r['p90_ms']:.4g}", _fmt(r["extra_peak_mib"], ".1f"),
+        body.append([r["provider"], r["case"], _ms(r["median_ms"]), f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
+                     _fmt(r["extra_peak_mib"], ".1f"),
                      _fmt(r["peak_over_logits"], ".2f"), _fmt(r["gbps"], ".2f"),
                      _fmt(r.get("pct_of_copy"), ".1f"), _fmt(r.get("ratio_vs_torch"), ".4f"),
                      _fmt(r.get("ratio_vs_compile"), ".4f")])
@@ -298,10 +304,12 @@ def _measure_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     step()  # first call: compiles (compile provider), faults pages in, primes caches
     first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    step()  # a second warm-up, timed to size the loop: the first call carries one-off costs
-    iters = spec.get("iters") or max(3, min(spec.get("max_iters", 50),
-                                             int(spec.get("seconds", 4.0) / max(time.perf_counter() - t0, 1e-6))))
+    seconds, iters = spec.get("seconds", 4.0), spec.get("iters")
+    if first_s < seconds / 3:
+        t0 = time.perf_counter()
+        step()  # a second warm-up, timed to size the loop: the first call carries one-off costs
+        iters = iters or max(3, min(spec.get("max_iters", 50), int(seconds / max(time.perf_counter() - t0, 1e-6))))
+    iters = iters or 3  # an expensive case (8192x50257 eager: seconds per call): one warm-up, 3 timed
     x.grad = None
     gc.collect()
     base = _rss_kib("VmRSS")

@@ -163,7 +163,10 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
             _addmm_acc(dw_acc, g.t(), xc)
         if need_dx:
             gl = g if g.dtype == x.dtype else tbuf[:m].copy_(g)
-            R.put(dx, tok, torch.mm(gl, w))
+            if rows is None and isinstance(tok, slice) and dx.is_contiguous():
+                torch.mm(gl, w, out=dx[tok])  # straight into place (rows of x are rows of dx)
+            else:
+                R.put(dx, tok, torch.mm(gl, w))
     dw = w.new_empty(0) if dw_acc is None else (dw_acc if dw_acc.dtype == w.dtype else dw_acc.to(w.dtype))
     db = x.new_empty(0) if db_acc is None else db_acc.to(b.dtype if b is not None else x.dtype)
     return loss, lse, dx, dw, db

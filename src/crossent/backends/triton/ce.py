@@ -247,7 +247,8 @@ def _ce_kernel(
                     p1 = tl.zeros([BLOCK_S], tl.float32) + C
         else:
             logs = tl.log(tl.where(smask, ssum, 1.0))  # padded positions: no log(0)
-            lse = ms + logs
+            # A +inf logit makes the softmax NaN in torch (inf - inf): keep that.
+            lse = tl.where(m == float("inf"), float("nan"), ms + logs)
             if PROB:
                 loss = logs * p1 - p2
             else:
@@ -256,6 +257,7 @@ def _ce_kernel(
                     loss += eps_over_c * (logs * p1 - p2)
             if HAS_ZL:
                 loss += z_loss * lse * lse
+            loss = tl.where(m == float("inf"), float("nan"), loss)
             if not PROB:
                 loss = tl.where(inb, loss, float("nan"))
                 loss = tl.where(valid, loss, 0.0)
@@ -448,8 +450,8 @@ def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, s
 def rescale_(grad, g):
     if grad.numel() == 0:
         return
-    if not grad.is_contiguous():
-        grad.mul_(g.to(grad.dtype))
+    if not grad.is_contiguous() or grad.dtype == torch.float64:
+        grad.mul_(g)  # the kernel multiplies in fp32
         return
     block = 4096
     _rescale_kernel[(triton.cdiv(grad.numel(), block),)](grad, g, grad.numel(), BLOCK=block,

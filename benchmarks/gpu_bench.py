@@ -1,0 +1,276 @@
+"""GPU benchmark: bf16 cross-entropy fwd+bwd and softmax/log_softmax forward.
+
+Providers: crossent (triton backend), crossent-inplace (inplace_backward=True),
+torch eager, torch.compile, Liger (if importable).  Every provider is wrapped in
+try/except: an error is printed and recorded, and the run goes on.
+
+Timing: CUDA events around the op only (fresh input clones for providers that
+overwrite their logits are made outside the timed region), warm-up, then the
+median and p10/p90 over --iters iterations.  Extra peak memory: max allocated
+during one call minus what was allocated before it (the inputs).
+Floor: cross-entropy must read the logits and write the gradient (2 * N*V*2
+bytes), softmax forward reads x and writes y; floor time = bytes / the
+device-to-device copy bandwidth measured at the start of the same run.
+
+    python3 benchmarks/gpu_bench.py --json bench-results/gpu_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+CE_SHAPES = [(8192, 32000), (8192, 128256), (16384, 256000)]
+SM_SHAPES = [(8192, 128256)]
+GiB = 1 << 30
+DEADLINE = [float("inf")]   # time.time() after which remaining providers are skipped
+OUT_PATH = [None]
+META: dict = {}
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _q(xs, q):
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def bench(fn, prep=None, iters=20, warmup=3):
+    """fn(state) timed with CUDA events; prep() -> state runs outside the timed region."""
+    for _ in range(warmup):
+        fn(prep() if prep else None)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        st = prep() if prep else None
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(st)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        del st
+    st = prep() if prep else None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(st)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / (1 << 20)
+    del st
+    return dict(median_ms=_q(times, 0.5), p10_ms=_q(times, 0.1), p90_ms=_q(times, 0.9),
+                extra_mib=extra)
+
+
+def copy_bandwidth(nbytes=4 * GiB):
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    r = bench(lambda _: dst.copy_(src), iters=10, warmup=2)
+    del src, dst
+    return 2 * nbytes / (r["median_ms"] * 1e-3) / 1e9   # GB/s, read + write
+
+
+# ----------------------------------------------------------------------------- providers
+
+def _crossent_ce(inplace=False):
+    import crossent
+    from crossent import backends
+    if backends.select("cuda").name != "triton":
+        raise RuntimeError("crossent does not select the triton backend on this device")
+    return lambda x, y: crossent.cross_entropy(x, y, inplace_backward=inplace)
+
+
+def _liger_ce():
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+        return lambda x, y: liger_cross_entropy(x, y)
+    except ImportError:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+        return LigerCrossEntropyLoss()
+
+
+def ce_providers():
+    compiled = torch.compile(F.cross_entropy, dynamic=False)
+    return {
+        # name: (factory, overwrites its logits?, eager-like memory?)
+        "crossent": (lambda: _crossent_ce(False), False, False),
+        "crossent-inplace": (lambda: _crossent_ce(True), True, False),
+        "torch": (lambda: F.cross_entropy, False, True),
+        "compile": (lambda: compiled, False, True),
+        "liger": (_liger_ce, True, False),
+    }
+
+
+def over_budget(name):
+    left = DEADLINE[0] - time.time()
+    # torch.compile spends tens of seconds compiling: only start it with time to spare
+    return left < (60 if name == "compile" else 0)
+
+
+def flush(rows, meta):
+    if OUT_PATH[0]:
+        Path(OUT_PATH[0]).parent.mkdir(parents=True, exist_ok=True)
+        Path(OUT_PATH[0]).write_text(json.dumps([{**r, **meta} for r in rows], indent=1) + "\n")
+
+
+def run_ce(N, V, iters, rows, copy_bw, skip):
+    x0 = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, V, (N,), device="cuda")
+    nbytes = 2 * x0.numel() * x0.element_size()
+    for name, (factory, clobbers, heavy) in ce_providers().items():
+        if name in skip:
+            continue
+        row = dict(op="cross_entropy", provider=name, shape=f"{N}x{V}", dtype="bfloat16")
+        try:
+            if over_budget(name):
+                raise RuntimeError("skipped: time budget")
+            free = torch.cuda.mem_get_info()[0]
+            need = x0.nbytes * (4 if heavy else 2) + GiB
+            if free < need:
+                raise RuntimeError(f"skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} GiB free")
+            fn = factory()
+            if clobbers:   # the logits are overwritten: a fresh leaf per iteration, untimed
+                def prep():
+                    return x0.clone().requires_grad_()
+            else:
+                x = x0.detach().requires_grad_()
+
+                def prep():
+                    x.grad = None
+                    return x
+
+            def step(x):
+                fn(x, y).backward()
+            row.update(bench(step, prep, iters=iters))
+            row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
+            row["x_floor"] = row["median_ms"] / (nbytes / (copy_bw * 1e9) * 1e3)
+        except Exception as e:  # keep going: one provider failing must not hide the others
+            row["error"] = f"{type(e).__name__}: {e}"
+            print(f"[{name} {N}x{V}] {row['error']}", file=sys.stderr)
+            if os.environ.get("GPU_BENCH_TRACE"):
+                traceback.print_exc()
+        rows.append(row)
+        print(fmt(row), flush=True)
+        flush(rows, META)
+        x = None
+        torch.cuda.empty_cache()
+    del x0, y
+    torch.cuda.empty_cache()
+
+
+def run_softmax(N, V, iters, rows, copy_bw, skip):
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
+    nbytes = 2 * x.nbytes
+    for log in (False, True):
+        op = "log_softmax" if log else "softmax"
+        tfn = torch.log_softmax if log else torch.softmax
+        provs = {"torch": lambda: (lambda t: tfn(t, -1)),
+                 "compile": lambda: torch.compile(lambda t: tfn(t, -1), dynamic=False)}
+
+        def _ours():
+            import crossent
+            f = crossent.log_softmax if log else crossent.softmax
+            return lambda t: f(t, -1)
+        provs = {"crossent": _ours, **provs}
+        for name, factory in provs.items():
+            if name in skip:
+                continue
+            row = dict(op=op, provider=name, shape=f"{N}x{V}", dtype="bfloat16")
+            try:
+                if over_budget(name):
+                    raise RuntimeError("skipped: time budget")
+                fn = factory()
+                row.update(bench(lambda _: fn(x), iters=iters))
+                row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
+                row["x_floor"] = row["median_ms"] / (nbytes / (copy_bw * 1e9) * 1e3)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                print(f"[{name} {op}] {row['error']}", file=sys.stderr)
+            rows.append(row)
+            print(fmt(row), flush=True)
+            flush(rows, META)
+    del x
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(r):
+    if "error" in r:
+        return f"{r['provider']:<17} {r['op']:<13} {r['shape']:<13} {r['error'][:70]}"
+    return (f"{r['provider']:<17} {r['op']:<13} {r['shape']:<13} {r['median_ms']:9.3f} "
+            f"({r['p10_ms']:.3f}-{r['p90_ms']:.3f}) {r['gbps']:8.1f} {r['x_floor']:7.2f} "
+            f"{r['extra_mib']:10.1f}")
+
+
+HEADER = (f"{'provider':<17} {'op':<13} {'shape':<13} {'median ms':>9} (p10-p90)  "
+          f"{'GB/s':>8} {'x floor':>7} {'extra MiB':>10}")
+
+
+def stamp():
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except Exception:
+        commit = None
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = None
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=tv,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                git_commit=commit)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None, help="write rows here (default: $OUT or ./bench-results)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="only the smallest CE shape")
+    ap.add_argument("--skip", default="", help="comma-separated providers to skip")
+    ap.add_argument("--budget-s", type=float, default=240.0,
+                    help="skip providers not started within this many seconds (rows say so)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device", file=sys.stderr)
+        return 1
+    out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_bench.json")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    t0 = time.time()
+    DEADLINE[0] = t0 + args.budget_s
+    OUT_PATH[0] = out
+    meta = stamp()
+    copy_bw = copy_bandwidth()
+    META.update(meta, copy_gbps=copy_bw)
+    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+          f"copy bandwidth {copy_bw:.0f} GB/s (read+write)")
+    print(HEADER)
+    rows = []
+    for N, V in CE_SHAPES[:1] if args.quick else CE_SHAPES:
+        run_ce(N, V, args.iters, rows, copy_bw, skip)
+    if not args.quick:
+        for N, V in SM_SHAPES:
+            run_softmax(N, V, args.iters, rows, copy_bw, skip)
+    flush(rows, META)
+    print(f"wrote {len(rows)} rows to {out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
