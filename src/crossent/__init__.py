@@ -2,12 +2,17 @@
 fused and memory-lean, on CPU and NVIDIA GPUs.
 
 Importing crossent imports torch only: no triton, no CUDA initialisation.
+``crossent.distributed`` (vocab-parallel losses) is imported on demand.
 """
 from . import nn
 from .functional import (CrossEntropyOutput, cross_entropy, cross_entropy_with_stats, log_softmax,
                          nll_loss, softmax)
+from .linear import (LinearCrossEntropyOptions, LinearCrossEntropyPlan, linear_cross_entropy,
+                     linear_cross_entropy_plan, linear_cross_entropy_with_stats)
 
 __version__ = "0.1.0"
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
-           "CrossEntropyOutput", "nn", "__version__"]
+           "CrossEntropyOutput", "linear_cross_entropy", "linear_cross_entropy_with_stats",
+           "linear_cross_entropy_plan", "LinearCrossEntropyOptions", "LinearCrossEntropyPlan", "nn",
+           "__version__"]

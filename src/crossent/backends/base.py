@@ -32,6 +32,8 @@ inf), unless their own logits are non-finite (then the gradient row is NaN,
 as in PyTorch).
 A class-index target outside [0, C) that is not ignore_index never reads or
 writes out of bounds: its loss is NaN and its gradient row is NaN.
+A row with a +inf logit (or NaN, or all -inf) has NaN lse, loss and gradient,
+as torch's log_softmax gives (inf - inf).
 
 Methods (all return new tensors; none mutates its inputs except ``rescale_``):
   ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
