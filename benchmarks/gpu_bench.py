@@ -222,6 +222,14 @@ HEADER = (f"{'provider':<17} {'op':<13} {'shape':<13} {'median ms':>9} (p10-p90)
           f"{'GB/s':>8} {'x floor':>7} {'extra MiB':>10}")
 
 
+def print_table(rows, title="cross-entropy / softmax (bf16)"):
+    """The rows (as written to the JSON) as one table."""
+    print(f"== {title} ==")
+    print(HEADER)
+    for r in rows:
+        print(fmt(r))
+
+
 def stamp():
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -246,7 +254,12 @@ def main(argv=None):
     ap.add_argument("--skip", default="", help="comma-separated providers to skip")
     ap.add_argument("--budget-s", type=float, default=240.0,
                     help="skip providers not started within this many seconds (rows say so)")
+    ap.add_argument("--print-table", metavar="JSON", default=None,
+                    help="only print the table of a JSON written earlier (no GPU needed)")
     args = ap.parse_args(argv)
+    if args.print_table:
+        print_table(json.loads(Path(args.print_table).read_text()))
+        return 0
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
         return 1

@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# GPU check: GPU test tier, then the GPU benchmark.  Runs from the repo root on a
-# machine with an NVIDIA GPU, torch + triton preinstalled, and no network.
-# Results: $OUT/gpu_bench.json (OUT defaults to ./bench-results).  Budget: < 8 min.
+# GPU check: GPU test tier (tests/gpu, incl. test_gpu_linear.py, + tests/test_parity.py),
+# then the cross-entropy benchmark, then the linear + cross-entropy benchmark.
+# Runs from the repo root on a machine with an NVIDIA GPU, torch + triton
+# preinstalled, and no network.  Results: $OUT/gpu_bench.json and
+# $OUT/gpu_linear_bench.json (OUT defaults to ./bench-results); both tables are
+# printed again at the end.
+# Time: tests <= 170 s, CE bench <= 180 s (providers start within 140 s), linear
+# bench gets what is left of GPU_CHECK_BUDGET_S (default 555 s: < 9.5 min in all),
+# at most 220 s, providers starting within its timeout minus 50 s.
 set -u
+SECONDS=0
+TOTAL=${GPU_CHECK_BUDGET_S:-555}
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then   # peers (liger-kernel, cut-cross-entropy) travel as wheels
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -11,6 +19,7 @@ fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 OUT=${OUT:-$PWD/bench-results}
 mkdir -p "$OUT"
+rm -f "$OUT/gpu_bench.json" "$OUT/gpu_linear_bench.json"   # no stale tables in the summary
 unset TRITON_INTERPRET CROSSENT_BACKEND
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -19,12 +28,30 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "== GPU tests =="
 tests="tests/gpu"
 [ -f tests/test_parity.py ] && tests="$tests tests/test_parity.py"
-timeout 200 python3 -m pytest -q --maxfail=10 -p no:cacheprovider $tests 2>&1 | tail -25
+timeout 170 python3 -m pytest -q --maxfail=10 -p no:cacheprovider --durations=8 $tests 2>&1 | tail -40
 test_rc=${PIPESTATUS[0]}
-echo "tests exit code: $test_rc"
+echo "tests exit code: $test_rc (${SECONDS}s elapsed)"
 
-echo "== GPU benchmark =="
-timeout 270 python3 benchmarks/gpu_bench.py --budget-s 210 --json "$OUT/gpu_bench.json"
+echo "== GPU benchmark: cross-entropy =="
+timeout 180 python3 benchmarks/gpu_bench.py --budget-s 140 --json "$OUT/gpu_bench.json"
 bench_rc=$?
-echo "bench exit code: $bench_rc"
-[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "bench exit code: $bench_rc (${SECONDS}s elapsed)"
+
+echo "== GPU benchmark: linear + cross-entropy =="
+left=$((TOTAL - SECONDS))
+lin_t=$(( left < 220 ? left : 220 ))
+if [ "$lin_t" -ge 60 ]; then
+    timeout "$lin_t" python3 benchmarks/gpu_linear_bench.py --budget-s $((lin_t - 50)) \
+        --json "$OUT/gpu_linear_bench.json"
+    lin_rc=$?
+else
+    echo "skipped: only ${left}s left of ${TOTAL}s"
+    lin_rc=1
+fi
+echo "linear bench exit code: $lin_rc (${SECONDS}s elapsed)"
+
+echo "== Summary =="
+echo "tests $test_rc, CE bench $bench_rc, linear bench $lin_rc; ${SECONDS}s"
+[ -f "$OUT/gpu_bench.json" ] && python3 benchmarks/gpu_bench.py --print-table "$OUT/gpu_bench.json"
+[ -f "$OUT/gpu_linear_bench.json" ] && python3 benchmarks/gpu_linear_bench.py --print-table "$OUT/gpu_linear_bench.json"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$lin_rc" -eq 0 ]

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,18 +86,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _spawn(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    for line in reversed(r.stdout.splitlines()):
-        if line.startswith("@@RESULT "):
-            return json.loads(line[9:])
-    tail = (r.stderr or r.stdout).strip().splitlines()
-    return {"error": f"worker exited {r.returncode}: {tail[-1] if tail else 'no output'}"}
+    return H.spawn_worker([sys.executable, __file__, "--worker", json.dumps(spec)], timeout)
 
 
 def main(argv=None) -> int:

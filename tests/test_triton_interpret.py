@@ -141,7 +141,6 @@ def path(request, monkeypatch):
     sms = cfg.pop("sms", None)
     for k, v in cfg.items():
         monkeypatch.setattr(ce, k, v)
-        monkeypatch.setattr(softmax, k, v)
     if sms is not None:
         monkeypatch.setattr(ce, "_num_sms", lambda device: sms)
     return request.param

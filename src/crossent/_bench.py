@@ -353,15 +353,13 @@ m = u.module_from_spec(s); s.loader.exec_module(m)
 sys.exit(m.worker_main(sys.argv[2]))"""
 
 
-def _spawn(spec: dict, timeout: float) -> dict:
+def spawn_worker(cmd: list[str], timeout: float) -> dict:
+    """Run a worker command in a fresh process (crossent's src on PYTHONPATH)
+    and return the JSON of its last '@@RESULT ' line, or an error row."""
     env = dict(os.environ)
     import crossent  # the child must import the very crossent this process runs
-    pkg = Path(crossent.__file__ or __file__).resolve()
-    src = str(pkg.parents[1])
+    src = str(Path(crossent.__file__ or __file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    # Load this file by path rather than `-m crossent._bench`: a torch/compile worker then never
-    # imports crossent, so crossent's import cost and op registrations cannot touch torch's numbers.
-    cmd = [sys.executable, "-c", _WORKER_BOOT, str(Path(__file__).resolve()), json.dumps(spec)]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -371,6 +369,13 @@ def _spawn(spec: dict, timeout: float) -> dict:
             return json.loads(line[len("@@RESULT "):])
     tail = (r.stderr or r.stdout).strip().splitlines()
     return {"error": f"worker exited {r.returncode}: {tail[-1] if tail else 'no output'}"}
+
+
+def _spawn(spec: dict, timeout: float) -> dict:
+    # Load this file by path rather than `-m crossent._bench`: a torch/compile worker then never
+    # imports crossent, so crossent's import cost and op registrations cannot touch torch's numbers.
+    return spawn_worker([sys.executable, "-c", _WORKER_BOOT, str(Path(__file__).resolve()), json.dumps(spec)],
+                        timeout)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ extras (z_loss, softcap, inplace_backward) are off by default.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -82,9 +83,9 @@ def _canonical(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         return input.unsqueeze(0), target.unsqueeze(0) if target.shape == input.shape else target.reshape(1)
     if input.dim() == 2:
         return input, target
-    n, c = input.shape[:2]
-    t = target.reshape(n, c, -1) if target.shape == input.shape else target.reshape(n, -1)
-    return input.reshape(n, c, -1), t
+    n, c, s = input.shape[0], input.shape[1], math.prod(input.shape[2:])  # explicit S: C may be 0
+    t = target.reshape(n, c, s) if target.shape == input.shape else target.reshape(n, s)
+    return input.reshape(n, c, s), t
 
 
 def _class_denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, acc) -> Tensor:
@@ -138,7 +139,8 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
 # ---------------------------------------------------------------------------
 # cross_entropy
 # ---------------------------------------------------------------------------
-def _ce_options(reduction, ignore_index, label_smoothing, z_loss, softcap) -> tuple[float, float, float]:
+def _ce_options(label_smoothing, z_loss, softcap) -> tuple[float, float, float]:
+    """(label smoothing as torch treats it, z_loss, softcap or 0), validated."""
     ls = V.float_arg(label_smoothing, "cross_entropy_loss", "label_smoothing", 6)
     if ls > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {ls:g}")
@@ -152,13 +154,15 @@ def _ce_options(reduction, ignore_index, label_smoothing, z_loss, softcap) -> tu
     return ls, z_loss, cap
 
 
-def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
-                   label_smoothing, z_loss, softcap, inplace_backward) -> CrossEntropyOutput:
-    V.tensor_arg(input, "cross_entropy_loss", "input", 1)
-    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
-    red = V.reduction(size_average, reduce, reduction)
-    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
-    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
+def _ce_checks(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+               label_smoothing, z_loss, softcap):
+    """torch's cross_entropy checks after the reduction string, in its order.
+
+    ``weight`` is checked against input's class count (None skips that, as
+    the vocab-parallel path does for its full-vocabulary weight).  Returns
+    (eps, z_loss, softcap or 0, prob, class_dim, out_dtype).
+    """
+    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
     prob = input.shape == target.shape
     class_dim = 0 if input.dim() == 1 else 1
     if prob:
@@ -166,10 +170,26 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     elif input.dim() == 0:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
+    if not prob:
+        V.class_target(input, target, weight)
+        return eps, z_loss, cap, prob, class_dim, input.dtype
+    out_dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: plain promotion
+    if weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    return eps, z_loss, cap, prob, class_dim, out_dtype
+
+
+def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                   label_smoothing, z_loss, softcap, inplace_backward, stats=True) -> CrossEntropyOutput:
+    """The shared body; with stats=False the z-loss term is not formed
+    (CrossEntropyOutput.z_loss is then the loss itself, unused by callers)."""
+    V.tensor_arg(input, "cross_entropy_loss", "input", 1)
+    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
+    red = V.reduction(size_average, reduce, reduction)
+    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
+    eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
+                                                              label_smoothing, z_loss, softcap)
     if prob:
-        out_dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: plain promotion
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
         needs_ref = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
         if needs_ref:
             # Gradients w.r.t. the targets or weights: the differentiable reference.
@@ -180,9 +200,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
             zt = zt if red == "none" else (zt.sum() if red == "sum" else zt.mean())
             return CrossEntropyOutput(loss, lse, zt.detach().to(loss.dtype))
     else:
-        V.class_target(input, target, weight)
         V.weight_no_grad(weight)
-        out_dtype = input.dtype
         V.check_target_bounds(target, input.shape[class_dim], ignore_index)
     x, t = _canonical(input, target)
     acc = _acc(input.dtype)
@@ -202,7 +220,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     lse = lse.reshape(none_shape)
     if red == "none":
         loss = loss.reshape(none_shape)
-    zt = _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(out_dtype)
+    zt = _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(out_dtype) if stats else loss
     return CrossEntropyOutput(loss, lse, zt)
 
 
@@ -240,7 +258,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         the logits are overwritten by the forward; needs 'mean' or 'sum').
     """
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
-                          label_smoothing, z_loss, softcap, inplace_backward).loss
+                          label_smoothing, z_loss, softcap, inplace_backward, stats=False).loss
 
 
 def cross_entropy_with_stats(input: Tensor, target: Tensor, weight: Tensor | None = None,

@@ -251,7 +251,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     # cross_entropy's checks, on a meta tensor of the logits' shape.
     red = V.reduction(None, None, reduction)
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
-    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
+    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
     if shift:
         input_x = input
         batch = batch[:-1] + (batch[-1] - 1,)

@@ -87,12 +87,16 @@ def _chunks(x: Tensor):
             yield (sl,), (sl,)
         return
     B, S = x.shape[0], x.shape[2]
-    if S <= budget:
-        step = max(1, budget // max(S, 1))
+    if C * S * 4 <= _CHUNK_BYTES:
+        # Whole (C, S) slices, even past `limit`: a slice is contiguous, so the
+        # two threads of an op fault in different (huge) pages of a fresh
+        # gradient buffer; S-pieces interleave them and contend (2x slower).
+        step = max(1, limit // (4 * C * S))
         for b in range(0, B, step):
             sl = slice(b, b + step)
             yield (sl,), (sl,)
     else:
+        budget = max(1, _CHUNK_BYTES // 4 // C)
         for b in range(B):
             for s in range(0, S, budget):
                 bs, ss = slice(b, b + 1), slice(s, s + budget)
@@ -137,35 +141,36 @@ class TorchChunkedBackend:
 
     @staticmethod
     def _sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, with_loss: bool):
-        """One pass over x in chunks: per-row lse (and loss terms), and the
-        gradient into ``grad`` when given."""
+        """One pass over x in chunks: per-row lse (and loss), and the gradient
+        into ``grad`` when given.  Row terms are built per chunk too, so no
+        O(rows) temporaries exist beyond loss and lse (small C, e.g. a K-dim
+        segmentation map, has as many rows as a few logits)."""
         rows = x.shape[:1] + x.shape[2:]
         lse = torch.empty(rows, dtype=k.acc, device=x.device)
-        zdot = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss and k.needs_zdot else None
-        zy = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss and not k.prob else None
+        loss = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss else None
         if x.shape[1] == 0:  # no classes: lse = log(0); any counted row is out of range
             lse.fill_(float("-inf"))
-            if k.prob:
-                return torch.zeros(rows, dtype=k.acc, device=x.device), lse
-            return torch.where(k.valid, float("nan"), 0.0).to(k.acc), lse
+            if with_loss:
+                loss.copy_(torch.zeros_like(lse) if k.prob else
+                           torch.where(k.target != k.ignore_index, float("nan"), 0.0))
+            return loss, lse
         for xi, ri in _chunks(x):
             # Write e = z - max straight into the gradient buffer when dtypes
             # agree: the chunk then lives in one place from here on.
             out = grad[xi] if grad is not None and x.dtype == k.acc else None
             z, e, m = k.logits(x[xi], out)
+            rt = k.row_terms(ri)
             e.exp_()
             s = e.sum(1, keepdim=True)
             lse_c = torch.log(s).add_(m)  # (r, 1[, s])
             lse[ri] = lse_c.squeeze(1)
-            if zdot is not None:
-                zdot[ri] = k.zdot(z, ri)
-            if zy is not None:  # the target logit, read before any gradient overwrites it
-                zy[ri] = z.gather(1, _col(k.ysafe[ri])).squeeze(1)
+            if with_loss:
+                loss[ri] = k.loss(z, lse_c, rt).squeeze(1)
             if grad is not None:
-                k.grad_(e, z, lse_c, ri, scale, 1.0 / s)
+                k.grad_(e, z, lse_c, rt, scale if scale.dim() == 0 else _col(scale[ri]), 1.0 / s)
                 if out is None:
                     grad[xi].copy_(e)
-        return (k.loss(zy, lse, zdot) if with_loss else None), lse
+        return loss, lse
 
     def rescale_(self, grad: Tensor, g: Tensor) -> None:
         if grad.device.type == "cpu":
@@ -188,37 +193,17 @@ class TorchChunkedBackend:
 
 
 class _Terms:
-    """The loss and gradient terms of backends/base.py for one call.
-
-    Everything that depends only on targets and weights is computed once for
-    all rows (O(N) work); the per-chunk work touches each logit a fixed small
-    number of times while the chunk is in cache.
-    """
+    """The loss and gradient terms of backends/base.py for one call: per-call
+    constants here, per-chunk row terms from ``row_terms``."""
 
     def __init__(self, x, target, weight, ignore_index, eps, z_loss, softcap):
-        dev = x.device
-        self.acc = acc = _acc_dtype(x.dtype)
+        self.acc = _acc_dtype(x.dtype)
         self.C, self.ndim = x.shape[1], x.dim()
         self.eps, self.z_loss, self.softcap = float(eps), float(z_loss), float(softcap or 0.0)
         self.prob = target.is_floating_point()
-        self.w = None if weight is None else weight.to(acc)
+        self.target, self.ignore_index = target, ignore_index
+        self.w = None if weight is None else _wcol(weight.to(self.acc), x.dim())  # (1, C[, 1])
         self.sum_w = float(self.C) if weight is None else self.w.sum()
-        self.target = target
-        # Sum over classes of w_c * z_c is needed for smoothing and probability targets.
-        self.needs_zdot = self.prob or self.eps > 0
-        self.valid = None
-        if self.prob:
-            return
-        zero = torch.zeros((), dtype=acc, device=dev)
-        valid = target != ignore_index
-        inb = (target >= 0) & (target < self.C)
-        self.ysafe = torch.where(valid & inb, target, torch.zeros((), dtype=target.dtype, device=dev)).long()
-        wy = self.w[self.ysafe] if self.w is not None else torch.ones((), dtype=acc, device=dev)
-        self.wy = wy
-        # m: 1 for counted rows, 0 for ignored ones, NaN for out-of-range targets.
-        m = torch.where(valid, torch.ones((), dtype=acc, device=dev), zero)
-        self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
-        self.valid = valid
 
     def logits(self, xc: Tensor, out: Tensor | None):
         """z = softcap(x) in acc dtype, its row max m, and e = z - m (written
@@ -232,55 +217,55 @@ class _Terms:
         e = torch.sub(z, m) if out is None else torch.sub(z, m, out=out)
         return z, e, m
 
-    def _tw(self, ri) -> Tensor:
-        """Probability targets t' * w for this chunk, in acc dtype."""
-        t = self.target[ri].to(self.acc)
-        if self.eps > 0:
-            t = t * (1 - self.eps) + self.eps / self.C
-        return t if self.w is None else t * _wcol(self.w, self.ndim)
-
-    def zdot(self, z: Tensor, ri) -> Tensor:
-        """Per row: sum_c w_c t'_c z_c (probability) or sum_c w_c z_c (smoothing)."""
+    def row_terms(self, ri):
+        """Probability targets: t' * w for the chunk.  Class indices: columns
+        (safe index, w[y], m) with m = 1 counted, 0 ignored, NaN out of range."""
+        t = self.target[ri]
         if self.prob:
-            return (self._tw(ri) * z).sum(1)
-        return z.sum(1) if self.w is None else (z * _wcol(self.w, self.ndim)).sum(1)
-
-    def loss(self, zy: Tensor | None, lse: Tensor, zdot: Tensor | None) -> Tensor:
-        """Per-row loss from the per-row lse, target logit zy and zdot."""
-        if self.prob:
-            tw_sum = self._tw((slice(None),)).sum(1)
-            out = lse * tw_sum - zdot
-        else:
-            out = (lse - zy) * self.wy * (1 - self.eps)
+            t = t.to(self.acc)
             if self.eps > 0:
-                out = out + (self.eps / self.C) * (self.sum_w * lse - zdot)
+                t = t * (1 - self.eps) + self.eps / self.C
+            return t if self.w is None else t * self.w
+        dev, acc = t.device, self.acc
+        valid = t != self.ignore_index
+        inb = (t >= 0) & (t < self.C)
+        y = _col(torch.where(valid & inb, t, torch.zeros((), dtype=t.dtype, device=dev)).long())
+        wy = 1.0 if self.w is None else self.w.view(-1)[y]
+        m = torch.where(valid, torch.ones((), dtype=acc, device=dev), torch.zeros((), dtype=acc, device=dev))
+        m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
+        return y, wy, _col(m)
+
+    def loss(self, z: Tensor, lse: Tensor, rt) -> Tensor:
+        """Per-row loss of the chunk, as a column like lse."""
+        if self.prob:
+            out = lse * rt.sum(1, keepdim=True) - (rt * z).sum(1, keepdim=True)
+        else:
+            y, wy, m = rt
+            out = (lse - z.gather(1, y)) * ((1 - self.eps) * wy)
+            if self.eps > 0:
+                zs = z.sum(1, keepdim=True) if self.w is None else (z * self.w).sum(1, keepdim=True)
+                out = out + (self.eps / self.C) * (self.sum_w * lse - zs)
         if self.z_loss:
             out = out + self.z_loss * lse * lse
         if self.prob:
             return out
         # where(), not a multiply: an ignored row stays 0 even if its logits are inf/NaN.
-        return torch.where(self.valid, out * self.m, torch.zeros((), dtype=out.dtype, device=out.device))
+        return torch.where(m != 0, out * m, torch.zeros((), dtype=out.dtype, device=out.device))
 
-    def grad_(self, e: Tensor, z: Tensor, lse_c: Tensor, ri, scale: Tensor, inv_s: Tensor):
+    def grad_(self, e: Tensor, z: Tensor, lse: Tensor, rt, sc, inv_s: Tensor) -> None:
         """e holds exp(z - max) for this chunk; make it d(sum scale*loss)/dx in
         place (inv_s = 1/sum(e) turns e into p = softmax(z))."""
-        sc = scale if scale.dim() == 0 else _col(scale[ri])
-        zterm = 2 * self.z_loss * lse_c if self.z_loss else 0.0
+        zterm = 2 * self.z_loss * lse if self.z_loss else 0.0
         if self.prob:
-            tw = self._tw(ri)
-            coef = sc * (tw.sum(1, keepdim=True) + zterm)
-            e.mul_(coef * inv_s).sub_(sc * tw)
+            e.mul_(sc * (rt.sum(1, keepdim=True) + zterm) * inv_s).sub_(sc * rt)
         else:
+            y, wy, m = rt
             # sm = s*m per row; where() keeps ignored rows exactly 0 even when s is inf.
-            m = _col(self.m[ri])
             sm = torch.where(m != 0, sc * m, torch.zeros((), dtype=e.dtype, device=e.device))
-            wy = _col(self.wy[ri]) if self.wy.dim() else self.wy
-            coef = sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w + zterm)
-            e.mul_(coef * inv_s)
+            e.mul_(sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w + zterm) * inv_s)
             if self.eps > 0:
-                e.sub_(sm * (self.eps / self.C) * (1.0 if self.w is None else _wcol(self.w, self.ndim)))
-            hot = (-(1 - self.eps) * sm * wy).expand(_col(self.ysafe[ri]).shape)
-            e.scatter_add_(1, _col(self.ysafe[ri]), hot.to(e.dtype))
+                e.sub_(sm * (self.eps / self.C) * (1.0 if self.w is None else self.w))
+            e.scatter_add_(1, y, (-(1 - self.eps) * sm * wy).expand(y.shape).to(e.dtype))
         if self.softcap:
             # d softcap(x)/dx = 1 - tanh^2 = 1 - (z/cap)^2
             e.mul_(1 - (z / self.softcap).square_())

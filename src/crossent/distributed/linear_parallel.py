@@ -150,7 +150,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
                            f"{list(linear_bias_shard.shape)}")
     red = V.reduction(None, None, reduction)
     ignore_index = V.int_arg(ignore_index, "linear_cross_entropy", "ignore_index", 5)
-    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
+    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
     lead = tuple(input.shape[:-1])
     v_local = weight_shard.shape[0]
     prob = target.is_floating_point() and tuple(target.shape) == lead + (v_local,)

@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _validate as V
 from ..backends.torch_chunked import _chunks, empty_like_fast
-from ..functional import _canonical, _ce_options
+from ..functional import _canonical, _ce_checks
 from . import _core as K
 from ._core import VPOptions
 
@@ -103,34 +103,16 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
     V.tensor_arg(target, "cross_entropy_loss", "target", 2)
     red = V.reduction(None, None, reduction)
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
-    eps, z_loss, cap = _ce_options(red, ignore_index, label_smoothing, z_loss, softcap)
-    prob = x.shape == target.shape
-    class_dim = 0 if x.dim() == 1 else 1
-    if prob:
-        V.prob_target(x, target, None, ignore_index)
-        if target.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
-                                      "probability targets")
-    elif x.dim() == 0:
-        raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
-    else:
-        V.class_target(x, target, None)
+    if x.shape == target.shape and target.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
+                                  "probability targets")
+    # torch's checks; the full-vocabulary weight is checked against the global C below.
+    eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(x, target, None, ignore_index,
+                                                              label_smoothing, z_loss, softcap)
     K.check_weight(x, weight, prob)
-    V.floating_input(x, V.softmax_kernel(True, class_dim, x.dim()))
-    if prob:
-        out_dtype = torch.result_type(x, target)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
-    else:
-        out_dtype = x.dtype
-    if x.dim() > 2:  # (N, C_l, d1..dk) -> (N, C_l, S), explicit S: C_l may be 0
-        n, c, S = x.shape[0], x.shape[1], 1
-        for d in x.shape[2:]:
-            S *= d
-        xc = x.reshape(n, c, S)
-        tc = target.reshape(n, c, S) if prob else target.reshape(n, S)
-    else:
-        xc, tc = _canonical(x, target)
+    if prob and weight is not None:
+        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    xc, tc = _canonical(x, target)
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype)
     loss = VocabParallelCrossEntropyFunction.apply(xc, tc, weight, opts, group, vocab_start_index)

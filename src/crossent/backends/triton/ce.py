@@ -315,17 +315,21 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: small, so that tests reach the split path with tiny shapes
 
 
+def tile_shape(C: int, S: int, classes_contiguous: bool) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C) for a [positions x classes] tile (shared with softmax)."""
+    np2c = triton.next_power_of_2(C)
+    if classes_contiguous:
+        # the (R, C) case: wide class tiles, rows packed when C is small
+        block_c = np2c if np2c <= _SINGLE_MAX else min(_LOOP_BLOCK, np2c)
+        return max(1, min(triton.next_power_of_2(S), _TILE_ELEMS // block_c)), block_c
+    # positions contiguous (K-dim (B, C, S)): coalesce along S, loop over C
+    block_s = min(triton.next_power_of_2(S), _KDIM_BLOCK_S)
+    return block_s, min(np2c, max(1, _TILE_ELEMS // block_s))
+
+
 def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, device: torch.device) -> dict:
     """Tile shape, split and warps, from shapes and strides only (no device reads)."""
-    np2c = triton.next_power_of_2(C)
-    if sx_c == 1 or sx_s != 1:
-        # classes contiguous (the (R, C) case): wide class tiles, rows packed when C is small
-        block_c = np2c if np2c <= _SINGLE_MAX else min(_LOOP_BLOCK, np2c)
-        block_s = max(1, min(triton.next_power_of_2(S), _TILE_ELEMS // block_c))
-    else:
-        # positions contiguous (K-dim (B, C, S)): coalesce along S, loop over C
-        block_s = min(triton.next_power_of_2(S), _KDIM_BLOCK_S)
-        block_c = min(np2c, max(1, _TILE_ELEMS // block_s))
+    block_s, block_c = tile_shape(C, S, sx_c == 1 or sx_s != 1)
     n_sblk = triton.cdiv(S, block_s)
     progs = B * n_sblk
     ntiles = triton.cdiv(C, block_c)

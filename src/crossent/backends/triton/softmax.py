@@ -6,7 +6,7 @@ S=rows, sc=1), so no transpose copy is made.  A program owns BLOCK_S positions
 and walks C in [BLOCK_S, BLOCK_C] tiles; the coalesced axis follows the strides.
 
 Reads of the input per path:
-  SINGLE  C fits one tile (<= _SINGLE_MAX): the tile stays in registers, ONE read
+  SINGLE  C fits one tile (<= ce._SINGLE_MAX): the tile stays in registers, ONE read
           and one write (forward: x -> y; backward: g, y -> dx).
   looped  larger C: an online (max, sumexp) pass (backward: a sum pass), then a
           second pass that re-reads the row, usually from L2: TWO reads.
@@ -21,10 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-_SINGLE_MAX = 16384     # widest row tile kept in registers (elements); tune on the GPU
-_LOOP_BLOCK = 8192      # tile of the looped path
-_TILE_ELEMS = 4096      # tile size when several rows share a program
-_KDIM_BLOCK_S = 64      # positions per tile when the softmax dim is not the last
+from .ce import tile_shape  # one tiling policy for both ops (its constants live in ce.py)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -138,13 +135,7 @@ def _view(shape, dim):
 
 
 def _plan(B, C, S, ss, sc):
-    np2c = triton.next_power_of_2(C)
-    if sc == 1:
-        block_c = np2c if np2c <= _SINGLE_MAX else min(_LOOP_BLOCK, np2c)
-        block_s = max(1, min(triton.next_power_of_2(S), _TILE_ELEMS // block_c))
-    else:
-        block_s = min(triton.next_power_of_2(S), _KDIM_BLOCK_S)
-        block_c = min(np2c, max(1, _TILE_ELEMS // block_s))
+    block_s, block_c = tile_shape(C, S, sc == 1)
     n_sblk = triton.cdiv(S, block_s)
     tile = block_s * block_c
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C,

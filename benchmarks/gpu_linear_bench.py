@@ -1,0 +1,399 @@
+"""GPU benchmark: bf16 linear + cross-entropy (LM head) forward + backward.
+
+loss = cross_entropy(h @ W.T, t), h (N, D), W (V, D), bf16, reduction 'mean';
+one timed call = forward + backward (dh and dW; the grads are set to None
+before every call, as zero_grad(set_to_none=True) does).
+
+Providers (each in try/except: an error or a skip is recorded and the run goes on):
+  3-matmul           the baseline: three bare bf16 matmuls h@W.T, g@W, g.T@h
+                     (g: an N x V bf16 tensor), outputs preallocated
+  crossent-accurate  crossent.linear_cross_entropy(acc_policy="accurate")
+  crossent-compact   crossent.linear_cross_entropy(acc_policy="compact")
+  torch-eager        F.cross_entropy(h @ W.T, t)
+  torch-chunked      F.linear_cross_entropy(..., options=torch.nn.LinearCrossEntropyOptions())
+                     (skipped when this torch has no F.linear_cross_entropy)
+  liger-flce         Liger's fused linear cross-entropy (liger_kernel)
+  cce                Apple's cut_cross_entropy.linear_cross_entropy (default impl)
+  cce-compile        the same with impl="torch_compile"
+
+Columns: median ms (p10-p90, CUDA events, after warm-up), x3mm = median / the
+3-matmul median of the same shape and run (targets: accurate <= 1.10,
+compact <= 1.45), TFLOP/s = 6*N*D*V / median, extra GiB = peak allocated
+during one call minus what was allocated before it (inputs; the gradients
+are part of the extra), beyond-grads = extra minus the bytes of dh and dW,
+dW / dh err = max|g - ref| / max|ref| against an fp32 reference (bf16 inputs
+upcast, no TF32, computed once per shape in row chunks), loss err relative.
+Providers that would not fit in free GPU memory (estimate from the shapes)
+are skipped; providers are not started after --budget-s (torch.compile ones
+need 60 s left).  The JSON is rewritten after every row.
+
+Timing, the env stamp and JSON writing come from benchmarks/gpu_bench.py.
+
+    python3 benchmarks/gpu_linear_bench.py --json bench-results/gpu_linear_bench.json
+    python3 benchmarks/gpu_linear_bench.py --print-table bench-results/gpu_linear_bench.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_bench as gb  # noqa: E402  (bench(), stamp(), flush(), DEADLINE, OUT_PATH, META; adds src/ to the path)
+
+ROOT = gb.ROOT
+GiB = gb.GiB
+SHAPES = [(8192, 4096, 128256), (16384, 2304, 256000)]
+TARGETS = {"crossent-accurate": 1.10, "crossent-compact": 1.45}
+COMPILE_LEFT_S = 60.0   # only start a torch.compile provider with this much budget left
+REF_LEFT_S = 15.0       # only compute the fp32 reference with this much budget left
+
+
+class Skip(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- providers
+# Each factory(h, W, t) -> (fn() -> scalar loss); need(h, W) -> estimated
+# bytes it allocates beyond the inputs (gradients included).
+
+def _grads_bytes(N, D, V):
+    return (N * D + V * D) * 2
+
+
+def _est(f):
+    """need(h, W) from f(N, D, V)."""
+    return lambda h, W: f(h.shape[0], h.shape[1], W.shape[0])
+
+
+def _crossent(policy):
+    def factory(h, W, t):
+        import crossent
+        from crossent import backends
+        if backends.select("cuda").name != "triton":
+            raise RuntimeError("crossent does not select the triton backend on this device")
+        opts = crossent.LinearCrossEntropyOptions(acc_policy=policy)
+        return lambda: crossent.linear_cross_entropy(h, W, t, options=opts)
+
+    def need(h, W):   # crossent's own estimate (beyond inputs and gradients)
+        import crossent
+        plan = crossent.linear_cross_entropy_plan(
+            h, W, options=crossent.LinearCrossEntropyOptions(acc_policy=policy))
+        return plan.extra_bytes + _grads_bytes(h.shape[0], h.shape[1], W.shape[0])
+    return factory, need
+
+
+def _eager(h, W, t):
+    return lambda: F.cross_entropy(h @ W.T, t)
+
+
+def _torch_chunked(h, W, t):
+    if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+        raise Skip(f"skipped: torch {torch.__version__} has no F.linear_cross_entropy")
+    opts = torch.nn.LinearCrossEntropyOptions()
+    return lambda: F.linear_cross_entropy(h, W, t, options=opts)
+
+
+def _loss_of(out):
+    """Liger returns a tensor, a tuple or a CrossEntropyOutput depending on version."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return getattr(out, "loss", out)
+
+
+def _liger(h, W, t):
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as flce
+        return lambda: _loss_of(flce(h, W, t))
+    except ImportError:
+        pass
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    mod = LigerFusedLinearCrossEntropyLoss()
+    return lambda: _loss_of(mod(W, h, t))      # the module takes (lin_weight, input, target)
+
+
+def _cce(impl):
+    def factory(h, W, t):
+        from cut_cross_entropy import linear_cross_entropy as cce_lce
+        if impl is None:
+            return lambda: cce_lce(h, W, t)
+        return lambda: cce_lce(h, W, t, impl=impl)
+    return factory
+
+
+def providers():
+    """name: (factory, need(h, W) -> bytes, uses torch.compile)"""
+    g = _grads_bytes
+    return {
+        "crossent-accurate": (*_crossent("accurate"), False),
+        "crossent-compact": (*_crossent("compact"), False),
+        # logits, log-softmax, their grads (measured: +46.9 GiB at 16384 x 256000, i.e. 6 * N*V*2)
+        "torch-eager": (_eager, _est(lambda N, D, V: 6 * N * V * 2 + g(N, D, V)), False),
+        "torch-chunked": (_torch_chunked, _est(lambda N, D, V: V * D * 4 + 2 * GiB + g(N, D, V)), False),
+        "liger-flce": (_liger, _est(lambda N, D, V: 2 * g(N, D, V) + 2 * GiB), False),
+        "cce": (_cce(None), _est(lambda N, D, V: g(N, D, V) + GiB), False),
+        "cce-compile": (_cce("torch_compile"), _est(lambda N, D, V: 2 * N * V * 2 + g(N, D, V) + GiB), True),
+    }
+
+
+# ----------------------------------------------------------------------------- reference
+
+@torch.no_grad()
+def reference(h, W, t, chunk_bytes=2 * GiB):
+    """fp32 (loss, dh, dW) of mean cross_entropy(h @ W.T, t), in row chunks, no TF32."""
+    N, D = h.shape
+    V = W.shape[0]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        Wf = W.float()
+        dW = torch.zeros_like(Wf)
+        dh = torch.empty(N, D, dtype=torch.float32, device=h.device)
+        loss = torch.zeros((), dtype=torch.float64, device=h.device)
+        step = max(1, chunk_bytes // (V * 4))
+        for c0 in range(0, N, step):
+            c1 = min(N, c0 + step)
+            hc, tc = h[c0:c1].float(), t[c0:c1]
+            z = hc @ Wf.T
+            lse = torch.logsumexp(z, 1)
+            loss += (lse - z.gather(1, tc[:, None]).squeeze(1)).double().sum()
+            p = z.sub_(lse[:, None]).exp_()
+            p[torch.arange(c1 - c0, device=h.device), tc] -= 1
+            p.div_(N)
+            torch.mm(p, Wf, out=dh[c0:c1])
+            dW.addmm_(p.t(), hc)
+            del z, p
+        return (loss / N).float(), dh, dW
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@torch.no_grad()
+def rel_err(a, ref, rows=1 << 15):
+    """max|a - ref| / max|ref|, in row blocks (no full-size fp32 temporaries)."""
+    num = torch.zeros((), device=ref.device)
+    den = torch.zeros((), device=ref.device)
+    for r0 in range(0, ref.shape[0], rows):
+        r = ref[r0:r0 + rows]
+        num = torch.maximum(num, (a[r0:r0 + rows].float() - r).abs().max())
+        den = torch.maximum(den, r.abs().max())
+    return (num / den).item()
+
+
+# ----------------------------------------------------------------------------- running
+
+def _left():
+    return gb.DEADLINE[0] - time.time()
+
+
+def _record(rows, row):
+    rows.append(row)
+    print(fmt(row), flush=True)
+    gb.flush(rows, gb.META)
+
+
+def run_matmuls(N, D, V, h, W, iters, warmup, rows):
+    """The three bare bf16 matmuls of a linear-CE step; returns the median ms or None."""
+    row = dict(op="linear_cross_entropy", provider="3-matmul", shape=f"{N}x{D}x{V}", dtype="bfloat16")
+    ms = None
+    try:
+        torch.cuda.empty_cache()
+        need = N * V * 2 + _grads_bytes(N, D, V) + GiB
+        free = torch.cuda.mem_get_info()[0]
+        if free < need:
+            raise Skip(f"skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} GiB free")
+        L = torch.empty(N, V, dtype=h.dtype, device="cuda")
+        dh = torch.empty_like(h)
+        dW = torch.empty_like(W)
+        torch.mm(h, W.t(), out=L)           # values for g: the logits themselves
+
+        def step(_):
+            torch.mm(h, W.t(), out=L)
+            torch.mm(L, W, out=dh)
+            torch.mm(L.t(), h, out=dW)
+        row.update(gb.bench(step, iters=iters, warmup=warmup))
+        ms = row["median_ms"]
+        row["x3mm"] = 1.0
+        row["tflops"] = 6 * N * D * V / (ms * 1e-3) / 1e12
+        row["extra_gib"] = row.pop("extra_mib") / 1024
+        del L, dh, dW
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, Skip) else str(e)
+        print(f"[3-matmul {N}x{D}x{V}] {row['error']}", file=sys.stderr)
+    _record(rows, row)
+    torch.cuda.empty_cache()
+    return ms
+
+
+def run_shape(N, D, V, args, rows, skip):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    W = (torch.randn(V, D, device="cuda", generator=g) * (2 / D ** 0.5)).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    torch.cuda.empty_cache()
+    shape = f"{N}x{D}x{V}"
+    base_ms = None if "3-matmul" in skip else run_matmuls(N, D, V, h.detach(), W.detach(), args.iters,
+                                                          args.warmup, rows)
+    ref = None
+    grads_gib = _grads_bytes(N, D, V) / GiB
+    for name, (factory, need, compiles) in providers().items():
+        if name in skip:
+            continue
+        row = dict(op="linear_cross_entropy", provider=name, shape=shape, dtype="bfloat16")
+        try:
+            if _left() < (COMPILE_LEFT_S if compiles else 0):
+                raise Skip("skipped: time budget")
+            torch.cuda.empty_cache()
+            est = need(h, W) + GiB
+            free = torch.cuda.mem_get_info()[0]
+            if free < est:
+                raise Skip(f"skipped: needs ~{est / GiB:.0f} GiB, {free / GiB:.0f} GiB free")
+            fn = factory(h, W, t)
+
+            def prep():
+                h.grad = None
+                W.grad = None
+
+            def step(_):
+                fn().backward()
+            row.update(gb.bench(step, prep, iters=args.iters, warmup=args.warmup))
+            ms = row["median_ms"]
+            row["tflops"] = 6 * N * D * V / (ms * 1e-3) / 1e12
+            row["extra_gib"] = row.pop("extra_mib") / 1024
+            row["beyond_grads_gib"] = row["extra_gib"] - grads_gib
+            if base_ms:
+                row["x3mm"] = ms / base_ms
+            if name in TARGETS:
+                row["target_x3mm"] = TARGETS[name]
+                if base_ms:
+                    row["meets_target"] = row["x3mm"] <= TARGETS[name]
+            # accuracy: one more call, against the fp32 reference (computed once per shape)
+            try:
+                if ref is None and not args.no_accuracy and _left() > REF_LEFT_S:
+                    prep()
+                    torch.cuda.empty_cache()
+                    ref = reference(h.detach(), W.detach(), t)
+                if ref is not None:
+                    prep()
+                    loss = fn()
+                    loss.backward()
+                    row["loss_err"] = abs(loss.item() - ref[0].item()) / abs(ref[0].item())
+                    row["dW_err"] = rel_err(W.grad, ref[2])
+                    row["dh_err"] = rel_err(h.grad, ref[1])
+                    del loss
+            except Exception as e:   # keep the timing row
+                row["accuracy_error"] = f"{type(e).__name__}: {e}"
+                print(f"[{name} {shape}] accuracy: {row['accuracy_error']}", file=sys.stderr)
+        except Exception as e:  # one provider failing must not hide the others
+            row["error"] = str(e) if isinstance(e, Skip) else f"{type(e).__name__}: {e}"
+            print(f"[{name} {shape}] {row['error']}", file=sys.stderr)
+            if os.environ.get("GPU_BENCH_TRACE") and not isinstance(e, Skip):
+                traceback.print_exc()
+        h.grad = None
+        W.grad = None
+        fn = None
+        _record(rows, row)
+        torch.cuda.empty_cache()
+    del h, W, t, ref
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- output
+
+HEADER = (f"{'provider':<18} {'shape N x D x V':<19} {'median ms':>9} {'(p10-p90)':<17} {'x3mm':>6} "
+          f"{'target':>7} {'TFLOP/s':>7} {'extra GiB':>9} {'>grads':>7} {'dW err':>8} {'dh err':>8}")
+
+
+def _f(v, spec, width):
+    return format(v, spec).rjust(width) if isinstance(v, (int, float)) else "-".rjust(width)
+
+
+def fmt(r):
+    if "error" in r:
+        return f"{r['provider']:<18} {r['shape']:<19} {r['error'][:90]}"
+    tgt = r.get("target_x3mm")
+    tgt = "-" if tgt is None else f"<={tgt:.2f}" + ("" if r.get("meets_target", True) else "!")
+    return (f"{r['provider']:<18} {r['shape']:<19} {r['median_ms']:9.2f} "
+            f"{'(%.2f-%.2f)' % (r['p10_ms'], r['p90_ms']):<17} {_f(r.get('x3mm'), '.3f', 6)} "
+            f"{tgt:>7} {_f(r.get('tflops'), '.0f', 7)} {_f(r.get('extra_gib'), '.2f', 9)} "
+            f"{_f(r.get('beyond_grads_gib'), '.2f', 7)} {_f(r.get('dW_err'), '.1e', 8)} "
+            f"{_f(r.get('dh_err'), '.1e', 8)}")
+
+
+def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)"):
+    print(f"== {title} ==")
+    if rows and rows[0].get("device"):
+        r = rows[0]
+        print(f"{r.get('device')}  torch {r.get('torch')}  triton {r.get('triton')}  "
+              f"commit {str(r.get('git_commit'))[:12]}")
+    print(HEADER)
+    for r in rows:
+        print(fmt(r))
+    print("x3mm: median / three bare bf16 matmuls (same shape, same run); '!' misses the target. "
+          "extra GiB includes dh+dW; >grads excludes them. err: max|g-ref|/max|ref| vs fp32.")
+
+
+def _shapes(spec):
+    out = []
+    for s in spec.split(","):
+        N, D, V = (int(v) for v in s.lower().split("x"))
+        out.append((N, D, V))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None,
+                    help="write rows here (default: $OUT or ./bench-results, gpu_linear_bench.json)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...] instead of the two default shapes")
+    ap.add_argument("--quick", action="store_true", help="only the first shape")
+    ap.add_argument("--skip", default="", help="comma-separated providers to skip")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the fp32 reference and error columns")
+    ap.add_argument("--budget-s", type=float, default=170.0,
+                    help="skip providers not started within this many seconds (rows say so)")
+    ap.add_argument("--print-table", metavar="JSON", default=None,
+                    help="only print the table of a JSON written earlier (no GPU needed)")
+    args = ap.parse_args(argv)
+    if args.print_table:
+        print_table(json.loads(Path(args.print_table).read_text()))
+        return 0
+    if not torch.cuda.is_available():
+        print("gpu_linear_bench: no CUDA device", file=sys.stderr)
+        return 1
+    out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_linear_bench.json")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    shapes = _shapes(args.shapes) if args.shapes else SHAPES
+    if args.quick:
+        shapes = shapes[:1]
+    t0 = time.time()
+    gb.DEADLINE[0] = t0 + args.budget_s
+    gb.OUT_PATH[0] = out
+    meta = gb.stamp()
+    gb.META.update(meta, free_gib_at_start=torch.cuda.mem_get_info()[0] / GiB,
+                   total_gib=torch.cuda.mem_get_info()[1] / GiB)
+    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+          f"{gb.META['total_gib']:.0f} GiB")
+    print(HEADER)
+    rows: list = []
+    for N, D, V in shapes:
+        run_shape(N, D, V, args, rows, skip)
+    gb.flush(rows, gb.META)
+    print(f"wrote {len(rows)} rows to {out} in {time.time() - t0:.0f} s")
+    print_table([{**r, **gb.META} for r in rows])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
