@@ -139,9 +139,10 @@ class SoftmaxFunction(torch.autograd.Function):
 
 def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
     name = backends.name_for(x.device.type)
-    if name == "torch":
+    backend = backends.load(name)
+    if backend.softmax_native_autograd:
         # torch's own fused kernels, with torch's autograd: double backward, jvp, vmap.
-        return torch._log_softmax(x, dim, False) if log else torch._softmax(x, dim, False)
+        return backend.softmax_forward(x, dim, log)
     return SoftmaxFunction.apply(x, dim, log, name)
 
 

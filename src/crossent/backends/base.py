@@ -60,6 +60,9 @@ from torch import Tensor
 
 class Backend(Protocol):
     name: str
+    # True when softmax_forward is a differentiable torch op: crossent then
+    # calls it directly and keeps torch's autograd (double backward, jvp, vmap).
+    softmax_native_autograd: bool
 
     def available(self, device: torch.device) -> tuple[bool, str]: ...
 
