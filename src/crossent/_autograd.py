@@ -36,6 +36,13 @@ class CEOptions:
     out_dtype: torch.dtype = torch.float32
 
 
+def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
+    """Per-row fp32 losses -> the reduction ('mean' divides by denom)."""
+    if reduction == "mean":
+        return rows.sum() / denom
+    return rows.sum() if reduction == "sum" else rows
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """(x, target, weight, denom) -> (loss, lse).
 
@@ -59,12 +66,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = x.detach()  # x now holds the gradient (opt-in); a fresh handle lets autograd adopt it
         else:
             rows, lse, grad = _ops.ce_forward(x, *args, precompute, opts.backend)
-        if opts.reduction == "mean":
-            loss = rows.sum() / denom
-        elif opts.reduction == "sum":
-            loss = rows.sum()
-        else:
-            loss = rows
+        loss = _reduce(rows, denom, opts.reduction)
         ctx.opts = opts
         ctx.acc = lse.dtype
         ctx.grad = grad if precompute else None
@@ -197,17 +199,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             rows_loss, lse, dw, db = _linear_ops.linear_ce_inplace(
                 x, w, b, *args, precompute and nw, precompute and nb, opts.policy, opts.chunk_rows,
                 opts.backend)
-            dx = x
+            dx = x.detach()  # a fresh handle, so autograd can adopt the storage as the gradient
         else:
             rows_loss, lse, dx, dw, db = _linear_ops.linear_ce(
                 x, rows, w, b, *args, precompute and nx, precompute and nw, precompute and nb,
                 opts.policy, opts.chunk_rows, opts.budget, opts.drop_ignored, opts.backend)
-        if opts.reduction == "mean":
-            loss = rows_loss.sum() / denom
-        elif opts.reduction == "sum":
-            loss = rows_loss.sum()
-        else:
-            loss = rows_loss
+        loss = _reduce(rows_loss, denom, opts.reduction)
         ctx.opts = opts
         ctx.needs = (nx, nw, nb)
         ctx.grads = (dx, dw, db) if precompute else None
