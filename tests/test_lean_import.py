@@ -18,3 +18,17 @@ def test_import_is_lean():
             "print('lean')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "lean" in out.stdout, out.stderr
+
+
+def test_import_without_torch_2_13_linear_module():
+    """torch < 2.13 has no nn.LinearCrossEntropyLoss: crossent still imports
+    (the library declares torch>=2.4; the GPU machines run torch 2.11)."""
+    code = ("import torch\n"
+            "del torch.nn.LinearCrossEntropyLoss\n"
+            "import crossent\n"
+            "assert not hasattr(crossent.nn, 'LinearCrossEntropyLoss')\n"
+            "x = torch.randn(4, 3, requires_grad=True)\n"
+            "crossent.linear_cross_entropy(torch.randn(5, 3), torch.randn(7, 3), torch.randint(0, 7, (5,)))\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -51,28 +51,31 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                z_loss=self.z_loss, softcap=self.softcap)
 
 
-class LinearCrossEntropyLoss(torch.nn.LinearCrossEntropyLoss):
-    """crossent.linear_cross_entropy (same arguments and state_dict as
-    torch.nn.LinearCrossEntropyLoss; ``options`` may also be a
-    crossent.LinearCrossEntropyOptions), plus keyword-only ``z_loss`` and
-    ``softcap``."""
+# torch.nn.LinearCrossEntropyLoss is new in torch 2.13; on older torch the
+# module form is absent (crossent.linear_cross_entropy works on any torch >= 2.4).
+_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+if _TorchLinearCrossEntropyLoss is not None:
+    class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
+        """crossent.linear_cross_entropy (same arguments and state_dict as
+        torch.nn.LinearCrossEntropyLoss; ``options`` may also be a
+        crossent.LinearCrossEntropyOptions), plus keyword-only ``z_loss`` and
+        ``softcap``."""
 
-    def __init__(self, in_features: int, num_classes: int, *, z_loss: float = 0.0,
-                 softcap: float | None = None, **kwargs) -> None:
-        super().__init__(in_features, num_classes, **kwargs)
-        self.z_loss = z_loss
-        self.softcap = softcap
+        def __init__(self, in_features: int, num_classes: int, *, z_loss: float = 0.0,
+                     softcap: float | None = None, **kwargs) -> None:
+            super().__init__(in_features, num_classes, **kwargs)
+            self.z_loss = z_loss
+            self.softcap = softcap
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        from .linear import linear_cross_entropy
-        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features,
-                                                    self.linear.in_features))
-        linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
-                       if self.linear.bias is not None else None)
-        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
-                                    weight=self.weight, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                                    options=self.options, z_loss=self.z_loss, softcap=self.softcap)
+        def forward(self, input: Tensor, target: Tensor) -> Tensor:
+            from .linear import linear_cross_entropy
+            linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features,
+                                                        self.linear.in_features))
+            linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
+                           if self.linear.bias is not None else None)
+            return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                        weight=self.weight, reduction=self.reduction,
+                                        ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                        options=self.options, z_loss=self.z_loss, softcap=self.softcap)
 
-
-__all__ += ["LinearCrossEntropyLoss"]
+    __all__ += ["LinearCrossEntropyLoss"]
