@@ -246,16 +246,22 @@ def stamp():
                 git_commit=commit)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_args(doc: str, iters: int, budget_s: float, quick_help: str) -> argparse.ArgumentParser:
+    """The options both GPU benchmarks take (this one and gpu_linear_bench.py)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--json", default=None, help="write rows here (default: $OUT or ./bench-results)")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--quick", action="store_true", help="only the smallest CE shape")
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--skip", default="", help="comma-separated providers to skip")
-    ap.add_argument("--budget-s", type=float, default=240.0,
+    ap.add_argument("--budget-s", type=float, default=budget_s,
                     help="skip providers not started within this many seconds (rows say so)")
     ap.add_argument("--print-table", metavar="JSON", default=None,
                     help="only print the table of a JSON written earlier (no GPU needed)")
+    return ap
+
+
+def main(argv=None):
+    ap = common_args(__doc__, 20, 240.0, "only the smallest CE shape")
     args = ap.parse_args(argv)
     if args.print_table:
         print_table(json.loads(Path(args.print_table).read_text()))

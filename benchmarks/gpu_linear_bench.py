@@ -34,7 +34,6 @@ Timing, the env stamp and JSON writing come from benchmarks/gpu_bench.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -352,19 +351,10 @@ def _shapes(spec):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None,
-                    help="write rows here (default: $OUT or ./bench-results, gpu_linear_bench.json)")
-    ap.add_argument("--iters", type=int, default=10)
+    ap = gb.common_args(__doc__, 10, 170.0, "only the first shape")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...] instead of the two default shapes")
-    ap.add_argument("--quick", action="store_true", help="only the first shape")
-    ap.add_argument("--skip", default="", help="comma-separated providers to skip")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp32 reference and error columns")
-    ap.add_argument("--budget-s", type=float, default=170.0,
-                    help="skip providers not started within this many seconds (rows say so)")
-    ap.add_argument("--print-table", metavar="JSON", default=None,
-                    help="only print the table of a JSON written earlier (no GPU needed)")
     args = ap.parse_args(argv)
     if args.print_table:
         print_table(json.loads(Path(args.print_table).read_text()))
