@@ -1,4 +1,6 @@
-"""The autograd Functions: one for cross-entropy, one for (log_)softmax.
+"""crossent's autograd Functions, all of them, one per op (never one per backend):
+cross-entropy, (log_)softmax, linear cross-entropy, and the two vocab-parallel
+ones behind crossent.distributed.
 
 Every backend runs under these same Functions; a backend only supplies
 kernels (see backends/base.py).  Options travel as a frozen dataclass on ctx.
@@ -239,3 +241,139 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 opts.drop_ignored, opts.backend)
         return (dx if nx else None, None, dw if nw else None, db if nb else None,
                 None, None, None, None)
+
+
+# ===========================================================================
+# Vocab-parallel (tensor-parallel) cross-entropy: crossent.distributed
+# ===========================================================================
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class VocabParallelCrossEntropyFunction(torch.autograd.Function):
+    """(x_shard, target, weight, opts, group, vocab_start_index) -> loss.
+
+    x_shard: (R, C_l) or (B, C_l, S), class dim 1.  target: rows-shaped global
+    class indices, or x_shard-shaped probabilities (this rank's columns).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: Tensor, weight: Tensor | None, opts, group,
+                vocab_start_index):
+        from .backends.torch_chunked import _chunks
+        from .distributed import _core as K
+        group, rank, world = K.resolve_group(group)
+        acc = _acc_dtype(x.dtype)
+        rows_shape = x.shape[:1] + x.shape[2:]
+        c_local = x.shape[1]
+        sm = K.ShardMath(opts, target, weight, acc, rows_shape, x.dim(), x.device)
+        K.early_layout(sm, vocab_start_index, rank, world, group, c_local, weight)
+        for xi, ri in _chunks(x):
+            sm.stats(sm.z(x[xi]), xi, ri)
+        lse, rows = K.forward_reductions(sm, opts, lambda: sm.target_logit(x), vocab_start_index,
+                                         rank, world, group, c_local, weight)
+        n_rows = 1
+        for d in rows_shape:
+            n_rows *= d
+        denom = sm.denominator(n_rows)
+        loss = _reduce(rows, denom, opts.reduction)
+        ctx.opts = opts
+        ctx.sm = sm  # O(N) state: masks, weights, the layout; never logits
+        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+        ctx.save_for_backward(x, lse, scale)
+        return loss.to(opts.out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        from .backends.torch_chunked import _chunks, empty_like_fast
+        x, lse, scale = ctx.saved_tensors
+        opts, sm = ctx.opts, ctx.sm
+        g = g.to(lse.dtype)
+        row_scale = g if opts.reduction == "none" else g * scale
+        grad = empty_like_fast(x)
+        for xi, ri in _chunks(x):
+            z = sm.z(x[xi])
+            grad[xi] = sm.grad(z, xi, ri, lse, row_scale)
+        return grad, None, None, None, None, None
+
+
+# Budget for one chunk of fp32 logits (vocab-parallel linear head).
+_CPU_CHUNK_BYTES = 8 << 20
+_DEV_CHUNK_BYTES = 256 << 20
+
+
+def _row_chunks(n: int, v_local: int, device: torch.device, chunk_size: int | None):
+    if chunk_size is None:
+        budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEV_CHUNK_BYTES
+        chunk_size = max(1, budget // (4 * max(v_local, 1)))
+    for r in range(0, n, chunk_size):
+        yield slice(r, min(n, r + chunk_size))
+
+
+class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    """(x (N, D), w_shard (V_l, D), b_shard | None, target, weight, opts, group,
+    vocab_start_index, chunk_size) -> loss."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None,
+                opts, group, vocab_start_index, chunk_size):
+        from .distributed import _core as K
+        group, rank, world = K.resolve_group(group)
+        acc = _acc_dtype(x.dtype)
+        n, v_local = x.shape[0], w.shape[0]
+        sm = K.ShardMath(opts, target, weight, acc, (n,), 2, x.device)
+        # Pass 1 reads each target logit out of its chunk, so the layout must be
+        # known first (free when vocab_start_index and weight are given).
+        K.early_layout(sm, vocab_start_index, rank, world, group, v_local, weight, force=not opts.prob)
+        zy = None if opts.prob else torch.zeros((n,), dtype=acc, device=x.device)
+        for ri in _row_chunks(n, v_local, x.device, chunk_size):
+            z = sm.z(torch.nn.functional.linear(x[ri], w, b))
+            sm.stats(z, (ri,), (ri,))
+            if zy is not None and v_local > 0:
+                zc = z.gather(1, sm.idx[ri].unsqueeze(1)).squeeze(1)
+                zy[ri] = torch.where(sm.owner[ri], zc, torch.zeros((), dtype=acc, device=x.device))
+            del z
+        lse, rows = K.forward_reductions(sm, opts, lambda: zy, vocab_start_index, rank, world, group,
+                                         v_local, weight)
+        denom = sm.denominator(n)
+        loss = _reduce(rows, denom, opts.reduction)
+        ctx.opts, ctx.sm, ctx.group, ctx.world, ctx.chunk_size = opts, sm, group, world, chunk_size
+        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+        ctx.save_for_backward(x, w, b, lse, scale)
+        return loss.to(opts.out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):
+        from ._linear_ops import _addmm_acc
+        from .distributed import _core as K
+        x, w, b, lse, scale = ctx.saved_tensors
+        opts, sm = ctx.opts, ctx.sm
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        g = g.to(lse.dtype)
+        row_scale = g if opts.reduction == "none" else g * scale
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        # dW accumulates across token chunks in fp32 and is rounded once (a
+        # low-precision running sum is what makes fused heads drift, Liger #512).
+        dw = torch.zeros(w.shape, dtype=lse.dtype, device=w.device) if need_w else None
+        db = torch.zeros(w.shape[0], dtype=lse.dtype, device=w.device) if need_b and b is not None else None
+        for ri in _row_chunks(x.shape[0], w.shape[0], x.device, ctx.chunk_size):
+            xc = x[ri]
+            z = sm.z(torch.nn.functional.linear(xc, w, b))
+            dz = sm.grad(z, (ri,), (ri,), lse, row_scale)
+            del z
+            if db is not None:
+                db += dz.sum(0)
+            dz = dz.to(x.dtype)
+            if dx is not None:
+                torch.mm(dz, w, out=dx[ri])
+            if dw is not None:
+                _addmm_acc(dw, dz.t(), xc)
+        if dx is not None and opts.reduce_input_grad:
+            K.all_reduce_(dx, torch.distributed.ReduceOp.SUM, ctx.group, ctx.world)
+        if db is not None:
+            db = db.to(b.dtype)
+        if dw is not None:
+            dw = dw.to(w.dtype)
+        return dx, dw, db, None, None, None, None, None, None

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validate as V
+from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
 
 
 @dataclass(frozen=True)
@@ -133,18 +134,6 @@ def check_weight(x: Tensor, weight: Tensor | None, prob: bool) -> None:
     if weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
                                   "'weight'")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _wcol(w: Tensor, ndim: int) -> Tensor:
-    return w.view(1, -1, *([1] * (ndim - 2)))
-
-
-def _col(v: Tensor) -> Tensor:
-    return v.unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------
@@ -348,11 +337,3 @@ def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index,
     stack = sm.sum_stack(M, zy)
     all_reduce_(stack, dist.ReduceOp.SUM, group, world)
     return sm.finish(M, stack)
-
-
-def reduce_rows(rows: Tensor, reduction: str, denom: Tensor) -> Tensor:
-    if reduction == "mean":
-        return rows.sum() / denom
-    if reduction == "sum":
-        return rows.sum()
-    return rows

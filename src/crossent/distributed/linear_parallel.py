@@ -9,91 +9,15 @@ them straight into the input, weight and bias gradients.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _validate as V
+from .._autograd import VocabParallelLinearCrossEntropyFunction
 from ..functional import _ce_options
 from . import _core as K
 from ._core import VPOptions
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "VocabParallelLinearCrossEntropyFunction"]
-
-# Budget for one chunk of fp32 logits.
-_CPU_CHUNK_BYTES = 8 << 20
-_DEV_CHUNK_BYTES = 256 << 20
-
-
-def _row_chunks(n: int, v_local: int, device: torch.device, chunk_size: int | None):
-    if chunk_size is None:
-        budget = _CPU_CHUNK_BYTES if device.type == "cpu" else _DEV_CHUNK_BYTES
-        chunk_size = max(1, budget // (4 * max(v_local, 1)))
-    for r in range(0, n, chunk_size):
-        yield slice(r, min(n, r + chunk_size))
-
-
-class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
-    """(x (N, D), w_shard (V_l, D), b_shard | None, target, weight, opts, group,
-    vocab_start_index, chunk_size) -> loss."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, weight: Tensor | None,
-                opts: VPOptions, group, vocab_start_index, chunk_size):
-        group, rank, world = K.resolve_group(group)
-        acc = K.acc_dtype(x.dtype)
-        n, v_local = x.shape[0], w.shape[0]
-        sm = K.ShardMath(opts, target, weight, acc, (n,), 2, x.device)
-        # Pass 1 reads each target logit out of its chunk, so the layout must be
-        # known first (free when vocab_start_index and weight are given).
-        K.early_layout(sm, vocab_start_index, rank, world, group, v_local, weight, force=not opts.prob)
-        zy = None if opts.prob else torch.zeros((n,), dtype=acc, device=x.device)
-        for ri in _row_chunks(n, v_local, x.device, chunk_size):
-            z = sm.z(F.linear(x[ri], w, b))
-            sm.stats(z, (ri,), (ri,))
-            if zy is not None and v_local > 0:
-                zc = z.gather(1, sm.idx[ri].unsqueeze(1)).squeeze(1)
-                zy[ri] = torch.where(sm.owner[ri], zc, torch.zeros((), dtype=acc, device=x.device))
-            del z
-        lse, rows = K.forward_reductions(sm, opts, lambda: zy, vocab_start_index, rank, world, group,
-                                         v_local, weight)
-        denom = sm.denominator(n)
-        loss = K.reduce_rows(rows, opts.reduction, denom)
-        ctx.opts, ctx.sm, ctx.group, ctx.world, ctx.chunk_size = opts, sm, group, world, chunk_size
-        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
-        ctx.save_for_backward(x, w, b, lse, scale)
-        return loss.to(opts.out_dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor):
-        x, w, b, lse, scale = ctx.saved_tensors
-        opts: VPOptions = ctx.opts
-        sm: K.ShardMath = ctx.sm
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g = g.to(lse.dtype)
-        row_scale = g if opts.reduction == "none" else g * scale
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
-        dw = torch.zeros_like(w) if need_w else None
-        db = torch.zeros(w.shape[0], dtype=lse.dtype, device=w.device) if need_b and b is not None else None
-        for ri in _row_chunks(x.shape[0], w.shape[0], x.device, ctx.chunk_size):
-            xc = x[ri]
-            z = sm.z(F.linear(xc, w, b))
-            dz = sm.grad(z, (ri,), (ri,), lse, row_scale)
-            del z
-            if db is not None:
-                db += dz.sum(0)
-            dz = dz.to(x.dtype)
-            if dx is not None:
-                torch.mm(dz, w, out=dx[ri])
-            if dw is not None:
-                dw.addmm_(dz.t(), xc)
-        if dx is not None and opts.reduce_input_grad:
-            K.all_reduce_(dx, torch.distributed.ReduceOp.SUM, ctx.group, ctx.world)
-        if db is not None:
-            db = db.to(b.dtype)
-        return dx, dw, db, None, None, None, None, None, None
-
 
 def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, target: Tensor, *,
                                         group=None, linear_bias_shard: Tensor | None = None,

@@ -11,61 +11,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _validate as V
-from ..backends.torch_chunked import _chunks, empty_like_fast
+from .._autograd import VocabParallelCrossEntropyFunction
 from ..functional import _canonical, _ce_checks
 from . import _core as K
 from ._core import VPOptions
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropyFunction"]
-
-
-class VocabParallelCrossEntropyFunction(torch.autograd.Function):
-    """(x_shard, target, weight, opts, group, vocab_start_index) -> loss.
-
-    x_shard: (R, C_l) or (B, C_l, S), class dim 1.  target: rows-shaped global
-    class indices, or x_shard-shaped probabilities (this rank's columns).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, weight: Tensor | None, opts: VPOptions, group,
-                vocab_start_index):
-        group, rank, world = K.resolve_group(group)
-        acc = K.acc_dtype(x.dtype)
-        rows_shape = x.shape[:1] + x.shape[2:]
-        c_local = x.shape[1]
-        sm = K.ShardMath(opts, target, weight, acc, rows_shape, x.dim(), x.device)
-        K.early_layout(sm, vocab_start_index, rank, world, group, c_local, weight)
-        for xi, ri in _chunks(x):
-            sm.stats(sm.z(x[xi]), xi, ri)
-        lse, rows = K.forward_reductions(sm, opts, lambda: sm.target_logit(x), vocab_start_index,
-                                         rank, world, group, c_local, weight)
-        n_rows = 1
-        for d in rows_shape:
-            n_rows *= d
-        denom = sm.denominator(n_rows)
-        loss = K.reduce_rows(rows, opts.reduction, denom)
-        ctx.opts = opts
-        ctx.sm = sm  # O(N) state: masks, weights, the layout; never logits
-        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
-        ctx.save_for_backward(x, lse, scale)
-        return loss.to(opts.out_dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor):
-        x, lse, scale = ctx.saved_tensors
-        opts: VPOptions = ctx.opts
-        sm: K.ShardMath = ctx.sm
-        g = g.to(lse.dtype)
-        row_scale = g if opts.reduction == "none" else g * scale
-        grad = empty_like_fast(x)
-        for xi, ri in _chunks(x):
-            z = sm.z(x[xi])
-            grad[xi] = sm.grad(z, xi, ri, lse, row_scale)
-        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=None,
