@@ -120,3 +120,15 @@ def test_harness_reexports_the_one_implementation():
     spec.loader.exec_module(mod)
     for name in mod.__all__:
         assert getattr(mod, name) is getattr(B, name)
+
+
+def test_ratios_pair_rows_of_the_same_round_and_median_rows():
+    from crossent import _bench as B
+    rows = [{"case": "ce-2x3", "provider": "crossent", "repeat": 0, "median_ms": 1.0},
+            {"case": "ce-2x3", "provider": "torch", "repeat": 0, "median_ms": 4.0},
+            {"case": "ce-2x3", "provider": "crossent", "repeat": 1, "median_ms": 3.0},
+            {"case": "ce-2x3", "provider": "torch", "repeat": 1, "median_ms": 4.0}]
+    B.add_ratios(rows)
+    assert [r["ratio_vs_torch"] for r in rows] == [0.25, 1.0, 0.75, 1.0]
+    med = {r["provider"]: r for r in B.median_rows(rows)}
+    assert med["crossent"]["median_ms"] == 2.0 and med["crossent"]["ratio_vs_torch"] == 0.5

@@ -164,12 +164,28 @@ def env_stamp() -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     """ratio_vs_X = this row's median / provider X's median on the same case (<1: faster)."""
-    med = {(r["case"], r["provider"]): r.get("median_ms") for r in rows}
+    med = {(r["case"], r["provider"], r.get("repeat", 0)): r.get("median_ms") for r in rows}
     for r in rows:
         for other in ("torch", "compile"):
-            ref = med.get((r["case"], other))
+            ref = med.get((r["case"], other, r.get("repeat", 0)))
             mine = r.get("median_ms")
             r[f"ratio_vs_{other}"] = mine / ref if mine and ref else None
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (case, provider): the median of each numeric column over rounds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["provider"]), []).append(r)
+    out = []
+    for grp in groups.values():
+        row = dict(grp[0])
+        for k, v in grp[0].items():
+            vals = [g.get(k) for g in grp if isinstance(g.get(k), (int, float)) and not isinstance(g.get(k), bool)]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and vals:
+                row[k] = median(vals)
+        out.append(row)
+    return out
 
 
 def write_json(path: str | os.PathLike, rows: list[dict]) -> None:
@@ -391,6 +407,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, help="timed iterations (default: adaptive, >= 3)")
     p.add_argument("--seconds", type=float, help="target timed seconds per measurement when adaptive")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a worker is abandoned")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of the whole plan, providers interleaved; ratios are taken within a "
+                        "round and their median over rounds is printed (damps drift on a shared machine)")
 
 
 def run(args) -> int:
@@ -404,7 +423,8 @@ def run(args) -> int:
         print(f"crossent bench: error: {e}", file=sys.stderr)
         return 2
     seconds = args.seconds if args.seconds is not None else (1.0 if args.quick else 4.0)
-    plan = [(c, p) for c in cases
+    rounds = max(1, getattr(args, "repeat", 1) or 1)
+    plan = [(r, c, p) for r in range(rounds) for c in cases
             for p in (provs or DEFAULT_PROVIDERS.get(parse_case(c)["op"], ("crossent", "torch")))]
     stamp = env_stamp()
     if (stamp["loadavg_1m"] or 0) > 0.5 * (stamp["cores"] or 1):
@@ -414,7 +434,7 @@ def run(args) -> int:
     copy = _copy_bandwidth()  # in this process: it holds no measurement, and a spawn costs seconds
     copy_gbps = copy.get("copy_gbps")
     rows = []
-    for i, (case, prov) in enumerate(plan, 1):
+    for i, (rnd, case, prov) in enumerate(plan, 1):
         c = parse_case(case)
         print(f"[{i}/{len(plan)}] {prov} {c['op']} {case.rpartition('-')[2]} ...",
               file=sys.stderr, flush=True)
@@ -423,7 +443,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         res = _spawn(spec, args.timeout)
         row = {**stamp, "case": case, "op": c["op"], "provider": prov, "copy_gbps": copy_gbps, **res,
-               "worker_s": time.perf_counter() - t0}
+               "worker_s": time.perf_counter() - t0, "repeat": rnd}
         if copy_gbps and row.get("gbps"):
             row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
         rows.append(row)
@@ -435,6 +455,9 @@ def run(args) -> int:
     print("fwd+bwd; extra MiB = peak RSS during timing minus RSS before; "
           "vs X = median time / X's median (<1 is faster)")
     print(format_table(rows))
+    if rounds > 1:
+        print(f"median over {rounds} rounds (ratios taken within each round):")
+        print(format_table(median_rows(rows)))
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {len(rows)} rows to {args.json}")
