@@ -41,7 +41,10 @@ _LOOP_BLOCK = 8192      # class tile of the looped / split paths
 _TILE_ELEMS = 4096      # tile size when several positions share a program
 _KDIM_BLOCK_S = 64      # positions per tile when positions are the contiguous axis
 
-FUSED, PARTIALS, FINISH, BWD = 0, 1, 2, 3
+FUSED, PARTIALS, FINISH, BWD = 0, 1, 2, 3  # launch modes (host side)
+# The same values for use inside kernels: a compiled (non-interpreted) kernel
+# may only read module globals that are tl.constexpr.
+K_FUSED, K_PARTIALS, K_FINISH, K_BWD = (tl.constexpr(m) for m in (FUSED, PARTIALS, FINISH, BWD))
 _NPART = 5              # partial slots: max, sumexp, P1, P2, z[y]
 
 
@@ -185,7 +188,7 @@ def _ce_kernel(
                            one_m_eps, eps_over_c, HAS_W, PROB)
             p1 = tl.sum(wt1, 1)
             p2 = tl.sum(tl.where(cmask, wt1 * (z1 - ms[:, None]), 0.0), 1)
-    elif MODE != BWD and MODE != FINISH:
+    elif MODE != K_BWD and MODE != K_FINISH:
         for c0 in range(c_lo, c_hi, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
             cmask = smask[:, None] & (cols < c_hi)
@@ -206,12 +209,12 @@ def _ce_kernel(
     zy = tl.zeros([BLOCK_S], tl.float32)
     if not PROB:
         own = smask & valid & inb & (y_s >= c_lo) & (y_s < c_hi)
-        if MODE != BWD and MODE != FINISH:
+        if MODE != K_BWD and MODE != K_FINISH:
             zy = tl.load(x_ptr + b * sx_b + s * sx_s + y_s * sx_c, mask=own, other=0.0).to(tl.float32)
             if HAS_CAP:
                 zy = _softcap(zy, cap)
 
-    if MODE == PARTIALS:
+    if MODE == K_PARTIALS:
         base = (pos * NSPLIT + split) * 5
         tl.store(part_ptr + base + 0, m, mask=smask)
         tl.store(part_ptr + base + 1, ssum, mask=smask)
@@ -220,7 +223,7 @@ def _ce_kernel(
         if not PROB:
             tl.store(part_ptr + base + 4, zy, mask=own)
     else:
-        if MODE == FINISH:
+        if MODE == K_FINISH:
             # combine the NSPLIT partials of each position: [BLOCK_S, NSPLIT_P2]
             j = tl.arange(0, NSPLIT_P2)[None, :]
             jm = smask[:, None] & (j < NSPLIT)
@@ -238,7 +241,7 @@ def _ce_kernel(
                 zy = tl.load(part_ptr + (pos * NSPLIT + y_s // CHUNK) * 5 + 4,
                              mask=smask & valid & inb, other=0.0)
         ms = _safe(m)
-        if MODE == BWD:
+        if MODE == K_BWD:
             lse = tl.load(lse_ptr + pos, mask=smask, other=0.0)
             if SMOOTH:
                 if HAS_W:
