@@ -28,7 +28,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 echo "== GPU tests =="
 tests="tests/gpu"
 [ -f tests/test_parity.py ] && tests="$tests tests/test_parity.py"
-timeout 170 python3 -m pytest -q --maxfail=10 -p no:cacheprovider --durations=8 $tests 2>&1 | tail -40
+# CROSSENT_TEST_DEVICE=cuda: the CPU differential suite (tests/test_parity.py) runs on the GPU too.
+CROSSENT_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q --maxfail=10 -p no:cacheprovider --durations=8 $tests 2>&1 | tail -40
 test_rc=${PIPESTATUS[0]}
 echo "tests exit code: $test_rc (${SECONDS}s elapsed)"
 

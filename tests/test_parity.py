@@ -3,6 +3,7 @@ space, values and gradients, judged against a float64 reference."""
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 
 import pytest
@@ -15,7 +16,10 @@ from _tol import assert_close_to_ref
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(7,), (6, 7), (3, 7, 5), (2, 7, 3, 4), (2, 7, 2, 3, 2)]  # class dim has 7 classes
 REDUCTIONS = ["none", "mean", "sum"]
-DEVICE = "cpu"
+# CROSSENT_TEST_DEVICE=cuda runs the differential suite on a GPU (the triton
+# backend), as benchmarks/gpu_check.sh does; torch's own results on that device
+# and a float64 reference on it are the yardsticks there.
+DEVICE = os.environ.get("CROSSENT_TEST_DEVICE", "cpu")
 
 
 def _logits(shape, dtype, seed=0):
@@ -39,12 +43,14 @@ def _prob_target(shape, seed=2):
 
 
 def _run(fn, x, *args, grad_seed=3, **kw):
-    """Value and input gradient; the upstream gradient is random for 'none'."""
-    x = x.detach().clone().requires_grad_(True)
+    """Value and input gradient on DEVICE, returned on the CPU; the upstream
+    gradient is random for 'none'."""
+    x = x.detach().to(DEVICE).clone().requires_grad_(True)
+    args = [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
     out = fn(x, *args, **kw)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    out.backward(g.to(out.dtype))
-    return out.detach(), x.grad
+    out.backward(g.to(device=DEVICE, dtype=out.dtype))
+    return out.detach().cpu(), x.grad.cpu()
 
 
 def _compare(ours_fn, torch_fn, x, args, kw, ref_args=None, what=""):
