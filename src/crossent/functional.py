@@ -93,8 +93,8 @@ def _class_denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: i
     valid = t != ignore_index
     if weight is None:
         return valid.sum(dtype=acc)
-    safe = torch.where(valid & (t >= 0) & (t < C), t, torch.zeros((), dtype=t.dtype, device=t.device)).long()
-    return torch.where(valid, weight.to(acc)[safe], torch.zeros((), dtype=acc, device=t.device)).sum()
+    safe = torch.where(valid & (t >= 0) & (t < C), t, 0).long()
+    return torch.where(valid, weight.to(acc)[safe], 0.0).sum()
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -118,21 +118,19 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     x, t = _canonical(input, target)
     acc = _acc(input.dtype)
     valid = t != ignore_index
-    inb = (t >= 0) & (t < C)
-    safe = torch.where(valid & inb, t, torch.zeros((), dtype=t.dtype, device=t.device)).long()
+    ok = valid & (t >= 0) & (t < C)
+    safe = torch.where(ok, t, 0).long()
     # gather is autograd's own: its backward scatters into zeros, as nll_loss's does.
     picked = x.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)
-    wy = weight.to(acc)[safe] if weight is not None else torch.ones((), dtype=acc, device=x.device)
-    zero = torch.zeros((), dtype=acc, device=x.device)
-    nan = torch.full((), float("nan"), dtype=acc, device=x.device)
-    rows = torch.where(valid, -picked * wy, zero)
-    rows = torch.where(valid & ~inb, nan, rows)  # out-of-range target: NaN, never OOB memory
+    rows = -picked if weight is None else -picked * weight.to(acc)[safe]
+    rows = torch.where(valid, rows, 0.0)
+    rows = torch.where(valid ^ ok, float("nan"), rows)  # out-of-range target: NaN, never OOB memory
     if red == "none":
         out = rows.reshape(target.shape) if input.dim() > 1 else rows.reshape(())
     elif red == "sum":
         out = rows.sum()
     else:
-        out = rows.sum() / torch.where(valid, wy, zero).sum()
+        out = rows.sum() / _class_denominator(t, weight, ignore_index, C, acc)
     return out.to(input.dtype)
 
 
