@@ -46,9 +46,12 @@ def int_arg(v, fname: str, arg: str, pos: int) -> int:
     if isinstance(v, bool) or (isinstance(v, float)):
         raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be int, not {_type_name(v)}")
     try:
-        return operator.index(v)
+        v = operator.index(v)
     except TypeError:
         raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be int, not {_type_name(v)}") from None
+    if not _fits(v, torch.int64):  # torch's binding unpacks a C++ int64
+        raise ValueError("Overflow when unpacking long long")
+    return v
 
 
 def float_arg(v, fname: str, arg: str, pos: int) -> float:
@@ -75,8 +78,9 @@ def reduction(size_average, reduce, reduction: str) -> str:
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
     if reduction == "elementwise_mean":
+        # Attributed to crossent's public function, as torch attributes it to torch.nn.functional.
         warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
-                      stacklevel=3)
+                      stacklevel=2)
         return "mean"
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -154,7 +158,7 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None) -> None:
             expected = [x.shape[0], *x.shape[2:]]
             raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
         _check_target_dtype(target, spatial=True)
-        if weight is not None and (weight.dim() != 1 or weight.numel() != x.shape[1]):
+        if weight is not None and weight.numel() != x.shape[1]:  # any shape with C elements
             raise RuntimeError("weight tensor should be defined either for all or no classes")
     _check_weight_dtype(x, weight)
 
@@ -178,6 +182,36 @@ def weight_no_grad(weight: Tensor | None) -> None:
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument "
                            "'weight'. This input cannot have requires_grad True.")
+
+
+# ---------------------------------------------------------------------------
+# Class-index targets as exact integers
+# ---------------------------------------------------------------------------
+def _fits(v: int, dtype: torch.dtype) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= v <= info.max
+
+
+def not_ignored(t: Tensor, ignore_index: int) -> Tensor:
+    """``t != ignore_index`` as exact integers (see target_masks)."""
+    return t != ignore_index if _fits(ignore_index, t.dtype) else torch.ones_like(t, dtype=torch.bool)
+
+
+def target_masks(t: Tensor, ignore_index: int, n_classes: int) -> tuple[Tensor, Tensor]:
+    """(counted, in_range) masks of class-index targets, compared as exact
+    integers: ``t != ignore_index`` and ``counted & 0 <= t < n_classes``.
+
+    A bare ``t != ignore_index`` casts the Python int to t's dtype, so -100
+    matches a uint8 target 156 and 2**32 an int32 target 0; a constant outside
+    the dtype's range can equal no target, so it is never compared at all.
+    Every front door and backend builds its masks here (or, in a kernel, on
+    targets widened to int64 first): see backends/base.py.
+    """
+    counted = not_ignored(t, ignore_index)
+    in_range = counted & (t >= 0)
+    if _fits(n_classes, t.dtype):
+        in_range = in_range & (t < n_classes)
+    return counted, in_range
 
 
 def _compiling() -> bool:

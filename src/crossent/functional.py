@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validate as V
 from . import backends, reference
-from ._autograd import CEOptions, CrossEntropyFunction
+from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, func_transforms
 from ._autograd import softmax as _softmax_impl
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
@@ -46,6 +46,8 @@ def _softmax(name: str, log: bool, input: Tensor, dim, stacklevel: int, dtype) -
     dim = V.wrap_dim(dim, input.dim(), name)
     if dtype is not None:
         input = input.to(dtype)  # cast first, as torch does (autograd records the copy)
+    if input.numel() == 0:  # torch returns before its dtype dispatch
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
     V.floating_input(input, V.softmax_kernel(log, dim, input.dim()))
     return _softmax_impl(input, dim, log)
 
@@ -88,13 +90,25 @@ def _canonical(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return input.reshape(n, c, s), t
 
 
-def _class_denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, acc) -> Tensor:
-    """W = sum of w[y] over non-ignored positions (the count without weights), on device."""
-    valid = t != ignore_index
+def _weight_at(w: Tensor, safe: Tensor) -> Tensor:
+    """w[safe] for in-range indices; with no classes (C == 0) every target is
+    ignored or out of range, and there is nothing to index: zeros."""
+    return w[safe] if w.numel() else torch.zeros(safe.shape, dtype=w.dtype, device=w.device)
+
+
+def _class_denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, acc,
+                       label_smoothing: float = 0.0) -> Tensor:
+    """W = sum of w[y] over non-ignored positions (the count without weights), on device.
+
+    With label smoothing torch divides its two parts by W separately, so
+    W == 0 makes the mean NaN even where the smoothing sum alone would give
+    inf; a NaN denominator reproduces that (loss and counted gradient rows)."""
+    valid, ok = V.target_masks(t, ignore_index, C)
     if weight is None:
-        return valid.sum(dtype=acc)
-    safe = torch.where(valid & (t >= 0) & (t < C), t, 0).long()
-    return torch.where(valid, weight.to(acc)[safe], 0.0).sum()
+        W = valid.sum(dtype=acc)
+    else:
+        W = torch.where(valid, _weight_at(weight.to(acc), torch.where(ok, t, 0).long()), 0.0).sum()
+    return torch.where(W == 0, float("nan"), W) if label_smoothing > 0 else W
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -114,15 +128,21 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     V.floating_input(input, "nll_loss2d_forward_out_frame" if input.dim() > 2 else "nll_loss_out_frame")
     V.weight_no_grad(weight)
     C = input.shape[0 if input.dim() == 1 else 1]
+    if any(func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
+        return reference.nll_loss(input, target, weight, ignore_index, red)
     V.check_target_bounds(target, C, ignore_index)
+    weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     x, t = _canonical(input, target)
     acc = _acc(input.dtype)
-    valid = t != ignore_index
-    ok = valid & (t >= 0) & (t < C)
+    valid, ok = V.target_masks(t, ignore_index, C)
     safe = torch.where(ok, t, 0).long()
-    # gather is autograd's own: its backward scatters into zeros, as nll_loss's does.
-    picked = x.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)
-    rows = -picked if weight is None else -picked * weight.to(acc)[safe]
+    if C == 0:  # nothing to pick: every counted target is out of range (NaN below)
+        picked = x.sum(1).to(acc)
+    elif torch.is_grad_enabled() and x.requires_grad:
+        picked = PickFunction.apply(x, safe.unsqueeze(1)).squeeze(1).to(acc)
+    else:
+        picked = x.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)
+    rows = -picked if weight is None else -picked * _weight_at(weight.to(acc), safe)
     rows = torch.where(valid, rows, 0.0)
     rows = torch.where(valid ^ ok, float("nan"), rows)  # out-of-range target: NaN, never OOB memory
     if red == "none":
@@ -137,6 +157,15 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
 # ---------------------------------------------------------------------------
 # cross_entropy
 # ---------------------------------------------------------------------------
+def _denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, eps: float, prob: bool,
+                 acc) -> Tensor:
+    """The mean's denominator for canonical targets: the number of positions
+    for probability targets (torch's numel / C: NaN when C == 0), else W."""
+    if prob:
+        return torch.full((), t.numel() // C if C else float("nan"), dtype=acc, device=t.device)
+    return _class_denominator(t, weight, ignore_index, C, acc, eps)
+
+
 def _ce_options(label_smoothing, z_loss, softcap) -> tuple[float, float, float]:
     """(label smoothing as torch treats it, z_loss, softcap or 0), validated."""
     ls = V.float_arg(label_smoothing, "cross_entropy_loss", "label_smoothing", 6)
@@ -187,33 +216,40 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
                                                               label_smoothing, z_loss, softcap)
-    if prob:
-        needs_ref = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
-        if needs_ref:
-            # Gradients w.r.t. the targets or weights: the differentiable reference.
-            loss = reference.cross_entropy(input, target, weight, reduction=red, label_smoothing=eps,
-                                           z_loss=z_loss, softcap=cap or None)
-            lse = reference.logsumexp(input, class_dim, cap or None).detach()
-            zt = (z_loss * lse * lse)
-            zt = zt if red == "none" else (zt.sum() if red == "sum" else zt.mean())
-            return CrossEntropyOutput(loss, lse, zt.detach().to(loss.dtype))
-    else:
+    vmap, fwd = func_transforms()
+    if not prob:
         V.weight_no_grad(weight)
-        V.check_target_bounds(target, input.shape[class_dim], ignore_index)
+        if not vmap:  # under vmap torch's own kernels check (the reference below)
+            V.check_target_bounds(target, input.shape[class_dim], ignore_index)
+    if vmap or (prob and torch.is_grad_enabled() and
+                (target.requires_grad or (weight is not None and weight.requires_grad))):
+        # Gradients w.r.t. probability targets or weights, or vmap (the fused
+        # kernels have no batching rule): the differentiable reference.
+        loss = reference.cross_entropy(input, target, weight, ignore_index, red, eps, z_loss=z_loss,
+                                       softcap=cap or None)
+        if not stats:
+            return CrossEntropyOutput(loss, loss, loss)
+        lse = reference.logsumexp(input, class_dim, cap or None).detach()
+        _, t = _canonical(input, target)
+        w = None if weight is None else weight.reshape(-1)
+        denom = _denominator(t, w, ignore_index, input.shape[class_dim], eps, prob, lse.dtype)
+        return CrossEntropyOutput(loss, lse, _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(loss.dtype))
+    if out_dtype == torch.float64 and input.dtype != torch.float64:
+        # Probability targets or weights in fp64 promote the loss: compute in
+        # it (autograd records the copy and returns input's dtype).
+        input = input.to(torch.float64)
+    weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     x, t = _canonical(input, target)
-    acc = _acc(input.dtype)
-    if prob:
-        rows = x.shape[0] * (x.shape[2] if x.dim() == 3 else 1)
-        denom = torch.full((), float(rows), dtype=acc, device=x.device)
-    else:
-        denom = _class_denominator(t, weight, ignore_index, x.shape[1], acc)
+    denom = _denominator(t, weight, ignore_index, x.shape[1], eps, prob, _acc(x.dtype))
     if inplace_backward and not (red != "none" and input.requires_grad and input.is_contiguous()):
         raise ValueError("inplace_backward=True needs reduction 'mean' or 'sum' and a contiguous "
                          "input that requires grad")
     opts = CEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, inplace_backward=bool(inplace_backward),
                      backend=backends.name_for(x.device.type), out_dtype=out_dtype)
-    loss, lse = CrossEntropyFunction.apply(x, t, weight, denom, opts)
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
+    loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
     none_shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
     lse = lse.reshape(none_shape)
     if red == "none":
@@ -227,7 +263,7 @@ def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float
     """z_loss * lse**2 reduced like the loss: O(N) work on the saved lse."""
     zt = z_loss * lse * lse
     if not prob:
-        zt = torch.where((t != ignore_index).reshape(lse.shape), zt, torch.zeros_like(zt))
+        zt = torch.where(V.not_ignored(t, ignore_index).reshape(lse.shape), zt, torch.zeros_like(zt))
     if red == "sum":
         zt = zt.sum()
     elif red == "mean":

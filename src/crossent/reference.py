@@ -62,10 +62,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
             zt = z_loss * lse * lse
             denom = lse.new_tensor(float(lse.numel()))
         else:
-            valid = target != ignore_index
+            valid = target.long() != ignore_index  # exact: never in a narrower dtype
             zt = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
             if weight is not None:
-                wy = w[torch.where(valid, target, 0).long()]
+                wy = w.reshape(-1)[torch.where(valid, target.long(), 0)]
                 denom = torch.where(valid, wy, torch.zeros_like(wy)).sum()
             else:
                 denom = valid.sum().to(lse.dtype)
