@@ -13,8 +13,8 @@ case with one workaround, and that result is what crossent must match:
   1. int32 class targets rejected for their dtype: run as int64 (any other
      error torch raises for them stands).
   2. uint8 targets where torch fails internally (its gather's index dtype
-     check; a UnicodeDecodeError formatting an out-of-range target >= 128):
-     run as int64.
+     check) or prints an out-of-range target as a raw byte (UnicodeDecodeError
+     for >= 128, "Target A is out of bounds." for 65): run as int64.
   3. nll_loss's backward rejecting a channels_last input ("grad_input must
      be contiguous"): run on the contiguous input.
   4. a (1, C) class weight with label smoothing on 3+-D input, which torch's
@@ -47,12 +47,13 @@ from _fuzz_cases import class_dim, materialize  # noqa: E402
 
 import crossent  # noqa: E402
 
-LOWP = (torch.float16, torch.bfloat16)
+FUNC_MODES = ("func_grad", "vmap", "jvp")  # torch.func transforms of the input
 # torch's error -> the workaround its side reruns with (rules 1-4 above)
 TORCH_FAILURES = [
     (re.compile(r"RuntimeError: expected target dtype to be Long or Byte, but got Int$"), "long_targets"),
     (re.compile(r"RuntimeError: gather\(\): Expected dtype int32/int64 for index$"), "long_targets"),
     (re.compile(r"UnicodeDecodeError: 'utf-8' codec can't decode byte"), "long_targets"),
+    (re.compile(r"IndexError: Target (?!-?\d+ is out of bounds\.$)"), "long_targets"),  # the byte, printed raw
     (re.compile(r"RuntimeError: grad_input must be contiguous$"), "contiguous_input"),
     (re.compile(r"RuntimeError: shape '\[1(, 1)*\]' is invalid for input of size \d+$"), "flat_weight"),
 ]
@@ -128,6 +129,12 @@ def _call(s, ours: bool, a: dict, kw: dict):
     extras = {k: kw[k] for k in ("z_loss", "softcap") if k in kw}
     if fn == "module":
         mod = crossent.nn if ours else torch.nn
+        if s["module"] == "LinearCrossEntropyLoss":
+            W, b = a["linear_weight"], a.get("linear_bias")
+            m = mod.LinearCrossEntropyLoss(W.shape[1], W.shape[0], bias=b is not None, reduction=red, weight=w,
+                                           ignore_index=ii, label_smoothing=ls)
+            params = {"linear.weight": W, **({"linear.bias": b} if b is not None else {})}
+            return torch.func.functional_call(m, params, (x, t))
         if s["module"] == "NLLLoss":
             return mod.NLLLoss(w, sa, ii, rd, red)(x, t)
         return mod.CrossEntropyLoss(w, sa, ii, rd, red, ls)(x, t)
@@ -195,7 +202,7 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
     if "flat_weight" in fixes and "weight" in views:
         views["weight"] = lambda w, v=views["weight"]: v(w).reshape(-1)
     mode = s["grad"]
-    names = [] if mode == "no_input_grad" else _grad_names(s, leaves)
+    names = [] if mode in ("no_input_grad", *FUNC_MODES) else _grad_names(s, leaves)
     for n in names:
         leaves[n].requires_grad_(True)
     ctx = {"no_grad": torch.no_grad, "inference": torch.inference_mode}.get(mode, contextlib.nullcontext)
@@ -203,9 +210,11 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with ctx():
-                a = {n: views[n](leaf) for n, leaf in leaves.items()}
-                out = _call(s, side == "ours", a, kw)
+            if mode in FUNC_MODES:
+                out = _func(s, side == "ours", leaves, views, kw, res)
+            else:
+                with ctx():
+                    out = _call(s, side == "ours", {n: views[n](leaf) for n, leaf in leaves.items()}, kw)
             outs = out if isinstance(out, tuple) else (out,)
             res["outs"] = [o.detach() for o in outs]
             res["requires_grad"] = [o.requires_grad for o in outs]
@@ -216,6 +225,29 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
     res["warnings"] = sorted({(w.category.__name__, str(w.message), _in_library(w.filename))
                               for w in caught if issubclass(w.category, (UserWarning, FutureWarning))})
     return res
+
+
+def _func(s, ours: bool, leaves, views, kw, res):
+    """The torch.func transform of the case's first output w.r.t. the input:
+    the output (vmap: over a batch of two inputs; jvp: and its tangent), and
+    for func_grad the gradient of sum(output * upstream) into res."""
+    x = leaves["input"]
+
+    def f(xi):
+        out = _call(s, ours, {n: views[n](xi if n == "input" else leaf) for n, leaf in leaves.items()}, kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    mode = s["grad"]
+    if mode == "vmap":
+        return torch.func.vmap(f)(torch.stack([x, -x]))
+    if mode == "jvp":
+        g = torch.Generator().manual_seed(s["seed"] + 3)
+        tangent = torch.randn(x.shape, generator=g, dtype=torch.float64).to(getattr(torch, s["dtype"])).to(x.dtype)
+        return torch.func.jvp(f, (x,), (tangent,))
+    out = f(x)
+    u = _upstream(s, out)
+    res["grads"] = {"input": torch.func.grad(lambda xi: (f(xi) * u).sum())(x)}
+    return out
 
 
 def _backward(s, res, out, named, double: bool) -> None:
@@ -243,14 +275,16 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, what: st
     if not theirs.dtype.is_floating_point:  # integer softmax of an empty tensor, say
         return None if torch.equal(ours, theirs) else f"{what}: ours {ours} vs torch {theirs}"
     o, t, r = ours.double(), theirs.double(), ref.double()
-    off = ~((torch.isfinite(t) & torch.isfinite(r)) | (t == r) | (torch.isnan(t) & torch.isnan(r)))
+    nan_o, nan_t, nan_r = torch.isnan(o), torch.isnan(t), torch.isnan(r)
+    off = ~((torch.isfinite(t) & torch.isfinite(r)) | (t == r) | (nan_t & nan_r))
     try:
         if off.any():
             eps = torch.finfo(theirs.dtype).eps
-            ok = (o == t) | (torch.isnan(o) & torch.isnan(t)) | (o == r.to(theirs.dtype).double()) | \
+            ok = (o == t) | (nan_o & (nan_t | nan_r)) | (o == r.to(theirs.dtype).double()) | \
                 ((o - r).abs() <= 8 * eps * r.abs())
-            assert bool(ok[off].all()), f"{what}: where torch is not finite: ours {o[off & ~ok][:4].tolist()}, " \
-                f"torch {t[off & ~ok][:4].tolist()}, float64 {r[off & ~ok][:4].tolist()}"
+            bad = off & ~ok
+            assert not bad.any(), f"{what}: where torch and float64 disagree on finiteness: ours " \
+                f"{o[bad][:4].tolist()}, torch {t[bad][:4].tolist()}, float64 {r[bad][:4].tolist()}"
             o, t, r = o[~off], t[~off], r[~off]
         _tol.assert_close_to_ref(o, t, r, dtype=theirs.dtype, what=what)
     except AssertionError as e:
@@ -308,6 +342,9 @@ def check(s: dict) -> str | None:
     """None if crossent matches torch on case ``s``, else what differs."""
     fixes = frozenset()
     theirs = run(s, "torch")
+    if theirs["error"] and s["grad"] in FUNC_MODES:
+        # a transform torch cannot do is not asked of crossent; the arguments still are
+        return check({**s, "grad": "backward"})
     while theirs["error"]:
         err = ": ".join(theirs["error"])
         fix = next((f for pat, f in TORCH_FAILURES if pat.search(err)), None)

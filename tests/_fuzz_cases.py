@@ -47,14 +47,15 @@ def draw(rng: random.Random, backend: str) -> dict:
     fam = _pick(rng, FAMILIES)
     s = {"fn": fam, "backend": backend, "seed": rng.randrange(2**31), "dtype": rng.choice(DTYPES)}
     if fam == "module":
-        s["module"] = rng.choice(["CrossEntropyLoss", "NLLLoss", "Softmax", "LogSoftmax"])
+        s["module"] = rng.choice(["CrossEntropyLoss", "NLLLoss", "Softmax", "LogSoftmax",
+                                  "LinearCrossEntropyLoss"])
     kind = {"CrossEntropyLoss": "cross_entropy", "NLLLoss": "nll_loss", "Softmax": "softmax",
-            "LogSoftmax": "log_softmax"}.get(s.get("module"), fam)
+            "LogSoftmax": "log_softmax", "LinearCrossEntropyLoss": "linear"}.get(s.get("module"), fam)
     if fam == "vocab_parallel" and rng.random() < 0.5:
         s["linear"] = True  # vocab_parallel_linear_cross_entropy
-    lin = fam == "linear" or s.get("linear", False)
-    # hidden states (N, D), (D) or with batch dims (B, T, D); else logits
-    ndim = rng.choices([1, 2, 3], weights=[1, 6, 1])[0] if lin else \
+    lin = kind == "linear" or s.get("linear", False)
+    # hidden states (N, D), (D) or, for the function, with batch dims (B, T, D); else logits
+    ndim = rng.choices([1, 2, 3], weights=[1, 6, 1 if fam == "linear" else 0])[0] if lin else \
         rng.choices([0, 1, 2, 3, 4, 5], weights=[1, 3, 8, 4, 4, 2])[0]
     s["shape"] = _shape(rng, ndim, small)
     if lin:
@@ -62,7 +63,8 @@ def draw(rng: random.Random, backend: str) -> dict:
         s["bias"] = rng.random() < 0.5
     s["layout"] = rng.choice(["contig"] * 4 + ["transposed", "strided", "channels_last", "expanded"])
     s["values"] = rng.choice(["normal"] * 5 + ["offset1e3", "offset1e4", "nonfinite", "huge", "wide"])
-    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad", "double"])
+    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad", "double"] +
+                           ([] if fam == "vocab_parallel" else ["func_grad", "vmap", "jvp"]))
     s["upstream"] = rng.choice(["randn"] * 8 + ["nan", "inf"])
     if kind in ("softmax", "log_softmax"):
         nd = max(ndim, 1)
@@ -98,9 +100,10 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
         s["legacy"] = [rng.choice([None, True, False]), rng.choice([None, True, False])]
     if kind != "nll_loss" and rng.random() < 0.5:
         s["label_smoothing"] = rng.choice([0.1, 0.3, 1.0, -0.2, 0.05])
-    if kind in ("cross_entropy", "stats", "vocab_parallel") and rng.random() < 0.15:
+    extras = kind in ("cross_entropy", "stats", "vocab_parallel") and s["fn"] != "module"
+    if extras and rng.random() < 0.15:
         s["z_loss"] = rng.choice([1e-4, 0.1])
-    if kind in ("cross_entropy", "stats", "vocab_parallel") and rng.random() < 0.15:
+    if extras and rng.random() < 0.15:
         s["softcap"] = rng.choice([5.0, 30.0])
     if s["target"] == "prob" and kind != "vocab_parallel" and rng.random() < 0.2:
         s["grad_target"] = True  # target (and weight) differentiable: crossent's reference path
@@ -233,7 +236,7 @@ def materialize(s: dict, side: str) -> dict:
     cast = (lambda t: t.to(torch.float64)) if side == "ref" else (lambda t: t)
     leaves, views = {}, {}
     shape = list(s["shape"])
-    lin = s["fn"] == "linear" or s.get("linear")
+    lin = "classes" in s
 
     def float_leaf(name, shp, dt, kind="normal", layout="contig"):
         leaf, view = _layout(lambda sh: cast(_values(g, sh, dt, kind)), shp, layout, g)
