@@ -90,17 +90,22 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
     return (total, lse.detach(), z.detach().to(loss.dtype)) if stats else total
 
 
+def _flat_batch(h, t, loss_fn, reduction):
+    """loss_fn on (N, D) hidden states and their targets, from (*B, D) ones
+    (rule 6); a 'none' loss gets its (*B) shape back."""
+    if h.dim() <= 2:
+        return loss_fn(h, t)
+    prob = t.dim() == h.dim()
+    out = loss_fn(h.reshape(-1, h.shape[-1]), t.reshape(-1, t.shape[-1]) if prob else t.reshape(-1))
+    return out.reshape(h.shape[:-1]) if reduction == "none" else out
+
+
 def torch_linear(h, W, t, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
                  label_smoothing=0.0):
-    """F.linear_cross_entropy; inputs with batch dims run flattened (rule 6)."""
-    if h.dim() <= 2:
-        return F.linear_cross_entropy(h, W, t, linear_bias=linear_bias, weight=weight, reduction=reduction,
-                                      ignore_index=ignore_index, label_smoothing=label_smoothing)
-    prob = t.dim() == h.dim()
-    out = F.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W, t.reshape(-1, t.shape[-1]) if prob else t.reshape(-1),
-                                 linear_bias=linear_bias, weight=weight, reduction=reduction,
-                                 ignore_index=ignore_index, label_smoothing=label_smoothing)
-    return out.reshape(h.shape[:-1]) if reduction == "none" else out
+    """F.linear_cross_entropy, batch dims flattened."""
+    return _flat_batch(h, t, lambda h2, t2: F.linear_cross_entropy(
+        h2, W, t2, linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
+        label_smoothing=label_smoothing), reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -148,21 +153,20 @@ def _call(s, ours: bool, a: dict, kw: dict):
         if ours:
             return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras))
         return torch_ce(x, t, w, None, ii, None, red, ls, stats=True, **extras)
-    lin = dict(linear_bias=a.get("linear_bias"), weight=w, reduction=red, label_smoothing=ls)
     if fn == "linear":
         f = crossent.linear_cross_entropy if ours else torch_linear
-        return f(x, a["linear_weight"], t, ignore_index=ii, **lin)
+        return f(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w, reduction=red,
+                 ignore_index=ii, label_smoothing=ls)
     # vocab_parallel, one rank holding every class: equal to the plain functions
     from crossent import distributed as D
     if s.get("linear"):
+        W, b = a["linear_weight"], a.get("linear_bias")
         if ours:
-            lin["linear_bias_shard"] = lin.pop("linear_bias")
-            return D.vocab_parallel_linear_cross_entropy(x, a["linear_weight"], t, ignore_index=ii, **lin)
-        # its signature is cross_entropy's: F.cross_entropy on the logits, batch dims flattened
-        logits = F.linear(x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x, a["linear_weight"], lin["linear_bias"])
-        tt = t.reshape(-1, t.shape[-1]) if x.dim() > 2 and t.dim() == x.dim() else t.reshape(-1) if x.dim() > 2 else t
-        out = torch_ce(logits, tt, w, None, ii, None, red, ls)
-        return out.reshape(x.shape[:-1]) if red == "none" and x.dim() > 2 else out
+            return D.vocab_parallel_linear_cross_entropy(x, W, t, linear_bias_shard=b, weight=w, ignore_index=ii,
+                                                         reduction=red, label_smoothing=ls, **extras)
+        # its arguments are cross_entropy's: torch's cross_entropy of the logits
+        return _flat_batch(x, t, lambda h2, t2: torch_ce(F.linear(h2, W, b), t2, w, None, ii, None, red, ls,
+                                                         **extras), red)
     if ours:
         return D.vocab_parallel_cross_entropy(x, t, weight=w, ignore_index=ii, reduction=red,
                                               label_smoothing=ls, **extras)
