@@ -121,13 +121,12 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
     AD is active (torch.compile cannot trace a Function that defines jvp)."""
 
     @staticmethod
-    def jvp(ctx, tx: Tensor | None, t_target, t_weight, _t_denom, _t_opts, _t_need):
+    def jvp(ctx, tx: Tensor, _t_target, _t_weight, _t_denom, _t_opts, _t_need):
         """Forward mode: the loss's tangent is sum_c dloss/dx_c * tx_c per row,
-        with dloss/dx the backend's gradient for unit row scales."""
+        with dloss/dx the backend's gradient for unit row scales.  Class
+        indices and weights have no derivative here (torch's nll_loss has none
+        for weights); probability targets take the reference path in forward mode."""
         opts: CEOptions = ctx.opts
-        if t_target is not None or t_weight is not None:
-            raise RuntimeError("crossent.cross_entropy: forward-mode derivatives with respect to "
-                               "probability targets or class weights are not supported (only the input's)")
         x, target, weight, lse, scale = ctx.saved_tensors
         if x is None:
             raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support forward-mode AD")
@@ -175,18 +174,16 @@ def _rescalable(g: Tensor) -> bool:
 
 
 def _differentiable_grad(ctx, g: Tensor) -> Tensor:
-    """backward(create_graph=True): the same gradient, recomputed with torch's
-    differentiable ops from the saved logits, so double backward works."""
-    x, target, weight, _, _ = ctx.saved_tensors
+    """backward(create_graph=True), as torch.func.grad always asks: the same
+    gradient in torch's differentiable ops, so double backward works."""
+    x, target, weight, lse, scale = ctx.saved_tensors
     opts: CEOptions = ctx.opts
     if x is None:
         raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
-    with torch.enable_grad():
-        xd = x if x.requires_grad else x.detach().requires_grad_()
-        loss = reference.cross_entropy(xd, target, weight, opts.ignore_index, opts.reduction,
-                                       opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap or None)
-        (grad,) = torch.autograd.grad(loss, xd, g.to(loss.dtype), create_graph=True)
-    return grad
+    g = g.to(lse.dtype)
+    row_scale = g if opts.reduction == "none" else g * scale
+    return reference.cross_entropy_grad(x, target, weight, opts.ignore_index, opts.label_smoothing,
+                                        opts.z_loss, opts.softcap or None, row_scale)
 
 
 class SoftmaxFunction(torch.autograd.Function):

@@ -174,7 +174,7 @@ class TorchChunkedBackend:
             e.exp_()
             s = e.sum(1, keepdim=True)
             ls = torch.log(s)  # lse - m, (r, 1[, s])
-            lse_c = ls + m
+            lse_c = torch.where(m == float("inf"), m, ls + m)  # inf, as torch.logsumexp (loss stays NaN)
             lse[ri] = lse_c.squeeze(1)
             if with_loss:
                 loss[ri] = k.loss(z, m, ls, lse_c, zs, rt).squeeze(1)
