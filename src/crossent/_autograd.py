@@ -231,7 +231,10 @@ class PickFunction(torch.autograd.Function):
     Its gradient, like aten's nll_loss_backward, is a function of x too (with
     zero derivative): after backward(create_graph=True) the gradient requires
     grad, so a second autograd.grad w.r.t. x gives zeros as torch's does.
+    Plain torch ops, so vmap batches them (jacrev vmaps the backward).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, idx: Tensor) -> Tensor:
@@ -246,15 +249,17 @@ class PickFunction(torch.autograd.Function):
         x, idx = ctx.saved_tensors
         if torch.is_grad_enabled():
             return PickBackwardFunction.apply(g, x, idx), None
-        return torch.zeros_like(x).scatter_(1, idx, g), None
+        return torch.zeros_like(x).scatter(1, idx, g), None  # out of place: vmap batches it
 
 
 class PickBackwardFunction(torch.autograd.Function):
     """(g, x, idx) -> zeros like x with g scattered at idx; d/dg = gather, d/dx = 0."""
 
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(g: Tensor, x: Tensor, idx: Tensor) -> Tensor:
-        return torch.zeros_like(x).scatter_(1, idx, g)
+        return torch.zeros_like(x).scatter(1, idx, g)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
