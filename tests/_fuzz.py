@@ -18,13 +18,14 @@ case with one workaround, and that result is what crossent must match:
   3. nll_loss's backward rejecting a channels_last input ("grad_input must
      be contiguous"): run on the contiguous input.
   4. a (1, C) class weight with label smoothing on 3+-D input, which torch's
-     smoothing term fails to reshape: run with the (C,) weight.
+     smoothing term fails to reshape or gather from: run with the (C,) weight.
 And for values:
   5. where torch's same-dtype result is not finite but the float64 one is
      (or the reverse), torch's own error there is unbounded; ours must equal
      torch's or be within a few ulps of the float64 value (fp16/bf16
      accumulate in fp32 and so stay finite where torch overflows).
-  6. linear_cross_entropy's leading batch dims: torch runs the flattened call.
+  6. linear_cross_entropy's leading batch dims: torch runs the flattened call
+     (a target that does not fit them: crossent's own ValueError message).
 
 Reproduce a case from its printed line:
     PYTHONPATH=src TRITON_INTERPRET=1 python tests/_fuzz.py '<spec json>'
@@ -56,6 +57,8 @@ TORCH_FAILURES = [
     (re.compile(r"IndexError: Target (?!-?\d+ is out of bounds\.$)"), "long_targets"),  # the byte, printed raw
     (re.compile(r"RuntimeError: grad_input must be contiguous$"), "contiguous_input"),
     (re.compile(r"RuntimeError: shape '\[1(, 1)*\]' is invalid for input of size \d+$"), "flat_weight"),
+    (re.compile(r"RuntimeError: Index tensor must have the same number of dimensions as input tensor$"),
+     "flat_weight"),
 ]
 
 
@@ -74,7 +77,8 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
     lse = torch.logsumexp(xc.to(torch.float64 if x.dtype == torch.float64 else torch.float32), cd)
     prob = t.shape == x.shape
     valid = torch.ones_like(lse, dtype=torch.bool) if prob else (t.long() != ignore_index).reshape(lse.shape)
-    z = torch.where(valid, z_loss * lse * lse, 0.0)
+    # zeros when z_loss == 0 (crossent's docstring), even where lse is not finite
+    z = torch.where(valid, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
     if size_average is not None or reduce is not None:
         reduction = "none" if reduce is False else ("sum" if size_average is False else "mean")
     if reduction == "sum":
@@ -296,7 +300,19 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, what: st
     return None
 
 
+def _batch_dims_shape_error(s: dict, ours: dict, theirs: dict) -> bool:
+    """Rule 6 for errors: a target that does not fit hidden states with batch
+    dims gets crossent's own message; torch's flattened call says the batch
+    sizes differ."""
+    return s["fn"] == "linear" and len(s["shape"]) == 3 and bool(ours["error"] and theirs["error"]) and \
+        ours["error"][0] == theirs["error"][0] == "ValueError" and \
+        ours["error"][1].startswith("Expected target of shape") and \
+        theirs["error"][1].startswith("Expected input batch_size")
+
+
 def compare(s: dict, ours: dict, theirs: dict, ref: dict) -> str | None:
+    if _batch_dims_shape_error(s, ours, theirs):
+        return None
     if ours["error"] != theirs["error"]:
         return f"error: ours {ours['error']} vs torch {theirs['error']}"
     if theirs["error"]:
