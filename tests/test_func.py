@@ -93,3 +93,15 @@ def test_plain_autograd_keeps_the_forward_gradient():
     xt = X.clone().requires_grad_()
     F.cross_entropy(xt, T_CLASS).backward()
     torch.testing.assert_close(x.grad, xt.grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_batched_upstream_gradients(reduction):
+    """autograd.grad(is_grads_batched=True) vmaps the backward."""
+    out = []
+    for f in (crossent.cross_entropy, F.cross_entropy):
+        x = X.clone().requires_grad_()
+        loss = f(x, T_CLASS, W, reduction=reduction, label_smoothing=0.1)
+        g = torch.randn(3, *loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
+        out.append(torch.autograd.grad(loss, x, g, is_grads_batched=True)[0])
+    torch.testing.assert_close(out[0], out[1])

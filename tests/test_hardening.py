@@ -267,3 +267,31 @@ def test_deprecation_warning_location_matches_torch(fn, kw):
     assert msg_o == msg_t
     assert os.path.basename(file_t) == os.path.basename(file_o) == "functional.py"
     assert os.path.dirname(file_o) == os.path.dirname(crossent.functional.__file__)
+
+
+# ---------------------------------------------------------------------------
+# README "deliberate differences" 8: where torch fails internally
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nll_backward_of_channels_last_input(reduction):
+    """torch's nll_loss2d backward raises 'grad_input must be contiguous';
+    crossent gives the gradient torch gives for the contiguous input."""
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    t = torch.randint(0, 3, (2, 4, 5))
+    xa = x.clone(memory_format=torch.channels_last).requires_grad_()
+    with pytest.raises(RuntimeError, match="contiguous"):
+        F.nll_loss(xa, t, reduction=reduction).sum().backward()
+    contiguous = lambda x, t, **kw: F.nll_loss(x.contiguous(), t, **kw)  # noqa: E731
+    _same(crossent.nll_loss, contiguous, x, t, reduction=reduction)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_out_of_range_uint8_target_message(fn):
+    """torch formats an out-of-range uint8 target as a character; crossent
+    raises the message torch gives for the same int64 target."""
+    x, t = torch.randn(2, 200), torch.tensor([3, 250], dtype=torch.uint8)
+    with pytest.raises(IndexError) as theirs:
+        getattr(F, fn)(x, t.long(), reduction="none")
+    with pytest.raises(IndexError) as ours:
+        getattr(crossent, fn)(x, t, reduction="none")
+    assert str(ours.value) == str(theirs.value)

@@ -94,7 +94,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor, _g_lse: Tensor, _g_grad: Tensor):
         opts: CEOptions = ctx.opts
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or _batched(g):
+            # create_graph, or a batched upstream (jacrev, is_grads_batched): torch ops.
             return _differentiable_grad(ctx, g), None, None, None, None, None
         if ctx.grad is not None and _rescalable(g):
             # Hand the forward's buffer over (autograd can then adopt it as
@@ -155,6 +156,15 @@ def func_transforms() -> tuple[bool, bool]:
         T = torch._C._functorch.TransformType
         vmap, fwd = T.Vmap in keys, fwd or T.Jvp in keys
     return vmap, fwd
+
+
+def _batched(g: Tensor) -> bool:
+    """Whether the backward runs under vmap: torch.func's, or the legacy one
+    behind autograd.grad(is_grads_batched=True)."""
+    if _compiling():
+        return False
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return func_transforms()[0] or (legacy is not None and legacy(g))
 
 
 def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
