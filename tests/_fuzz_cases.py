@@ -63,9 +63,12 @@ def draw(rng: random.Random, backend: str) -> dict:
         s["bias"] = rng.random() < 0.5
     s["layout"] = rng.choice(["contig"] * 4 + ["transposed", "strided", "channels_last", "expanded"])
     s["values"] = rng.choice(["normal"] * 5 + ["offset1e3", "offset1e4", "nonfinite", "huge", "wide"])
-    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad", "double"] +
+    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad", "double", "autocast"] +
                            ([] if fam == "vocab_parallel" else ["func_grad", "vmap", "jvp"]))
     s["upstream"] = rng.choice(["randn"] * 8 + ["nan", "inf"])
+    if s["values"] == "huge" and s["grad"] == "double":
+        # second-order terms of logits near 1e30 cancel far below any scale the judge sees
+        s["grad"] = "backward"
     if kind in ("softmax", "log_softmax"):
         nd = max(ndim, 1)
         s["dim"] = rng.randint(-nd, nd - 1) if rng.random() > 0.05 else None
@@ -133,7 +136,9 @@ def _values(g: torch.Generator, shape, dtype: torch.dtype, kind: str) -> torch.T
         flat = x.view(-1)
         idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 7),), generator=g)
         if kind == "huge":
-            big = torch.finfo(dtype).max / 4 if dtype.is_floating_point else 1e6
+            # near the top of the low-precision ranges; for float64 within float32's, where
+            # the judge estimates torch's own float64 error from a float32 run (tests/_fuzz.py)
+            big = 1e30 if dtype == torch.float64 else torch.finfo(dtype).max / 4
             # random magnitudes: exact cancellations of +-big would make the float64
             # reference meaningless (its rounding then depends on summation order)
             flat[idx] = big * torch.randn(idx.shape, generator=g, dtype=torch.float64).clamp(-3, 3) / 3
