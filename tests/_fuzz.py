@@ -7,25 +7,30 @@ the same warnings (text, and whether they are attributed to the library or to
 the caller), and values and gradients within the project's tolerance rule
 (tests/_tol.py) against a float64 run of torch.
 
-The README's deliberate differences are encoded here, each as a narrow rule.
-Where torch 2.13 raises one of the errors below, torch's side reruns the same
-case with one workaround, and that result is what crossent must match:
-  1. int32 class targets rejected for their dtype: run as int64 (any other
-     error torch raises for them stands).
+The README's deliberate differences ("Deliberate differences from PyTorch",
+numbered there) are encoded here, each as a narrow rule.  Where torch 2.13
+raises one of these errors, torch's side reruns the same case with one
+workaround, and that result is what crossent must match:
+  1. int32 class targets rejected for their dtype: run as int64 (README 1;
+     any other error torch raises for them stands).
   2. uint8 targets where torch fails internally (its gather's index dtype
-     check) or prints an out-of-range target as a raw byte (UnicodeDecodeError
-     for >= 128, "Target A is out of bounds." for 65): run as int64.
+     check; the backward of an empty K-dim loss) or prints an out-of-range
+     target as a raw byte (UnicodeDecodeError for >= 128, "Target A is out of
+     bounds." for 65): run as int64 (README 4, 8).
   3. nll_loss's backward rejecting a channels_last input ("grad_input must
-     be contiguous"): run on the contiguous input.
+     be contiguous"): run on the contiguous input (README 8).
   4. a (1, C) class weight with label smoothing on 3+-D input, which torch's
-     smoothing term fails to reshape or gather from: run with the (C,) weight.
+     smoothing term fails to reshape or gather from: run with the (C,) weight
+     (README 8).
 And for values:
   5. where torch's same-dtype result is not finite but the float64 one is
      (or the reverse), torch's own error there is unbounded; ours must equal
-     torch's or be within a few ulps of the float64 value (fp16/bf16
+     torch's or be within a few ulps of the float64 value (README 2: fp16/bf16
      accumulate in fp32 and so stay finite where torch overflows).
   6. linear_cross_entropy's leading batch dims: torch runs the flattened call
-     (a target that does not fit them: crossent's own ValueError message).
+     (a target that does not fit them: crossent's own ValueError message)
+     (README 7).
+Everything else, messages included, must be torch's.
 
 Reproduce a case from its printed line:
     PYTHONPATH=src TRITON_INTERPRET=1 python tests/_fuzz.py '<spec json>'
@@ -50,14 +55,16 @@ import crossent  # noqa: E402
 
 FUNC_MODES = ("func_grad", "vmap", "jvp")  # torch.func transforms of the input
 # torch's error -> the workaround its side reruns with (rules 1-4 above)
+# (matched against "forward|backward ExceptionType: message")
 TORCH_FAILURES = [
-    (re.compile(r"RuntimeError: expected target dtype to be Long or Byte, but got Int$"), "long_targets"),
-    (re.compile(r"RuntimeError: gather\(\): Expected dtype int32/int64 for index$"), "long_targets"),
-    (re.compile(r"UnicodeDecodeError: 'utf-8' codec can't decode byte"), "long_targets"),
-    (re.compile(r"IndexError: Target (?!-?\d+ is out of bounds\.$)"), "long_targets"),  # the byte, printed raw
-    (re.compile(r"RuntimeError: grad_input must be contiguous$"), "contiguous_input"),
-    (re.compile(r"RuntimeError: shape '\[1(, 1)*\]' is invalid for input of size \d+$"), "flat_weight"),
-    (re.compile(r"RuntimeError: Index tensor must have the same number of dimensions as input tensor$"),
+    (re.compile(r"^forward RuntimeError: expected target dtype to be Long or Byte, but got Int$"), "long_targets"),
+    (re.compile(r"^forward RuntimeError: gather\(\): Expected dtype int32/int64 for index$"), "long_targets"),
+    (re.compile(r"^forward UnicodeDecodeError: 'utf-8' codec can't decode byte"), "long_targets"),
+    (re.compile(r"^forward IndexError: Target (?!-?\d+ is out of bounds\.$)"), "long_targets"),  # the raw byte
+    (re.compile(r"^backward RuntimeError: expected scalar type Long but found Byte$"), "long_targets"),
+    (re.compile(r"^backward RuntimeError: grad_input must be contiguous$"), "contiguous_input"),
+    (re.compile(r"^forward RuntimeError: shape '\[1(, 1)*\]' is invalid for input of size \d+$"), "flat_weight"),
+    (re.compile(r"^forward RuntimeError: Index tensor must have the same number of dimensions as input tensor$"),
      "flat_weight"),
 ]
 
@@ -230,7 +237,7 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
             if mode in ("backward", "double", "autocast") and outs[0].requires_grad:
                 _backward(s, res, outs[0], [(n, leaves[n]) for n in names], mode == "double")
         except Exception as e:  # noqa: BLE001 - whatever torch raises, crossent must raise too
-            res["error"] = (type(e).__name__, str(e))
+            res["error"] = ("backward" if "outs" in res else "forward", type(e).__name__, str(e))
     res["warnings"] = sorted({(w.category.__name__, str(w.message), _in_library(w.filename))
                               for w in caught if issubclass(w.category, (UserWarning, FutureWarning))})
     return res
@@ -344,9 +351,9 @@ def _batch_dims_shape_error(s: dict, ours: dict, theirs: dict) -> bool:
     dims gets crossent's own message; torch's flattened call says the batch
     sizes differ."""
     return s["fn"] == "linear" and len(s["shape"]) == 3 and bool(ours["error"] and theirs["error"]) and \
-        ours["error"][0] == theirs["error"][0] == "ValueError" and \
-        ours["error"][1].startswith("Expected target of shape") and \
-        theirs["error"][1].startswith("Expected input batch_size")
+        ours["error"][:2] == theirs["error"][:2] == ("forward", "ValueError") and \
+        ours["error"][2].startswith("Expected target of shape") and \
+        theirs["error"][2].startswith("Expected input batch_size")
 
 
 def compare(s: dict, ours: dict, theirs: dict, ref: dict, own_errors: dict) -> str | None:
@@ -400,7 +407,7 @@ def check(s: dict) -> str | None:
         # a transform torch cannot do is not asked of crossent; the arguments still are
         return check({**s, "grad": "backward"})
     while theirs["error"]:
-        err = ": ".join(theirs["error"])
+        err = "{} {}: {}".format(*theirs["error"])
         fix = next((f for pat, f in TORCH_FAILURES if pat.search(err)), None)
         if fix is None or fix in fixes:
             break
