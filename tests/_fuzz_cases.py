@@ -291,7 +291,7 @@ def _mutate(m, leaves, views, kw, C, dtype, side, g) -> None:
     t = leaves.get("target")
     index = t is not None and not t.is_floating_point()
     if m in ("oob_target", "neg_target") and index and t.numel():
-        t.view(-1)[0] = min(C, 255 if t.dtype == torch.uint8 else C) if m == "oob_target" else -3
+        t.view(-1)[0] = (min(C, 255) if t.dtype == torch.uint8 else C) if m == "oob_target" else -3
     elif m == "weight_numel":
         leaves["weight"], views["weight"] = torch.rand(C + 1, generator=g).to(leaves["input"].dtype), lambda w: w
     elif m == "weight_dtype" and "weight" in leaves:
