@@ -132,7 +132,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
         return reference.nll_loss(input, target, weight, ignore_index, red)
     V.check_target_bounds(target, C, ignore_index)
     weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
-    x, t = _canonical(input, target)
+    # 1-D input: the target is one class index (a (1,) target of a C = 1
+    # input has input's shape but is not a probability target here).
+    x, t = _canonical(input, target.reshape(()) if input.dim() == 1 else target)
     acc = _acc(input.dtype)
     valid, ok = V.target_masks(t, ignore_index, C)
     safe = torch.where(ok, t, 0).long()
@@ -263,7 +265,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     need_grad = torch.is_grad_enabled() and x.requires_grad
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
     loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
-    none_shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
+    # 1-D input: a 0-d loss, also for a (1,) target (as torch)
+    none_shape = (() if input.dim() == 1 else
+                  target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:])
     lse = lse.reshape(none_shape)
     if red == "none":
         loss = loss.reshape(none_shape)
