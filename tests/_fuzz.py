@@ -17,8 +17,10 @@ workaround, and that result is what crossent must match:
      check; the backward of an empty K-dim loss) or prints an out-of-range
      target as a raw byte (UnicodeDecodeError for >= 128, "Target A is out of
      bounds." for 65): run as int64 (README 4, 8).
-  3. nll_loss's backward rejecting a channels_last input ("grad_input must
-     be contiguous"): run on the contiguous input (README 8).
+  3. the backward rejecting a channels_last input of nll_loss ("grad_input
+     must be contiguous"), or a (1,)-shaped target of a (C,) input ("size
+     mismatch"; with label smoothing already the forward): run on the
+     contiguous input, or with a 0-d target (README 8).
   4. a (1, C) class weight with label smoothing on 3+-D input, which torch's
      smoothing term fails to reshape or gather from: run with the (C,) weight
      (README 8).
@@ -63,6 +65,9 @@ TORCH_FAILURES = [
     (re.compile(r"^forward IndexError: Target (?!-?\d+ is out of bounds\.$)"), "long_targets"),  # the raw byte
     (re.compile(r"^backward RuntimeError: expected scalar type Long but found Byte$"), "long_targets"),
     (re.compile(r"^backward RuntimeError: grad_input must be contiguous$"), "contiguous_input"),
+    (re.compile(r"^backward RuntimeError: size mismatch \(got input: \[\d+\], target: \[1\]\)$"), "scalar_target"),
+    (re.compile(r"^forward RuntimeError: output with shape \[\] doesn't match the broadcast shape \[1\]$"),
+     "scalar_target"),  # the same target with label smoothing
     (re.compile(r"^forward RuntimeError: shape '\[1(, 1)*\]' is invalid for input of size \d+$"), "flat_weight"),
     (re.compile(r"^forward RuntimeError: Index tensor must have the same number of dimensions as input tensor$"),
      "flat_weight"),
@@ -214,6 +219,8 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
         leaves["target"] = t.long()
     if "contiguous_input" in fixes:
         views["input"] = lambda x, v=views["input"]: v(x).contiguous()
+    if "scalar_target" in fixes:
+        views["target"] = lambda x, v=views["target"]: v(x).reshape(())
     if "flat_weight" in fixes and "weight" in views:
         views["weight"] = lambda w, v=views["weight"]: v(w).reshape(-1)
     mode = s["grad"]

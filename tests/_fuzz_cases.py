@@ -93,6 +93,8 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
     else:
         s["target_dtype"] = rng.choice(["int64"] * 5 + ["int32", "int32", "uint8"])
         s["ignore"] = rng.choice(["default", "none_present", "some", "class", "wrap", "big", "out_of_range"])
+        if len(s["shape"]) == 1 and "classes" not in s and rng.random() < 0.3:
+            s["target_shape_1"] = True  # (C,) input with a (1,) target instead of a 0-d one
     s["target_layout"] = rng.choice(["contig"] * 5 + ["strided", "expanded"])
     s["weight"] = rng.choice([None, None, "pos", "zero_some", "all_zero", "negative"])
     if s["weight"]:
@@ -257,7 +259,7 @@ def materialize(s: dict, side: str) -> dict:
     else:
         float_leaf("input", shape, dtype, s["values"], s["layout"])
         C = shape[class_dim(len(shape))] if shape else 1
-        bshape = [] if len(shape) <= 1 else [shape[0]] + shape[2:]
+        bshape = [1] if s.get("target_shape_1") else [] if len(shape) <= 1 else [shape[0]] + shape[2:]
     kw = {}
     if "target" in s:
         if s["target"] == "prob":
