@@ -173,9 +173,8 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
     _check_target_dtype(target)
     if weight is not None and weight.numel() != x.shape[1]:  # any shape with C elements
         raise RuntimeError("weight tensor should be defined either for all or no classes")
-    x4, t3 = _as_4d(x, target)
-    if x4[2:] != t3[1:]:
-        raise RuntimeError(f"size mismatch (got input: {x4} , target: {t3}")
+    if x.dim() == 4 and tuple(x.shape[2:]) != tuple(target.shape[1:]):
+        raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
     floating_input(x, "nll_loss2d_forward_out_frame")
     _check_weight_dtype(x, weight)
     # 'mean' and 'sum' return before reading an empty target; 'none' does not.
@@ -183,16 +182,16 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
         raise RuntimeError("expected scalar type Long but found Byte")
 
 
-def _as_4d(x: Tensor, target: Tensor) -> tuple[list[int], list[int]]:
-    """The shapes nll_loss_nd hands nll_loss2d: (N, C, 1, -1) and (N, 1, -1),
-    or (N, C, 0, 0) and (N, 0, 0) when there are no elements (so C == 0
-    with a non-empty target is a size mismatch, as in torch)."""
-    if x.dim() == 4:
-        return list(x.shape), list(target.shape)
-    n = x.shape[0]
-    x4 = [n, x.shape[1], 0, 0] if x.numel() == 0 else [n, x.shape[1], 1, x.numel() // (n * x.shape[1])]
-    t3 = [n, 0, 0] if target.numel() == 0 else [n, 1, target.numel() // n]
-    return x4, t3
+def no_class_k_dim(x: Tensor, target: Tensor) -> None:
+    """torch's nll_loss_nd reshapes a 3-D or >= 5-D input without elements to
+    (N, C, 0, 0) and a non-empty target to (N, 1, S): with C == 0 that is a
+    size mismatch.  (Not part of class_target: a vocab-parallel shard may
+    hold no classes of its own.)"""
+    if x.dim() == 3 or x.dim() >= 5:
+        if x.numel() == 0 and target.numel() != 0:
+            n = x.shape[0]
+            raise RuntimeError(f"size mismatch (got input: {[n, x.shape[1], 0, 0]} , "
+                               f"target: {[n, 1, target.numel() // n]}")
 
 
 def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> None:

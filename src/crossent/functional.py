@@ -127,6 +127,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     V.optional_tensor_arg(weight, "nll_loss_nd", "weight", 3)
     ignore_index = V.int_arg(ignore_index, "nll_loss_nd", "ignore_index", 5)
     V.class_target(input, target, weight, red)
+    V.no_class_k_dim(input, target)
     C = input.shape[0 if input.dim() == 1 else 1]
     if any(func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
         return reference.nll_loss(input, target, weight, ignore_index, red)
@@ -233,6 +234,8 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
                                                               label_smoothing, z_loss, softcap, red)
+    if not prob:
+        V.no_class_k_dim(input, target)
     vmap, fwd = func_transforms()
     if not prob and not vmap:  # under vmap torch's own kernels check (the reference below)
         V.check_target_bounds(target, input.shape[class_dim], ignore_index)
