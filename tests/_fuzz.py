@@ -93,17 +93,19 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
     z = torch.where(valid, z_loss * lse * lse, 0.0) if z_loss else torch.zeros_like(lse)
     if size_average is not None or reduce is not None:
         reduction = "none" if reduce is False else ("sum" if size_average is False else "mean")
-    if reduction == "sum":
-        z = z.sum()
-    elif reduction in ("mean", "elementwise_mean"):
+    zr = z if reduction == "none" else z.sum()
+    total = loss + zr.to(loss.dtype) if z_loss else loss
+    if reduction in ("mean", "elementwise_mean"):
         if prob or w is None:
             denom = valid.sum()
         else:
             safe = torch.where(valid, t.long().reshape(lse.shape), 0).clamp(0, max(w.numel() - 1, 0))
             denom = torch.where(valid, w.reshape(-1).to(lse.dtype)[safe], 0.0).sum()
-        z = z.sum() / denom
-    total = loss + z.to(loss.dtype) if z_loss else loss
-    return (total, lse.detach(), z.detach().to(loss.dtype)) if stats else total
+        if z_loss:  # one denominator for both terms: (sum of losses + sum of z terms) / W
+            loss_sum = F.cross_entropy(xc, t, w, None, ignore_index, None, "sum", label_smoothing)
+            total = ((loss_sum.to(lse.dtype) + zr) / denom).to(loss.dtype)
+        zr = zr / denom
+    return (total, lse.detach(), zr.detach().to(loss.dtype)) if stats else total
 
 
 def _flat_batch(h, t, loss_fn, reduction):

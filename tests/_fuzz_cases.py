@@ -105,7 +105,12 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
         s["legacy"] = [rng.choice([None, True, False]), rng.choice([None, True, False])]
     if kind != "nll_loss" and rng.random() < 0.5:
         s["label_smoothing"] = rng.choice([0.1, 0.3, 1.0, -0.2, 0.05])
-    extras = kind in ("cross_entropy", "stats", "vocab_parallel") and s["fn"] != "module"
+    # z_loss/softcap are crossent's own (README 6), judged against torch ops composed the same way;
+    # not where the z term has no defined value (a zero denominator, no classes)
+    shape = s["shape"]
+    classes = s.get("classes", shape[class_dim(len(shape))] if shape else 1)
+    degenerate = s["weight"] == "all_zero" or classes == 0
+    extras = kind in ("cross_entropy", "stats", "vocab_parallel") and s["fn"] != "module" and not degenerate
     if extras and rng.random() < 0.15:
         s["z_loss"] = rng.choice([1e-4, 0.1])
     if extras and rng.random() < 0.15:
