@@ -177,8 +177,9 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
         raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
     floating_input(x, "nll_loss2d_forward_out_frame")
     _check_weight_dtype(x, weight)
-    # 'mean' and 'sum' return before reading an empty target; 'none' does not.
-    if target.dtype == torch.uint8 and (x.numel() > 0 or reduction == "none"):
+    # 'mean' and 'sum' return before reading an empty target; 'none' does not
+    # (nor does torch's batching rule under vmap).
+    if target.dtype == torch.uint8 and (x.numel() > 0 or (reduction == "none" and not func_transforms()[0])):
         raise RuntimeError("expected scalar type Long but found Byte")
 
 
@@ -210,7 +211,8 @@ def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 
 def weight_no_grad(weight: Tensor | None, op: str = "nll_loss_forward") -> None:
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+    # Under vmap torch's batching rule computes (crossent then runs torch's ops).
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not func_transforms()[0]:
         raise RuntimeError(f"The function '{op}' is not differentiable with respect to argument "
                            "'weight'. This input cannot have requires_grad True.")
 
@@ -250,6 +252,25 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # torch < 2.3
         return False
+
+
+def func_transforms() -> tuple[bool, bool]:
+    """(vmap, forward-mode AD): whether either is active around this call.
+
+    vmap: the fused kernels have no batching rule, so the public functions
+    then compute with torch's own batchable ops.  Forward mode (torch.func.jvp,
+    jacfwd, forward_ad.dual_level): the Function with a jvp rule is used.
+    Never under torch.compile, which traces neither.
+    """
+    if _compiling():
+        return False, False
+    vmap, fwd = False, torch.autograd.forward_ad._current_level >= 0
+    if torch._C._functorch.maybe_current_level() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+        T = torch._C._functorch.TransformType
+        vmap, fwd = T.Vmap in keys, fwd or T.Jvp in keys
+    return vmap, fwd
 
 
 def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> None:

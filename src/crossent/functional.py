@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validate as V
 from . import backends, reference
-from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, func_transforms
+from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction
 from ._autograd import softmax as _softmax_impl
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
@@ -129,7 +129,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     V.class_target(input, target, weight, red)
     V.no_class_k_dim(input, target)
     C = input.shape[0 if input.dim() == 1 else 1]
-    if any(func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
+    if any(V.func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
         return reference.nll_loss(input, target, weight, ignore_index, red)
     V.check_target_bounds(target, C, ignore_index)
     weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
@@ -236,7 +236,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
                                                               label_smoothing, z_loss, softcap, red)
     if not prob:
         V.no_class_k_dim(input, target)
-    vmap, fwd = func_transforms()
+    vmap, fwd = V.func_transforms()
     if not prob and not vmap:  # under vmap torch's own kernels check (the reference below)
         V.check_target_bounds(target, input.shape[class_dim], ignore_index)
     if vmap or (prob and (fwd or (torch.is_grad_enabled() and
