@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _fast
 from . import _validate as V
 from . import backends, reference
 from ._autograd import CEOptions, CrossEntropyFunction
@@ -58,6 +59,9 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
     if given (input is cast first) else input.dtype; fp32 accumulation.
     ``dim=None`` picks PyTorch's implicit dim and warns, as F.softmax does.
     """
+    out = _fast.softmax(False, input, dim, dtype)
+    if out is not None:
+        return out
     return _softmax("softmax", False, input, dim, _stacklevel, dtype)
 
 
@@ -67,6 +71,9 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
 
     Same shapes, dtypes and implicit-dim rule as :func:`softmax`.
     """
+    out = _fast.softmax(True, input, dim, dtype)
+    if out is not None:
+        return out
     return _softmax("log_softmax", True, input, dim, _stacklevel, dtype)
 
 
@@ -106,6 +113,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     weight: (C,) in input's dtype.  'mean' divides by the sum of w[y] over
     non-ignored positions.  Sums accumulate in fp32 for fp16/bf16 input.
     """
+    out = _fast.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
+    if out is not None:
+        return out
     V.tensor_arg(input, "nll_loss_nd", "input", 1)
     V.tensor_arg(target, "nll_loss_nd", "target", 2)
     red = V.reduction(size_average, reduce, reduction)
@@ -255,6 +265,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
       inplace_backward: write the gradient into ``input``'s storage (opt-in;
         the logits are overwritten by the forward; needs 'mean' or 'sum').
     """
+    if not (z_loss or softcap is not None or inplace_backward):
+        out = _fast.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                  label_smoothing)
+        if out is not None:
+            return out
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                           label_smoothing, z_loss, softcap, inplace_backward, stats=False).loss
 
