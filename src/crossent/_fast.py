@@ -26,6 +26,7 @@ Every test is O(1) Python; the whole check costs about a microsecond.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -106,3 +107,45 @@ def autocast_out_dtype(input: Tensor, out_dtype: torch.dtype) -> torch.dtype:
     if out_dtype in _LOW and torch.is_autocast_enabled(input.device.type):
         return torch.float32
     return out_dtype
+
+
+def _autocast_on(t: Tensor) -> bool:
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def autocast_inputs(input: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(input, weight) as cross_entropy / nll_loss compute with them.
+
+    Outside autocast, unchanged.  Under autocast torch casts fp16/bf16 inputs
+    of these ops to fp32.  crossent's kernels accumulate in fp32 anyway, so
+    fp16/bf16 logits are used as they are (no fp32 copy; only the loss dtype
+    changes, see autocast_out_dtype); only when the class weight's dtype
+    differs from the logits' (e.g. bf16 logits, fp32 weight, which autocast
+    accepts and crossent's kernels do not) are both cast, as torch does.
+    """
+    if (isinstance(weight, Tensor) and isinstance(input, Tensor) and weight.dtype != input.dtype
+            and (input.dtype in _LOW or weight.dtype in _LOW) and _autocast_on(input)):
+        return input.float(), weight.float()
+    return input, weight
+
+
+def autocast_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
+    """linear_cross_entropy under autocast equals cross_entropy(F.linear(...)) there:
+    the matmul in autocast's dtype (fp32 operands cast, fp64 left alone, as
+    for F.linear), the loss in fp32 (autocast_out_dtype).  Outside autocast,
+    unchanged."""
+    if not (isinstance(input, Tensor) and _autocast_on(input)):
+        return input, linear_weight, linear_bias
+    dt = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        return t.to(dt) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
+    return cast(input), cast(linear_weight), cast(linear_bias)
+
+
+def no_autocast(device_type: str):
+    """Autocast off for crossent's own fp32-accumulating matmuls (inputs are
+    already in the dtype autocast chose); a no-op context outside autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

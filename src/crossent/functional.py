@@ -118,6 +118,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
         return out
     V.tensor_arg(input, "nll_loss_nd", "input", 1)
     V.tensor_arg(target, "nll_loss_nd", "target", 2)
+    input, weight = _fast.autocast_inputs(input, weight)
     red = V.reduction(size_average, reduce, reduction)
     ignore_index = V.int_arg(ignore_index, "nll_loss_nd", "ignore_index", 5)
     V.class_target(input, target, weight)
@@ -141,7 +142,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
         out = rows.sum()
     else:
         out = rows.sum() / _class_denominator(t, weight, ignore_index, C, acc)
-    return out.to(input.dtype)
+    return out.to(_fast.autocast_out_dtype(input, input.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -193,10 +194,12 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     (CrossEntropyOutput.z_loss is then the loss itself, unused by callers)."""
     V.tensor_arg(input, "cross_entropy_loss", "input", 1)
     V.tensor_arg(target, "cross_entropy_loss", "target", 2)
+    input, weight = _fast.autocast_inputs(input, weight)
     red = V.reduction(size_average, reduce, reduction)
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
                                                               label_smoothing, z_loss, softcap)
+    out_dtype = _fast.autocast_out_dtype(input, out_dtype)
     if prob:
         needs_ref = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
         if needs_ref:
