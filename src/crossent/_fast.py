@@ -34,9 +34,12 @@ from torch import Tensor
 from torch._C import _nn
 from torch.overrides import has_torch_function_variadic
 
-# Logits per call below which torch's fused CPU kernel beats crossent's sweep
-# (fwd+bwd and forward-only, fp32, 2-core EPYC; see BENCHMARKS.md, "small
-# sizes").  Above it the chunked sweep's single pass wins.
+# Logits per call up to which torch's CPU kernel is used (1024 x 1000 fits).
+# Measured on the 2-core EPYC (fp32, interleaved, busy machine; BENCHMARKS.md):
+# below ~1M logits the fused sweep's fixed cost (a dozen ops per chunk) is not
+# earned back; above it the sweep wins fwd+bwd (it computes the gradient in
+# the forward, torch reads the logits three times), while forward-only calls
+# are on par with torch only from ~8M logits.
 CE_MAX_NUMEL = 1 << 20
 
 _LEAN_DTYPES = (torch.float32, torch.float64)
@@ -44,7 +47,7 @@ _LOW = (torch.float16, torch.bfloat16)
 # torch.nn._reduction.get_enum for the valid strings; anything else goes
 # through torch.nn.functional, which warns or raises as torch does.
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3 has none
 
 # os.environ.get costs ~0.7 us (key encoding, Mapping machinery), as much as
 # all other checks together; its backing dict holds the same data, updated by
@@ -64,7 +67,7 @@ def _plain(input, target, weight, size_average, reduce, reduction) -> int | None
     plain CPU fp32/fp64 logits, no __torch_function__ override or mode, no
     legacy arguments, crossent's backend choice left automatic, not tracing
     (tested first: Dynamo folds it to a constant and never sees the rest)."""
-    if (not _is_compiling() and size_average is None and reduce is None and type(input) is Tensor
+    if (not is_compiling() and size_average is None and reduce is None and type(input) is Tensor
             and input.is_cpu and input.dtype in _LEAN_DTYPES and type(reduction) is str
             and not has_torch_function_variadic(input, target, weight) and _auto()):
         return _REDUCTION.get(reduction)
@@ -93,8 +96,10 @@ def nll_loss(input, target, weight, size_average, ignore_index, reduce, reductio
 def softmax(log: bool, input, dim, dtype) -> Tensor | None:
     """torch's (log_)softmax for an explicit dim (crossent runs torch's kernels
     there anyway; this skips the Python around them), else None."""
-    if not _is_compiling() and dim is not None and type(input) is Tensor and input.is_cpu and _auto():
-        return input.log_softmax(dim, dtype) if log else input.softmax(dim, dtype)
+    if not is_compiling() and dim is not None and type(input) is Tensor and input.is_cpu and _auto():
+        # The exact calls torch.nn.functional makes, so even a bad dim gets its message.
+        fn = input.log_softmax if log else input.softmax
+        return fn(dim) if dtype is None else fn(dim, dtype=dtype)
     return None
 
 

@@ -21,8 +21,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends
-
-_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
+from ._fast import is_compiling
 
 
 def _op(name: str, mutates_args=()):
@@ -32,7 +31,7 @@ def _op(name: str, mutates_args=()):
         op = custom_op(f"crossent::{name}", fn, mutates_args=mutates_args)
 
         def call(*args):
-            return op(*args) if _is_compiling() else fn(*args)
+            return op(*args) if is_compiling() else fn(*args)
         call.op, call.__name__, call.__doc__ = op, name, fn.__doc__
         return call
     return wrap
