@@ -13,6 +13,11 @@ try:  # torch imports fast and never initialises CUDA here
 except ImportError:  # pragma: no cover
     pass
 
+# The suite tests crossent's own kernels: with the backend left automatic, small
+# fp32/fp64 CPU calls take the lean path to torch's kernels (tests/test_fastpath.py
+# tests that path and sets "auto" itself).
+os.environ.setdefault("CROSSENT_BACKEND", "torch")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("ci", max_examples=60, deadline=None,

@@ -83,7 +83,7 @@ def test_format_table_is_aligned():
     assert len(lines) == 4
     assert lines[0].split()[:3] == ["provider", "case", "median"]
     assert len({len(line) for line in lines[:3]}) == 1  # header and data rows line up
-    assert "0.5000" in lines[1] and "123.5" in lines[1]
+    assert "0.50" in lines[1] and "123.46" in lines[1] and "111.11-135.80" in lines[1]  # 2 decimals throughout
     assert "error: RuntimeError: no compiler" in lines[3]
 
 
@@ -132,3 +132,42 @@ def test_ratios_pair_rows_of_the_same_round_and_median_rows():
     assert [r["ratio_vs_torch"] for r in rows] == [0.25, 1.0, 0.75, 1.0]
     med = {r["provider"]: r for r in B.median_rows(rows)}
     assert med["crossent"]["median_ms"] == 2.0 and med["crossent"]["ratio_vs_torch"] == 0.5
+
+
+def test_small_set_rows_and_table():
+    """The interleaved small-size worker (in-process, one tiny case) and its table."""
+    from crossent import _bench_small as S
+    rows = S.measure(ops=("cross_entropy", "NLLLoss"), sizes=[(4, 3)], rounds=3, batch_s=0.001)
+    assert {(r["op"], r["mode"], r["provider"]) for r in rows} == {
+        (op, m, p) for op in ("cross_entropy", "NLLLoss") for m in S.MODES for p in ("crossent", "torch")}
+    for r in rows:
+        assert r["median_us"] > 0 and r["rounds"] == 3
+        if r["provider"] == "crossent":
+            assert r["ratio_min"] <= r["ratio_vs_torch"] <= r["ratio_max"]
+    table = S.format_small(rows, noisy=False).splitlines()
+    assert len(table) == 1 + 4 and "crossent/torch" in table[0]
+
+
+@pytest.mark.parametrize("ratio,lo,hi,noisy,word", [
+    (0.95, 0.9, 1.0, False, "within"), (1.3, 1.2, 1.4, False, "SLOWER"),
+    (1.05, 0.8, 1.4, True, "undecided"), (1.05, 0.8, 1.4, False, "within"), (1.3, 1.2, 1.4, True, "SLOWER")])
+def test_small_verdict_never_contradicts_the_median(ratio, lo, hi, noisy, word):
+    from crossent._bench_small import verdict
+    assert word in verdict(ratio, lo, hi, noisy)
+
+
+def test_round_verdicts_follow_the_median():
+    rows = [{"case": "ce-2x3", "provider": "crossent", "ratio_vs_torch": r} for r in (0.8, 1.2, 0.9)]
+    (line,) = B._round_verdicts(rows, noisy=False)
+    assert "= 0.90 (rounds 0.80-1.20): crossent faster" in line
+    (line,) = B._round_verdicts(rows, noisy=True)
+    assert "undecided" in line
+
+
+def test_busy_loops_are_cpu_bound_processes():
+    procs = B._busy_loops(1)
+    try:
+        assert procs[0].poll() is None  # running
+    finally:
+        procs[0].kill()
+        procs[0].wait()

@@ -153,3 +153,35 @@ def test_bench_quick_writes_json_rows(tmp_path, capsys):
 
 def test_bench_bad_case_exits_2():
     assert main(["bench", "--cases", "nope-1x2"]) == 2
+
+
+@pytest.mark.parametrize("args", [["--help"], ["explain", "--help"], ["--version"]])
+def test_help_does_not_import_torch(args):
+    """--help and --version answer without importing torch (it takes seconds)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p))
+    code = ("import sys, runpy\nsys.argv = ['crossent'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('crossent', run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'LEAN')")
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.rstrip().endswith("LEAN"), r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("ignore", [None, 3])
+def test_explain_ignored_rows_drop_out_of_the_mean(capsys, ignore):
+    x = [[1.0, 2.0, 0.5], [0.1, 0.2, 3.0], [2.0, -1.0, 0.0]]
+    ig = -100 if ignore is None else ignore
+    t = [1, ig, 0]
+    extra = [] if ignore is None else ["--ignore-index", str(ignore)]
+    rc, out, _ = explain(capsys, "--logits", json.dumps(x), "--target", json.dumps(t), *extra)
+    assert rc == 0, out
+    want = F.cross_entropy(torch.tensor(x), torch.tensor(t), ignore_index=ig).item()
+    assert CE_LINE.search(out).group(1) == f"{want:.4f}"
+    assert f"row 1, target {ig} = ignore_index: ignored" in out
+    assert "/ 2 (the ignored row drops out of the mean)" in out
+    assert "All steps agree with torch." in out
+
+
+def test_check_covers_linear_cross_entropy(capsys):
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("linear_cross_entropy") >= 5

@@ -198,12 +198,12 @@ def _fmt(v, spec: str) -> str:
 
 
 def _ms(v: float) -> str:
-    """Milliseconds without exponents: 61640.3, 973.7, 3.2500."""
-    return f"{v:.1f}" if v >= 100 else f"{v:.4f}"
+    """Milliseconds, two decimals, no exponents: 61640.30, 973.70, 0.04."""
+    return f"{v:.2f}"
 
 
 def format_table(rows: list[dict]) -> str:
-    """Aligned text table, one line per row; numbers to 4 significant places where it matters."""
+    """Aligned text table, one line per row; every number to 2 decimals."""
     head = ["provider", "case", "median ms", "p10-p90 ms", "extra MiB", "extra/logits",
             "GB/s", "% copy", "vs torch", "vs compile"]
     body = []
@@ -213,10 +213,10 @@ def format_table(rows: list[dict]) -> str:
                         + [""] * (len(head) - 3))
             continue
         body.append([r["provider"], r["case"], _ms(r["median_ms"]), f"{_ms(r['p10_ms'])}-{_ms(r['p90_ms'])}",
-                     _fmt(r["extra_peak_mib"], ".1f"),
+                     _fmt(r["extra_peak_mib"], ".2f"),
                      _fmt(r["peak_over_logits"], ".2f"), _fmt(r["gbps"], ".2f"),
-                     _fmt(r.get("pct_of_copy"), ".1f"), _fmt(r.get("ratio_vs_torch"), ".4f"),
-                     _fmt(r.get("ratio_vs_compile"), ".4f")])
+                     _fmt(r.get("pct_of_copy"), ".2f"), _fmt(r.get("ratio_vs_torch"), ".2f"),
+                     _fmt(r.get("ratio_vs_compile"), ".2f")])
     ok = [b for b in body if not b[2].startswith("error")]
     widths = [max([len(h)] + [len(b[i]) for b in ok]) for i, h in enumerate(head)]
 
@@ -354,7 +354,11 @@ def _measure_worker(spec: dict) -> dict:
 def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     try:
-        res = _measure_worker(spec)
+        if spec.get("kind") == "small":
+            from crossent import _bench_small
+            res = {"rows": _bench_small.measure(rounds=spec.get("rounds", 7))}
+        else:
+            res = _measure_worker(spec)
     except Exception as e:
         res = {"error": f"{type(e).__name__}: {e}"}
     print("@@RESULT " + json.dumps(res), flush=True)  # a marker line: libraries may print too
@@ -407,14 +411,53 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, help="timed iterations (default: adaptive, >= 3)")
     p.add_argument("--seconds", type=float, help="target timed seconds per measurement when adaptive")
     p.add_argument("--timeout", type=float, default=600, help="seconds before a worker is abandoned")
+    p.add_argument("--small", action="store_true",
+                   help="per-call cost at classifier sizes (32x10 ... 4096x10): cross_entropy, nll_loss and "
+                        "their nn modules, fwd+bwd and forward-only, crossent vs torch eager interleaved in "
+                        "one process (alone, or with --cases/--quick)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run N competing CPU-bound processes (python busy loops) while measuring: "
+                        "how crossent and torch hold up when other work holds cores")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of the whole plan, providers interleaved; ratios are taken within a "
                         "round and their median over rounds is printed (damps drift on a shared machine)")
 
 
+def _busy_loops(n: int) -> list[subprocess.Popen]:
+    """n competing CPU-bound processes (stopped by run() when it is done)."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def _noisy_load(stamp: dict, own: int) -> float | None:
+    """The 1-minute load average if it says other work is running (beyond our
+    own ``own`` busy loops), else None."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return load if load is not None and load > 0.5 * (stamp["cores"] or 1) + own else None
+
+
+def _round_verdicts(rows: list[dict], noisy: bool) -> list[str]:
+    """One line per case: the median ratio over rounds, the rounds' range, and a
+    verdict that median supports (withheld when rounds straddle 1 on a noisy run)."""
+    out = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        rs = [r["ratio_vs_torch"] for r in rows if r["case"] == case and r["provider"] == "crossent"
+              and r.get("ratio_vs_torch")]
+        if not rs:
+            continue
+        med, lo, hi = median(rs), min(rs), max(rs)
+        if noisy and lo <= 1.0 < hi:
+            v = "undecided: rounds disagree (noisy machine)"
+        else:
+            v = "crossent faster" if med < 1.0 else "torch eager faster"
+        spread = f" (rounds {lo:.2f}-{hi:.2f})" if len(rs) > 1 else ""
+        out.append(f"  {case}: crossent / torch eager = {med:.2f}{spread}: {v}")
+    return out
+
+
 def run(args) -> int:
     try:
-        cases = select_cases(args.cases, args.quick)
+        small_only = getattr(args, "small", False) and not args.cases and not args.quick
+        cases = [] if small_only else select_cases(args.cases, args.quick)
         provs = [p.strip() for p in args.providers.split(",")] if args.providers else None
         bad = [p for p in provs or [] if p not in PROVIDERS]
         if bad:
@@ -427,19 +470,40 @@ def run(args) -> int:
     plan = [(r, c, p) for r in range(rounds) for c in cases
             for p in (provs or DEFAULT_PROVIDERS.get(parse_case(c)["op"], ("crossent", "torch")))]
     stamp = env_stamp()
-    if (stamp["loadavg_1m"] or 0) > 0.5 * (stamp["cores"] or 1):
-        print(f"warning: load average {stamp['loadavg_1m']:.2f} on {stamp['cores']} cores: "
+    n_load = max(0, getattr(args, "load", 0) or 0)
+    busy = _busy_loops(n_load)
+    try:
+        return _run_plan(args, plan, rounds, seconds, stamp, n_load)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+
+
+def _run_plan(args, plan, rounds, seconds, stamp, n_load) -> int:
+    noisy_at_start = _noisy_load(stamp, n_load)
+    if noisy_at_start:
+        print(f"warning: load average {noisy_at_start:.2f} on {stamp['cores']} cores: "
               "other work is running, timings will be noisy", file=sys.stderr)
-    print(f"[0/{len(plan)}] copy bandwidth ...", file=sys.stderr, flush=True)
-    copy = _copy_bandwidth()  # in this process: it holds no measurement, and a spawn costs seconds
-    copy_gbps = copy.get("copy_gbps")
-    rows = []
+    stamp = {**stamp, "competing_processes": n_load}
+    rows, small_rows = [], []
+    if getattr(args, "small", False):
+        print("[small] per-call cost, crossent and torch interleaved in one process ...", file=sys.stderr, flush=True)
+        res = _spawn({"kind": "small", "rounds": max(7, 2 * rounds + 1)}, args.timeout)
+        if res.get("error"):
+            rows.append({**stamp, "case": "small", "provider": "crossent", **res})
+        else:
+            small_rows = [{**stamp, **r} for r in res["rows"]]
+    copy_gbps = None
+    if plan:
+        print(f"[0/{len(plan)}] copy bandwidth ...", file=sys.stderr, flush=True)
+        copy = _copy_bandwidth()  # in this process: it holds no measurement, and a spawn costs seconds
+        copy_gbps = copy.get("copy_gbps")
     for i, (rnd, case, prov) in enumerate(plan, 1):
         c = parse_case(case)
         print(f"[{i}/{len(plan)}] {prov} {c['op']} {case.rpartition('-')[2]} ...",
               file=sys.stderr, flush=True)
-        spec = {"case": case, "provider": prov, "iters": args.iters,
-                "seconds": seconds}
+        spec = {"case": case, "provider": prov, "iters": args.iters, "seconds": seconds}
         t0 = time.perf_counter()
         res = _spawn(spec, args.timeout)
         row = {**stamp, "case": case, "op": c["op"], "provider": prov, "copy_gbps": copy_gbps, **res,
@@ -448,19 +512,37 @@ def run(args) -> int:
             row["pct_of_copy"] = 100 * row["gbps"] / copy_gbps
         rows.append(row)
     add_ratios(rows)
+    noisy_load = noisy_at_start or _noisy_load(stamp, n_load)
     print(f"crossent {stamp['crossent']} (backend {stamp['backend']}), torch {stamp['torch']}, "
-          f"{stamp['cpu']}, {stamp['cores']} cores, {stamp['torch_threads']} threads")
-    print(f"copy bandwidth (roofline): {_fmt(copy_gbps, '.2f')} GB/s"
-          + (f"  [{copy['error']}]" if copy.get("error") else ""))
-    print("fwd+bwd; extra MiB = peak RSS during timing minus RSS before; "
-          "vs X = median time / X's median (<1 is faster)")
-    print(format_table(rows))
-    if rounds > 1:
-        print(f"median over {rounds} rounds (ratios taken within each round):")
-        print(format_table(median_rows(rows)))
+          f"{stamp['cpu']}, {stamp['cores']} cores, {stamp['torch_threads']} threads"
+          + (f", {n_load} competing CPU-bound process(es)" if n_load else ""))
+    if small_rows:
+        spread = any(r["ratio_max"] > 1.3 * r["ratio_min"] for r in small_rows if r["provider"] == "crossent")
+        noisy = bool(noisy_load) or spread
+        print("\nsmall sizes, per call (us), median over interleaved rounds; fp32 CPU, int64 targets")
+        from crossent._bench_small import format_small
+        print(format_small(small_rows, noisy))
+        if noisy:
+            print("NOISY: " + (f"load average {noisy_load:.2f}; " if noisy_load else "")
+                  + ("some rounds' ratios differ by over 30%; " if spread else "")
+                  + "verdicts are withheld where the rounds disagree")
+    if plan:
+        print(f"\ncopy bandwidth (roofline): {_fmt(copy_gbps, '.2f')} GB/s")
+        print("fwd+bwd; extra MiB = peak RSS during timing minus RSS before; "
+              "vs X = median time / X's median (<1 is faster)")
+        print(format_table(rows))
+        if rounds > 1:
+            print(f"median over {rounds} rounds (ratios taken within each round):")
+            print(format_table(median_rows(rows)))
+        print("verdicts (from the medians above):")
+        print("\n".join(_round_verdicts(rows, bool(noisy_load) or rounds > 1)))
+        if noisy_load:
+            print(f"NOISY: load average {noisy_load:.2f} on {stamp['cores']} cores; rerun with --repeat 3 "
+                  "on a quiet machine for numbers to quote")
+    all_rows = small_rows + rows
     if args.json:
-        write_json(args.json, rows)
-        print(f"wrote {len(rows)} rows to {args.json}")
+        write_json(args.json, all_rows)
+        print(f"wrote {len(all_rows)} rows to {args.json}")
     return 1 if any(r.get("error") for r in rows) else 0
 
 

@@ -1,10 +1,16 @@
-"""Backend kernels as torch custom ops.
+"""Backend kernels as torch custom ops, for torch.compile.
 
 Wrapping the kernels as opaque custom ops (with fake implementations for
 shape propagation) lets torch.compile trace crossent with fullgraph=True:
 Dynamo sees one node per kernel call instead of a Python loop over chunks or a
 Triton launch.  Each op takes the backend's name and dispatches through the
 registry; the autograd Functions in ``_autograd`` are the only callers.
+
+The custom ops serve tracing only.  In eager mode a custom-op call costs
+10-30 us of dispatcher work (schema binding, alias checks) and a fwd+bwd makes
+two or three of them: more than a whole small cross_entropy takes in torch.
+So each name here is a plain function that calls the backend directly, and
+goes through its custom op (``<name>.op``) only while torch.compile traces.
 """
 from __future__ import annotations
 
@@ -15,6 +21,20 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends
+from ._fast import is_compiling
+
+
+def _op(name: str, mutates_args=()):
+    """Register ``fn`` as crossent::<name>; return a caller that runs ``fn``
+    itself in eager mode and the op while compiling (the op is ``.op``)."""
+    def wrap(fn):
+        op = custom_op(f"crossent::{name}", fn, mutates_args=mutates_args)
+
+        def call(*args):
+            return op(*args) if is_compiling() else fn(*args)
+        call.op, call.__name__, call.__doc__ = op, name, fn.__doc__
+        return call
+    return wrap
 
 
 def _rows(x: Tensor) -> list[int]:
@@ -25,7 +45,7 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@custom_op("crossent::ce_forward", mutates_args=())
+@_op("ce_forward")
 def ce_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                label_smoothing: float, z_loss: float, softcap: float, scale: Tensor,
                need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,14 +54,14 @@ def ce_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index
                                              z_loss, softcap, scale, need_grad)
 
 
-@ce_forward.register_fake
+@ce_forward.op.register_fake
 def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, need_grad, backend):
     rows = _rows(x)
     grad = x.new_empty(x.shape) if need_grad else x.new_empty(0)
     return x.new_empty(rows, dtype=_acc(x)), x.new_empty(rows, dtype=_acc(x)), grad
 
 
-@custom_op("crossent::ce_forward_inplace", mutates_args=("x",))
+@_op("ce_forward_inplace", mutates_args=("x",))
 def ce_forward_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                        label_smoothing: float, z_loss: float, softcap: float, scale: Tensor,
                        backend: str) -> tuple[Tensor, Tensor]:
@@ -51,13 +71,13 @@ def ce_forward_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
     return loss, lse
 
 
-@ce_forward_inplace.register_fake
+@ce_forward_inplace.op.register_fake
 def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, backend):
     rows = _rows(x)
     return x.new_empty(rows, dtype=_acc(x)), x.new_empty(rows, dtype=_acc(x))
 
 
-@custom_op("crossent::ce_backward", mutates_args=())
+@_op("ce_backward")
 def ce_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor,
                 ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                 scale: Tensor, backend: str) -> Tensor:
@@ -65,37 +85,37 @@ def ce_backward(x: Tensor, target: Tensor, weight: Optional[Tensor], lse: Tensor
                                               label_smoothing, z_loss, softcap, scale)
 
 
-@ce_backward.register_fake
+@ce_backward.op.register_fake
 def _(x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, scale, backend):
     return x.new_empty(x.shape)
 
 
-@custom_op("crossent::rescale_", mutates_args=("grad",))
+@_op("rescale_", mutates_args=("grad",))
 def rescale_(grad: Tensor, g: Tensor, backend: str) -> None:
     backends.load(backend).rescale_(grad, g)
 
 
-@rescale_.register_fake
+@rescale_.op.register_fake
 def _(grad, g, backend):
     return None
 
 
-@custom_op("crossent::softmax_forward", mutates_args=())
+@_op("softmax_forward")
 def softmax_forward(x: Tensor, dim: int, log: bool, backend: str) -> Tensor:
     return backends.load(backend).softmax_forward(x, dim, log)
 
 
-@softmax_forward.register_fake
+@softmax_forward.op.register_fake
 def _(x, dim, log, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@custom_op("crossent::softmax_backward", mutates_args=())
+@_op("softmax_backward")
 def softmax_backward(g: Tensor, y: Tensor, dim: int, log: bool, input_dtype: torch.dtype,
                      backend: str) -> Tensor:
     return backends.load(backend).softmax_backward(g, y, dim, log, input_dtype)
 
 
-@softmax_backward.register_fake
+@softmax_backward.op.register_fake
 def _(g, y, dim, log, input_dtype, backend):
     return torch.empty_like(y, dtype=input_dtype, memory_format=torch.contiguous_format)

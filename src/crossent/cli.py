@@ -6,8 +6,9 @@
   crossent bench     the CPU benchmark (crossent._bench, imported only here)
   crossent --version
 
-Only ``import crossent`` is paid at start-up; the benchmark module and numpy
-load when the subcommand needs them.
+Nothing heavy is paid at start-up: torch, crossent's kernels, the benchmark
+module and numpy load inside the subcommand that needs them, so ``crossent
+--help`` answers at once.
 """
 from __future__ import annotations
 
@@ -15,12 +16,10 @@ import argparse
 import ast
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
-import crossent
+from . import __version__
 
 # The tutorial prints its random 3x4 input rounded to 4 decimals; we start from those
 # printed numbers, so the loss is 1.412474..., not the tutorial's exact 1.412470...
@@ -65,6 +64,7 @@ def _table(x: torch.Tensor, extra: tuple[str, list[str]] | None = None, indent: 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max |a - b| in fp64; equal NaNs count as equal, a NaN against a number as inf."""
+    import torch
     a, b = a.detach().double(), b.detach().double()
     na, nb = a.isnan(), b.isnan()
     if not torch.equal(na, nb):
@@ -77,6 +77,7 @@ def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _load_tensor(text: str, what: str) -> torch.Tensor:
     """Inline JSON/Python list, or a .pt / .npy file."""
+    import torch
     path = Path(text)
     if text.endswith((".pt", ".pth", ".npy")):
         if not path.is_file():
@@ -107,7 +108,9 @@ def _load_tensor(text: str, what: str) -> torch.Tensor:
         raise InputError(f"{what} is not a rectangular list of numbers: {e}") from None
 
 
-def _explain_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
+def _explain_inputs(args):
+    """(logits (N, C) float, targets (N,) int64) from the arguments or the tutorial."""
+    import torch
     if (args.logits is None) != (args.target is None):
         raise InputError("give both --logits and --target, or neither (for the tutorial's example)")
     if args.logits is None:
@@ -125,14 +128,20 @@ def _explain_inputs(args) -> tuple[torch.Tensor, torch.Tensor]:
         raise InputError(f"--target must be N class indices (integers), got {t.dtype} of shape {tuple(t.shape)}")
     if t.shape[0] != x.shape[0]:
         raise InputError(f"--target has {t.shape[0]} entries but --logits has {x.shape[0]} rows")
-    bad = [(i, v) for i, v in enumerate(t.tolist()) if not 0 <= v < x.shape[1]]
+    bad = [(i, v) for i, v in enumerate(t.tolist()) if not 0 <= v < x.shape[1] and v != args.ignore_index]
     if bad:
-        raise InputError(f"--target[{bad[0][0]}] = {bad[0][1]} is not a class index in [0, {x.shape[1]})")
+        raise InputError(f"--target[{bad[0][0]}] = {bad[0][1]} is not a class index in [0, {x.shape[1]}) "
+                         f"nor the ignore index {args.ignore_index}")
     return x, t.long()
 
 
 def explain(args) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    import crossent
     x, t = _explain_inputs(args)
+    ig = args.ignore_index
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(x.dtype, 1e-2)
     checks: list[bool] = []
 
@@ -144,13 +153,15 @@ def explain(args) -> int:
 
     N, C = x.shape
     default = args.logits is None
-    print(f"Cross-entropy step by step with crossent {crossent.__version__} (torch {torch.__version__})\n")
+    print(f"Cross-entropy step by step with crossent {__version__} (torch {torch.__version__})\n")
     print(f"Step 1. The input: logits x of shape ({N}, {C}), {str(x.dtype).replace('torch.', '')}: "
           f"one row of {C} class scores per sample,\n        and each row's target class t = {t.tolist()}")
+    if (t == ig).any():
+        print(f"        (a target equal to ignore_index = {ig} marks a row that does not count)")
     print(_table(x))
 
     p = crossent.softmax(x, dim=1)
-    print(f"\nStep 2. softmax(x, dim=1) = exp(x) / sum(exp(x)) along each row: probabilities, each row sums to 1")
+    print("\nStep 2. softmax(x, dim=1) = exp(x) / sum(exp(x)) along each row: probabilities, each row sums to 1")
     print(_table(p, ("row sum", [_num(s) for s in p.double().sum(1).tolist()])))
     print("  " + vs_torch(p, F.softmax(x, dim=1)))
 
@@ -168,28 +179,37 @@ def explain(args) -> int:
         print("  some probabilities underflowed (log(0) = -inf) or lost precision; log_softmax computes\n"
               "  x - logsumexp(x) directly and stays exact, which is why losses use it")
 
-    picked = lp[torch.arange(N), t]
+    counted = t != ig
+    picked = lp[torch.arange(N), torch.where(counted, t, 0)]
     print("\nStep 5. Pick each row's log-probability at its target class: log_softmax(x)[i, t[i]]")
     for i in range(min(N, SHOW)):
-        print(f"  row {i}, target {t[i].item()}: {_num(picked[i].item())}")
+        if counted[i]:
+            print(f"  row {i}, target {t[i].item()}: {_num(picked[i].item())}")
+        else:
+            print(f"  row {i}, target {ig} = ignore_index: ignored, contributes nothing and is not counted")
     if N > SHOW:
         print(f"  ... ({N - SHOW} more rows)")
 
-    manual = -picked.double().mean().item()
-    terms = " + ".join(f"({_num(v)})" for v in picked.tolist()) if N <= SHOW else "sum of the picked values"
-    print(f"\nStep 6. The loss is their negated mean: -[{terms}] / {N} = {_num(manual)}")
+    kept = picked[counted]
+    n = int(counted.sum())
+    manual = -kept.double().mean().item() if n else float("nan")
+    terms = " + ".join(f"({_num(v)})" for v in kept.tolist()) if n <= SHOW else "sum of the picked values"
+    dropped = "the ignored row drops" if N - n == 1 else f"the {N - n} ignored rows drop"
+    over = f"{n}" + (f" ({dropped} out of the mean)" if n < N else "")
+    print(f"\nStep 6. The loss is their negated mean: -[{terms}] / {over} = {_num(manual)}")
     if default:
         print("  (the tutorial printed its input rounded to 4 decimals; its exact loss, 1.412470..., "
               "agrees with this to ~1e-4)")
 
-    nll = crossent.nll_loss(lp, t)
-    ce = crossent.cross_entropy(x, t)
-    ref = F.cross_entropy(x, t)
+    nll = crossent.nll_loss(lp, t, ignore_index=ig)
+    ce = crossent.cross_entropy(x, t, ignore_index=ig)
+    ref = F.cross_entropy(x, t, ignore_index=ig)
     print("\nStep 7. The library calls give the same loss:")
-    print(f"  nll_loss(log_softmax(x), t) = {_num(nll.item())}   {vs_torch(nll, F.nll_loss(F.log_softmax(x, 1), t))}")
+    print(f"  nll_loss(log_softmax(x), t) = {_num(nll.item())}   "
+          f"{vs_torch(nll, F.nll_loss(F.log_softmax(x, 1), t, ignore_index=ig))}")
     print(f"  cross_entropy(x, t)         = {_num(ce.item())}   {vs_torch(ce, ref)}")
-    agree = abs(nll.item() - ce.item()) <= tol * max(1.0, abs(ce.item())) \
-        and abs(manual - ce.item()) <= tol * max(1.0, abs(manual))
+    agree = _maxdiff(nll, ce) <= tol * max(1.0, abs(ce.item())) \
+        and _maxdiff(torch.tensor(manual), ce) <= tol * max(1.0, abs(manual))
     checks.append(agree)
     print(f"  nll_loss(log_softmax) and cross_entropy {'agree' if agree else 'DISAGREE'} "
           f"(|diff| = {abs(nll.item() - ce.item()):.1e}), and agree with steps 5-6 "
@@ -204,6 +224,7 @@ def explain(args) -> int:
 
 def _check_cases():
     """(function, description, builder) with builder(gen) -> (x, args, kwargs); x gets the gradient."""
+    import torch
     def r(*shape, dtype=torch.float32):
         return lambda g: torch.randn(shape, generator=g).to(dtype)
 
@@ -262,17 +283,26 @@ def _check_cases():
         ("cross_entropy", "empty batch (0,5), mean", r(0, 5), [cls(5, 0)], {}),
         ("cross_entropy", "target out of range", r(3, 5), [lambda g: torch.tensor([0, 7, 1])], {}),
         ("cross_entropy", "target shape mismatch", r(3, 5), [cls(5, 4)], {}),
+        # x is the hidden states (N, D); args are the classifier weight (C, D) and the targets
+        ("linear_cross_entropy", "mean", r(6, 4), [r(7, 4), cls(7, 6)], {}),
+        ("linear_cross_entropy", "bias, ignore_index=-100, none", r(6, 4), [r(7, 4), cls(7, 6, ignore=-100)],
+         {"linear_bias": r(7), "reduction": "none", "ignore_index": -100}),
+        ("linear_cross_entropy", "weight, smoothing, sum", r(6, 4), [r(7, 4), cls(7, 6)],
+         {"weight": w(7), "label_smoothing": 0.1, "reduction": "sum"}),
+        ("linear_cross_entropy", "probability targets", r(6, 4), [r(7, 4), prob(6, 7)], {}),
+        ("linear_cross_entropy", "bfloat16", r(6, 4, dtype=b), [r(7, 4, dtype=b), cls(7, 6)], {}),
+        ("linear_cross_entropy", "in_features mismatch", r(6, 4), [r(7, 5), cls(7, 6)], {}),
     ]
     return cases
 
 
 # |err| <= atol + rtol * max|torch value|, per dtype (fp16/bf16: about 2 ulps)
-_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
-        torch.float16: (1e-3, 2e-3), torch.bfloat16: (1e-2, 1.6e-2)}
+_TOL = {"float64": (1e-10, 1e-10), "float32": (1e-5, 1e-5), "float16": (1e-3, 2e-3), "bfloat16": (1e-2, 1.6e-2)}
 
 
 def _run_one(fn, x, args, kw, seed):
     """Value and input-gradient of fn, or the exception it raised."""
+    import torch
     x = x.detach().clone().requires_grad_(True)
     try:
         y = fn(x, *args, **kw)
@@ -283,7 +313,20 @@ def _run_one(fn, x, args, kw, seed):
     return y.detach(), x.grad
 
 
+def _torch_fn(name: str):
+    """torch's function of that name (torch < 2.13 has no F.linear_cross_entropy:
+    its definition, cross_entropy of the linear layer's logits, stands in)."""
+    import torch.nn.functional as F
+
+    if name == "linear_cross_entropy" and not hasattr(F, name):
+        return lambda x, w, t, *, linear_bias=None, **kw: F.cross_entropy(F.linear(x, w, linear_bias), t, **kw)
+    return getattr(F, name)
+
+
 def check(args) -> int:
+    import torch
+
+    import crossent
     rows, failed = [], 0
     for i, (fn, desc, mk_x, mk_args, mk_kw) in enumerate(_check_cases(), 1):
         g = torch.Generator().manual_seed(i)
@@ -291,7 +334,7 @@ def check(args) -> int:
         a = [m(g) for m in mk_args]
         kw = {k: (v(g) if callable(v) else v) for k, v in mk_kw.items()}
         ours = _run_one(getattr(crossent, fn), x, a, kw, i)
-        ref = _run_one(getattr(F, fn), x, a, kw, i)
+        ref = _run_one(_torch_fn(fn), x, a, kw, i)
         dtype = kw.get("dtype", x.dtype)
         if isinstance(ours, Exception) or isinstance(ref, Exception):
             name = lambda r: type(r).__name__ if isinstance(r, Exception) else "no error"
@@ -299,7 +342,7 @@ def check(args) -> int:
             ev = eg = "raises"
             tol_s = f"same error: {name(ref)}" if ok else f"torch {name(ref)}, ours {name(ours)}"
         else:
-            atol, rtol = _TOL.get(dtype, (1e-5, 1e-5))
+            atol, rtol = _TOL.get(str(dtype).replace("torch.", ""), (1e-5, 1e-5))
             dv, dg = _maxdiff(ours[0], ref[0]), _maxdiff(ours[1], ref[1])
             sv = ref[0].detach().double().abs().nan_to_num(0).max().item() if ref[0].numel() else 0.0
             sg = ref[1].double().abs().nan_to_num(0).max().item() if ref[1].numel() else 0.0
@@ -312,7 +355,7 @@ def check(args) -> int:
     w = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
     right = {0, 4, 5}
     fmt = lambda r: "  ".join(c.rjust(wj) if j in right else c.ljust(wj) for j, (c, wj) in enumerate(zip(r, w)))
-    print(f"crossent {crossent.__version__} vs torch {torch.__version__}: value and input gradient "
+    print(f"crossent {__version__} vs torch {torch.__version__}: value and input gradient "
           "(errors are max |crossent - torch|)")
     print(fmt(head).rstrip())
     for r in rows:
@@ -328,19 +371,30 @@ def _bench(args) -> int:
     return _bench.run(args)
 
 
+def _torch_version() -> str:
+    """The installed torch's version, read from its metadata (importing torch takes seconds)."""
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossent", description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version",
-                   version=f"crossent {crossent.__version__} (torch {torch.__version__})")
+    p.add_argument("--version", action="version", version=f"crossent {__version__} (torch {_torch_version()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     e = sub.add_parser("explain", help="the tutorial's cross-entropy example, step by step",
                        description="Walk through softmax -> log_softmax -> nll_loss -> cross_entropy on "
                                    "the tutorial's 3x4 example, or on your own logits and targets.")
     e.add_argument("--logits", help="(N, C) logits: an inline list like '[[1, 2, 3], [0, 1, 0]]' or a .pt/.npy file")
-    e.add_argument("--target", help="N class indices: an inline list like '[2, 0]' or a .pt/.npy file")
+    e.add_argument("--target", help="N class indices: an inline list like '[2, 0]' or a .pt/.npy file; "
+                                    "rows whose target is the ignore index (default -100) do not count")
+    e.add_argument("--ignore-index", type=int, default=-100, metavar="N",
+                   help="target value that marks a row to ignore, as cross_entropy's ignore_index (default -100)")
     e.set_defaults(func=explain)
-    c = sub.add_parser("check", help="quick parity table vs the installed torch (exit 1 on any failure)")
+    c = sub.add_parser("check", help="quick parity table vs the installed torch: softmax, log_softmax, "
+                                     "nll_loss, cross_entropy, linear_cross_entropy (exit 1 on any failure)")
     c.set_defaults(func=check)
     b = sub.add_parser("bench", help="CPU benchmark: crossent vs torch eager vs torch.compile")
     # the benchmark's options are defined once, in _bench; importing it is cheap (stdlib only)

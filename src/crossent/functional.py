@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _fast
 from . import _validate as V
 from . import backends, reference
 from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction
@@ -61,6 +62,9 @@ def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
     if given (input is cast first) else input.dtype; fp32 accumulation.
     ``dim=None`` picks PyTorch's implicit dim and warns, as F.softmax does.
     """
+    out = _fast.softmax(False, input, dim, dtype)
+    if out is not None:
+        return out
     return _softmax("softmax", False, input, dim, _stacklevel, dtype)
 
 
@@ -70,6 +74,9 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
 
     Same shapes, dtypes and implicit-dim rule as :func:`softmax`.
     """
+    out = _fast.softmax(True, input, dim, dtype)
+    if out is not None:
+        return out
     return _softmax("log_softmax", True, input, dim, _stacklevel, dtype)
 
 
@@ -121,10 +128,14 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     weight: (C,) in input's dtype.  'mean' divides by the sum of w[y] over
     non-ignored positions.  Sums accumulate in fp32 for fp16/bf16 input.
     """
+    out = _fast.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
+    if out is not None:
+        return out
     red = V.reduction(size_average, reduce, reduction)  # torch.nn.functional's, before the binding's
     V.tensor_arg(input, "nll_loss_nd", "input", 1)
     V.tensor_arg(target, "nll_loss_nd", "target", 2)
     V.optional_tensor_arg(weight, "nll_loss_nd", "weight", 3)
+    input, weight = _fast.autocast_inputs(input, weight)
     ignore_index = V.int_arg(ignore_index, "nll_loss_nd", "ignore_index", 5)
     V.class_target(input, target, weight, red)
     V.no_class_k_dim(input, target)
@@ -154,7 +165,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
         out = rows.sum()
     else:
         out = rows.sum() / _class_denominator(t, weight, ignore_index, C, acc)
-    return out.to(input.dtype)
+    return out.to(_fast.autocast_out_dtype(input, input.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -231,9 +242,11 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     V.tensor_arg(input, "cross_entropy_loss", "input", 1)
     V.tensor_arg(target, "cross_entropy_loss", "target", 2)
     V.optional_tensor_arg(weight, "cross_entropy_loss", "weight", 3)
+    input, weight = _fast.autocast_inputs(input, weight)
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
                                                               label_smoothing, z_loss, softcap, red)
+    out_dtype = _fast.autocast_out_dtype(input, out_dtype)
     if not prob:
         V.no_class_k_dim(input, target)
     vmap, fwd = V.func_transforms()
@@ -313,6 +326,11 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
       inplace_backward: write the gradient into ``input``'s storage (opt-in;
         the logits are overwritten by the forward; needs 'mean' or 'sum').
     """
+    if not (z_loss or softcap is not None or inplace_backward):
+        out = _fast.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                  label_smoothing)
+        if out is not None:
+            return out
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                           label_smoothing, z_loss, softcap, inplace_backward, stats=False).loss
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
+from . import _fast
 from . import _validate as V
 from . import backends
 from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
@@ -212,6 +213,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     V.tensor_arg(input, "linear_cross_entropy", "input", 1)
     V.tensor_arg(linear_weight, "linear_cross_entropy", "linear_weight", 2)
     V.tensor_arg(target, "linear_cross_entropy", "target", 3)
+    input, linear_weight, linear_bias = _fast.autocast_linear_args(input, linear_weight, linear_bias)
     C, out_features = _checks(input, linear_weight, linear_bias)
     batch = tuple(input.shape[:-1])
     prob = tuple(target.shape) == (*batch, C, *out_features)
@@ -275,6 +277,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         V.weight_no_grad(weight)
         out_dtype = input.dtype
         V.check_target_bounds(target, C, ignore_index)
+    out_dtype = _fast.autocast_out_dtype(input, out_dtype)
 
     # Canonical rows: x (M, D), optional row map, target (N,) / (N, C).
     N = _numel(batch)
@@ -302,7 +305,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     opts = LinearCEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                            softcap=cap, policy=plan.policy, chunk_rows=plan.chunk_size, budget=budget,
                            drop_ignored=not stats, inplace=inplace, backend=backend, out_dtype=out_dtype)
-    loss, lse = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight, denom, opts)
+    with _fast.no_autocast(input.device.type):  # our matmuls accumulate in fp32
+        loss, lse = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight, denom, opts)
     lse = lse.reshape(batch)
     if red == "none":
         loss = loss.reshape(batch)

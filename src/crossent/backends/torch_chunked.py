@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -114,6 +116,65 @@ def _chunks(x: Tensor):
                 yield (bs, slice(None), ss), (bs, ss)
 
 
+class _ChunkPool:
+    """Worker threads that each run whole chunks with single-threaded ops.
+
+    torch's CPU ops split every op across the intra-op threads and join at a
+    barrier: a chunked sweep makes ~15 such parallel regions per chunk, and
+    when another process holds a core each barrier waits for a descheduled
+    thread (measured on 2 cores under one competing process: 2-4x slower).
+    Here the parallelism is over chunks instead: each worker takes the next
+    chunk from a shared iterator and runs all its ops with one intra-op thread
+    (torch.set_num_threads is per thread under OpenMP, so the caller's setting
+    is untouched), so a stalled worker delays only its own chunk while the
+    others take the rest.  Results do not depend on which worker runs a chunk.
+    """
+
+    def __init__(self):
+        self._pool, self._size, self._pid = None, 0, 0
+
+    def executor(self, n: int) -> ThreadPoolExecutor:
+        # A new pool when the thread count changed, or after a fork (the
+        # child inherits the pool object but none of its threads).
+        if self._pool is None or self._size != n or self._pid != os.getpid():
+            if self._pool is not None and self._pid == os.getpid():
+                self._pool.shutdown(wait=False)
+            self._pool = ThreadPoolExecutor(n, thread_name_prefix="crossent-chunk",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+            self._size, self._pid = n, os.getpid()
+        return self._pool
+
+
+_POOL = _ChunkPool()
+
+
+def _for_each_chunk(body, x: Tensor) -> None:
+    """body(xi, ri) for every chunk of x: in this thread on accelerators (their
+    kernels are asynchronous) or with one intra-op thread, else on the chunk
+    pool with as many workers as torch has intra-op threads."""
+    chunks = list(_chunks(x))
+    n = min(torch.get_num_threads(), len(chunks))
+    if x.device.type != "cpu" or n < 2:
+        for xi, ri in chunks:
+            body(xi, ri)
+        return
+    it, lock = iter(chunks), threading.Lock()
+    inference = torch.is_inference_mode_enabled()
+
+    def work():
+        # Grad and inference mode are per thread: carry the caller's over (the
+        # sweep is never recorded; inference tensors need inference mode).
+        with torch.inference_mode() if inference else torch.no_grad():
+            while True:
+                with lock:
+                    c = next(it, None)
+                if c is None:
+                    return
+                body(*c)
+    for f in [_POOL.executor(torch.get_num_threads()).submit(work) for _ in range(n)]:
+        f.result()  # re-raises a worker's exception here
+
+
 def _col(v: Tensor) -> Tensor:
     """A per-row value (r,) or (b, s), as a column that broadcasts over C."""
     return v.unsqueeze(1)
@@ -164,7 +225,7 @@ class TorchChunkedBackend:
             if with_loss:
                 loss.copy_(k.degenerate_loss())
             return loss, lse
-        for xi, ri in _chunks(x):
+        def chunk(xi, ri):
             # Write e = z - max straight into the gradient buffer when dtypes
             # agree: the chunk then lives in one place from here on.
             out = grad[xi] if grad is not None and x.dtype == k.acc else None
@@ -182,6 +243,8 @@ class TorchChunkedBackend:
                 k.grad_(e, z, lse_c, rt, scale if scale.dim() == 0 else _col(scale[ri]), 1.0 / s)
                 if out is None:
                     grad[xi].copy_(e)
+
+        _for_each_chunk(chunk, x)
         return loss, lse
 
     def rescale_(self, grad: Tensor, g: Tensor) -> None:

@@ -1,0 +1,156 @@
+"""The lean call path: torch's own kernels where fusing buys nothing.
+
+On a small problem a fused chunked sweep cannot win: torch's CPU kernels for
+cross_entropy, nll_loss and (log_)softmax already do one pass over a few
+cache-resident rows, and every microsecond of Python in front of them is a
+loss (a 32 x 10 cross_entropy forward takes ~13 us in torch).  So the public
+functions first ask this module whether the call can go to torch unchanged,
+and if so return torch's result: torch then runs its own checks and raises
+its own errors, exactly.
+
+A call takes this path only where crossent promises nothing torch does not
+already deliver (README, "Deliberate differences"):
+  * the backend is automatic (CROSSENT_BACKEND unset or "auto"); a named
+    backend always runs its own kernels, so tests and benchmarks measure them;
+  * CPU tensors in fp32 / fp64 (fp16/bf16 keep crossent's fp32 accumulation);
+  * int64 class indices, or probability targets (int32 and uint8 targets keep
+    crossent's deviations);
+  * no legacy size_average / reduce (their warnings name the caller's line);
+  * none of the keyword-only extras;
+  * not while torch.compile traces (crossent's custom ops then give NaN, not
+    an assert, for an out-of-range target);
+  * cross_entropy only: at most ``CE_MAX_NUMEL`` logits, the measured
+    crossover below which torch's kernel beats the fused sweep.
+
+Every test is O(1) Python; the whole check costs about a microsecond.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+from torch._C import _nn
+from torch.overrides import has_torch_function_variadic
+
+# Logits per call up to which torch's CPU kernel is used (1024 x 1000 fits).
+# Measured on the 2-core EPYC (fp32, interleaved, busy machine; BENCHMARKS.md):
+# below ~1M logits the fused sweep's fixed cost (a dozen ops per chunk) is not
+# earned back; above it the sweep wins fwd+bwd (it computes the gradient in
+# the forward, torch reads the logits three times), while forward-only calls
+# are on par with torch only from ~8M logits.
+CE_MAX_NUMEL = 1 << 20
+
+_LEAN_DTYPES = (torch.float32, torch.float64)
+_LOW = (torch.float16, torch.bfloat16)
+# torch.nn._reduction.get_enum for the valid strings; anything else goes
+# through torch.nn.functional, which warns or raises as torch does.
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3 has none
+
+# os.environ.get costs ~0.7 us (key encoding, Mapping machinery), as much as
+# all other checks together; its backing dict holds the same data, updated by
+# every os.environ assignment (monkeypatch.setenv included).
+_ENV = getattr(os.environ, "_data", None)
+_KEY = os.environ.encodekey("CROSSENT_BACKEND") if _ENV is not None else None
+
+
+def _auto() -> bool:
+    b = _ENV.get(_KEY) if _ENV is not None else os.environ.get("CROSSENT_BACKEND")
+    return not b or b.strip().lower() in ("auto", b"auto")
+
+
+def _plain(input, target, weight, size_average, reduce, reduction) -> int | None:
+    """torch's reduction enum if (input, target, weight) may go straight to
+    torch's C++ loss as torch.nn.functional would send them, else None:
+    plain CPU fp32/fp64 logits, no __torch_function__ override or mode, no
+    legacy arguments, crossent's backend choice left automatic, not tracing
+    (tested first: Dynamo folds it to a constant and never sees the rest)."""
+    if (not is_compiling() and size_average is None and reduce is None and type(input) is Tensor
+            and input.is_cpu and input.dtype in _LEAN_DTYPES and type(reduction) is str
+            and not has_torch_function_variadic(input, target, weight) and _auto()):
+        return _REDUCTION.get(reduction)
+    return None
+
+
+def cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                  label_smoothing) -> Tensor | None:
+    """torch's cross_entropy for calls where it is the faster exact answer, else None."""
+    if type(target) is Tensor and (target.dtype is torch.int64 or target.is_floating_point()):
+        red = _plain(input, target, weight, size_average, reduce, reduction)
+        if red is not None and input.numel() <= CE_MAX_NUMEL:
+            return _nn.cross_entropy_loss(input, target, weight, red, ignore_index, label_smoothing)
+    return None
+
+
+def nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction) -> Tensor | None:
+    """torch's nll_loss (a gather and a reduction: nothing to fuse) where exact, else None."""
+    if type(target) is Tensor and target.dtype is torch.int64:
+        red = _plain(input, target, weight, size_average, reduce, reduction)
+        if red is not None:
+            return _nn.nll_loss_nd(input, target, weight, red, ignore_index)
+    return None
+
+
+def softmax(log: bool, input, dim, dtype) -> Tensor | None:
+    """torch's (log_)softmax for an explicit dim (crossent runs torch's kernels
+    there anyway; this skips the Python around them), else None."""
+    if not is_compiling() and dim is not None and type(input) is Tensor and input.is_cpu and _auto():
+        # The exact calls torch.nn.functional makes, so even a bad dim gets its message.
+        fn = input.log_softmax if log else input.softmax
+        return fn(dim) if dtype is None else fn(dim, dtype=dtype)
+    return None
+
+
+def autocast_out_dtype(input: Tensor, out_dtype: torch.dtype) -> torch.dtype:
+    """The loss dtype torch.autocast gives: torch lists cross_entropy and
+    nll_loss among its fp32 ops (fp16/bf16 inputs are cast to fp32 first), so
+    under autocast for input's device the loss is fp32.  crossent reads the
+    fp16/bf16 logits as they are (it accumulates in fp32 anyway, so the result
+    is the same without torch's fp32 copy of the logits) and only returns fp32."""
+    if out_dtype in _LOW and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return out_dtype
+
+
+def _autocast_on(t: Tensor) -> bool:
+    return torch.is_autocast_enabled(t.device.type)
+
+
+def autocast_inputs(input: Tensor, weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(input, weight) as cross_entropy / nll_loss compute with them.
+
+    Outside autocast, unchanged.  Under autocast torch casts fp16/bf16 inputs
+    of these ops to fp32.  crossent's kernels accumulate in fp32 anyway, so
+    fp16/bf16 logits are used as they are (no fp32 copy; only the loss dtype
+    changes, see autocast_out_dtype); only when the class weight's dtype
+    differs from the logits' (e.g. bf16 logits, fp32 weight, which autocast
+    accepts and crossent's kernels do not) are both cast, as torch does.
+    """
+    if (isinstance(weight, Tensor) and isinstance(input, Tensor) and weight.dtype != input.dtype
+            and (input.dtype in _LOW or weight.dtype in _LOW) and _autocast_on(input)):
+        return input.float(), weight.float()
+    return input, weight
+
+
+def autocast_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
+    """linear_cross_entropy under autocast equals cross_entropy(F.linear(...)) there:
+    the matmul in autocast's dtype (fp32 operands cast, fp64 left alone, as
+    for F.linear), the loss in fp32 (autocast_out_dtype).  Outside autocast,
+    unchanged."""
+    if not (isinstance(input, Tensor) and _autocast_on(input)):
+        return input, linear_weight, linear_bias
+    dt = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        return t.to(dt) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
+    return cast(input), cast(linear_weight), cast(linear_bias)
+
+
+def no_autocast(device_type: str):
+    """Autocast off for crossent's own fp32-accumulating matmuls (inputs are
+    already in the dtype autocast chose); a no-op context outside autocast."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()

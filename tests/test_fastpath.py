@@ -1,0 +1,150 @@
+"""The lean call path (crossent/_fast.py): which calls take it, and that on it
+crossent is torch exactly (values, gradients, errors, warnings)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import _autograd, _fast
+
+
+@pytest.fixture
+def auto(monkeypatch):
+    """The backend left automatic (conftest pins 'torch' for the rest of the suite)."""
+    monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into crossent's own cross-entropy Function."""
+    calls = []
+    real = _autograd.CrossEntropyFunction.apply
+
+    def spy(*a):
+        calls.append(a)
+        return real(*a)
+    monkeypatch.setattr(_autograd.CrossEntropyFunction, "apply", spy)
+    return calls
+
+
+def _xt(N=8, C=5, dtype=torch.float32, tdtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, C, generator=g, dtype=dtype), torch.randint(0, C, (N,), generator=g).to(tdtype)
+
+
+LEAN_CE_KWARGS = [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.3},
+                  {"ignore_index": 1}, {"weight": torch.rand(5) + 0.1}]
+
+
+@pytest.mark.parametrize("kw", LEAN_CE_KWARGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_cross_entropy_is_torch_bitwise(auto, kernel_calls, kw, dtype):
+    x, t = _xt(dtype=dtype)
+    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = crossent.cross_entropy(xa, t, **kw), F.cross_entropy(xb, t, **kw)
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert not kernel_calls
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs) and torch.equal(xa.grad, xb.grad)
+
+
+def test_lean_probability_targets_and_modules(auto, kernel_calls):
+    x, _ = _xt()
+    p = torch.rand(8, 5).softmax(1)
+    assert torch.equal(crossent.cross_entropy(x, p, label_smoothing=0.1), F.cross_entropy(x, p, label_smoothing=0.1))
+    x3, t3 = torch.randn(2, 5, 3), torch.randint(0, 5, (2, 3))
+    w = torch.rand(5)
+    assert torch.equal(crossent.nn.CrossEntropyLoss(weight=w)(x3, t3), torch.nn.CrossEntropyLoss(weight=w)(x3, t3))
+    lp = x.log_softmax(1)
+    _, t = _xt()
+    assert torch.equal(crossent.nn.NLLLoss(reduction="sum")(lp, t), torch.nn.NLLLoss(reduction="sum")(lp, t))
+    assert not kernel_calls
+
+
+@pytest.mark.parametrize("case", ["int32", "uint8", "bf16", "z_loss", "softcap", "legacy", "large",
+                                  "named_backend", "subclass"])
+def test_not_lean(monkeypatch, kernel_calls, case):
+    """Calls where crossent promises more than torch (or a backend was named)
+    run crossent's own kernels."""
+    monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
+    x, t = _xt(tdtype={"int32": torch.int32, "uint8": torch.uint8}.get(case, torch.int64),
+               dtype=torch.bfloat16 if case == "bf16" else torch.float32)
+    kw = {"z_loss": {"z_loss": 1e-3}, "softcap": {"softcap": 5.0},
+          "legacy": {"size_average": False}}.get(case, {})
+    if case == "large":
+        x, t = _xt(N=_fast.CE_MAX_NUMEL // 64 + 1, C=64)
+    if case == "named_backend":
+        monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    if case == "subclass":
+        x = torch.nn.Parameter(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy argument's deprecation warning
+        crossent.cross_entropy(x, t, **kw)
+    assert len(kernel_calls) == 1
+
+
+@pytest.mark.parametrize("value", ["auto", "AUTO", " auto ", ""])
+def test_auto_spellings(monkeypatch, kernel_calls, value):
+    monkeypatch.setenv("CROSSENT_BACKEND", value)
+    crossent.cross_entropy(*_xt())
+    assert not kernel_calls
+
+
+@pytest.mark.parametrize("bad", [
+    lambda f: f(torch.randn(3, 5), torch.tensor([0, 7, 1])),                # target out of bounds
+    lambda f: f(torch.randn(3, 5), torch.tensor([0, 1, 2]), reduction="avg"),
+    lambda f: f(torch.randn(3, 5), torch.tensor([0, 1])),                   # batch mismatch
+    lambda f: f(torch.randn(3, 5), torch.tensor([0, 1, 2]), weight=torch.rand(4)),
+    lambda f: f(torch.randn(3, 5), torch.tensor([0, 1, 2]), label_smoothing=1.5),
+    lambda f: f(torch.randn(3, 5), torch.tensor([0, 1, 2]), ignore_index=1.5),
+    lambda f: f(torch.randn(3, 5), [0, 1, 2]),
+    lambda f: f([[0.0]], torch.tensor([0])),
+])
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_lean_errors_are_torch_errors(auto, bad, name):
+    def run(f):
+        try:
+            bad(f)
+        except Exception as e:
+            return type(e), str(e)
+        return None
+    assert run(getattr(crossent, name)) == run(getattr(F, name))
+
+
+def test_lean_elementwise_mean_warning_is_torchs(auto):
+    x, t = _xt()
+    for f in (crossent.cross_entropy, F.cross_entropy):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            f(x, t, reduction="elementwise_mean")
+        assert [str(m.message) for m in w] == ["reduction='elementwise_mean' is deprecated. "
+                                              "Please use reduction='mean' instead."]
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_lean_softmax(auto, monkeypatch, log):
+    """An explicit dim goes straight to torch's kernel; dim=None keeps the
+    implicit-dim warning attributed to the caller's line."""
+    monkeypatch.setattr(_autograd, "softmax", lambda *a: pytest.fail("not lean"))
+    ours, theirs = (crossent.log_softmax, F.log_softmax) if log else (crossent.softmax, F.softmax)
+    x = torch.randn(4, 6, requires_grad=True)
+    assert torch.equal(ours(x, 1), theirs(x, 1))
+    assert torch.equal(ours(x, 0, dtype=torch.float64), theirs(x, 0, dtype=torch.float64))
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="Implicit dimension") as rec:
+        ours(x)
+    assert rec[0].filename == __file__
+
+
+def test_lean_under_vmap_and_grad(auto):
+    """torch.func composes with the lean path (it is torch's own op)."""
+    x, t = torch.randn(3, 8, 5), torch.randint(0, 5, (3, 8))
+    ours = torch.func.vmap(crossent.cross_entropy)(x, t)
+    assert torch.equal(ours, torch.func.vmap(F.cross_entropy)(x, t))
+    assert torch.equal(torch.func.grad(crossent.cross_entropy)(x[0], t[0]),
+                       torch.func.grad(F.cross_entropy)(x[0], t[0]))
