@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from crossent.backends.triton import TritonBackend, ce, softmax  # noqa: E402
+from crossent.backends.triton import TritonBackend, ce, softmax, split  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 
@@ -126,24 +126,22 @@ def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=
 PATHS = {
     "single": {},
     # one program per row, two passes over C tiles of 32
-    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=1),
+    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, _ROW_PATH="twopass"),
     # several rows per program, looped
-    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, sms=1),
-    # rows split over programs: partials + finish kernels
-    # (2 "SMs": fewer than 4 programs -> split into up to 8 // programs)
-    "split": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=2),
+    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, _ROW_PATH="twopass"),
+    # rows split into slices of 32 over programs of 3 row groups (split.py, two stages)
+    "split": dict(_SINGLE_MAX=32, _SPLIT_BLOCK=32),
+    # slices of 16 (NSPLIT not a power of two at most C), 2 row groups, prefetched rows
+    "split16": dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _SPLIT_GROUPS=2, _SPLIT_PREFETCH=True),
 }
+_DEFAULTS = {k: getattr(split if hasattr(split, k) else ce, k) for cfg in PATHS.values() for k in cfg}
 
 
 @pytest.fixture(params=list(PATHS))
-def path(request, monkeypatch):
-    cfg = dict(PATHS[request.param])
-    sms = cfg.pop("sms", None)
-    for k, v in cfg.items():
-        monkeypatch.setattr(ce, k, v)
-    if sms is not None:
-        monkeypatch.setattr(ce, "_num_sms", lambda device: sms)
-    return request.param
+def path(request):
+    ce.configure(**PATHS[request.param])
+    yield request.param
+    ce.configure(**_DEFAULTS)
 
 
 def randn(*shape, dtype=torch.float32, scale=3.0):
@@ -158,7 +156,7 @@ SHAPE_CASES = (
     [("single", R, C, dt) for R, C in [(1, 1), (5, 1), (7, 257), (3, 100), (16, 10)]
      for dt in (_F32, _BF16, _F16)]
     # ... and the looped / split paths (tiles of 16-32 classes) on a few shapes
-    + [(p, R, C, dt) for p in ("looped", "multirow", "split")
+    + [(p, R, C, dt) for p in ("looped", "multirow", "split", "split16")
        for R, C, dt in [(3, 257, _F32), (1, 100, _BF16), (2, 33, _F16)]]
 )
 
@@ -332,7 +330,7 @@ def test_rescale(dtype):
 SM_SHAPES = [((4, 6, 9), 0), ((4, 6, 9), 1), ((4, 6, 9), -1), ((3, 257), -1), ((2, 100), 0),
              ((1, 1), -1), ((), 0)]
 SM_CASES = ([("single", sh, d, dt, lg) for sh, d in SM_SHAPES for dt in (_F32, _BF16) for lg in (False, True)]
-            + [(p, sh, d, _F32, lg) for p in ("looped", "multirow")
+            + [(p, sh, d, _F32, lg) for p in ("looped", "multirow", "split", "split16")
                for sh, d in [((3, 257), -1), ((2, 100), 0), ((2, 40, 3), 1)] for lg in (False, True)])
 
 
