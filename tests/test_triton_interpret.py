@@ -219,6 +219,62 @@ def test_ce_target_dtypes(tdtype):
     check_ce(x, y, ignore_index=-100)
 
 
+def test_ce_ignore_index_exact(path):
+    # issue 9 item 1: the target is compared with ignore_index as an int64, never
+    # in its own dtype (-100 would wrap to 156 in uint8; 2**32 to 0 in int32).
+    x = randn(3, 200)
+    y8 = torch.tensor([156, 3, 199], dtype=torch.uint8, device=DEV)
+    # (the reference here compares in int64; the torch backend is fixed elsewhere)
+    loss, _, _ = check_ce(x, y8, ignore_index=-100, also_torch=False)
+    assert torch.isfinite(loss).all() and (loss > 0).all()
+    y32 = torch.tensor([0, 7, 0], dtype=torch.int32, device=DEV)
+    loss, _, _ = check_ce(x, y32, ignore_index=2**32, also_torch=False)
+    assert (loss > 0).all()
+    check_ce(x, y32, ignore_index=7, also_torch=False)
+
+
+def test_ce_strided_weight_and_targets(path):
+    # issue 9 item 2: a strided class weight and strided probability targets
+    torch.manual_seed(5)
+    R, C = 3, 45
+    x = randn(R, C)
+    w = (torch.rand(2 * C, device=DEV) + 0.5)[::2]
+    y = torch.randint(0, C, (R,), device=DEV)
+    check_ce(x, y, weight=w, eps=0.1)
+    t = torch.softmax(randn(R, 2 * C), -1)[:, ::2]
+    check_ce(x, t, weight=w, eps=0.05)
+    check_ce(randn(2, C, 3), torch.softmax(randn(2, 3, C), -1).transpose(1, 2), weight=w)
+
+
+def _err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_precision_large_offset(offset, path):
+    # issue 9 item 4: a common offset, which the softmax ignores, costs no more
+    # accuracy than it costs torch in the same dtype (fp32, against fp64).
+    torch.manual_seed(6)
+    R, C = 4, 150
+    x64 = torch.randn(R, C, dtype=torch.float64, device=DEV) * 2 + offset
+    x = x64.float()
+    y = torch.randint(0, C, (R,), device=DEV)
+    rl, _, rg = ref_ce(x.double(), y)
+    loss, _, grad = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, torch.tensor(1.0), True)
+    xt = x.clone().requires_grad_()
+    tl_ = torch.nn.functional.cross_entropy(xt, y, reduction="none")
+    tl_.sum().backward()
+    assert _err(loss, rl) <= 4 * _err(tl_, rl) + 1e-6
+    assert _err(grad, rg) <= 4 * _err(xt.grad, rg) + 1e-7
+    gb = BE.ce_backward(x, y, None, torch.empty(0), -100, 0.0, 0.0, 0.0, torch.tensor(1.0))
+    assert _err(gb, rg) <= 4 * _err(xt.grad, rg) + 1e-7
+    for log in (False, True):
+        ref = (torch.log_softmax if log else torch.softmax)(x.double(), -1)
+        ours = BE.softmax_forward(x, -1, log)
+        theirs = (torch.log_softmax if log else torch.softmax)(x, -1)
+        assert _err(ours, ref) <= 4 * _err(theirs, ref) + 1e-6
+
+
 def test_ce_all_ignored_inf_scale(path):
     x = randn(4, 50, dtype=torch.bfloat16)
     y = torch.full((4,), -100, device=DEV)

@@ -28,13 +28,11 @@ def _cluster_sum_probe(x_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 @functools.lru_cache(maxsize=None)
-def cluster_reductions(device: torch.device) -> bool:
+def compiles_cluster_reduction(target) -> bool:
     """Does the installed Triton compile a reduction across a thread-block cluster
-    for this device?  (Triton 3.6 rejects it in TritonGPUPlanCTAPass; 3.9 compiles it.)"""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
-        return False
+    for ``target`` (a triton GPUTarget)?  Triton 3.6 rejects it in
+    TritonGPUPlanCTAPass ("parent layout must have at least rank >= 2"); 3.9 compiles it."""
     from triton.compiler import ASTSource
-    target = triton.runtime.driver.active.get_current_target()
     src = ASTSource(fn=_cluster_sum_probe, signature={"x_ptr": "*bf16", "out_ptr": "*fp32"},
                     constexprs={"BLOCK": 4096})
     try:
@@ -42,6 +40,15 @@ def cluster_reductions(device: torch.device) -> bool:
     except Exception:  # noqa: BLE001 - any compiler failure means "not supported here"
         return False
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def cluster_reductions(device: torch.device) -> bool:
+    """compiles_cluster_reduction for this CUDA device (clusters need sm_90+)."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    with torch.cuda.device(device):
+        return compiles_cluster_reduction(triton.runtime.driver.active.get_current_target())
 
 
 def resident_ctas(n_regs: int, shared: int, num_warps: int, device: torch.device) -> int:

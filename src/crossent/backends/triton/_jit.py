@@ -84,10 +84,12 @@ def _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
 
 
 @triton.jit
-def _row_a(wy, p1, ms, logs, one_m_eps, eps_over_c, z_loss,
-           PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_ZL: tl.constexpr):
-    # A of dz = scale * (p*A - B): sum_c w_c t'_c (probabilities), or
-    # (1-eps) w[y] + eps/C sum(w) (class index; p1 = sum(w) when smoothing), + 2 zl lse.
+def _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
+               PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_ZL: tl.constexpr):
+    # dz = scale*(p*A - B) as dz = p*a2 - [c == y]*b2 - wt*c2, with every row-uniform
+    # factor folded into the three scalars, so a tile costs two multiplies per element.
+    # A: sum_c w_c t'_c (probabilities), or (1-eps) w[y] + eps/C sum(w) (class index;
+    # p1 = sum(w) when smoothing); + 2 zl lse.
     if PROB:
         a = p1
     else:
@@ -96,27 +98,32 @@ def _row_a(wy, p1, ms, logs, one_m_eps, eps_over_c, z_loss,
             a += eps_over_c * p1
     if HAS_ZL:
         a += 2.0 * z_loss * (ms + logs)
-    return a
+    if PROB:
+        f = sc
+        b2 = 0.0 * sc
+        c2 = sc
+    else:
+        # Ignored rows: 0 whatever the scale (inf too); NaN logits stay NaN (p * 0).
+        # A target outside [0, C) that is not ignored: NaN.
+        f = tl.where(valid, tl.where(inb, sc, float("nan")), 0.0)
+        b2 = f * (one_m_eps * wy)
+        c2 = f * eps_over_c
+    return f * a, b2, c2
 
 
 @triton.jit
-def _grad(z, wt, is_y, ms, logs, a, wy_term, sc, valid, inb, cap, eps_over_c,
-          PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_CAP: tl.constexpr):
-    # dz = scale*(p*A - B) in fp32, so the true-class p - 1 is formed before rounding.
-    # ms, logs, a, wy_term, sc, valid, inb broadcast against the tile.
-    p = tl.exp((z - ms) - logs)
-    if PROB:
-        dz = p * a - wt
-    else:
-        dz = p * a - tl.where(is_y, wy_term, 0.0)
-        if SMOOTH:
-            dz = dz - eps_over_c * wt
-    dz = dz * sc
-    if not PROB:
-        # Ignored rows: 0 whatever the scale (inf too), but NaN logits stay NaN (p * 0).
-        dz = tl.where(inb, dz, float("nan"))
-        dz = tl.where(valid, dz, p * 0.0)
+def _grad(p, wt, is_y, a2, b2, c2, z, cap, NEED_P: tl.constexpr, HAS_CAP: tl.constexpr):
+    # p = softmax (fp32), so the true-class p - 1 is formed before rounding.
+    dz = p * a2 - tl.where(is_y, b2, 0.0)
+    if NEED_P:
+        dz = dz - wt * c2
     if HAS_CAP:
         r = z / cap
         dz = dz * (1.0 - r * r)
     return dz
+
+
+@triton.jit
+def _inv_sum(ssum, m):
+    # 1 / sumexp, NaN for a row with a +inf logit (see _log_sum)
+    return tl.where(m == float("inf"), float("nan"), 1.0 / ssum)

@@ -3,7 +3,7 @@
 Launch paths, and how often each reads the logits (the gradient is written once):
   single   the class range fits one tile (C <= _SINGLE_MAX, several rows per
            program when C is small): loss, lse and gradient from ONE read.
-  cluster  (R, C) rows, C up to _CLUSTER_CTAS * _SINGLE_MAX, CUDA, and only where the
+  cluster  (R, C) rows, C up to _CLUSTER_CTAS * _CLUSTER_BLOCK, CUDA, and only where the
            installed Triton compiles reductions across a thread-block cluster
            (probed): the single path with one row per cluster: ONE read.
   split    (R, C) rows with a large C (``split.py``): each row is cut into NSPLIT
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _device, split
-from ._jit import _as_logits, _class_terms, _grad, _log_sum, _loss, _row_a, _safe, _softcap
+from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _row_coefs, _safe, _softcap
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
 # move them; change them through configure(), which drops the cached plans.
@@ -39,6 +39,8 @@ _LOOP_BLOCK = 8192      # class tile of the two-pass path
 _TILE_ELEMS = 4096      # tile size when several positions share a program
 _KDIM_BLOCK_S = 64      # positions per tile when positions are the contiguous axis
 _CLUSTER_CTAS = 8       # widest cluster (8 is the portable maximum)
+_CLUSTER_BLOCK = 8192   # classes per CTA of a cluster
+_CLUSTER_WARPS = 8
 _ROW_PATH = "auto"      # (R, C) rows with C > _SINGLE_MAX: auto | split | cluster | twopass
 
 
@@ -86,7 +88,7 @@ def _ce_kernel(
     if PROB:
         valid = smask
         inb = smask
-        y_s = tl.zeros([BLOCK_S], tl.int64)
+        y_s = tl.full([BLOCK_S], -1, tl.int64)                       # matches no class
         wy = tl.zeros([BLOCK_S], tl.float32)
         zy = tl.zeros([BLOCK_S], tl.float32)
     else:
@@ -108,16 +110,17 @@ def _ce_kernel(
     p1 = tl.zeros([BLOCK_S], tl.float32)
     p2 = tl.zeros([BLOCK_S], tl.float32)
     if SINGLE:
-        cols = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
+        cols = tl.arange(0, BLOCK_C)[None, :]                         # int32: fewer registers
         cmask = smask[:, None] & (cols < C)
-        z1 = _as_logits(tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0,
+        z1 = _as_logits(tl.load(x_ptr + x_row + cols.to(tl.int64) * sx_c, mask=cmask, other=0.0,
                                 eviction_policy="evict_first"), cmask, cap, HAS_CAP)
         m = tl.max(z1, 1)
         ms = _safe(m)
-        ssum = tl.sum(tl.exp(z1 - ms[:, None]), 1)
+        e1 = tl.exp(z1 - ms[:, None])                                 # kept for the gradient
+        ssum = tl.sum(e1, 1)
         wt1 = z1
         if NEED_P:
-            wt1 = _class_terms(w_ptr, t_ptr, t_row + cols * st_c, cols, cmask, C,
+            wt1 = _class_terms(w_ptr, t_ptr, t_row + cols.to(tl.int64) * st_c, cols, cmask, C,
                                one_m_eps, eps_over_c, HAS_W, PROB)
             p1 = tl.sum(wt1, 1)
             p2 = tl.sum(tl.where(cmask, wt1 * (z1 - ms[:, None]), 0.0), 1)
@@ -151,27 +154,32 @@ def _ce_kernel(
     if NEED_GRAD:
         g_row = b * sg_b + s[:, None] * sg_s
         sc = tl.load(scale_ptr + pos * scale_stride, mask=smask, other=0.0).to(tl.float32)
-        a = _row_a(wy, p1, ms, logs, one_m_eps, eps_over_c, z_loss, PROB, SMOOTH, HAS_ZL)
+        a2, b2, c2 = _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
+                                PROB, SMOOTH, HAS_ZL)
+        a2 = a2 + tl.zeros([BLOCK_S], tl.float32)
+        b2 = b2 + tl.zeros([BLOCK_S], tl.float32)
+        c2 = c2 + tl.zeros([BLOCK_S], tl.float32)
+        y_loc = y_s.to(tl.int32)[:, None]                             # y_s < C < 2**31
         if SINGLE:
-            dz = _grad(z1, wt1, cols == y_s[:, None], ms[:, None], logs[:, None], a[:, None],
-                       (one_m_eps * wy)[:, None], sc[:, None], valid[:, None], inb[:, None],
-                       cap, eps_over_c, PROB, SMOOTH, HAS_CAP)
-            tl.store(g_ptr + g_row + cols * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
+            p = e1 * _inv_sum(ssum, m)[:, None]
+            dz = _grad(p, wt1, cols == y_loc, a2[:, None], b2[:, None], c2[:, None], z1, cap,
+                       NEED_P, HAS_CAP)
+            tl.store(g_ptr + g_row + cols.to(tl.int64) * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
                      eviction_policy="evict_first")
         else:
             for c0 in range(0, C, BLOCK_C):
-                cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+                cols = c0 + tl.arange(0, BLOCK_C)[None, :]
                 cmask = smask[:, None] & (cols < C)
-                z = _as_logits(tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0,
+                z = _as_logits(tl.load(x_ptr + x_row + cols.to(tl.int64) * sx_c, mask=cmask, other=0.0,
                                        eviction_policy="evict_first"), cmask, cap, HAS_CAP)
                 wt = z
                 if NEED_P:
-                    wt = _class_terms(w_ptr, t_ptr, t_row + cols * st_c, cols, cmask, C,
+                    wt = _class_terms(w_ptr, t_ptr, t_row + cols.to(tl.int64) * st_c, cols, cmask, C,
                                       one_m_eps, eps_over_c, HAS_W, PROB)
-                dz = _grad(z, wt, cols == y_s[:, None], ms[:, None], logs[:, None], a[:, None],
-                           (one_m_eps * wy)[:, None], sc[:, None], valid[:, None], inb[:, None],
-                           cap, eps_over_c, PROB, SMOOTH, HAS_CAP)
-                tl.store(g_ptr + g_row + cols * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
+                p = tl.exp((z - ms[:, None]) - logs[:, None])
+                dz = _grad(p, wt, cols == y_loc, a2[:, None], b2[:, None], c2[:, None], z, cap,
+                           NEED_P, HAS_CAP)
+                tl.store(g_ptr + g_row + cols.to(tl.int64) * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
                          eviction_policy="evict_first")
 
 
@@ -213,10 +221,17 @@ def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
         return "twopass"   # K-dim; or forward only, which reads once on this path anyway
     want = _ROW_PATH
     if want in ("auto", "cluster") and device.type == "cuda" \
-            and triton.next_power_of_2(C) <= _CLUSTER_CTAS * _SINGLE_MAX \
+            and triton.next_power_of_2(C) <= _CLUSTER_CTAS * _CLUSTER_BLOCK \
             and _device.cluster_reductions(device):
         return "cluster"
     return "split" if want in ("auto", "split", "cluster") else "twopass"
+
+
+def cluster_config(C: int) -> dict:
+    """Launch kwargs of one row per cluster (shared with softmax)."""
+    block_c = triton.next_power_of_2(C)
+    return dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, num_warps=_CLUSTER_WARPS,
+                num_ctas=max(2, block_c // _CLUSTER_BLOCK))
 
 
 @functools.lru_cache(maxsize=256)
@@ -225,9 +240,7 @@ def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, device:
     rows = B == 1 and sx_c == 1
     path = row_path(rows, C, need_grad, device)
     if path == "cluster":
-        block_c = triton.next_power_of_2(C)
-        ctas = block_c // _SINGLE_MAX
-        return path, dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, num_warps=16, num_ctas=ctas), (S,)
+        return path, cluster_config(C), (S,)
     block_s, block_c = tile_shape(C, S, sx_c == 1 or sx_s != 1)
     n_sblk = triton.cdiv(S, block_s)
     kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C,

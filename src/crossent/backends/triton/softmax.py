@@ -169,8 +169,7 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
         return y.reshape(x.shape)
     cfg, n_sblk = _plan(B, C, S, ss, sc)
     if path == "cluster":   # one row per cluster, held in registers across its CTAs
-        cfg = dict(BLOCK_S=1, BLOCK_C=triton.next_power_of_2(C), SINGLE=True, num_warps=16,
-                   num_ctas=triton.next_power_of_2(C) // ce._SINGLE_MAX)
+        cfg = ce.cluster_config(C)
         n_sblk = S
     _softmax_fwd_kernel[(B * n_sblk,)](xc, y, S, C, sb, ss, sc, n_sblk, LOG=log, **cfg)
     return y.reshape(x.shape)

@@ -26,11 +26,14 @@ import triton
 import triton.language as tl
 
 from . import _device
-from ._jit import _as_logits, _class_terms, _grad, _log_sum, _loss, _row_a, _safe, _softcap
+from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _row_coefs, _safe, _softcap
 
-_SPLIT_BLOCK = 8192     # widest slice (elements); a power of two
-_SPLIT_WARPS = 16
-_SPLIT_CTAS = 2         # resident programs per SM to aim for (capped by what fits)
+# Defaults from the static check (tests/_aot_compile.py --explore, sm_90, bf16): slices
+# of 4096 over 4 warps: 70 registers, 7 CTAs/SM, ~26 SASS instructions per element
+# (8192 x 16 warps: 56 registers but ~34 per element: the per-row work dominates).
+_SPLIT_BLOCK = 4096     # widest slice (elements); a power of two
+_SPLIT_WARPS = 4
+_SPLIT_CTAS = 8         # resident programs per SM to aim for (capped by what fits)
 _SPLIT_PREFETCH = False  # load row r + n_groups before waiting on row r (about 2x the registers)
 _SPLIT_GROUPS = 3       # interpreter: row groups (exercises the persistent loop)
 _NPART = 5              # partial slots: max, sumexp, P1, P2, z[y]
@@ -115,7 +118,7 @@ def _ce_split_kernel(
                               one_m_eps, eps_over_c, HAS_W, PROB)
             valid = True
             inb = True
-            y = 0
+            y = -1                                           # matches no class
             wy = 0.0
             zy = 0.0
         else:
@@ -127,15 +130,17 @@ def _ce_split_kernel(
             if HAS_W:
                 wy = tl.load(w_ptr + y).to(tl.float32)
         base = r64 * (NSPLIT * 5)
+        # slice statistics; e = exp(z - slice shift) stays for the gradient: p = e * k
+        m_sl = tl.max(z, 0)
+        ms_sl = _safe(m_sl)
+        e = tl.exp(z - ms_sl)
         if STAGE != 2:
-            m = tl.max(z, 0)
-            ms = _safe(m)
             slot = part_ptr + base + split * 5
-            tl.store(slot, m)
-            tl.store(slot + 1, tl.sum(tl.exp(z - ms), 0))
+            tl.store(slot, m_sl)
+            tl.store(slot + 1, tl.sum(e, 0))
             if NEED_P:
                 tl.store(slot + 2, tl.sum(wt, 0))
-                tl.store(slot + 3, tl.sum(tl.where(cmask, wt * (z - ms), 0.0), 0))
+                tl.store(slot + 3, tl.sum(tl.where(cmask, wt * (z - ms_sl), 0.0), 0))
             if not PROB:
                 own = valid & inb & (y >= split * BLOCK) & (y < split * BLOCK + BLOCK)
                 zy = tl.load(x_ptr + r64 * sx_r + y, mask=own, other=0.0).to(tl.float32)
@@ -155,11 +160,12 @@ def _ce_split_kernel(
                                                z_loss, valid, inb, PROB, SMOOTH, HAS_ZL))
                 tl.store(lse_ptr + r64, ms + logs)
             sc = tl.load(scale_ptr + r64 * scale_stride).to(tl.float32)
-            a = _row_a(wy, p1, ms, logs, one_m_eps, eps_over_c, z_loss, PROB, SMOOTH, HAS_ZL)
+            a2, b2, c2 = _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
+                                    PROB, SMOOTH, HAS_ZL)
             # int32 lane compare (an int64 one doubles the registers of the tile)
             is_y = tl.arange(0, BLOCK) == (y - split * BLOCK).to(tl.int32)
-            dz = _grad(z, wt, is_y, ms, logs, a, one_m_eps * wy, sc, valid, inb, cap,
-                       eps_over_c, PROB, SMOOTH, HAS_CAP)
+            p = e * (tl.exp(ms_sl - ms) * _inv_sum(ssum, m))
+            dz = _grad(p, wt, is_y, a2, b2, c2, z, cap, NEED_P, HAS_CAP)
             tl.store(g_ptr + r64 * C + cols, dz.to(g_ptr.dtype.element_ty), mask=cmask,
                      eviction_policy="evict_first")
 
@@ -190,18 +196,24 @@ def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, R, C, n_groups,
             cur = tl.load(x_ptr + r64 * C + cols, mask=cmask, other=0.0, eviction_policy="evict_first")
         z = tl.where(cmask, cur.to(tl.float32), float("-inf"))
         base = r64 * (NSPLIT * 5)
+        m_sl = tl.max(z, 0)
+        ms_sl = _safe(m_sl)
+        if not LOG:
+            e = tl.exp(z - ms_sl)
         if STAGE != 2:
-            m = tl.max(z, 0)
-            tl.store(part_ptr + base + split * 5, m)
-            tl.store(part_ptr + base + split * 5 + 1, tl.sum(tl.exp(z - _safe(m)), 0))
+            tl.store(part_ptr + base + split * 5, m_sl)
+            if LOG:
+                tl.store(part_ptr + base + split * 5 + 1, tl.sum(tl.exp(z - ms_sl), 0))
+            else:
+                tl.store(part_ptr + base + split * 5 + 1, tl.sum(e, 0))
         if STAGE == 0:
             _arrive_and_wait(cnt_ptr + r64, NSPLIT)
         if STAGE != 1:
             m, ms, ssum, _p1, _p2 = _combine(part_ptr, base, NSPLIT, NSPLIT_P2, False)
             if LOG:
-                out = (z - ms) - tl.log(ssum)
+                out = (z - ms) - tl.log(ssum)      # relative to the row max: exact at 1e4
             else:
-                out = tl.exp(z - ms) * (1.0 / ssum)
+                out = e * (tl.exp(ms_sl - ms) / ssum)
             out = tl.where(tl.abs(m) == float("inf"), float("nan"), out)   # as torch: inf - inf
             tl.store(y_ptr + r64 * C + cols, out.to(y_ptr.dtype.element_ty), mask=cmask,
                      eviction_policy="evict_first")
