@@ -153,7 +153,7 @@ def check_variants() -> bool:
     for (single, bs, bc), (xdt, f) in itertools.product(
             [(True, 1, 16384), (False, 1, 8192), (True, 8, 512), (False, 64, 64)], dtypes_flags):
         one(f"ce fused single={single} {bs}x{bc} {xdt} {f}", ce._ce_kernel, fused_args(xdt, f["PROB"], 4096, 1000),
-            dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, **f))
+            dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, **f))
     for stage, pre, (xdt, f) in itertools.product((0, 1, 2), (False, True), dtypes_flags):
         if pre and (stage != 0 or f is not FLAG_SETS[0]):
             continue
@@ -230,6 +230,18 @@ def check_production() -> bool:
         who = "3.9-like" if cluster else "3.6-like"
         print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {who} {path:8} {res['regs']:4} {res['local']:6} "
               f"{ctas:7} {per_elem:9.1f}  {one_read}")
+    # softmax forward, bf16 8192 x 128256, on the GPU machine's Triton (no cluster reductions)
+    R, C = 8192, 128256
+    p = split.plan(R, C, torch.device("cpu"))
+    res = resources(compile_kernel(
+        split._softmax_split_kernel, softmax_split_args(R, C),
+        dict(BLOCK=p["BLOCK"], NSPLIT=p["NSPLIT"], NSPLIT_P2=p["NSPLIT_P2"], STAGE=0, PREFETCH=p["PREFETCH"],
+             LOG=False), dict(num_warps=p["num_warps"], launch_cooperative_grid=True)))
+    ctas = ctas_per_sm(res["regs"], res["shared"], p["num_warps"])
+    good = res["local"] == 0 and ctas >= 2
+    ok &= good
+    print(f"{'OK  ' if good else 'FAIL'} softmax {R}x{C} 3.6-like split    {res['regs']:4} {res['local']:6} "
+          f"{ctas:7} {loops(res['sass'])[0] / (p['BLOCK'] / (32 * p['num_warps'])):9.1f}  True")
     return ok
 
 

@@ -41,6 +41,7 @@ _KDIM_BLOCK_S = 64      # positions per tile when positions are the contiguous a
 _CLUSTER_CTAS = 8       # widest cluster (8 is the portable maximum)
 _CLUSTER_BLOCK = 8192   # classes per CTA of a cluster
 _CLUSTER_WARPS = 8
+_KEEP_L2 = True         # two-pass: first pass loads with evict_last (a sweep knob)
 _ROW_PATH = "auto"      # (R, C) rows with C > _SINGLE_MAX: auto | split | cluster | twopass
 
 
@@ -56,6 +57,7 @@ def configure(**knobs) -> None:
             setattr(mod, k, v)
     _plan.cache_clear()
     split.plan.cache_clear()
+    split._GROUPS.clear()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -73,6 +75,7 @@ def _ce_kernel(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
     HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
+    KEEP_L2: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     sblk = pid % n_sblk
@@ -131,8 +134,12 @@ def _ce_kernel(
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
             cmask = smask[:, None] & (cols < C)
             # evict_last: the gradient pass re-reads this tile, from L2 if it stayed
-            z = _as_logits(tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0,
-                                   eviction_policy="evict_last"), cmask, cap, HAS_CAP)
+            if KEEP_L2:
+                raw = tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0,
+                              eviction_policy="evict_last")
+            else:
+                raw = tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0)
+            z = _as_logits(raw, cmask, cap, HAS_CAP)
             m_new = tl.maximum(m, tl.max(z, 1))
             mns = _safe(m_new)
             ssum = ssum * tl.exp(m - mns) + tl.sum(tl.exp(z - mns[:, None]), 1)
@@ -230,7 +237,7 @@ def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
 def cluster_config(C: int) -> dict:
     """Launch kwargs of one row per cluster (shared with softmax)."""
     block_c = triton.next_power_of_2(C)
-    return dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, num_warps=_CLUSTER_WARPS,
+    return dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, KEEP_L2=False, num_warps=_CLUSTER_WARPS,
                 num_ctas=max(2, block_c // _CLUSTER_BLOCK))
 
 
@@ -243,7 +250,7 @@ def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, device:
         return path, cluster_config(C), (S,)
     block_s, block_c = tile_shape(C, S, sx_c == 1 or sx_s != 1)
     n_sblk = triton.cdiv(S, block_s)
-    kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C,
+    kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C, KEEP_L2=_KEEP_L2 and need_grad,
               num_warps=max(4, min(16, block_s * block_c // 512)))
     return path, kw, (B * n_sblk,)
 

@@ -169,7 +169,7 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
         return y.reshape(x.shape)
     cfg, n_sblk = _plan(B, C, S, ss, sc)
     if path == "cluster":   # one row per cluster, held in registers across its CTAs
-        cfg = ce.cluster_config(C)
+        cfg = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}
         n_sblk = S
     _softmax_fwd_kernel[(B * n_sblk,)](xc, y, S, C, sb, ss, sc, n_sblk, LOG=log, **cfg)
     return y.reshape(x.shape)
