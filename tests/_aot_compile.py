@@ -217,7 +217,12 @@ def check_production() -> bool:
     print("shape            triton   path     regs spills CTAs/SM  SASS/elem  one-read")
     for (R, C), cluster in itertools.product(BENCH_SHAPES, sorted({False, cluster_here})):
         path, fn, args, consts, opts, per_thread = production(R, C, cluster)
-        res = resources(compile_kernel(fn, args, consts, opts))
+        ck = compile_kernel(fn, args, consts, opts)
+        res = resources(ck)
+        if path == "split":   # the handshake: a release on arrival, acquire loads while waiting
+            ok &= "atom.global.gpu.acq_rel" in ck.asm["ptx"] and "ld.global.gpu.acquire" in ck.asm["ptx"]
+        if path == "cluster":  # the reduction goes through distributed shared memory
+            ok &= "mapa.shared::cluster" in ck.asm["ptx"] and "barrier.cluster" in ck.asm["ptx"]
         ctas = ctas_per_sm(res["regs"], res["shared"], opts["num_warps"])
         body = loops(res["sass"])
         if path == "twopass":
