@@ -44,8 +44,9 @@ class Ptr:
 
 
 def _signature(fn, args: dict):
-    """signature + divisibility attributes as the JIT would specialise these values."""
-    sig, attrs = {}, {}
+    """signature, divisibility attributes and constants as the JIT specialises these values
+    (an int equal to 1 becomes a constexpr; one divisible by 16 gets tt.divisibility)."""
+    sig, attrs, consts = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name not in args:
             continue
@@ -55,16 +56,19 @@ def _signature(fn, args: dict):
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[name] = "fp32"
+        elif v == 1:
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
             sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
+    return sig, attrs, consts
 
 
 def compile_kernel(fn, args: dict, consts: dict, options: dict):
-    sig, attrs = _signature(fn, args)
-    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+    sig, attrs, ones = _signature(fn, args)
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**ones, **consts}, attrs=attrs),
                           target=TARGET, options=options)
 
 

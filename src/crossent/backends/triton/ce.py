@@ -48,13 +48,12 @@ _ROW_PATH = "auto"      # (R, C) rows with C > _SINGLE_MAX: auto | split | clust
 def configure(**knobs) -> None:
     """Set launch knobs of this module and of ``split`` (tests, benchmarks/gpu_sweep.py)."""
     for k, v in knobs.items():
-        mod = split if hasattr(split, k) else globals()
-        if isinstance(mod, dict):
-            if k not in mod:
-                raise KeyError(k)
-            mod[k] = v
+        if hasattr(split, k):
+            setattr(split, k, v)
+        elif k.startswith("_") and k in globals():
+            globals()[k] = v
         else:
-            setattr(mod, k, v)
+            raise KeyError(f"unknown launch knob {k!r}")
     _plan.cache_clear()
     split.plan.cache_clear()
     split._GROUPS.clear()

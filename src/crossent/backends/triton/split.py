@@ -36,7 +36,6 @@ _SPLIT_WARPS = 4
 _SPLIT_CTAS = 8         # resident programs per SM to aim for (capped by what fits)
 _SPLIT_PREFETCH = False  # load row r + n_groups before waiting on row r (about 2x the registers)
 _SPLIT_GROUPS = 3       # interpreter: row groups (exercises the persistent loop)
-_NPART = 5              # partial slots: max, sumexp, P1, P2, z[y]
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -84,7 +83,7 @@ def _ce_split_kernel(
     scale_ptr, scale_stride,            # fp32, 0-d (stride 0) or one per row
     loss_ptr, lse_ptr,                  # fp32 (R,)
     g_ptr,                              # gradient (R, C), contiguous
-    part_ptr, cnt_ptr,                  # fp32 (R, NSPLIT, 5) partials; int32 (R,) zeroed counters
+    part_ptr, cnt_ptr,                  # fp32 (R, NSPLIT, 5) partials (m, s, P1, P2, z[y]); int32 (R,) zeroed counters
     R, C, n_groups,
     ignore_index, one_m_eps, eps_over_c, z_loss, cap,
     BLOCK: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr, STAGE: tl.constexpr,
