@@ -215,6 +215,8 @@ def row_path(request):
     ce.configure(**knobs)
     yield request.param
     ce.configure(**saved)
+    # the split path must have run, not its fallback to the two-pass kernels
+    assert _device.cooperative(torch.device(DEV, torch.cuda.current_device())), "cooperative launch failed"
 
 
 @pytest.mark.parametrize("R,C", [(300, 32000), (64, 128256), (5, 256000), (2, 2 ** 19)])

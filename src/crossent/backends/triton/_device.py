@@ -7,6 +7,7 @@ installed compiler accepts.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
@@ -49,6 +50,20 @@ def cluster_reductions(device: torch.device) -> bool:
         return False
     with torch.cuda.device(device):
         return compiles_cluster_reduction(triton.runtime.driver.active.get_current_target())
+
+
+_NO_COOPERATIVE: set = set()   # devices where a cooperative launch failed
+
+
+def cooperative(device: torch.device) -> bool:
+    """False once a cooperative launch failed on this device (the split path is then skipped)."""
+    return device not in _NO_COOPERATIVE
+
+
+def cooperative_failed(device: torch.device, err: Exception) -> None:
+    warnings.warn(f"crossent: cooperative launch failed on {device} ({type(err).__name__}: {err}); "
+                  "using the two-pass kernels there from now on", RuntimeWarning, stacklevel=3)
+    _NO_COOPERATIVE.add(device)
 
 
 def resident_ctas(n_regs: int, shared: int, num_warps: int, device: torch.device) -> int:

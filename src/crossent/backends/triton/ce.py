@@ -230,7 +230,9 @@ def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
             and triton.next_power_of_2(C) <= _CLUSTER_CTAS * _CLUSTER_BLOCK \
             and _device.cluster_reductions(device):
         return "cluster"
-    return "split" if want in ("auto", "split", "cluster") else "twopass"
+    if want in ("auto", "split", "cluster") and _device.cooperative(device):
+        return "split"
+    return "twopass"
 
 
 def cluster_config(C: int) -> dict:
@@ -291,9 +293,17 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
                  HAS_CAP=softcap != 0.0, NEED_GRAD=need_grad)
     scalars = (ignore_index, 1.0 - eps, eps / C, z_loss, softcap if softcap else 1.0)
     if path == "split":
-        split.ce(x, xs[1], target, ts[1], ts[2], w, scale, scale_stride, loss, lse, g, S, C,
-                 scalars, flags)
-        return loss, lse
+        try:
+            split.ce(x, xs[1], target, ts[1], ts[2], w, scale, scale_stride, loss, lse, g, S, C,
+                     scalars, flags)
+            return loss, lse
+        except Exception as e:  # noqa: BLE001 - no cooperative launch here (MPS, some MIG setups),
+            # or a Triton that cannot build the handshake: warn once, use the two-pass kernels
+            if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
+                raise
+            _device.cooperative_failed(dev, e)
+            _plan.cache_clear()
+            path, kw, grid = _plan(B, S, C, xs[1], xs[2], need_grad, dev)
     gs = _grad_strides(g)
     _ce_kernel[grid](x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w,
                      scale, scale_stride, loss, lse, g, gs[0], gs[1], gs[2],

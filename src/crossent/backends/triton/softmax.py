@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import ce, split
+from . import _device, ce, split
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -165,8 +165,14 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     B, C, S, (sb, ss, sc) = _view(xc.shape, d)
     path = ce.row_path(sc == 1, C, True, xc.device)   # sc == 1: the last dim, B == 1
     if path == "split":
-        split.softmax(xc.view(S, C), y.view(S, C), log)
-        return y.reshape(x.shape)
+        try:
+            split.softmax(xc.view(S, C), y.view(S, C), log)
+            return y.reshape(x.shape)
+        except Exception as e:  # noqa: BLE001 - see ce._launch
+            if xc.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+                raise
+            _device.cooperative_failed(xc.device, e)
+            path = "twopass"
     cfg, n_sblk = _plan(B, C, S, ss, sc)
     if path == "cluster":   # one row per cluster, held in registers across its CTAs
         cfg = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}
