@@ -52,6 +52,28 @@ def _arrive_and_wait(cnt_ptr, n: tl.constexpr):
 
 
 @triton.jit
+def _slice(x_ptr, stride, row, R, cols, cmask, LOAD: tl.constexpr):
+    # A row's slice (zeros past the last row, or everywhere when not LOAD), read once: evict_first.
+    if LOAD:
+        return tl.load(x_ptr + tl.cast(row, tl.int64) * stride + cols,
+                       mask=cmask & ((cols * 0 + row) < R), other=0.0, eviction_policy="evict_first")
+    return tl.zeros(cols.shape, x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _advance(x_ptr, stride, r, n_groups, R, cols, cmask, nxt, PREFETCH: tl.constexpr):
+    # (row r's slice, the slice loaded ahead).  With PREFETCH, row r + n_groups is loaded
+    # now, so its loads are in flight while row r waits (about twice the registers).
+    if PREFETCH:
+        cur = nxt
+        nxt = _slice(x_ptr, stride, r + n_groups, R, cols, cmask, True)
+    else:
+        cur = tl.load(x_ptr + tl.cast(r, tl.int64) * stride + cols, mask=cmask, other=0.0,
+                      eviction_policy="evict_first")
+    return cur, nxt
+
+
+@triton.jit
 def _combine(part_ptr, base, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr, NEED_P: tl.constexpr):
     # (shift, sumexp, P1, P2) of a whole row from its NSPLIT partials at part_ptr + base.
     # .cg: read at L2, where the other programs' partials are coherent.
@@ -99,18 +121,10 @@ def _ce_split_kernel(
     wt = tl.zeros([BLOCK], tl.float32)
     if SMOOTH and not PROB:
         wt = _class_terms(w_ptr, t_ptr, cols, cols, cmask, C, one_m_eps, eps_over_c, HAS_W, PROB)
-    if PREFETCH:
-        nxt = tl.load(x_ptr + group.to(tl.int64) * sx_r + cols,
-                      mask=cmask & ((cols * 0 + group) < R), other=0.0, eviction_policy="evict_first")
+    nxt = _slice(x_ptr, sx_r, group, R, cols, cmask, PREFETCH)
     for r in range(group, R, n_groups):
         r64 = tl.cast(r, tl.int64)   # r is a Python int under the interpreter
-        if PREFETCH:   # the next row's loads are in flight while this row waits (registers x2)
-            cur = nxt
-            nr = r + n_groups
-            nxt = tl.load(x_ptr + tl.cast(nr, tl.int64) * sx_r + cols,
-                          mask=cmask & ((cols * 0 + nr) < R), other=0.0, eviction_policy="evict_first")
-        else:
-            cur = tl.load(x_ptr + r64 * sx_r + cols, mask=cmask, other=0.0, eviction_policy="evict_first")
+        cur, nxt = _advance(x_ptr, sx_r, r, n_groups, R, cols, cmask, nxt, PREFETCH)
         z = _as_logits(cur, cmask, cap, HAS_CAP)
         if PROB:
             wt = _class_terms(w_ptr, t_ptr, r64 * st_r + cols * st_c, cols, cmask, C,
@@ -181,18 +195,10 @@ def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, R, C, n_groups,
     group = pid // NSPLIT
     cols = split * BLOCK + tl.arange(0, BLOCK)
     cmask = cols < C
-    if PREFETCH:
-        nxt = tl.load(x_ptr + group.to(tl.int64) * C + cols,
-                      mask=cmask & ((cols * 0 + group) < R), other=0.0, eviction_policy="evict_first")
+    nxt = _slice(x_ptr, C, group, R, cols, cmask, PREFETCH)
     for r in range(group, R, n_groups):
         r64 = tl.cast(r, tl.int64)   # r is a Python int under the interpreter
-        if PREFETCH:   # the next row's loads are in flight while this row waits (registers x2)
-            cur = nxt
-            nr = r + n_groups
-            nxt = tl.load(x_ptr + tl.cast(nr, tl.int64) * C + cols,
-                          mask=cmask & ((cols * 0 + nr) < R), other=0.0, eviction_policy="evict_first")
-        else:
-            cur = tl.load(x_ptr + r64 * C + cols, mask=cmask, other=0.0, eviction_policy="evict_first")
+        cur, nxt = _advance(x_ptr, C, r, n_groups, R, cols, cmask, nxt, PREFETCH)
         z = tl.where(cmask, cur.to(tl.float32), float("-inf"))
         base = r64 * (NSPLIT * 5)
         m_sl = tl.max(z, 0)
