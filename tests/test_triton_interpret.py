@@ -18,7 +18,7 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from crossent.backends.triton import TritonBackend, ce, softmax  # noqa: E402
+from crossent.backends.triton import TritonBackend, ce, softmax, split  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 
@@ -126,24 +126,22 @@ def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=
 PATHS = {
     "single": {},
     # one program per row, two passes over C tiles of 32
-    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=1),
+    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, _ROW_PATH="twopass"),
     # several rows per program, looped
-    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, sms=1),
-    # rows split over programs: partials + finish kernels
-    # (2 "SMs": fewer than 4 programs -> split into up to 8 // programs)
-    "split": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, sms=2),
+    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, _ROW_PATH="twopass"),
+    # rows split into slices of 32 over programs of 3 row groups (split.py, two stages)
+    "split": dict(_SINGLE_MAX=32, _SPLIT_BLOCK=32),
+    # slices of 16 (NSPLIT not a power of two at most C), 2 row groups, prefetched rows
+    "split16": dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _SPLIT_GROUPS=2, _SPLIT_PREFETCH=True),
 }
+_DEFAULTS = {k: getattr(split if hasattr(split, k) else ce, k) for cfg in PATHS.values() for k in cfg}
 
 
 @pytest.fixture(params=list(PATHS))
-def path(request, monkeypatch):
-    cfg = dict(PATHS[request.param])
-    sms = cfg.pop("sms", None)
-    for k, v in cfg.items():
-        monkeypatch.setattr(ce, k, v)
-    if sms is not None:
-        monkeypatch.setattr(ce, "_num_sms", lambda device: sms)
-    return request.param
+def path(request):
+    ce.configure(**PATHS[request.param])
+    yield request.param
+    ce.configure(**_DEFAULTS)
 
 
 def randn(*shape, dtype=torch.float32, scale=3.0):
@@ -158,7 +156,7 @@ SHAPE_CASES = (
     [("single", R, C, dt) for R, C in [(1, 1), (5, 1), (7, 257), (3, 100), (16, 10)]
      for dt in (_F32, _BF16, _F16)]
     # ... and the looped / split paths (tiles of 16-32 classes) on a few shapes
-    + [(p, R, C, dt) for p in ("looped", "multirow", "split")
+    + [(p, R, C, dt) for p in ("looped", "multirow", "split", "split16")
        for R, C, dt in [(3, 257, _F32), (1, 100, _BF16), (2, 33, _F16)]]
 )
 
@@ -219,6 +217,62 @@ def test_ce_target_dtypes(tdtype):
     x = randn(9, 33)
     y = torch.randint(0, 33, (9,), device=DEV).to(tdtype)
     check_ce(x, y, ignore_index=-100)
+
+
+def test_ce_ignore_index_exact(path):
+    # issue 9 item 1: the target is compared with ignore_index as an int64, never
+    # in its own dtype (-100 would wrap to 156 in uint8; 2**32 to 0 in int32).
+    x = randn(3, 200)
+    y8 = torch.tensor([156, 3, 199], dtype=torch.uint8, device=DEV)
+    # (the reference here compares in int64; the torch backend is fixed elsewhere)
+    loss, _, _ = check_ce(x, y8, ignore_index=-100, also_torch=False)
+    assert torch.isfinite(loss).all() and (loss > 0).all()
+    y32 = torch.tensor([0, 7, 0], dtype=torch.int32, device=DEV)
+    loss, _, _ = check_ce(x, y32, ignore_index=2**32, also_torch=False)
+    assert (loss > 0).all()
+    check_ce(x, y32, ignore_index=7, also_torch=False)
+
+
+def test_ce_strided_weight_and_targets(path):
+    # issue 9 item 2: a strided class weight and strided probability targets
+    torch.manual_seed(5)
+    R, C = 3, 45
+    x = randn(R, C)
+    w = (torch.rand(2 * C, device=DEV) + 0.5)[::2]
+    y = torch.randint(0, C, (R,), device=DEV)
+    check_ce(x, y, weight=w, eps=0.1)
+    t = torch.softmax(randn(R, 2 * C), -1)[:, ::2]
+    check_ce(x, t, weight=w, eps=0.05)
+    check_ce(randn(2, C, 3), torch.softmax(randn(2, 3, C), -1).transpose(1, 2), weight=w)
+
+
+def _err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_precision_large_offset(offset, path):
+    # issue 9 item 4: a common offset, which the softmax ignores, costs no more
+    # accuracy than it costs torch in the same dtype (fp32, against fp64).
+    torch.manual_seed(6)
+    R, C = 4, 150
+    x64 = torch.randn(R, C, dtype=torch.float64, device=DEV) * 2 + offset
+    x = x64.float()
+    y = torch.randint(0, C, (R,), device=DEV)
+    rl, _, rg = ref_ce(x.double(), y)
+    loss, _, grad = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, torch.tensor(1.0), True)
+    xt = x.clone().requires_grad_()
+    tl_ = torch.nn.functional.cross_entropy(xt, y, reduction="none")
+    tl_.sum().backward()
+    assert _err(loss, rl) <= 4 * _err(tl_, rl) + 1e-6
+    assert _err(grad, rg) <= 4 * _err(xt.grad, rg) + 1e-7
+    gb = BE.ce_backward(x, y, None, torch.empty(0), -100, 0.0, 0.0, 0.0, torch.tensor(1.0))
+    assert _err(gb, rg) <= 4 * _err(xt.grad, rg) + 1e-7
+    for log in (False, True):
+        ref = (torch.log_softmax if log else torch.softmax)(x.double(), -1)
+        ours = BE.softmax_forward(x, -1, log)
+        theirs = (torch.log_softmax if log else torch.softmax)(x, -1)
+        assert _err(ours, ref) <= 4 * _err(theirs, ref) + 1e-6
 
 
 def test_ce_all_ignored_inf_scale(path):
@@ -315,7 +369,9 @@ def test_ce_fp64_delegates():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rescale(dtype):
-    g = randn(3, 5000, dtype=dtype)
+    # 22 blocks of 4096 over a persistent grid of 16 programs (4 "SMs" under the
+    # interpreter): some programs loop twice
+    g = randn(3, 30000, dtype=dtype)
     before = g.clone()
     BE.rescale_(g, torch.tensor(1.0))
     assert torch.equal(g, before)
@@ -332,7 +388,7 @@ def test_rescale(dtype):
 SM_SHAPES = [((4, 6, 9), 0), ((4, 6, 9), 1), ((4, 6, 9), -1), ((3, 257), -1), ((2, 100), 0),
              ((1, 1), -1), ((), 0)]
 SM_CASES = ([("single", sh, d, dt, lg) for sh, d in SM_SHAPES for dt in (_F32, _BF16) for lg in (False, True)]
-            + [(p, sh, d, _F32, lg) for p in ("looped", "multirow")
+            + [(p, sh, d, _F32, lg) for p in ("looped", "multirow", "split", "split16")
                for sh, d in [((3, 257), -1), ((2, 100), 0), ((2, 40, 3), 1)] for lg in (False, True)])
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if torch.cuda.is_available():
-    from crossent.backends.triton import TritonBackend, ce  # noqa: E402
+    from crossent.backends.triton import TritonBackend, _device, ce, split  # noqa: E402
 
     BE = TritonBackend()
 DEV = "cuda"
@@ -191,3 +191,107 @@ def test_huge_16384x256000_bf16():
     lsm = BE.softmax_forward(x[:2048], -1, True)          # x now holds gradients: any values do
     torch.testing.assert_close(lsm[-4:].float(), torch.log_softmax(x[2044:2048].float(), -1),
                                rtol=2e-2, atol=4e-3)
+
+
+# ----------------------------------------------------------------------------- every launch path
+
+ROW_PATHS = {
+    "auto": {},
+    "split": dict(_ROW_PATH="split"),
+    "split-prefetch-8k": dict(_ROW_PATH="split", _SPLIT_PREFETCH=True, _SPLIT_BLOCK=8192, _SPLIT_WARPS=8),
+    "split-1ctas": dict(_ROW_PATH="split", _SPLIT_CTAS=1, _SPLIT_BLOCK=2048),
+    "twopass": dict(_ROW_PATH="twopass"),
+    "twopass-nol2": dict(_ROW_PATH="twopass", _KEEP_L2=False),
+    "cluster": dict(_ROW_PATH="cluster"),
+}
+
+
+@pytest.fixture(params=list(ROW_PATHS))
+def row_path(request):
+    knobs = ROW_PATHS[request.param]
+    if request.param == "cluster" and not _device.cluster_reductions(torch.device(DEV)):
+        pytest.skip("this Triton does not compile reductions across a thread-block cluster")
+    saved = {k: getattr(split if hasattr(split, k) else ce, k) for k in knobs}
+    ce.configure(**knobs)
+    yield request.param
+    ce.configure(**saved)
+    # the split path must have run, not its fallback to the two-pass kernels
+    assert _device.cooperative(torch.device(DEV, torch.cuda.current_device())), "cooperative launch failed"
+
+
+@pytest.mark.parametrize("R,C", [(300, 32000), (64, 128256), (5, 256000), (2, 2 ** 19)])
+def test_paths_ce(R, C, row_path):
+    torch.manual_seed(6)
+    x = (torch.randn(R, C, device=DEV) * 4).to(torch.bfloat16)
+    y = torch.randint(0, C, (R,), device=DEV)
+    y[1] = -100
+    check(x, y)
+
+
+@pytest.mark.parametrize("kw", [dict(weight=True, eps=0.1, zl=1e-3, cap=20.0),
+                                dict(prob=True, eps=0.1, weight=True), dict(row_scale=True)])
+def test_paths_ce_options(kw, row_path):
+    torch.manual_seed(7)
+    R, C = 40, 100003
+    x = (torch.randn(R, C, device=DEV) * 4).to(torch.bfloat16)
+    y = torch.softmax(torch.randn(R, C, device=DEV), -1) if kw.get("prob") else \
+        torch.randint(0, C, (R,), device=DEV)
+    args = dict(eps=kw.get("eps", 0.0), zl=kw.get("zl", 0.0), cap=kw.get("cap", 0.0))
+    if kw.get("weight"):
+        args["weight"] = (torch.rand(2 * C, device=DEV) + 0.5)[::2]   # strided: made contiguous
+    if kw.get("row_scale"):
+        args["scale"] = torch.rand(R, device=DEV)
+    check(x, y, **args)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_paths_softmax(log, row_path):
+    torch.manual_seed(8)
+    x = (torch.randn(70, 128256, device=DEV) * 3).to(torch.bfloat16)
+    fn = torch.log_softmax if log else torch.softmax
+    torch.testing.assert_close(BE.softmax_forward(x, -1, log).float(), fn(x.float(), -1),
+                               rtol=2e-2, atol=4e-3)
+
+
+def test_paths_precision_offset(row_path):
+    # issue 9 item 4 on the device: work relative to the row max at an offset of 1e4
+    torch.manual_seed(9)
+    x64 = torch.randn(16, 50000, device=DEV, dtype=torch.float64) * 2 + 1e4
+    x, y = x64.float(), torch.randint(0, 50000, (16,), device=DEV)
+    rl, _, rg = ref(x, y)
+    loss, _, g = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, one(), True)
+    xt = x.clone().requires_grad_()
+    tl_ = F.cross_entropy(xt, y, reduction="none")
+    tl_.sum().backward()
+    assert (loss.double() - rl).abs().max() <= 4 * (tl_.double() - rl).abs().max() + 1e-6
+    assert (g.double() - rg).abs().max() <= 4 * (xt.grad.double() - rg).abs().max() + 1e-7
+    ref_ls = torch.log_softmax(x.double(), -1)
+    ours = (BE.softmax_forward(x, -1, True).double() - ref_ls).abs().max()
+    assert ours <= 4 * (torch.log_softmax(x, -1).double() - ref_ls).abs().max() + 1e-6
+
+
+def test_paths_cuda_graph(row_path):
+    # the one-read path (a cooperative launch and a zeroed counter buffer) replays in a CUDA graph
+    torch.manual_seed(10)
+    x = torch.randn(512, 128256, device=DEV, dtype=torch.bfloat16)
+    y = torch.randint(0, 128256, (512,), device=DEV)
+    g = torch.empty_like(x)
+    s1 = one()   # made outside: no host-to-device copy during capture
+    out = {}
+
+    def step():
+        out["loss"] = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, s1, True, grad_into=g)[0]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    loss_ref, _, g_ref = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, one(), True)
+    for _ in range(3):
+        g.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out["loss"], loss_ref) and torch.equal(g, g_ref)

@@ -5,11 +5,13 @@ and addressed as ``x[b, c, s] = base + b*sb + c*sc + s*ss`` (for dim=-1: B=1,
 S=rows, sc=1), so no transpose copy is made.  A program owns BLOCK_S positions
 and walks C in [BLOCK_S, BLOCK_C] tiles; the coalesced axis follows the strides.
 
-Reads of the input per path:
+Reads of the input per path (the paths and their choice are those of ``ce.py``):
   SINGLE  C fits one tile (<= ce._SINGLE_MAX): the tile stays in registers, ONE read
-          and one write (forward: x -> y; backward: g, y -> dx).
-  looped  larger C: an online (max, sumexp) pass (backward: a sum pass), then a
-          second pass that re-reads the row, usually from L2: TWO reads.
+          and one write (forward: x -> y; backward: g, y -> dx).  With num_ctas > 1
+          (the cluster path) one tile spans the CTAs of a cluster.
+  split   forward, last dim, larger C: ``split.py``, ONE read on CUDA.
+  looped  otherwise: an online (max, sumexp) pass (backward: a sum pass), then a
+          second pass that re-reads the row, from L2 where it stayed: TWO reads.
 Accumulation is fp32; the output has the input's dtype.  A row whose max is +-inf
 (all -inf, or any +inf) gives NaN everywhere, as torch does.
 """
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ce import tile_shape  # one tiling policy for both ops (its constants live in ce.py)
+from . import _device, ce, split
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -38,13 +40,14 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, S, C, sb, ss, sc, n_sblk,
     if SINGLE:
         cols = tl.arange(0, BLOCK_C).to(tl.int64)[None, :]
         cmask = smask[:, None] & (cols < C)
-        z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf")).to(tl.float32)
+        z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf"),
+                    eviction_policy="evict_first").to(tl.float32)
         m = tl.max(z, 1)
         ms = tl.where(tl.abs(m) == float("inf"), 0.0, m)
         e = tl.exp(z - ms[:, None])
         ssum = tl.where(smask, tl.sum(e, 1), 1.0)   # padded positions: no log(0)
         if LOG:
-            y = z - (ms + tl.log(ssum))[:, None]
+            y = (z - ms[:, None]) - tl.log(ssum)[:, None]   # relative to the max: exact at 1e4
         else:
             y = e * (1.0 / ssum)[:, None]
         y = tl.where(tl.abs(m)[:, None] == float("inf"), float("nan"), y)
@@ -55,23 +58,25 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, S, C, sb, ss, sc, n_sblk,
         for c0 in range(0, C, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
             cmask = smask[:, None] & (cols < C)
-            z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf")).to(tl.float32)
+            z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf"),
+                        eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m, tl.max(z, 1))
             mns = tl.where(tl.abs(m_new) == float("inf"), 0.0, m_new)
             ssum = ssum * tl.exp(m - mns) + tl.sum(tl.exp(z - mns[:, None]), 1)
             m = m_new
         ms = tl.where(tl.abs(m) == float("inf"), 0.0, m)
         ssum = tl.where(smask, ssum, 1.0)
-        lse = ms + tl.log(ssum)
+        logs = tl.log(ssum)
         inv = 1.0 / ssum
         bad = tl.abs(m)[:, None] == float("inf")
         # second pass: re-read the row (see module docstring)
         for c0 in range(0, C, BLOCK_C):
             cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
             cmask = smask[:, None] & (cols < C)
-            z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf")).to(tl.float32)
+            z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf"),
+                        eviction_policy="evict_first").to(tl.float32)
             if LOG:
-                y = z - lse[:, None]
+                y = (z - ms[:, None]) - logs[:, None]
             else:
                 y = tl.exp(z - ms[:, None]) * inv[:, None]
             y = tl.where(bad, float("nan"), y)
@@ -135,7 +140,7 @@ def _view(shape, dim):
 
 
 def _plan(B, C, S, ss, sc):
-    block_s, block_c = tile_shape(C, S, sc == 1)
+    block_s, block_c = ce.tile_shape(C, S, sc == 1)
     n_sblk = triton.cdiv(S, block_s)
     tile = block_s * block_c
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C,
@@ -158,7 +163,20 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     if xc.numel() == 0:
         return y.reshape(x.shape)
     B, C, S, (sb, ss, sc) = _view(xc.shape, d)
+    path = ce.row_path(sc == 1, C, True, xc.device)   # sc == 1: the last dim, B == 1
+    if path == "split":
+        try:
+            split.softmax(xc.view(S, C), y.view(S, C), log)
+            return y.reshape(x.shape)
+        except Exception as e:  # noqa: BLE001 - see ce._launch
+            if xc.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+                raise
+            _device.cooperative_failed(xc.device, e)
+            path = "twopass"
     cfg, n_sblk = _plan(B, C, S, ss, sc)
+    if path == "cluster":   # one row per cluster, held in registers across its CTAs
+        cfg = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}
+        n_sblk = S
     _softmax_fwd_kernel[(B * n_sblk,)](xc, y, S, C, sb, ss, sc, n_sblk, LOG=log, **cfg)
     return y.reshape(x.shape)
 

@@ -1,0 +1,129 @@
+"""Device-side helpers shared by the cross-entropy and softmax kernels.
+
+Per-row statistics are kept relative to the row max ``m`` (shift ``ms`` = m, or 0
+when m is +-inf, like torch.logsumexp): the loss is ``(ms - z[y]) + log(sumexp)``
+and the softmax ``exp((z - ms) - log(sumexp))``, never ``z - lse`` with a rounded
+lse, so a common offset of 1e4 costs no accuracy (issue 9, item 4).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _safe(m):
+    # A max of +-inf is replaced by 0 as the shift, so exp(z - shift) never sees inf - inf.
+    return tl.where(tl.abs(m) == float("inf"), 0.0, m)
+
+
+@triton.jit
+def _log_sum(ssum, m):
+    # log(sumexp); NaN for a row with a +inf logit (torch's softmax is NaN there: inf - inf).
+    return tl.where(m == float("inf"), float("nan"), tl.log(ssum))
+
+
+@triton.jit
+def _softcap(x, cap):
+    # cap * tanh(x / cap) without tl.math.tanh (absent in some Triton versions);
+    # a short odd series near 0 avoids the cancellation of 1 - e^{-2|u|}.
+    u = x / cap
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)                      # in (0, 1]: never overflows
+    t = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    series = a * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.1, series, t)
+    return cap * tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _as_logits(raw, cmask, cap, HAS_CAP: tl.constexpr):
+    # loaded logits -> fp32; softcap BEFORE masking so padded lanes are exactly
+    # -inf and never enter the lse (Unsloth #10616).
+    z = raw.to(tl.float32)
+    if HAS_CAP:
+        z = _softcap(z, cap)
+    return tl.where(cmask, z, float("-inf"))
+
+
+@triton.jit
+def _class_terms(w_ptr, t_ptr, t_off, cols, cmask, C, one_m_eps, eps_over_c,
+                 HAS_W: tl.constexpr, PROB: tl.constexpr):
+    # Per-lane weight of the smoothing / probability terms, 0 on pads:
+    # class index: w_c (the eps/C * w_c part of the gradient); probabilities: w_c * t'_c.
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = 1.0
+    if PROB:
+        t = tl.load(t_ptr + t_off, mask=cmask, other=0.0).to(tl.float32)
+        wt = w * (t * one_m_eps + eps_over_c)
+    else:
+        wt = w + tl.zeros(cmask.shape, tl.float32)
+    return tl.where(cmask, wt, 0.0)
+
+
+@triton.jit
+def _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
+          PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_ZL: tl.constexpr):
+    # Per-row loss from statistics relative to the shift ms (formulas: base.py).
+    if PROB:
+        loss = logs * p1 - p2
+    else:
+        loss = one_m_eps * wy * ((ms - zy) + logs)
+        if SMOOTH:
+            loss += eps_over_c * (logs * p1 - p2)
+    if HAS_ZL:
+        lse = ms + logs
+        loss += z_loss * lse * lse
+    if not PROB:
+        loss = tl.where(inb, loss, float("nan"))   # target out of [0, C): NaN, never OOB
+        loss = tl.where(valid, loss, 0.0)
+    return loss
+
+
+@triton.jit
+def _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
+               PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_ZL: tl.constexpr):
+    # dz = scale*(p*A - B) as dz = p*a2 - [c == y]*b2 - wt*c2, with every row-uniform
+    # factor folded into the three scalars, so a tile costs two multiplies per element.
+    # A: sum_c w_c t'_c (probabilities), or (1-eps) w[y] + eps/C sum(w) (class index;
+    # p1 = sum(w) when smoothing); + 2 zl lse.
+    if PROB:
+        a = p1
+    else:
+        a = one_m_eps * wy
+        if SMOOTH:
+            a += eps_over_c * p1
+    if HAS_ZL:
+        a += 2.0 * z_loss * (ms + logs)
+    if PROB:
+        f = sc
+        b2 = 0.0 * sc
+        c2 = sc
+    else:
+        # Ignored rows: 0 whatever the scale (inf too); NaN logits stay NaN (p * 0).
+        # A target outside [0, C) that is not ignored: NaN.
+        f = tl.where(valid, tl.where(inb, sc, float("nan")), 0.0)
+        b2 = f * (one_m_eps * wy)
+        c2 = f * eps_over_c
+    return f * a, b2, c2
+
+
+@triton.jit
+def _grad(p, wt, is_y, a2, b2, c2, z, cap, NEED_P: tl.constexpr, HAS_CAP: tl.constexpr):
+    # p = softmax (fp32), so the true-class p - 1 is formed before rounding.
+    dz = p * a2 - tl.where(is_y, b2, 0.0)
+    if NEED_P:
+        dz = dz - wt * c2
+    if HAS_CAP:
+        r = z / cap
+        dz = dz * (1.0 - r * r)
+    return dz
+
+
+@triton.jit
+def _inv_sum(ssum, m):
+    # 1 / sumexp, NaN for a row with a +inf logit (see _log_sum)
+    return tl.where(m == float("inf"), float("nan"), 1.0 / ssum)
