@@ -306,13 +306,37 @@ def vocab_tiles(n_tok: int, V: int, D: int, x_elt: int, acc_elt: int, gathers: b
     return vb, max(1, (budget - vb * D * acc_elt) // (vb * elt + row))
 
 
+def _vocab_tile(R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor], v0: int, V: int,
+                target: Tensor, weight, lse, ignore_index, eps, z_loss, softcap, scale, tw_sum,
+                need_db: bool, dw_out: Optional[Tensor], whole: bool, first: bool) -> Optional[Tensor]:
+    """One (tokens x classes) tile of the vocab pass: its logits, their
+    gradient, and its dW contribution into ``dw_out`` (dW[block] itself when
+    the tile holds every token, else the block's fp32 accumulator, written
+    with beta=0 by the first tile).  Returns the gradient's column sums."""
+    acc = lse.dtype
+    zl = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
+    z = zl.to(acc)  # the same tensor for fp32/fp64
+    tc = R.take(target, tok)
+    if tc.is_floating_point():
+        tc = tc[:, v0:v0 + wb.shape[0]]
+    g = _block_grad(z, v0, V, tc, R.take(lse, tok), R.take(scale, tok) if scale.dim() else scale,
+                    weight, ignore_index, eps, z_loss, softcap,
+                    None if tw_sum is None else R.take(tw_sum, tok))
+    if dw_out is not None:
+        gl = zl.copy_(g) if zl is not g else g  # the GEMM's operand in x's dtype, in the logits' buffer
+        if whole:  # one contraction over all tokens: fp32 inside the GEMM, rounded once
+            torch.mm(gl.t(), xc, out=dw_out)
+        else:
+            _gemm(dw_out, gl.t(), xc, first)
+    return g.sum(0) if need_db else None
+
+
 def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, softcap, scale,
                need_dw, need_db, budget, drop):
     """dW (and db) by blocks of classes, recomputing logits from the saved lse."""
     R = _Rows(x, rows, target, ignore_index, drop)
     V, D = w.shape
     acc = acc_dtype(x.dtype)
-    lowp = x.dtype != acc
     dw = torch.empty_like(w) if need_dw else w.new_empty(0)
     db = torch.zeros(V, dtype=b.dtype if b is not None else x.dtype, device=x.device) if need_db \
         else x.new_empty(0)
@@ -332,7 +356,6 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
     whole = n >= R.n
     # All tokens in one tile: gather their hidden rows once, not per block.
     tiles = list(R.chunks(n)) if whole else None
-    row_scale = scale.dim() > 0
     for v0 in range(0, V, vb):
         v1 = min(V, v0 + vb)
         wb = w[v0:v1]
@@ -340,23 +363,13 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
         blk = None if whole or not need_dw else torch.empty((v1 - v0, D), dtype=acc, device=x.device)
         dbb = None
         for i, (tok, xc) in enumerate(tiles if whole else R.chunks(n)):
-            zl = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
-            z = zl.to(acc) if lowp else zl
-            tc = R.take(target, tok)
-            if prob:
-                tc = tc[:, v0:v1]
-            g = _block_grad(z, v0, V, tc, R.take(lse, tok), R.take(scale, tok) if row_scale else scale,
-                            weight, ignore_index, eps, z_loss, softcap,
-                            None if tw_sum is None else R.take(tw_sum, tok))
+            # A function call, so the tile's buffers are freed before the next
+            # tile's are allocated (the budget counts one tile).
+            gsum = _vocab_tile(R, tok, xc, wb, bb, v0, V, target, weight, lse, ignore_index, eps,
+                               z_loss, softcap, scale, tw_sum, need_db,
+                               dw[v0:v1] if need_dw and whole else blk, whole, i == 0)
             if need_db:
-                dbb = g.sum(0) if dbb is None else dbb.add_(g.sum(0))
-            if need_dw:
-                gl = zl.copy_(g) if lowp else g  # the GEMM's operand, in the logits' buffer
-                if whole:  # one contraction over all tokens: accumulated in fp32 inside, rounded once
-                    torch.mm(gl.t(), xc, out=dw[v0:v1])
-                else:
-                    _gemm(blk, gl.t(), xc, i == 0)
-            del zl, z, g  # free this tile before the next one is allocated
+                dbb = gsum if dbb is None else dbb.add_(gsum)
         if blk is not None and need_dw:
             dw[v0:v1].copy_(blk)
         if need_db:

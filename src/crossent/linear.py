@@ -139,7 +139,9 @@ def _free_bytes(device: torch.device) -> int | None:
         return None
     try:
         if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
+            # free on the device + what torch's caching allocator holds unused
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return torch.cuda.mem_get_info(device)[0] + cached
         if device.type == "cpu":
             with open("/proc/meminfo") as f:
                 for line in f:
@@ -175,9 +177,10 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     dW accumulator too (one chunk needs none).  On accelerators, as few chunks
     as half the memory left free beyond the gradients allows (each extra
     chunk costs a read-modify-write of the accumulator); on CPU 32 MiB chunks.
-    compact: all buffers within chunk_bytes (default 256 MiB): half for the
-    token pass's chunk (the rest is the backend's working space), all of it
-    for the vocabulary pass's tiles.  auto: accurate unless the fp32
+    compact: all buffers within chunk_bytes (default 256 MiB): a quarter for
+    the token pass's chunk (the rest is the CE backend's working space: the
+    torch backend's fp32 temporaries, up to four per piece of the chunk), all
+    of it for the vocabulary pass's tiles, which run after.  auto: accurate unless the fp32
     accumulator it would need takes more than a quarter of the free memory."""
     opts = opts or LinearCrossEntropyOptions()
     if not isinstance(opts, LinearCrossEntropyOptions):
@@ -213,7 +216,7 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     vb = V
     if policy == "compact":
         rows = min(opts.chunk_size, max(1, N)) if opts.chunk_size else \
-            _chunk_rows(N, per_row, budget // 2, tile)
+            _chunk_rows(N, per_row, budget // 4, tile)
         vb = vocab_tiles(N, V, D, elt, acc_elt, False, False, False, budget)[0]
         extra = budget
     else:
