@@ -63,17 +63,17 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "linear_cr
 
 _POLICIES = ("auto", "accurate", "balanced", "compact")
 _LOWP = (torch.float16, torch.bfloat16)
-# CPU: chunks of 128+ rows at V = 32k fp32 (full-speed GEMMs) that stay small
-# next to dW; measured against larger ones in BENCHMARKS.md.
-_CPU_CHUNK_BYTES = 32 << 20
+# CPU: 1024 rows at V = 32k fp32.  Measured at 4096 x 512 x 32000 (BENCHMARKS.md):
+# 32 MiB chunks ran 2.1x slower than 128 MiB (the dW GEMMs with K = 256 rows
+# are write-bound on the V x D output), 256 MiB and one chunk only ~10% faster.
+_CPU_CHUNK_BYTES = 128 << 20
 # Accelerators when free memory cannot be read (under torch.compile tracing).
 _ACCEL_CHUNK_BYTES = 1 << 30
 # compact's promise: extra memory <= the gradients + this (all its buffers).
 _COMPACT_BYTES = 256 << 20
 # Chunk rows are multiples of the GEMM tile (CTA tiles of 128/256 rows on
-# GPUs), so no GEMM of a chunk ends in a partial wave of tiles.
-_TILE = {"cpu": 128}
-_GPU_TILE = 256
+# GPUs; 128 on CPU), so no GEMM of a chunk ends in a partial wave of tiles.
+_TILE_ROWS = {"cpu": 128, "cuda": 256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +82,7 @@ class LinearCrossEntropyOptions:
 
     chunk_bytes: memory budget, in bytes, for the per-chunk buffers (the
         chunk's logits, overwritten by their gradient; compact: all its
-        buffers).  None: accurate uses 32 MiB chunks on CPU and, on GPUs, one
+        buffers).  None: accurate uses 128 MiB chunks on CPU and, on GPUs, one
         chunk when it fits in half the memory left free beyond the gradients
         (else the fewest that fit); compact uses 256 MiB.
     chunk_size: tokens per chunk, overriding chunk_bytes for the token pass.
@@ -176,12 +176,13 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     their gradient in place); with fp16/bf16 and several chunks, a V x D fp32
     dW accumulator too (one chunk needs none).  On accelerators, as few chunks
     as half the memory left free beyond the gradients allows (each extra
-    chunk costs a read-modify-write of the accumulator); on CPU 32 MiB chunks.
+    chunk costs a read-modify-write of the accumulator); on CPU 128 MiB chunks.
     compact: all buffers within chunk_bytes (default 256 MiB): a quarter for
     the token pass's chunk (the rest is the CE backend's working space: the
     torch backend's fp32 temporaries, up to four per piece of the chunk), all
-    of it for the vocabulary pass's tiles, which run after.  auto: accurate unless the fp32
-    accumulator it would need takes more than a quarter of the free memory."""
+    of it for the vocabulary pass's tiles, which run after.
+    auto: accurate unless the fp32 accumulator it would need takes more than
+    a quarter of the free memory."""
     opts = opts or LinearCrossEntropyOptions()
     if not isinstance(opts, LinearCrossEntropyOptions):
         opts = _from_torch_options(opts, N, D, V)
@@ -192,7 +193,7 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     acc_bytes = V * D * acc_elt if lowp else 0
     free = _free_bytes(device)
     room = None if free is None else max(0, free - (N + V) * D * elt)  # beyond the gradients
-    tile = _TILE.get(device.type, _GPU_TILE)
+    tile = _TILE_ROWS.get(device.type, 256)
 
     def accurate_rows() -> int:
         if opts.chunk_size:
