@@ -128,9 +128,10 @@ def _rel(a, ref):
 
 def test_accurate_bf16_dW_no_worse_than_eager():
     """bf16, peaked logits (std ~4), 8 token chunks: accurate's dW and dh
-    (fp32 softmax and p - 1, dW accumulated across chunks in fp32 and rounded
-    once) against eager bf16's (one cross_entropy over bf16 logits), both vs
-    float64 from the same bf16 inputs.  Both round the logits and the matmul
+    (softmax and p - 1 in fp32, stored in bf16 over the chunk's logits as
+    eager stores its gradient; dW accumulated across chunks in fp32 and
+    rounded once) against eager bf16's (one cross_entropy over bf16 logits),
+    both vs float64 from the same bf16 inputs.  Both round the logits and the matmul
     operands to bf16, so the errors are close: 'no worse' = Frobenius error
     within 5%, max error within 25% (one element; noisy)."""
     N, D, V = (4096, 256, 8192) if DEV == "cuda" else (256, 32, 1024)
