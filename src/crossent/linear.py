@@ -191,9 +191,13 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     acc_elt = 8 if dtype == torch.float64 else 4
     per_row = V * elt
     acc_bytes = V * D * acc_elt if lowp else 0
-    free = _free_bytes(device)
-    room = None if free is None else max(0, free - (N + V) * D * elt)  # beyond the gradients
     tile = _TILE_ROWS.get(device.type, 256)
+
+    def room() -> int | None:
+        """Free memory beyond the gradients; read only where needed (reading
+        /proc/meminfo costs more than a tiny CPU call's whole math)."""
+        free = _free_bytes(device)
+        return None if free is None else max(0, free - (N + V) * D * elt)
 
     def accurate_rows() -> int:
         if opts.chunk_size:
@@ -202,17 +206,18 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
             return _chunk_rows(N, per_row, opts.chunk_bytes, tile)
         if device.type == "cpu":
             return _chunk_rows(N, per_row, _CPU_CHUNK_BYTES, tile)
-        if room is None:
+        r = room()
+        if r is None:
             return _chunk_rows(N, per_row, _ACCEL_CHUNK_BYTES, tile)
-        if N * per_row <= room // 2:
+        if N * per_row <= r // 2:
             return max(1, N)
-        return _chunk_rows(N, per_row, max(0, room - acc_bytes) // 2, tile)
+        return _chunk_rows(N, per_row, max(0, r - acc_bytes) // 2, tile)
 
     policy = "accurate" if opts.acc_policy == "balanced" else opts.acc_policy
     rows = accurate_rows() if policy != "compact" else 0
     if policy == "auto":
-        several = rows < N
-        policy = "compact" if (several and room is not None and 4 * acc_bytes > room) else "accurate"
+        r = room() if rows < N and acc_bytes else None
+        policy = "compact" if (r is not None and 4 * acc_bytes > r) else "accurate"
     budget = opts.chunk_bytes or _COMPACT_BYTES
     vb = V
     if policy == "compact":
