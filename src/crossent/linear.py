@@ -69,8 +69,10 @@ _LOWP = (torch.float16, torch.bfloat16)
 _CPU_CHUNK_BYTES = 128 << 20
 # Accelerators when free memory cannot be read (under torch.compile tracing).
 _ACCEL_CHUNK_BYTES = 1 << 30
-# compact's promise: extra memory <= the gradients + this (all its buffers).
-_COMPACT_BYTES = 256 << 20
+# compact's promise: extra memory <= the gradients + this (all its buffers);
+# on CPU no more than accurate's one chunk.
+_COMPACT_BYTES = {"cpu": _CPU_CHUNK_BYTES}
+_COMPACT_BYTES_ACCEL = 256 << 20
 # Chunk rows are multiples of the GEMM tile (CTA tiles of 128/256 rows on
 # GPUs; 128 on CPU), so no GEMM of a chunk ends in a partial wave of tiles.
 _TILE_ROWS = {"cpu": 128, "cuda": 256}
@@ -84,7 +86,7 @@ class LinearCrossEntropyOptions:
         chunk's logits, overwritten by their gradient; compact: all its
         buffers).  None: accurate uses 128 MiB chunks on CPU and, on GPUs, one
         chunk when it fits in half the memory left free beyond the gradients
-        (else the fewest that fit); compact uses 256 MiB.
+        (else the fewest that fit); compact uses 256 MiB (CPU: 128 MiB).
     chunk_size: tokens per chunk, overriding chunk_bytes for the token pass.
     acc_policy: 'accurate' | 'balanced' | 'compact' | 'auto' (see crossent.linear).
     allow_inplace: permission to write the input gradient into the hidden
@@ -177,10 +179,10 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     dW accumulator too (one chunk needs none).  On accelerators, as few chunks
     as half the memory left free beyond the gradients allows (each extra
     chunk costs a read-modify-write of the accumulator); on CPU 128 MiB chunks.
-    compact: all buffers within chunk_bytes (default 256 MiB): a quarter for
-    the token pass's chunk (the rest is the CE backend's working space: the
-    torch backend's fp32 temporaries, up to four per piece of the chunk), all
-    of it for the vocabulary pass's tiles, which run after.
+    compact: all buffers within chunk_bytes (default 256 MiB, CPU 128 MiB):
+    a quarter for the token pass's chunk (the rest is the CE backend's
+    working space: the torch backend's fp32 temporaries, up to four per piece
+    of the chunk), all of it for the vocabulary pass's tiles, which run after.
     auto: accurate unless the fp32 accumulator it would need takes more than
     a quarter of the free memory."""
     opts = opts or LinearCrossEntropyOptions()
@@ -218,7 +220,7 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     if policy == "auto":
         r = room() if rows < N and acc_bytes else None
         policy = "compact" if (r is not None and 4 * acc_bytes > r) else "accurate"
-    budget = opts.chunk_bytes or _COMPACT_BYTES
+    budget = opts.chunk_bytes or _COMPACT_BYTES.get(device.type, _COMPACT_BYTES_ACCEL)
     vb = V
     if policy == "compact":
         rows = min(opts.chunk_size, max(1, N)) if opts.chunk_size else \
