@@ -4,6 +4,7 @@ Providers, each measured in a fresh subprocess (so peak RSS and allocator
 state cannot leak between them):
   crossent-accurate   crossent.linear_cross_entropy(acc_policy="accurate")
   crossent-compact    crossent.linear_cross_entropy(acc_policy="compact")
+                      (a suffix @M sets chunk_bytes to M MiB: crossent-accurate@32)
   torch-chunked       F.linear_cross_entropy(..., options=torch.nn.LinearCrossEntropyOptions())
   torch-eager         F.cross_entropy(F.linear(h, W), t)
 
@@ -45,7 +46,8 @@ def _worker(spec: dict) -> dict:
     if p.startswith("crossent"):
         import crossent
         from crossent.linear import LinearCrossEntropyOptions, linear_cross_entropy
-        opts = LinearCrossEntropyOptions(acc_policy=p.split("-")[1])
+        policy, _, mib = p.split("-", 1)[1].partition("@")
+        opts = LinearCrossEntropyOptions(acc_policy=policy, chunk_bytes=int(mib) << 20 if mib else None)
 
         def fn():
             return linear_cross_entropy(h, W, t, options=opts)

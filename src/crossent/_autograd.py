@@ -280,9 +280,9 @@ class LinearCEOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float = 0.0
-    policy: str = "accurate"  # 'accurate' | 'balanced' | 'compact'
+    policy: str = "accurate"  # 'accurate' | 'compact'
     chunk_rows: int = 1024    # tokens per chunk of the token pass
-    budget: int = 64 << 20    # bytes for the vocab pass's block (compact)
+    budget: int = 64 << 20    # bytes for the vocab pass's buffers (compact)
     drop_ignored: bool = True  # CPU only: skip ignored tokens' matmuls
     inplace: bool = False     # dx overwrites the hidden states (permission granted and usable)
     backend: str = "torch"
@@ -313,8 +313,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         inplace = precompute and nx and opts.inplace
         if inplace:
             rows_loss, lse, dw, db = _linear_ops.linear_ce_inplace(
-                x, w, b, *args, precompute and nw, precompute and nb, opts.policy, opts.chunk_rows,
-                opts.backend)
+                x, w, b, *args, precompute and nw, precompute and nb, opts.chunk_rows, opts.backend)
             dx = x.detach()  # a fresh handle, so autograd can adopt the storage as the gradient
         else:
             rows_loss, lse, dx, dw, db = _linear_ops.linear_ce(

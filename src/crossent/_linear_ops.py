@@ -8,24 +8,30 @@ reaches the cross-entropy math only through a backend's ``ce_forward``
 Layout: ``x`` is (M, D), the hidden states as rows (any strides allowed by
 mm); ``rows`` is None (token i is x[i]) or an int64 (N,) map token -> row of x
 (used by shift=True on batched input, so the shifted view is never copied);
-``target`` is (N,) class indices or (N, V) probabilities; ``w`` is (V, D).
+``target`` is (N,) class indices (int64) or (N, V) probabilities; ``w`` is (V, D).
 
 Passes (N tokens, V classes, D features):
-  token pass   per chunk of tokens: logits = x_c @ w.T (+ b) -> ce_forward with
-               need_grad (dlogits into a buffer we own, reused by every chunk)
-               -> dx_c = dlogits @ w (a full contraction over V: rounded once)
-               -> dW += dlogits.T @ x_c into an fp32 accumulator (the gradient
-               itself for fp32/fp64) and db += column sums.  6*N*D*V FLOPs.
+  token pass   per chunk of tokens, one (n, V) buffer in x's dtype that
+               crossent owns: logits = x_c @ w.T (+ b) written into it by the
+               GEMM -> ce_forward(grad_into=buffer): the CE kernel overwrites
+               the logits with their gradient (no fp32 copy of either; the
+               kernel computes in fp32) -> dx_c = g @ w (a full contraction
+               over V: rounded once) -> dW: with one chunk, dW = g.T @ x is a
+               single GEMM accumulated in fp32 inside and rounded once;
+               otherwise an fp32 accumulator (dW itself for fp32/fp64) that
+               the first chunk writes with beta=0 (no zero-fill, no add) and
+               the others add to, rounded once at the end.  6*N*D*V FLOPs.
   vocab pass   (acc_policy="compact" only) per block of classes: logits of all
                tokens for that block, their gradient from the saved lse
-               (``_block_grad``), dW[block] = dlogits.T @ x in one contraction
-               over the tokens (or an fp32 block accumulator when the tokens
-               have to be tiled).  No V x D fp32 buffer; 2 extra N*D*V matmuls.
+               (``_block_grad``), dW[block] = g.T @ x in one contraction over
+               the tokens (or an fp32 block accumulator when the tokens have to
+               be tiled).  No V x D fp32 buffer; 2 extra N*D*V matmuls.
 Nothing is accumulated with atomics; each output element is produced by a
 fixed sequence of matmuls, so results are deterministic run to run.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -35,26 +41,84 @@ from torch.library import custom_op
 from . import backends
 
 _LOWP = (torch.float16, torch.bfloat16)
+# Devices where torch offers (or should offer: CUDA, since torch 2.8) a GEMM of
+# low-precision operands with a float32 output (mm/addmm ``out_dtype``).  No
+# torch release has it on CPU, so there its absence is by design, not news.
+_FP32_OUT_GEMM_DEVICES = ("cuda",)
+_fp32_out_gemm: dict = {}
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch can multiply ``dtype`` operands into a float32 output
+    (accumulating in fp32, never rounding a partial sum to ``dtype``).
+
+    Probed once per (device type, dtype) on a 1x1 problem: an unsupported
+    ``out_dtype`` raises at dispatch, on the host, so the probe never syncs.
+    Where the device should have it and this torch lacks it, warn once: the
+    caller then takes the next best path deliberately (see ``_gemm``)."""
+    key = (device.type, dtype)
+    if key not in _fp32_out_gemm:
+        ok = False
+        if device.type in _FP32_OUT_GEMM_DEVICES:
+            a = torch.zeros((1, 1), dtype=dtype, device=device)
+            c = torch.zeros((1, 1), dtype=torch.float32, device=device)
+            try:
+                torch.mm(a, a, out_dtype=torch.float32, out=c)
+                torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+                ok = True
+            except (RuntimeError, TypeError, NotImplementedError):
+                warnings.warn(
+                    f"torch {torch.__version__} has no float32-output {dtype} GEMM on "
+                    f"{device.type} (torch.mm/torch.addmm out_dtype=torch.float32): "
+                    "crossent.linear_cross_entropy adds each chunk's weight-gradient product "
+                    f"(fp32-accumulated inside the GEMM, rounded once to {dtype}) into a float32 "
+                    "accumulator, and prefers one chunk where memory allows; a torch with "
+                    "out_dtype support avoids that rounding", RuntimeWarning, stacklevel=2)
+        _fp32_out_gemm[key] = ok
+    return _fp32_out_gemm[key]
+
+
+def _gemm(acc: Tensor, a: Tensor, b: Tensor, first: bool, scratch: Optional[Tensor] = None) -> None:
+    """acc = a @ b (``first``: beta=0, so acc may be uninitialised) or
+    acc += a @ b, with acc's precision for the sum of the products.
+
+    Low-precision a, b and an fp32 acc: the fp32-output GEMM where torch has
+    it; on CPU an fp32 GEMM of upcast copies (the CPU's fast, portable path:
+    most CPUs emulate low-precision GEMMs); on an accelerator whose torch
+    lacks out_dtype, the product in a's dtype (fp32-accumulated inside the
+    GEMM, rounded once) through ``scratch``, then added in fp32: never an
+    fp32 GEMM there (an order of magnitude slower than the tensor cores),
+    never a low-precision running sum (Liger #512)."""
+    exact = a.dtype == acc.dtype and b.dtype == acc.dtype
+    if not exact and has_fp32_out_gemm(acc.device, a.dtype):
+        if first:
+            torch.mm(a, b, out_dtype=acc.dtype, out=acc)
+        else:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    elif exact or acc.device.type not in _FP32_OUT_GEMM_DEVICES:
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
+    else:
+        p = torch.mm(a, b) if scratch is None else torch.mm(a, b, out=scratch)
+        if first:
+            acc.copy_(p)
+        else:
+            acc.add_(p)
+
+
 def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with acc's precision for the products' sum (never a
-    low-precision partial result)."""
-    if a.dtype == acc.dtype and b.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if acc.is_cuda:
-        try:  # cuBLAS low-precision operands, fp32 output and accumulation
-            lp = b.dtype if b.dtype in _LOWP else a.dtype
-            torch.addmm(acc, a.to(lp), b.to(lp), out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    """acc += a @ b in acc's precision (a, b are cast to one dtype first)."""
+    if a.dtype != b.dtype:
+        lp = b.dtype if b.dtype != acc.dtype else a.dtype
+        a, b = a.to(lp), b.to(lp)
+    _gemm(acc, a, b, first=False)
 
 
 class _Rows:
@@ -72,6 +136,8 @@ class _Rows:
             if not bool(valid.all()):
                 self.sel = valid.nonzero().squeeze(1)
         self.n = self.N if self.sel is None else self.sel.numel()
+        # True when hidden() copies rows (a gather) instead of slicing x
+        self.gathers = rows is not None or self.sel is not None
 
     def chunks(self, step: int):
         for c0 in range(0, self.n, step):
@@ -82,8 +148,7 @@ class _Rows:
     def hidden(self, tok) -> Tensor:
         if self.rows is None:
             return self.x[tok] if isinstance(tok, slice) else self.x.index_select(0, tok)
-        r = self.rows[tok]
-        return self.x.index_select(0, r)
+        return self.x.index_select(0, self.rows[tok])
 
     def put(self, dx: Tensor, tok, val: Tensor) -> None:
         """dx (rows of x) <- val at the rows of tokens ``tok``."""
@@ -97,28 +162,15 @@ class _Rows:
         return t[tok] if isinstance(tok, slice) else t.index_select(0, tok)
 
 
-def _logits(xc: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor, tmp: Optional[Tensor]) -> Tensor:
-    """out (n, V) <- xc @ w.T + b; through ``tmp`` (x's dtype) when out is wider."""
-    dst = out if tmp is None else tmp
-    if b is not None:
-        torch.addmm(b, xc, w.t(), out=dst)
-    else:
-        torch.mm(xc, w.t(), out=dst)
-    if tmp is not None:
-        out.copy_(tmp)
-    return out
-
-
 def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale,
-               need_dx, need_dw, need_db, policy, chunk_rows, drop, backend, dx_into=None):
+               need_dx, need_dw, need_db, chunk_rows, drop, backend, dx_into=None):
     """The token-chunked pass; returns (loss, lse, dx, dw, db), unneeded ones empty.
     loss/lse are per token (N,), acc dtype; ignored tokens that were dropped
     get loss 0 and lse NaN."""
     be = backends.load(backend)
     R = _Rows(x, rows, target, ignore_index, drop and dx_into is None)
-    N, V, D = R.N, w.shape[0], w.shape[1]
+    N, V = R.N, w.shape[0]
     acc = acc_dtype(x.dtype)
-    lowp = x.dtype in _LOWP
     need_grad = need_dx or need_dw or need_db
     loss = torch.zeros(N, dtype=acc, device=x.device)
     lse = torch.full((N,), float("nan"), dtype=acc, device=x.device)
@@ -130,46 +182,61 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
             full = R.sel is None and rows is None and x.shape[0] == N
             dx = torch.empty_like(x, memory_format=torch.contiguous_format) if full \
                 else torch.zeros(x.shape, dtype=x.dtype, device=x.device)
-    dw_acc = None
-    if need_dw:
-        dw_acc = torch.zeros(w.shape, dtype=acc if lowp else w.dtype, device=w.device)
-    db_acc = torch.zeros(V, dtype=acc, device=x.device) if need_db else None
-    # Chunk buffers, allocated once and reused: logits in the kernel's dtype,
-    # its gradient, and (fp32 logits from low-precision matmuls) the raw product.
-    kdt = acc if (lowp and policy == "accurate") else x.dtype
     n = max(1, min(chunk_rows, R.n))
-    zbuf = torch.empty((n, V), dtype=kdt, device=x.device)
-    gbuf = torch.empty((n, V), dtype=kdt, device=x.device) if need_grad else None
-    tbuf = torch.empty((n, V), dtype=x.dtype, device=x.device) if kdt != x.dtype else None
+    single = n >= R.n
+    dw = db = None
+    if need_dw:
+        # One chunk: dW = g.T @ x is one GEMM straight into dW, accumulated in
+        # fp32 inside and rounded once.  Several: an fp32 accumulator (dW
+        # itself for fp32/fp64), rounded once at the end.
+        dw = torch.empty(w.shape, dtype=w.dtype if single else acc, device=w.device)
+    scratch = None
+    if need_dw and not single and dw.dtype != x.dtype and x.device.type in _FP32_OUT_GEMM_DEVICES \
+            and not has_fp32_out_gemm(x.device, x.dtype):
+        scratch = torch.empty(w.shape, dtype=x.dtype, device=w.device)  # _gemm's fallback
+    # The chunk's logits, then (in place, by the CE kernel) their gradient: one
+    # buffer in x's dtype, allocated once and reused by every chunk.
+    zbuf = torch.empty((n, V), dtype=x.dtype, device=x.device)
     row_scale = scale.dim() > 0
+    first = True
     for tok, xc in R.chunks(n):
-        m = xc.shape[0]
-        z = _logits(xc, w, b, zbuf[:m], None if tbuf is None else tbuf[:m])
+        z = zbuf[:xc.shape[0]]
+        if b is not None:
+            torch.addmm(b, xc, w.t(), out=z)
+        else:
+            torch.mm(xc, w.t(), out=z)
         tc = R.take(target, tok)
         sc = R.take(scale, tok) if row_scale else scale
-        g = gbuf[:m] if need_grad else None
-        lc, sc_lse, _ = be.ce_forward(z, tc, weight, ignore_index, eps, z_loss, softcap, sc,
-                                      need_grad, grad_into=g)
+        lc, lse_c, _ = be.ce_forward(z, tc, weight, ignore_index, eps, z_loss, softcap, sc,
+                                     need_grad, grad_into=z if need_grad else None)
         if isinstance(tok, slice):
-            loss[tok], lse[tok] = lc, sc_lse
+            loss[tok], lse[tok] = lc, lse_c
         else:
             loss.index_copy_(0, tok, lc.to(acc))
-            lse.index_copy_(0, tok, sc_lse.to(acc))
+            lse.index_copy_(0, tok, lse_c.to(acc))
         if not need_grad:
             continue
+        g = z  # now d(sum scale*loss)/dlogits
         if need_db:
-            db_acc += g.sum(0, dtype=acc)
-        if need_dw:
-            _addmm_acc(dw_acc, g.t(), xc)
+            gs = g.sum(0, dtype=acc)
+            db = gs if first else db.add_(gs)
+        if need_dw:  # before dx: with dx_into=x, dx overwrites these rows of x
+            _gemm(dw, g.t(), xc, first, scratch)
         if need_dx:
-            gl = g if g.dtype == x.dtype else tbuf[:m].copy_(g)
             if rows is None and isinstance(tok, slice) and dx.is_contiguous():
-                torch.mm(gl, w, out=dx[tok])  # straight into place (rows of x are rows of dx)
+                torch.mm(g, w, out=dx[tok])  # straight into place (rows of x are rows of dx)
             else:
-                R.put(dx, tok, torch.mm(gl, w))
-    dw = w.new_empty(0) if dw_acc is None else (dw_acc if dw_acc.dtype == w.dtype else dw_acc.to(w.dtype))
-    db = x.new_empty(0) if db_acc is None else db_acc.to(b.dtype if b is not None else x.dtype)
-    return loss, lse, dx, dw, db
+                R.put(dx, tok, torch.mm(g, w))
+        first = False
+    if first and need_dw:  # every token was ignored and dropped: nothing ran
+        dw.zero_()
+    out_dw = w.new_empty(0) if dw is None else dw.to(w.dtype)
+    if need_db:
+        db = torch.zeros(V, dtype=acc, device=x.device) if db is None else db
+        out_db = db.to(b.dtype if b is not None else x.dtype)
+    else:
+        out_db = x.new_empty(0)
+    return loss, lse, dx, out_dw, out_db
 
 
 def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tensor,
@@ -177,13 +244,15 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
                 softcap: float, tw_sum: Optional[Tensor]) -> Tensor:
     """d(sum scale*loss)/dlogits for classes [v0, v0 + z.shape[1]) of some rows,
     in place in z (acc dtype), from the rows' saved lse; formulas of
-    backends/base.py."""
+    backends/base.py.  Temporaries of z's size: one with softcap (its
+    derivative), two with probability targets (see VOCAB_TEMPS)."""
     Vb = z.shape[1]
     acc = z.dtype
     zero = torch.zeros((), dtype=acc, device=z.device)
     if softcap:
-        z.div_(softcap).tanh_().mul_(softcap)
-        dcap = 1 - (z / softcap).square()
+        z.div_(softcap).tanh_()
+        dcap = torch.mul(z, z).neg_().add_(1)  # d softcap(x)/dx = 1 - tanh^2
+        z.mul_(softcap)
     lse_c = lse.to(acc).unsqueeze(1)
     sc = scale.to(acc).unsqueeze(1) if scale.dim() else scale.to(acc)
     zterm = 2 * z_loss * lse_c if z_loss else 0.0
@@ -194,7 +263,7 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
         if eps > 0:
             t = t * (1 - eps) + eps / V
         tw = t if w is None else t * w
-        p.mul_(sc * (tw_sum.to(acc).unsqueeze(1) + zterm)).sub_(sc * tw)
+        p.mul_(sc * (tw_sum.to(acc).unsqueeze(1) + zterm)).sub_(tw.mul_(sc) if tw is not tc else sc * tw)
     else:
         valid = tc != ignore_index
         inb = (tc >= 0) & (tc < V)
@@ -217,6 +286,51 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
     return p
 
 
+def vocab_tiles(n_tok: int, V: int, D: int, x_elt: int, acc_elt: int, gathers: bool, softcap: bool,
+                prob: bool, budget: int) -> tuple[int, int]:
+    """(classes per block, tokens per tile) of the vocab pass, so that its
+    buffers stay within ``budget`` bytes: per (token, class) the fp32 gradient
+    tile, the logits in x's dtype (reused for the gradient the GEMM reads),
+    softcap's derivative, probability targets' fp32 rows; per token its
+    gathered hidden row (shift / dropped rows); per class of a tiled block its
+    fp32 dW accumulator row."""
+    lowp = x_elt != acc_elt
+    elt = acc_elt + (x_elt if lowp else 0) + (acc_elt if softcap else 0) + (2 * acc_elt if prob else 0)
+    row = D * x_elt if gathers else 0
+    n_tok = max(1, n_tok)
+    room = budget - n_tok * row
+    if room >= n_tok * min(V, 128) * elt:
+        # All tokens in one contraction: dW[block] rounded once, no accumulator.
+        return min(V, max(32, room // (n_tok * elt) // 32 * 32)), n_tok
+    vb = min(V, 128)
+    return vb, max(1, (budget - vb * D * acc_elt) // (vb * elt + row))
+
+
+def _vocab_tile(R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor], v0: int, V: int,
+                target: Tensor, weight, lse, ignore_index, eps, z_loss, softcap, scale, tw_sum,
+                need_db: bool, dw_out: Optional[Tensor], whole: bool, first: bool) -> Optional[Tensor]:
+    """One (tokens x classes) tile of the vocab pass: its logits, their
+    gradient, and its dW contribution into ``dw_out`` (dW[block] itself when
+    the tile holds every token, else the block's fp32 accumulator, written
+    with beta=0 by the first tile).  Returns the gradient's column sums."""
+    acc = lse.dtype
+    zl = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
+    z = zl.to(acc)  # the same tensor for fp32/fp64
+    tc = R.take(target, tok)
+    if tc.is_floating_point():
+        tc = tc[:, v0:v0 + wb.shape[0]]
+    g = _block_grad(z, v0, V, tc, R.take(lse, tok), R.take(scale, tok) if scale.dim() else scale,
+                    weight, ignore_index, eps, z_loss, softcap,
+                    None if tw_sum is None else R.take(tw_sum, tok))
+    if dw_out is not None:
+        gl = zl.copy_(g) if zl is not g else g  # the GEMM's operand in x's dtype, in the logits' buffer
+        if whole:  # one contraction over all tokens: fp32 inside the GEMM, rounded once
+            torch.mm(gl.t(), xc, out=dw_out)
+        else:
+            _gemm(dw_out, gl.t(), xc, first)
+    return g.sum(0) if need_db else None
+
+
 def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, softcap, scale,
                need_dw, need_db, budget, drop):
     """dW (and db) by blocks of classes, recomputing logits from the saved lse."""
@@ -226,8 +340,9 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
     dw = torch.empty_like(w) if need_dw else w.new_empty(0)
     db = torch.zeros(V, dtype=b.dtype if b is not None else x.dtype, device=x.device) if need_db \
         else x.new_empty(0)
+    prob = target.is_floating_point()
     tw_sum = None
-    if target.is_floating_point():
+    if prob:
         t = target.to(acc)
         if eps > 0:
             t = t * (1 - eps) + eps / V
@@ -236,42 +351,27 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
         if need_dw:
             dw.zero_()
         return dw, db
-    elt = torch.finfo(acc).bits // 8 + (x.element_size() if x.dtype != acc else 0)
-    vb = max(32, budget // max(1, R.n * elt))
-    vb = min(V, -(-vb // 32) * 32)
-    n = R.n if R.n * vb * elt <= 2 * budget else max(1, budget // (vb * elt))
-    row_scale = scale.dim() > 0
+    vb, n = vocab_tiles(R.n, V, D, x.element_size(), torch.finfo(acc).bits // 8, R.gathers,
+                        bool(softcap), prob, budget)
+    whole = n >= R.n
+    # All tokens in one tile: gather their hidden rows once, not per block.
+    tiles = list(R.chunks(n)) if whole else None
     for v0 in range(0, V, vb):
         v1 = min(V, v0 + vb)
         wb = w[v0:v1]
         bb = None if b is None else b[v0:v1]
-        blk_acc = None
-        dbb = torch.zeros(v1 - v0, dtype=acc, device=x.device) if need_db else None
-        for tok, xc in R.chunks(n):
-            z = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
-            z = z.to(acc)
-            tc = R.take(target, tok)
-            if tc.is_floating_point():
-                tc = tc[:, v0:v1]
-            g = _block_grad(z, v0, V, tc, R.take(lse, tok), R.take(scale, tok) if row_scale else scale,
-                            weight, ignore_index, eps, z_loss, softcap,
-                            None if tw_sum is None else R.take(tw_sum, tok))
+        blk = None if whole or not need_dw else torch.empty((v1 - v0, D), dtype=acc, device=x.device)
+        dbb = None
+        for i, (tok, xc) in enumerate(tiles if whole else R.chunks(n)):
+            # A function call, so the tile's buffers are freed before the next
+            # tile's are allocated (the budget counts one tile).
+            gsum = _vocab_tile(R, tok, xc, wb, bb, v0, V, target, weight, lse, ignore_index, eps,
+                               z_loss, softcap, scale, tw_sum, need_db,
+                               dw[v0:v1] if need_dw and whole else blk, whole, i == 0)
             if need_db:
-                dbb += g.sum(0)
-            if need_dw:
-                if n >= R.n and blk_acc is None:  # one contraction over all tokens: rounded once
-                    if g.dtype == w.dtype:
-                        torch.mm(g.t(), xc, out=dw[v0:v1])
-                    else:
-                        blk_acc = torch.zeros((v1 - v0, D), dtype=acc, device=x.device)
-                        _addmm_acc(blk_acc, g.t(), xc)
-                else:
-                    if blk_acc is None:
-                        blk_acc = torch.zeros((v1 - v0, D), dtype=acc, device=x.device)
-                    _addmm_acc(blk_acc, g.t(), xc)
-            del z, g  # free this block's logits before the next one is allocated
-        if blk_acc is not None:
-            dw[v0:v1].copy_(blk_acc)
+                dbb = gsum if dbb is None else dbb.add_(gsum)
+        if blk is not None and need_dw:
+            dw[v0:v1].copy_(blk)
         if need_db:
             db[v0:v1].copy_(dbb)
     return dw, db
@@ -281,15 +381,15 @@ def run(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale
         need_db, policy, chunk_rows, budget, drop, backend, dx_into=None):
     if policy == "compact":
         loss, lse, dx, _, _ = token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss,
-                                         softcap, scale, need_dx, False, False, policy, chunk_rows,
-                                         drop, backend, dx_into)
+                                         softcap, scale, need_dx, False, False, chunk_rows, drop,
+                                         backend, dx_into)
         dw, db = w.new_empty(0), x.new_empty(0)
         if need_dw or need_db:
             dw, db = vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss,
                                 softcap, scale, need_dw, need_db, budget, drop)
         return loss, lse, dx, dw, db
     return token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale,
-                      need_dx, need_dw, need_db, policy, chunk_rows, drop, backend, dx_into)
+                      need_dx, need_dw, need_db, chunk_rows, drop, backend, dx_into)
 
 
 # ---------------------------------------------------------------------------
@@ -324,18 +424,18 @@ def _(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale, 
 @custom_op("crossent::linear_ce_inplace", mutates_args=("x",))
 def linear_ce_inplace(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
                       weight: Optional[Tensor], ignore_index: int, eps: float, z_loss: float,
-                      softcap: float, scale: Tensor, need_dw: bool, need_db: bool, policy: str,
+                      softcap: float, scale: Tensor, need_dw: bool, need_db: bool,
                       chunk_rows: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Like linear_ce (accurate/balanced token pass) but dx overwrites x, chunk
+    """Like linear_ce (the token pass of acc_policy='accurate') but dx overwrites x, chunk
     by chunk, once that chunk's contribution to dW has been taken."""
     loss, lse, _, dw, db = token_pass(x, None, w, b, target, weight, ignore_index, eps, z_loss,
-                                      softcap, scale, True, need_dw, need_db, policy, chunk_rows,
-                                      False, backend, dx_into=x)
+                                      softcap, scale, True, need_dw, need_db, chunk_rows, False,
+                                      backend, dx_into=x)
     return loss, lse, dw, db
 
 
 @linear_ce_inplace.register_fake
 def _(x, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale, need_dw, need_db,
-      policy, chunk_rows, backend):
+      chunk_rows, backend):
     out = _fake(x, None, w, b, target, False, need_dw, need_db)
     return out[0], out[1], out[3], out[4]

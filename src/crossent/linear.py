@@ -7,24 +7,28 @@ holding the N x V logits: tokens are processed in chunks sized by a byte
 budget, and each chunk's logits become its gradient in place of the logits.
 
 Design (details in crossent/_linear_ops.py):
-  * accurate  (auto's pick whenever the fp32 dW accumulator fits): one token-chunked
-    pass, ~6*N*D*V FLOPs.  Per chunk: logits (matmul) -> fused CE kernel of
-    the device's backend writing dlogits into a chunk buffer crossent owns ->
-    dx_c = dlogits @ W, dW += dlogits.T @ x_c.  dlogits and the dW accumulator
-    are fp32 (fp64 for fp64), dW is rounded to W's dtype once at the end.
-    For fp32/fp64 the accumulator *is* dW: nothing extra.
-    Extra memory: the gradients + (low precision) a V x D fp32 accumulator + one chunk.
-  * balanced  like accurate, but logits/dlogits chunks stay in the input dtype
-    (as eager PyTorch stores them; the kernel still computes in fp32): half
-    the chunk memory, matmuls in the input dtype.  fp32 dW accumulator kept.
-    Identical to accurate for fp32/fp64 input.
-  * compact   no V x D fp32 buffer (extra <= gradients + one chunk + one
-    vocabulary block): token pass for loss, lse and dx, then a vocabulary
+  * accurate  (auto's pick whenever memory allows): one token-chunked pass,
+    ~6*N*D*V FLOPs.  Per chunk: logits (GEMM, into a buffer in the input
+    dtype that crossent owns) -> the backend's CE kernel overwrites them with
+    their gradient (computed in fp32: the true-class term and the max taken
+    before any rounding) -> dx_c = g @ W, dW (+)= g.T @ x_c.  With one chunk
+    dW is a single GEMM accumulated in fp32 and rounded once; with several,
+    an fp32 accumulator (dW itself for fp32/fp64) written with beta=0 by the
+    first chunk, rounded once at the end.  The same numbers as eager PyTorch
+    (which also keeps logits and their gradient in the input dtype), with
+    fp32 accumulation wherever eager has it.
+    Extra memory: one chunk (+ a V x D fp32 accumulator for fp16/bf16 with
+    several chunks).
+  * balanced  torch's name for the middle policy; crossent's accurate already
+    keeps chunks in the input dtype with fp32 accumulation, so balanced runs
+    accurate.
+  * compact   no V x D fp32 buffer (extra <= the gradients + chunk_bytes,
+    default 256 MiB): token pass for loss, lse and dx, then a vocabulary
     pass that recomputes the logits of all tokens one block of classes at a
-    time and writes dW[block] = dlogits.T @ x from one contraction over the
+    time and writes dW[block] = g.T @ x from one contraction over the
     tokens (CCE-style, ~8*N*D*V FLOPs); still rounded once, deterministic.
-  * auto      accurate for fp32/fp64; for fp16/bf16 accurate if the fp32
-    accumulator takes at most a quarter of the free memory, else compact.
+  * auto      accurate, unless fp16/bf16 needs several chunks and their fp32
+    accumulator would take more than a quarter of the free memory: compact.
     ``linear_cross_entropy_plan`` reports the pick without running anything.
 
 Ignored tokens: on CPU their rows are dropped before the matmuls (reading a
@@ -51,7 +55,7 @@ from . import _fast
 from . import _validate as V
 from . import backends
 from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
-from ._linear_ops import acc_dtype
+from ._linear_ops import acc_dtype, vocab_tiles
 from .functional import (CrossEntropyOutput, _ce_options, _class_denominator, _cross_entropy,
                          _z_term)
 
@@ -60,16 +64,30 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "linear_cr
 
 _POLICIES = ("auto", "accurate", "balanced", "compact")
 _LOWP = (torch.float16, torch.bfloat16)
-_DEFAULT_BYTES = {"cpu": 32 << 20}  # CPU: >= 128 rows at V = 32k fp32 (full-speed GEMMs), small next to dW
-_DEFAULT_BYTES_ACCEL = 1 << 30      # GPU: few large chunks (many tiny ones are what makes Liger slow)
+# CPU: 1024 rows at V = 32k fp32.  Measured at 4096 x 512 x 32000 (BENCHMARKS.md):
+# 32 MiB chunks ran 2.1x slower than 128 MiB (the dW GEMMs with K = 256 rows
+# are write-bound on the V x D output), 256 MiB and one chunk only ~10% faster.
+_CPU_CHUNK_BYTES = 128 << 20
+# Accelerators when free memory cannot be read (under torch.compile tracing).
+_ACCEL_CHUNK_BYTES = 1 << 30
+# compact's promise: extra memory <= the gradients + this (all its buffers);
+# on CPU no more than accurate's one chunk.
+_COMPACT_BYTES = {"cpu": _CPU_CHUNK_BYTES}
+_COMPACT_BYTES_ACCEL = 256 << 20
+# Chunk rows are multiples of the GEMM tile (CTA tiles of 128/256 rows on
+# GPUs; 128 on CPU), so no GEMM of a chunk ends in a partial wave of tiles.
+_TILE_ROWS = {"cpu": 128, "cuda": 256}
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearCrossEntropyOptions:
     """crossent's options for :func:`linear_cross_entropy`.
 
-    chunk_bytes: memory budget, in bytes, for the per-chunk buffers (logits
-        and their gradient; compact's vocabulary block).  None: 32 MiB on CPU, 1 GiB (at most 1/8 of free memory) on GPUs.
+    chunk_bytes: memory budget, in bytes, for the per-chunk buffers (the
+        chunk's logits, overwritten by their gradient; compact: all its
+        buffers).  None: accurate uses 128 MiB chunks on CPU and, on GPUs, one
+        chunk when it fits in half the memory left free beyond the gradients
+        (else the fewest that fit); compact uses 256 MiB (CPU: 128 MiB).
     chunk_size: tokens per chunk, overriding chunk_bytes for the token pass.
     acc_policy: 'accurate' | 'balanced' | 'compact' | 'auto' (see crossent.linear).
     allow_inplace: permission to write the input gradient into the hidden
@@ -124,7 +142,9 @@ def _free_bytes(device: torch.device) -> int | None:
         return None
     try:
         if device.type == "cuda":
-            return torch.cuda.mem_get_info(device)[0]
+            # free on the device + what torch's caching allocator holds unused
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return torch.cuda.mem_get_info(device)[0] + cached
         if device.type == "cpu":
             with open("/proc/meminfo") as f:
                 for line in f:
@@ -135,40 +155,84 @@ def _free_bytes(device: torch.device) -> int | None:
     return None
 
 
+def _chunk_rows(N: int, per_row: int, budget: int, tile: int) -> int:
+    """Rows per chunk: all N when they fit in ``budget`` bytes; else the
+    fewest equal chunks that fit, each a multiple of ``tile`` rows."""
+    cap = max(1, budget // max(1, per_row))
+    if N <= cap:
+        return max(1, N)
+    if cap < tile:
+        return cap
+    k = -(-N // cap)
+    while True:
+        rows = -(-(-(-N // k)) // tile) * tile
+        if rows <= cap:
+            return rows
+        k += 1
+
+
 def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts,
           backend: str) -> tuple[LinearCrossEntropyPlan, int]:
+    """Resolve the policy and the chunking; returns (plan, compact's budget).
+
+    accurate: one (rows, V) buffer in the input dtype per chunk (logits, then
+    their gradient in place); with fp16/bf16 and several chunks, a V x D fp32
+    dW accumulator too (one chunk needs none).  On accelerators, as few chunks
+    as half the memory left free beyond the gradients allows (each extra
+    chunk costs a read-modify-write of the accumulator); on CPU 128 MiB chunks.
+    compact: all buffers within chunk_bytes (default 256 MiB, CPU 128 MiB):
+    a quarter for the token pass's chunk (the rest is the CE backend's
+    working space: the torch backend's fp32 temporaries, up to four per piece
+    of the chunk), all of it for the vocabulary pass's tiles, which run after.
+    auto: accurate unless the fp32 accumulator it would need takes more than
+    a quarter of the free memory."""
     opts = opts or LinearCrossEntropyOptions()
     if not isinstance(opts, LinearCrossEntropyOptions):
         opts = _from_torch_options(opts, N, D, V)
     lowp = dtype in _LOWP
-    free = _free_bytes(device)
-    policy = opts.acc_policy
-    if policy == "auto":
-        policy = "accurate"
-        if lowp and free is not None and 4 * V * D * 4 > free:
-            policy = "compact"
-    budget = opts.chunk_bytes
-    if budget is None:
-        budget = _DEFAULT_BYTES.get(device.type, _DEFAULT_BYTES_ACCEL)
-        if device.type != "cpu" and free is not None:
-            budget = max(64 << 20, min(budget, free // 8))
     elt = dtype.itemsize
     acc_elt = 8 if dtype == torch.float64 else 4
-    per_row = V * (2 * acc_elt + elt) if (lowp and policy == "accurate") else 2 * V * elt
-    chunk = opts.chunk_size or max(1, budget // per_row)
-    chunk = max(1, min(chunk, N)) if N else 1
+    per_row = V * elt
+    acc_bytes = V * D * acc_elt if lowp else 0
+    tile = _TILE_ROWS.get(device.type, 256)
+
+    def room() -> int | None:
+        """Free memory beyond the gradients; read only where needed (reading
+        /proc/meminfo costs more than a tiny CPU call's whole math)."""
+        free = _free_bytes(device)
+        return None if free is None else max(0, free - (N + V) * D * elt)
+
+    def accurate_rows() -> int:
+        if opts.chunk_size:
+            return min(opts.chunk_size, max(1, N))
+        if opts.chunk_bytes:
+            return _chunk_rows(N, per_row, opts.chunk_bytes, tile)
+        if device.type == "cpu":
+            return _chunk_rows(N, per_row, _CPU_CHUNK_BYTES, tile)
+        r = room()
+        if r is None:
+            return _chunk_rows(N, per_row, _ACCEL_CHUNK_BYTES, tile)
+        if N * per_row <= r // 2:
+            return max(1, N)
+        return _chunk_rows(N, per_row, max(0, r - acc_bytes) // 2, tile)
+
+    policy = "accurate" if opts.acc_policy == "balanced" else opts.acc_policy
+    rows = accurate_rows() if policy != "compact" else 0
+    if policy == "auto":
+        r = room() if rows < N and acc_bytes else None
+        policy = "compact" if (r is not None and 4 * acc_bytes > r) else "accurate"
+    budget = opts.chunk_bytes or _COMPACT_BYTES.get(device.type, _COMPACT_BYTES_ACCEL)
     vb = V
-    if policy == "compact" and N:
-        velt = acc_elt + (elt if lowp else 0)
-        vb = min(V, max(32, -(-(budget // (N * velt)) // 32) * 32))
-    extra = chunk * per_row
-    if lowp and policy in ("accurate", "balanced"):
-        extra += V * D * 4
     if policy == "compact":
-        extra = max(extra, vb * min(N, max(1, budget // (vb * velt))) * velt) if N else extra
+        rows = min(opts.chunk_size, max(1, N)) if opts.chunk_size else \
+            _chunk_rows(N, per_row, budget // 4, tile)
+        vb = vocab_tiles(N, V, D, elt, acc_elt, False, False, False, budget)[0]
+        extra = budget
+    else:
+        extra = min(rows, N) * per_row + (acc_bytes if rows < N else 0)
     flops = (8 if policy == "compact" else 6) * N * D * V
-    num = -(-N // chunk) if N else 0
-    return LinearCrossEntropyPlan(policy, chunk, num, vb, int(extra), flops, backend), budget
+    num = -(-N // rows) if N else 0
+    return LinearCrossEntropyPlan(policy, rows, num, vb, int(extra), flops, backend), budget
 
 
 def linear_cross_entropy_plan(input: Tensor, linear_weight: Tensor, *, options=None,
@@ -291,7 +355,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             rows = (torch.arange(B, device=input.device).unsqueeze(1) * T + ar).reshape(-1)
     else:
         x = input.reshape(-1, D)
-    t = target.reshape(-1, C) if prob else target.reshape(-1)
+    # Class indices as int64: ignore_index is then compared as an exact integer
+    # (a uint8 target 156 is class 156 under ignore_index=-100, which uint8
+    # arithmetic would wrap to 156; issue 9).  O(N), next to O(N*D*V) work.
+    t = target.reshape(-1, C) if prob else target.reshape(-1).long()
     acc = acc_dtype(input.dtype)
     if prob:
         denom = torch.full((), float(N), dtype=acc, device=input.device)

@@ -128,9 +128,10 @@ def _rel(a, ref):
 
 def test_accurate_bf16_dW_no_worse_than_eager():
     """bf16, peaked logits (std ~4), 8 token chunks: accurate's dW and dh
-    (fp32 softmax and p - 1, dW accumulated across chunks in fp32 and rounded
-    once) against eager bf16's (one cross_entropy over bf16 logits), both vs
-    float64 from the same bf16 inputs.  Both round the logits and the matmul
+    (softmax and p - 1 in fp32, stored in bf16 over the chunk's logits as
+    eager stores its gradient; dW accumulated across chunks in fp32 and
+    rounded once) against eager bf16's (one cross_entropy over bf16 logits),
+    both vs float64 from the same bf16 inputs.  Both round the logits and the matmul
     operands to bf16, so the errors are close: 'no worse' = Frobenius error
     within 5%, max error within 25% (one element; noisy)."""
     N, D, V = (4096, 256, 8192) if DEV == "cuda" else (256, 32, 1024)
@@ -146,3 +147,52 @@ def test_accurate_bf16_dW_no_worse_than_eager():
         print(msg)
         assert of <= 1.05 * ef, msg
         assert om <= 1.25 * em, msg
+
+
+def test_fp32_output_gemm_and_its_fallback(monkeypatch):
+    """_gemm, the weight-gradient accumulation: beta=0 on the first chunk
+    (the accumulator starts as garbage), fp32 sums of bf16 products, through
+    torch's float32-output GEMM where this torch has it (else it warned once)
+    and through the deliberate fallback (each product rounded once)."""
+    from crossent import _linear_ops as ops
+    dev = torch.device(DEV)
+    g = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(96, 300, device=dev, generator=g).bfloat16()
+    b = torch.randn(300, 40, device=dev, generator=g).bfloat16()
+    want = a.double() @ b.double()
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setitem(ops._fp32_out_gemm, (dev.type, torch.bfloat16), False)
+        acc = torch.full((96, 40), float("nan"), device=dev)
+        ops._gemm(acc, a, b, first=True, scratch=torch.empty(96, 40, device=dev, dtype=torch.bfloat16))
+        ops._gemm(acc, a, b, first=False, scratch=torch.empty(96, 40, device=dev, dtype=torch.bfloat16))
+        err = ((acc.double() - 2 * want).abs().max() / want.abs().max()).item()
+        exact = fast and ops.has_fp32_out_gemm(dev, torch.bfloat16)
+        assert err <= (1e-5 if exact else 2 ** -8), (fast, exact, err)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA allocator statistics")
+@pytest.mark.parametrize("policy", ["accurate", "compact"])
+def test_extra_memory_bf16(policy):
+    """accurate with one chunk: extra <= gradients + that chunk (its logits,
+    overwritten by their gradient; no fp32 copy of either); compact: extra <=
+    gradients + chunk_bytes (+ O(N + V) vectors and allocator rounding)."""
+    N, D, V = 4096, 1024, 32000
+    h, W, _, _, t = _data(N, D, V, torch.bfloat16, seed=4)
+    h.requires_grad_()
+    W.requires_grad_()
+    budget = 32 << 20
+    opts = Opts(acc_policy=policy, chunk_bytes=budget if policy == "compact" else 1 << 34)
+    plan = crossent.linear_cross_entropy_plan(h, W, options=opts)
+    crossent.linear_cross_entropy(h, W, t, options=opts).backward()   # warm-up (Triton compile)
+    h.grad = W.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    crossent.linear_cross_entropy(h, W, t, options=opts).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = (N + V) * D * 2
+    allowed = grads + (N * V * 2 if policy == "accurate" else budget) + 64 * (N + V) + (4 << 20)
+    assert (plan.num_chunks == 1) or policy == "compact", plan
+    assert extra <= allowed, (policy, extra / 2 ** 20, allowed / 2 ** 20)
