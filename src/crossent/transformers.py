@@ -155,7 +155,7 @@ _LOSSES.update({f: f for f in list(_LOSSES.values())})
 # ---------------------------------------------------------------------------
 # use_crossent
 # ---------------------------------------------------------------------------
-def use_crossent(model: nn.Module, *, fused: bool = False) -> nn.Module:
+def use_crossent(model: nn.Module, *, fused: bool = False, options=None) -> nn.Module:
     """Make this model instance compute its loss with crossent; returns ``model``.
 
     model: a transformers ``PreTrainedModel``, or a wrapper with
@@ -169,6 +169,8 @@ def use_crossent(model: nn.Module, *, fused: bool = False) -> nn.Module:
         probe (eval mode, no grad): the model's logits must equal the output
         embeddings applied to the decoder's hidden states, else ValueError
         (a head this path does not know, e.g. a logit scale).
+    options: crossent.LinearCrossEntropyOptions for the fused head (chunk
+        size, accumulation policy); None: crossent's defaults.
     """
     hf = _pretrained(model)
     ours = _LOSSES.get(hf.loss_function)
@@ -178,6 +180,7 @@ def use_crossent(model: nn.Module, *, fused: bool = False) -> nn.Module:
     if fused and ours is not causal_lm_loss:
         raise ValueError(f"fused=True is for causal LMs; {type(hf).__name__} uses {ours.__name__}")
     hf.loss_function = ours
+    hf._crossent_options = options
     installed = "_crossent_prev_forward" in hf.__dict__
     if fused and not installed:
         _install_fused_forward(hf)
@@ -278,7 +281,8 @@ def _fused_forward(self: PreTrainedModel, sig: inspect.Signature, args: tuple, k
         hidden = slice_logits_to_keep(hidden, keep)
     loss = fused_causal_lm_loss(hidden, head.weight, labels, bias=head.bias, softcap=_softcap(self),
                                 num_items_in_batch=kw.get("num_items_in_batch"),
-                                ignore_index=kw.get("ignore_index", -100), shift_labels=kw.get("shift_labels"))
+                                ignore_index=kw.get("ignore_index", -100), shift_labels=kw.get("shift_labels"),
+                                options=self._crossent_options)
     fields = {k: v for k, v in out.items() if k != "logits"}
     fields["loss"] = loss
     out = type(out)(**fields)
