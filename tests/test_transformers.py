@@ -366,3 +366,9 @@ def test_example_smoke(tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["max_rel_loss_diff"]["crossent"] < 1e-5 and summary["max_rel_loss_diff"]["fused"] < 1e-5
+
+
+def test_import_crossent_does_not_import_transformers():
+    code = "import sys, crossent; assert 'transformers' not in sys.modules and 'crossent.transformers' not in sys.modules"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

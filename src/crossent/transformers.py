@@ -251,6 +251,8 @@ def _hidden_and_output(model: PreTrainedModel, inner, kwargs: dict):
         out = inner(**kwargs, return_dict=True)
     finally:
         hook.remove()
+    if not seen:
+        raise ValueError(f"{type(model).__name__}.get_decoder() returned a module its forward does not call")
     h = seen[-1]
     return (h[0] if isinstance(h, tuple) else h.last_hidden_state), out
 
