@@ -49,10 +49,10 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="seconds: tiny vocabulary, model and run (CI)")
     p.add_argument("--out", default=str(Path(__file__).with_name("out")), help="output folder")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=32768)
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--memory-worker", choices=MODES, help=argparse.SUPPRESS)
@@ -200,13 +200,16 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     texts = stdlib_sources(args.smoke)
-    tok = train_tokenizer(texts, args.vocab, out / f"tokenizer-{args.vocab}{'-smoke' if args.smoke else ''}.json")
+    tok_path = out / f"tokenizer-{args.vocab}{'-smoke' if args.smoke else ''}.json"
+    cached = tok_path.exists()
+    tok = train_tokenizer(texts, args.vocab, tok_path)
     vocab = tok.get_vocab_size()
     tokens = token_stream(tok, texts, args.steps * args.batch * args.seq)
     torch.save(tokens, out / "tokens.pt")
     (out / "vocab.json").write_text(json.dumps({"vocab": vocab}))
     print(f"tokenizer: BPE, vocabulary {vocab}, trained on {len(texts)} stdlib files "
-          f"({sum(map(len, texts)) / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s")
+          f"({sum(map(len, texts)) / 2**20:.1f} MiB)" + (f" (cached in {tok_path})" if cached else
+                                                         f" in {time.perf_counter() - t0:.0f} s"))
 
     models = build_models(args, vocab)
     steps = {m: make_step(models[m], args.lr) for m in MODES}
