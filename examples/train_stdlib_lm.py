@@ -7,8 +7,8 @@ Needs no download: the BPE tokenizer (the ``tokenizers`` package, vocabulary
 32768) is trained here on the ``*.py`` files of this Python's standard library,
 and the model is random-init from a config.
 
-    python examples/train_stdlib_lm.py            # full run: a few minutes on 2 CPU cores
-    python examples/train_stdlib_lm.py --smoke    # seconds (CI): tiny vocabulary and model
+    python examples/train_stdlib_lm.py            # full run: 21 minutes on 2 busy shared CPU cores
+    python examples/train_stdlib_lm.py --smoke    # the same pipeline in miniature (CI)
 
 What it prints and writes (to --out, default examples/out/):
   * a table: tokens/s (median fwd+bwd+AdamW step), extra peak memory of one
