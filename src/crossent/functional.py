@@ -235,9 +235,12 @@ def _ce_checks(input: Tensor, target: Tensor, weight: Tensor | None, ignore_inde
 
 
 def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
-                   label_smoothing, z_loss, softcap, inplace_backward, stats=True) -> CrossEntropyOutput:
+                   label_smoothing, z_loss, softcap, inplace_backward, stats=True,
+                   result_dtype=None) -> CrossEntropyOutput:
     """The shared body; with stats=False the z-loss term is not formed
-    (CrossEntropyOutput.z_loss is then the loss itself, unused by callers)."""
+    (CrossEntropyOutput.z_loss is then the loss itself, unused by callers).
+    result_dtype (class indices only): the loss's dtype instead of input.dtype
+    (crossent.transformers returns fp32 losses for fp16/bf16 logits)."""
     red = V.reduction(size_average, reduce, reduction)  # torch.nn.functional's, before the binding's
     V.tensor_arg(input, "cross_entropy_loss", "input", 1)
     V.tensor_arg(target, "cross_entropy_loss", "target", 2)
@@ -247,6 +250,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
                                                               label_smoothing, z_loss, softcap, red)
     out_dtype = _fast.autocast_out_dtype(input, out_dtype)
+    out_dtype = result_dtype if result_dtype is not None and not prob else out_dtype
     if not prob:
         V.no_class_k_dim(input, target)
     vmap, fwd = V.func_transforms()

@@ -273,7 +273,10 @@ def _checks(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                          label_smoothing, options, z_loss, softcap, shift, stats) -> CrossEntropyOutput:
+                          label_smoothing, options, z_loss, softcap, shift, stats,
+                          result_dtype=None) -> CrossEntropyOutput:
+    # result_dtype (class indices, 2-D weight): the loss's dtype instead of
+    # input.dtype (crossent.transformers returns fp32 losses for bf16 models).
     V.tensor_arg(input, "linear_cross_entropy", "input", 1)
     V.tensor_arg(linear_weight, "linear_cross_entropy", "linear_weight", 2)
     V.tensor_arg(target, "linear_cross_entropy", "target", 3)
@@ -339,7 +342,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     else:
         V.class_target(meta, t_chk, weight)
         V.weight_no_grad(weight)
-        out_dtype = input.dtype
+        out_dtype = input.dtype if result_dtype is None else result_dtype
         V.check_target_bounds(target, C, ignore_index)
     out_dtype = _fast.autocast_out_dtype(input, out_dtype)
 
