@@ -1,0 +1,393 @@
+"""Token log-probabilities and entropy for RL fine-tuning (PPO, GRPO, ...).
+
+``log_probs(logits, target)`` is ``log_softmax(logits.float() / T).gather(-1, target)``
+and, with ``entropy=True``, ``-(p * log p).sum(-1)`` of the same distribution,
+both differentiable, without the N x V log-softmax, probabilities or their
+gradients in memory.  ``linear_log_probs(h, W, target)`` does the same from
+hidden states and the LM head, never holding more than one chunk of logits.
+
+Per row, with z = x / T (fp32; fp64 for fp64), m = max z, e = z - m, s = sum exp(e):
+  lse = m + log s,   log_prob = z[y] - lse,   H = log s - sum(exp(e) * e) / s
+and for upstream gradients (g, h) of (log_prob, H), with L = z - lse, p = exp(L):
+  dx = ( g * ([c == y] - p) - h * p * (L + H) ) / T
+All sums are relative to the row max, so nothing cancels at large |logits|.
+
+Layers (QuACK order): the torch kernels (one chunk of rows) -> the chunked
+passes -> torch custom ops (torch.compile sees one opaque node each) -> the
+public functions.  The autograd Functions live in crossent._autograd; the
+Triton kernels in crossent.backends.triton.logprobs.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+from torch.library import custom_op
+
+from . import _validate as V
+from . import backends
+from ._linear_ops import _addmm_acc, _logits, _Rows, acc_dtype
+
+__all__ = ["LogProbsOutput", "log_probs", "linear_log_probs"]
+
+# exp(-1024) is 0 in fp32 and fp64: clamping z - m there changes no probability
+# but turns a -inf logit's p * log p = 0 * -inf = NaN into 0 (0 log 0 = 0).
+_FLOOR = -1024.0
+
+
+class LogProbsOutput(NamedTuple):
+    """What :func:`log_probs` / :func:`linear_log_probs` return, whatever the flags.
+
+    log_probs: log-probability of each target token, shaped like ``target``.
+    entropy:   entropy of each position's distribution, shaped like ``target``;
+               None unless ``entropy=True`` was passed.
+    """
+
+    log_probs: Tensor
+    entropy: Optional[Tensor]
+
+
+# ---------------------------------------------------------------------------
+# torch kernels: one chunk of rows z (r, V)
+# ---------------------------------------------------------------------------
+def safe_index(target: Tensor, ignore_index: int, V: int) -> Tensor:
+    """int64 class index that is always in bounds (0 for ignored / out-of-range rows)."""
+    t = target.long()  # compare in int64: ignore_index is never wrapped into a narrow dtype
+    return torch.where((t != ignore_index) & (t >= 0) & (t < V), t, 0)
+
+
+def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
+    """xc / T in the accumulation dtype; in place when ``own`` and no cast is needed."""
+    z = xc.to(acc_dtype(xc.dtype))
+    if temperature != 1.0:
+        z = z.div_(temperature) if own and z.data_ptr() == xc.data_ptr() else z / temperature
+    return z
+
+
+def stats(z: Tensor, entropy: bool, own: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(lse (r,), H (r,) or None) of the rows of z; ``own``: z may be overwritten."""
+    m = z.amax(1, keepdim=True)
+    m = torch.where(m.abs() == math.inf, 0.0, m)  # all -inf / +inf rows: no inf - inf in the shift
+    e = z.sub_(m) if own else z - m
+    if not entropy:
+        s = e.exp_().sum(1)
+        return m.squeeze(1) + s.log(), None
+    p = torch.exp(e.clamp_min_(_FLOOR))
+    s = p.sum(1)
+    s1 = torch.bmm(p.unsqueeze(1), e.unsqueeze(2)).view(-1)  # sum p*e, no (r, V) temporary
+    logs = s.log()
+    return m.squeeze(1) + logs, logs - s1 / s
+
+
+def grad_rows(z: Tensor, out: Tensor, ys: Tensor, lse: Tensor, ent: Optional[Tensor], a: Tensor,
+              b: Optional[Tensor], hot: Optional[Tensor] = None) -> Tensor:
+    """out (r, V) <- d(sum a*log_prob + b*H)/dz, with a, b already divided by T
+    (0 at ignored rows).  ``out`` may be z itself.  ``hot``: the one-hot
+    coefficient (default a; vocab-parallel: a on the rank owning the target)."""
+    L = torch.sub(z, lse.unsqueeze(1), out=out)
+    if b is None:
+        L.exp_().mul_(-a.unsqueeze(1))
+    else:
+        p = torch.exp(L.clamp_min_(_FLOOR))
+        # -p * (a + b * (L + H)) = p * (L * -b - (a + b * H))
+        L.mul_(-b.unsqueeze(1)).sub_((a + b * ent).unsqueeze(1)).mul_(p)
+    out.scatter_add_(1, ys.unsqueeze(1), (a if hot is None else hot).unsqueeze(1).to(out.dtype))
+    return out
+
+
+def _masked(v: Tensor, target: Tensor, ignore_index: int, V: int) -> Tensor:
+    """0 at ignored rows, NaN at out-of-range targets (never read out of bounds)."""
+    t = target.long()
+    v = torch.where((t >= 0) & (t < V), v, math.nan)
+    return torch.where(t != ignore_index, v, 0.0)
+
+
+class _TorchKernels:
+    """The portable kernels: ``rows_*`` work on one chunk, the others chunk a whole tensor."""
+
+    @staticmethod
+    def rows_forward(x, ys, temperature, entropy, own):
+        z = scaled(x, temperature, own)
+        zy = z.gather(1, ys.unsqueeze(1)).squeeze(1)
+        lse, ent = stats(z, entropy, own or z.data_ptr() != x.data_ptr())
+        return zy - lse, ent, lse
+
+    @staticmethod
+    def rows_backward(x, out, ys, lse, ent, a, b, temperature, hot=None):
+        if out.dtype == lse.dtype:  # fp32 out (fp64 for fp64): z / T straight into it
+            if out.data_ptr() == x.data_ptr() or x.dtype != out.dtype:
+                z = out.copy_(x) if x.dtype != out.dtype else x  # bf16 -> fp32 is exact
+                z = z.div_(temperature) if temperature != 1.0 else z
+            else:
+                z = torch.div(x, temperature, out=out) if temperature != 1.0 else x
+            return grad_rows(z, out, ys, lse, ent, a, b, hot)
+        z = scaled(x, temperature, own=False)  # low-precision logits: fp32 chunk, rounded once
+        return out.copy_(grad_rows(z, z, ys, lse, ent, a, b, hot))
+
+    @classmethod
+    def forward(cls, x, ys, temperature, entropy):
+        from .backends.torch_chunked import _chunks
+        acc = acc_dtype(x.dtype)
+        R = x.shape[0]
+        lp, lse = x.new_empty(R, dtype=acc), x.new_empty(R, dtype=acc)
+        ent = x.new_empty(R if entropy else 0, dtype=acc)
+        for (ri,), _ in _chunks(x):
+            l, e, s = cls.rows_forward(x[ri], ys[ri], temperature, entropy, False)
+            lp[ri], lse[ri] = l, s
+            if entropy:
+                ent[ri] = e
+        return lp, ent, lse
+
+    @classmethod
+    def backward(cls, x, ys, lse, ent, a, b, temperature):
+        from .backends.torch_chunked import _chunks, empty_like_fast
+        dx = empty_like_fast(x)
+        for (ri,), _ in _chunks(x):
+            cls.rows_backward(x[ri], dx[ri], ys[ri], lse[ri], None if b is None else ent[ri], a[ri],
+                              None if b is None else b[ri], temperature)
+        return dx
+
+
+def kernels(backend: str):
+    """The kernel set of a backend (same five names on each)."""
+    if backend == "triton":
+        from .backends.triton import logprobs as tk
+        return tk
+    return _TorchKernels
+
+
+# ---------------------------------------------------------------------------
+# Fused head: token-chunked passes over x (N, D) @ w.T (V, D)
+# ---------------------------------------------------------------------------
+def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_rows, backend):
+    """(log_probs, entropy or empty, lse), (N,) acc dtype, unmasked; dropped
+    (ignored, CPU) rows are left 0."""
+    k = kernels(backend)
+    R = _Rows(x, None, target, ignore_index, True)
+    N, V = target.shape[0], w.shape[0]
+    acc = acc_dtype(x.dtype)
+    lp, lse = x.new_zeros(N, dtype=acc), x.new_zeros(N, dtype=acc)
+    ent = x.new_zeros(N if entropy else 0, dtype=acc)
+    ys = safe_index(target, ignore_index, V)
+    zbuf = x.new_empty((max(1, min(chunk_rows, R.n)), V))  # the only (rows, V) buffer: one chunk
+    for tok, xc in R.chunks(zbuf.shape[0]):
+        z = _logits(xc, w, b, zbuf[:xc.shape[0]], None)
+        l, e, s = k.rows_forward(z, R.take(ys, tok), temperature, entropy, True)
+        for dst, src in ((lp, l), (lse, s)) + (((ent, e),) if entropy else ()):
+            if isinstance(tok, slice):
+                dst[tok] = src
+            else:
+                dst.index_copy_(0, tok, src)
+    return lp, ent, lse
+
+
+def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature, need_dx, need_dw,
+                    need_db, chunk_rows, backend):
+    """(dx, dw, db) of sum(a * log_prob + cb * H), a and cb divided by T; the
+    logits of each chunk are recomputed and become their gradient in place."""
+    k = kernels(backend)
+    R = _Rows(x, None, target, ignore_index, True)
+    V = w.shape[0]
+    acc = acc_dtype(x.dtype)
+    ys = safe_index(target, ignore_index, V)
+    e = x.new_empty(0)
+    dx = (torch.zeros_like(x) if R.sel is not None else torch.empty_like(x)) if need_dx else e
+    lowp = acc != x.dtype
+    # dW accumulates over chunks in fp32 and is rounded once (for fp32 it is dW itself).
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_dw else e
+    db = torch.zeros(V, dtype=acc, device=x.device) if need_db else e
+    n = max(1, min(chunk_rows, R.n))
+    zbuf = x.new_empty((n, V))
+    gbuf = x.new_empty((n, V), dtype=acc) if lowp else zbuf
+    for tok, xc in R.chunks(n):
+        m = xc.shape[0]
+        z = _logits(xc, w, b, zbuf[:m], None)
+        tk = (lambda t: None if t is None else R.take(t, tok))
+        g = k.rows_backward(z, gbuf[:m], tk(ys), tk(lse), tk(ent) if cb is not None else None, tk(a), tk(cb),
+                            temperature)
+        if need_db:
+            db += g.sum(0)
+        if need_dw:
+            _addmm_acc(dw, g.t(), xc)
+        if need_dx:
+            gl = g if g.dtype == x.dtype else zbuf[:m].copy_(g)
+            if isinstance(tok, slice):
+                torch.mm(gl, w, out=dx[tok])
+            else:
+                R.put(dx, tok, torch.mm(gl, w))
+    return dx, dw.to(w.dtype) if need_dw else e, db.to((b if b is not None else x).dtype) if need_db else e
+
+
+# ---------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------
+def _rows_fake(x, n, entropy):
+    acc = acc_dtype(x.dtype)
+    return x.new_empty(n, dtype=acc), x.new_empty(n if entropy else 0, dtype=acc), x.new_empty(n, dtype=acc)
+
+
+@custom_op("crossent::log_probs_fwd", mutates_args=())
+def log_probs_fwd(x: Tensor, target: Tensor, ignore_index: int, temperature: float, entropy: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x (R, V) -> (log_probs, entropy or empty, lse), (R,) acc dtype, masked (lse is not)."""
+    V_ = x.shape[1]
+    lp, ent, lse = kernels(backend).forward(x, safe_index(target, ignore_index, V_), temperature, entropy)
+    return (_masked(lp, target, ignore_index, V_),
+            _masked(ent, target, ignore_index, V_) if entropy else ent, lse)
+
+
+@log_probs_fwd.register_fake
+def _(x, target, ignore_index, temperature, entropy, backend):
+    return _rows_fake(x, x.shape[0], entropy)
+
+
+@custom_op("crossent::log_probs_bwd", mutates_args=())
+def log_probs_bwd(x: Tensor, target: Tensor, lse: Tensor, ent: Tensor, a: Tensor, b: Optional[Tensor],
+                  ignore_index: int, temperature: float, backend: str) -> Tensor:
+    return kernels(backend).backward(x, safe_index(target, ignore_index, x.shape[1]), lse, ent, a, b,
+                                     temperature)
+
+
+@log_probs_bwd.register_fake
+def _(x, target, lse, ent, a, b, ignore_index, temperature, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@custom_op("crossent::linear_log_probs_fwd", mutates_args=())
+def linear_log_probs_fwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, ignore_index: int,
+                         temperature: float, entropy: bool, chunk_rows: int,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    V_ = w.shape[0]
+    lp, ent, lse = linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_rows, backend)
+    return (_masked(lp, target, ignore_index, V_),
+            _masked(ent, target, ignore_index, V_) if entropy else ent, lse)
+
+
+@linear_log_probs_fwd.register_fake
+def _(x, w, b, target, ignore_index, temperature, entropy, chunk_rows, backend):
+    return _rows_fake(x, target.shape[0], entropy)
+
+
+@custom_op("crossent::linear_log_probs_bwd", mutates_args=())
+def linear_log_probs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, lse: Tensor, ent: Tensor,
+                         a: Tensor, cb: Optional[Tensor], ignore_index: int, temperature: float,
+                         need_dx: bool, need_dw: bool, need_db: bool, chunk_rows: int,
+                         backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature, need_dx, need_dw,
+                           need_db, chunk_rows, backend)
+
+
+@linear_log_probs_bwd.register_fake
+def _(x, w, b, target, lse, ent, a, cb, ignore_index, temperature, need_dx, need_dw, need_db, chunk_rows,
+      backend):
+    e = x.new_empty(0)
+    return (x.new_empty(x.shape) if need_dx else e, w.new_empty(w.shape) if need_dw else e,
+            (b if b is not None else x).new_empty(w.shape[0]) if need_db else e)
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+def check_args(fname: str, lead: tuple, target: Tensor, temperature, ignore_index,
+               entropy) -> tuple[float, int, bool]:
+    """Shared argument checks (also used by crossent.distributed); returns
+    (temperature, ignore_index, entropy) as Python values."""
+    T = V.float_arg(temperature, fname, "temperature", 3)
+    if not (0.0 < T < math.inf):
+        raise ValueError(f"{fname}: temperature must be positive and finite, got {T}")
+    ignore_index = V.int_arg(ignore_index, fname, "ignore_index", 4)
+    if not isinstance(entropy, bool):
+        raise TypeError(f"{fname}(): argument 'entropy' must be bool, not {type(entropy).__name__}")
+    if tuple(target.shape) != lead:
+        raise ValueError(f"{fname}: expected target of shape {list(lead)}, got {list(target.shape)}")
+    V._check_target_dtype(target, spatial=False)
+    return T, ignore_index, entropy
+
+
+def _check_classes(fname: str, V_: int, target: Tensor, ignore_index: int) -> None:
+    if V_ == 0:
+        raise ValueError(f"{fname}: expected at least one class, got a vocabulary of size 0")
+    V.check_target_bounds(target, V_, ignore_index)
+
+
+def _output(lp: Tensor, ent: Tensor, shape, entropy: bool) -> LogProbsOutput:
+    return LogProbsOutput(lp.reshape(shape), ent.reshape(shape) if entropy else None)
+
+
+def log_probs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
+              entropy: bool = False) -> LogProbsOutput:
+    """Per-token log-probability of ``target`` (and the entropy) under
+    ``softmax(logits / temperature)``, classes on the last dim.
+
+    Equals ``torch.log_softmax(logits.float() / temperature, -1).gather(-1,
+    target[..., None])[..., 0]`` and ``-(p * log p).sum(-1)`` with
+    p = softmax(logits.float() / temperature), without materialising either
+    N x V tensor.
+
+    logits: (*B, V), any float dtype.  target: (*B) class indices (int64/int32/uint8).
+    Returns ``LogProbsOutput(log_probs, entropy)``, both shaped like ``target``
+    and in fp32 for fp32/fp16/bf16 logits (fp64 for fp64), 0 at positions where
+    ``target == ignore_index``; ``entropy`` is None unless ``entropy=True``.
+    Differentiable w.r.t. ``logits`` for any upstream gradients of either output
+    (the gradient includes the 1/temperature).  A logit of -inf (a masked
+    class) contributes 0 to the entropy (0 log 0 = 0); the eager formula gives NaN.
+    """
+    from ._autograd import LogProbsFunction, LogProbsOptions
+    V.tensor_arg(logits, "log_probs", "logits", 1)
+    V.tensor_arg(target, "log_probs", "target", 2)
+    if logits.dim() < 1:
+        raise ValueError("log_probs: expected logits with at least 1 dimension (classes last), got 0")
+    V.floating_input(logits, "log_probs")
+    lead, V_ = tuple(logits.shape[:-1]), logits.shape[-1]
+    T, ii, entropy = check_args("log_probs", lead, target, temperature, ignore_index, entropy)
+    _check_classes("log_probs", V_, target, ii)
+    opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy,
+                           backend=backends.name_for(logits.device.type))
+    x = logits.reshape(-1, V_)
+    lp, ent = LogProbsFunction.apply(x if x.stride(-1) == 1 else x.contiguous(), target.reshape(-1), opts)
+    return _output(lp, ent, target.shape, entropy)
+
+
+def linear_log_probs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                     linear_bias: Tensor | None = None, temperature: float = 1.0,
+                     ignore_index: int = -100, entropy: bool = False) -> LogProbsOutput:
+    """:func:`log_probs` of ``F.linear(input, linear_weight, linear_bias)``
+    without the logits in memory: tokens are processed in chunks (the chunk
+    sizes of :func:`crossent.linear_cross_entropy`), so the only (rows, V)
+    buffers are one chunk's logits and their gradient.
+
+    input: (*B, D) hidden states; linear_weight: (V, D); linear_bias: (V,) or
+    None; target: (*B) class indices.  Returns ``LogProbsOutput`` as
+    :func:`log_probs` does (fp32 results for low-precision inputs; the logits
+    are rounded to the input dtype first, as the eager ``F.linear`` does).
+    Differentiable w.r.t. input, linear_weight and linear_bias; the backward
+    recomputes each chunk's logits (one extra matmul instead of an N x V
+    buffer).  The weight gradient accumulates in fp32 and is rounded once.
+    On CPU, ignored positions skip the matmuls altogether.
+    """
+    from ._autograd import LinearLogProbsFunction, LogProbsOptions
+    from .linear import LinearCrossEntropyOptions, _checks, _plan
+    V.tensor_arg(input, "linear_log_probs", "input", 1)
+    V.tensor_arg(linear_weight, "linear_log_probs", "linear_weight", 2)
+    V.tensor_arg(target, "linear_log_probs", "target", 3)
+    _checks(input, linear_weight, linear_bias)
+    if linear_weight.dim() != 2:
+        raise RuntimeError(f"linear_log_probs: expected a 2-D linear_weight (V, D), got {linear_weight.dim()}-D")
+    D, V_ = input.shape[-1], linear_weight.shape[0]
+    bias0 = None if linear_bias is None else linear_bias[:0]
+    TF.linear(input.reshape(-1, D)[:0], linear_weight[:0], bias0)  # F.linear's dtype/device errors
+    V.floating_input(input, "linear_log_probs")
+    lead = tuple(input.shape[:-1])
+    T, ii, entropy = check_args("linear_log_probs", lead, target, temperature, ignore_index, entropy)
+    _check_classes("linear_log_probs", V_, target, ii)
+    t = target.reshape(-1)
+    backend = backends.name_for(input.device.type)
+    plan, _ = _plan(t.shape[0], D, V_, input.dtype, input.device,
+                    LinearCrossEntropyOptions(acc_policy="accurate"), backend)
+    opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy, backend=backend,
+                           chunk_rows=plan.chunk_size)
+    lp, ent = LinearLogProbsFunction.apply(input.reshape(-1, D), linear_weight, linear_bias, t, opts)
+    return _output(lp, ent, target.shape, entropy)
