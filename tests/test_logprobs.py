@@ -40,7 +40,7 @@ def _has_triton() -> bool:
 def backend(request, monkeypatch):
     """Select a backend; shrink chunk and tile sizes so small shapes take the
     multi-chunk / multi-tile paths."""
-    from crossent import linear
+    from crossent import logprobs
     from crossent.backends import torch_chunked
     if request.param == "triton":
         if not _has_triton():
@@ -52,7 +52,7 @@ def backend(request, monkeypatch):
     monkeypatch.setenv("CROSSENT_BACKEND", request.param)
     monkeypatch.setattr(torch_chunked, "_CHUNK_BYTES", 2048)
     monkeypatch.setattr(torch_chunked, "_MIN_CHUNK_BYTES", 1024)
-    monkeypatch.setitem(linear._DEFAULT_BYTES, "cpu", 4096)
+    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", 4096)
     return request.param
 
 

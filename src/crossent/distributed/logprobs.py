@@ -49,7 +49,7 @@ class ShardLogProbs:
         if self.v_local:
             for ri, xc, own in chunks:
                 z = scaled(xc, o.temperature, own)
-                lse_r[ri], h = stats(z, o.entropy, own or z.data_ptr() != xc.data_ptr())
+                _, h, lse_r[ri] = stats(z, None, o.entropy)
                 if o.entropy:
                     h_r[ri] = h
         buf = torch.cat([lse_r, K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev)])
