@@ -1,4 +1,4 @@
-"""CPU benchmark of RL log-probs + entropy (forward + backward): crossent vs the
+"""Benchmark of RL log-probs + entropy (forward + backward): crossent vs the
 eager formula RL trainers use and torch.compile of it.
 
 Ops:
@@ -13,12 +13,13 @@ default Inductor; compile time excluded).  The step is a PPO-like
 All providers run in ONE process, interleaved round by round (the machine is
 shared and noisy, so ratios within a round are what to trust).  Extra peak
 memory: the RSS high-water mark during one step minus the RSS before it (the
-kernel's VmHWM, reset through /proc/self/clear_refs), i.e. what a step
+kernel's VmHWM, reset through /proc/self/clear_refs; on CUDA torch's
+max_memory_allocated over memory_allocated), i.e. what a step
 allocates on top of its inputs, gradients included (the script re-executes
 itself with MALLOC_MMAP_THRESHOLD_=1 MiB so that freed buffers leave the RSS).
 
   PYTHONPATH=src python benchmarks/logprobs_bench.py [--op linear] [--shape 4096x512x32000]
-      [--entropy 1] [--temperature 0.7] [--rounds 3] [--json out.json]
+      [--entropy 1] [--temperature 0.7] [--rounds 3] [--device cpu|cuda] [--json out.json]
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--entropy", type=int, choices=(0, 1), default=1)
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA: peak = max_memory_allocated)")
     ap.add_argument("--json", metavar="PATH")
     a = ap.parse_args(argv)
 
@@ -82,18 +84,20 @@ def main(argv=None) -> int:
     linear = a.op == "linear"
     N, V = dims[0], dims[-1]
     dtype = getattr(torch, a.dtype)
-    g = torch.Generator().manual_seed(0)
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    g = torch.Generator(device=dev).manual_seed(0)
     if linear:
         D = dims[1]
-        A = (torch.randn(N, D, generator=g) * 0.5).to(dtype).requires_grad_()
-        B = (torch.randn(V, D, generator=g) / D ** 0.5).to(dtype).requires_grad_()
+        A = (torch.randn(N, D, generator=g, device=dev) * 0.5).to(dtype).requires_grad_()
+        B = (torch.randn(V, D, generator=g, device=dev) / D ** 0.5).to(dtype).requires_grad_()
         params = (A, B)
     else:
-        A = (torch.randn(N, V, generator=g) * 2).to(dtype).requires_grad_()
+        A = (torch.randn(N, V, generator=g, device=dev) * 2).to(dtype).requires_grad_()
         B = None
         params = (A,)
-    t = torch.randint(0, V, (N,), generator=g)
-    adv = torch.randn(N, generator=g)
+    t = torch.randint(0, V, (N,), generator=g, device=dev)
+    adv = torch.randn(N, generator=g, device=dev)
     ent = bool(a.entropy)
     fns = {"crossent": _crossent(ent, a.temperature, linear), "eager": _eager(ent, a.temperature, linear)}
     if "compiled" in a.providers:
@@ -116,14 +120,21 @@ def main(argv=None) -> int:
             for q in params:
                 q.grad = None
             gc.collect()
-            base = H._rss_kib("VmRSS")
-            method = H._reset_peak()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base, method = torch.cuda.memory_allocated(), "cuda_max_allocated"
+            else:
+                base, method = H._rss_kib("VmRSS"), H._reset_peak()
             t0 = time.perf_counter()
             step(fns[p])
+            if cuda:
+                torch.cuda.synchronize()
             ms = (time.perf_counter() - t0) * 1e3
-            extra = max(0, H._peak_kib(method) - base) / 1024
+            peak = torch.cuda.max_memory_allocated() / 1024 if cuda else H._peak_kib(method)
+            extra = max(0, peak - (base / 1024 if cuda else base)) / 1024
             rows.append({**stamp, "bench": "log_probs", "op": a.op, "provider": p, "shape": dims,
-                         "dtype": a.dtype, "temperature": a.temperature, "entropy": ent, "round": rnd,
+                         "device": a.device, "dtype": a.dtype, "temperature": a.temperature, "entropy": ent, "round": rnd,
                          "ms": ms, "extra_peak_mib": extra, "rss_method": method})
             print(f"[{rnd + 1}/{a.rounds}] {p:9} {ms:9.1f} ms {extra:8.1f} MiB", file=sys.stderr, flush=True)
     for r in rows:

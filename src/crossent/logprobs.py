@@ -7,7 +7,7 @@ gradients in memory.  ``linear_log_probs(h, W, target)`` does the same from
 hidden states and the LM head, never holding more than one chunk of logits.
 
 Per row, with z = x / T (fp32; fp64 for fp64), m = max z, e = z - m, s = sum exp(e):
-  lse = m + log s,   log_prob = z[y] - lse,   H = log s - sum(exp(e) * e) / s
+  lse = m + log s,   log_prob = z[y] - lse,   H = log s - sum(exp(e) * e) / s = -sum p * (z - lse)
 and for upstream gradients (g, h) of (log_prob, H), with L = z - lse, p = exp(L):
   dx = ( g * ([c == y] - p) - h * p * (L + H) ) / T
 All sums are relative to the row max, so nothing cancels at large |logits|.
@@ -90,7 +90,9 @@ def stats(z: Tensor, ys: Optional[Tensor], entropy: bool) -> tuple[Optional[Tens
     p = torch.softmax(z, 1)
     if z.device.type != "cpu":
         L.clamp_min_(_FLOOR)  # (no host sync to find the few rows that need it)
-    ent = torch.bmm(p.unsqueeze(1), L.unsqueeze(2)).view(-1).neg_()  # -sum p*L, no (r, V) temporary
+    # -sum p*L in place (p is not needed again): torch's cascade sum; a bmm dot
+    # product is a sweep cheaper but measurably less accurate at 100k+ classes.
+    ent = p.mul_(L).sum(1).neg_()
     bad = torch.isnan(ent)
     if z.device.type == "cpu" and bool(bad.any()):  # a -inf logit: 0 * -inf; reading a CPU flag is free
         Lb = L[bad].clamp_min_(_FLOOR)
@@ -167,7 +169,7 @@ class _TorchKernels:
 
 
 def kernels(backend: str):
-    """The kernel set of a backend (same five names on each)."""
+    """The kernel set of a backend: rows_forward, rows_backward (one chunk), forward, backward."""
     if backend == "triton":
         from .backends.triton import logprobs as tk
         return tk
@@ -187,7 +189,8 @@ def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_ro
     lp, lse = x.new_zeros(N, dtype=acc), x.new_zeros(N, dtype=acc)
     ent = x.new_zeros(N if entropy else 0, dtype=acc)
     ys = safe_index(target, ignore_index, V)
-    zbuf = x.new_empty((max(1, min(chunk_rows, R.n)), V))  # the only (rows, V) buffer: one chunk
+    # The chunk's logits; the kernels add at most two chunk-sized temporaries.
+    zbuf = x.new_empty((max(1, min(chunk_rows, R.n)), V))
     for tok, xc in R.chunks(zbuf.shape[0]):
         z = _logits(xc, w, b, zbuf[:xc.shape[0]], None)
         l, e, s = k.rows_forward(z, R.take(ys, tok), temperature, entropy, True)

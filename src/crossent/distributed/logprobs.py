@@ -26,6 +26,7 @@ from .._autograd import (LogProbsOptions, VocabParallelLinearLogProbsFunction, V
 from .._linear_ops import acc_dtype
 from ..logprobs import LogProbsOutput, _TorchKernels, check_args, scaled, stats
 from . import _core as K
+from .linear_parallel import check_head
 
 __all__ = ["vocab_parallel_log_probs", "vocab_parallel_linear_log_probs"]
 
@@ -149,16 +150,7 @@ def vocab_parallel_linear_log_probs(input: Tensor, weight_shard: Tensor, target:
     crossent.distributed.vocab_parallel_linear_cross_entropy (True: the input
     gradient is summed over the ranks with one N x D all_reduce in the backward).
     """
-    V.tensor_arg(input, "vocab_parallel_linear_log_probs", "input", 1)
-    V.tensor_arg(weight_shard, "vocab_parallel_linear_log_probs", "weight_shard", 2)
-    V.tensor_arg(target, "vocab_parallel_linear_log_probs", "target", 3)
-    if input.dim() < 1:
-        raise ValueError("input must have at least one dimension (..., D)")
-    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
-        raise RuntimeError(f"weight_shard must be (V_local, {input.shape[-1]}), got {list(weight_shard.shape)}")
-    if linear_bias_shard is not None and tuple(linear_bias_shard.shape) != (weight_shard.shape[0],):
-        raise RuntimeError(f"linear_bias_shard must be ({weight_shard.shape[0]},), got "
-                           f"{list(linear_bias_shard.shape)}")
+    check_head("vocab_parallel_linear_log_probs", input, weight_shard, target, linear_bias_shard)
     V.floating_input(input, "vocab_parallel_linear_log_probs")
     lead = tuple(input.shape[:-1])
     T, ii, entropy = check_args("vocab_parallel_linear_log_probs", lead, target, temperature, ignore_index,
