@@ -100,22 +100,24 @@ def stats(z: Tensor, ys: Optional[Tensor], entropy: bool) -> tuple[Optional[Tens
     return lp, ent, lse
 
 
-def grad_rows(z: Tensor, out: Tensor, ys: Tensor, lse: Tensor, ent: Optional[Tensor], a: Tensor,
-              b: Optional[Tensor], hot: Optional[Tensor] = None) -> Tensor:
-    """out (r, V) <- d(sum a*log_prob + b*H)/dz from the saved lse (and H), with
-    a, b already divided by T (0 at ignored rows); ``out`` may be z itself.
-    ``hot``: the one-hot coefficient (default a; vocab-parallel: a on the rank
-    owning the target).  (z - lse, exp, ... measured faster here than
-    re-running the fused softmax kernels.)"""
-    L = torch.sub(z, lse.unsqueeze(1), out=out)
+def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, lse: Tensor, ent: Optional[Tensor], a: Tensor,
+              b: Optional[Tensor], temperature: float, hot: Optional[Tensor] = None) -> Tensor:
+    """d(sum a*log_prob + b*H)/dx for logits rows x (any float dtype), from the
+    saved lse (and H), a and b already divided by T (0 at ignored rows), into
+    ``out`` (acc dtype; may be x itself; None: a new buffer).  ``hot``: the
+    one-hot coefficient (default a; vocab-parallel: a on the rank owning the
+    target).  (z - lse, exp, ... measured faster here than re-running the
+    fused softmax kernels.)"""
+    # L = x / T - lse in one sweep (x * (1/T): within an ulp of the forward's x / T)
+    L = torch.add(lse.neg().unsqueeze(1), x, alpha=1.0 / temperature, out=out)
     if b is None:
         L.exp_().mul_(a.neg().unsqueeze(1))
     else:
         p = torch.exp(L.clamp_min_(_FLOOR))  # exp(L) is 0 below the floor anyway: no 0 * -inf below
         # -p * (a + b * (L + H)) = p * (-(a + b * H) + L * -b): one addcmul sweep, one mul
         torch.addcmul((a + b * ent).neg_().unsqueeze(1), L, b.neg().unsqueeze(1), out=L).mul_(p)
-    out.scatter_add_(1, ys.unsqueeze(1), (a if hot is None else hot).unsqueeze(1).to(out.dtype))
-    return out
+    L.scatter_add_(1, ys.unsqueeze(1), (a if hot is None else hot).unsqueeze(1).to(L.dtype))
+    return L
 
 
 def _masked(v: Tensor, target: Tensor, ignore_index: int, V: int) -> Tensor:
@@ -134,15 +136,10 @@ class _TorchKernels:
 
     @staticmethod
     def rows_backward(x, out, ys, lse, ent, a, b, temperature, hot=None):
-        if out.dtype == a.dtype:  # fp32 out (fp64 for fp64): z / T straight into it
-            if out.data_ptr() == x.data_ptr() or x.dtype != out.dtype:
-                z = out.copy_(x) if x.dtype != out.dtype else x  # bf16 -> fp32 is exact
-                z = z.div_(temperature) if temperature != 1.0 else z
-            else:
-                z = torch.div(x, temperature, out=out) if temperature != 1.0 else x
-            return grad_rows(z, out, ys, lse, ent, a, b, hot)
-        z = scaled(x, temperature, own=False)  # low-precision logits: fp32 chunk, rounded once
-        return out.copy_(grad_rows(z, z, ys, lse, ent, a, b, hot))
+        if out.dtype == a.dtype:  # fp32 out (fp64 for fp64): straight into it
+            return grad_rows(x, out, ys, lse, ent, a, b, temperature, hot)
+        # low-precision logits gradient: an fp32 chunk, rounded once
+        return out.copy_(grad_rows(x, None, ys, lse, ent, a, b, temperature, hot))
 
     @classmethod
     def forward(cls, x, ys, temperature, entropy):
