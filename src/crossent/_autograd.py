@@ -520,7 +520,7 @@ class VocabParallelLinearLogProbsFunction(torch.autograd.Function):
         for ri in _row_chunks(x.shape[0], w.shape[0], x.device, st.opts.chunk_rows or None):
             xc = x[ri]
             z = torch.nn.functional.linear(xc, w, b)
-            dz = st.grad_rows(z, torch.empty(z.shape, dtype=acc, device=z.device), ri, a, cb)
+            dz = st.grad_rows(z, None, ri, a, cb)
             if db is not None:
                 db += dz.sum(0)
             if dw is not None:

@@ -6,7 +6,7 @@ both differentiable, without the N x V log-softmax, probabilities or their
 gradients in memory.  ``linear_log_probs(h, W, target)`` does the same from
 hidden states and the LM head, never holding more than one chunk of logits.
 
-Per row, with z = x / T (fp32; fp64 for fp64), m = max z, e = z - m, s = sum exp(e):
+Per row, with z = x / T (fp32; fp64 for fp64; computed as x * (1/T)), m = max z, e = z - m, s = sum exp(e):
   lse = m + log s,   log_prob = z[y] - lse,   H = log s - sum(exp(e) * e) / s = -sum p * (z - lse)
 and for upstream gradients (g, h) of (log_prob, H), with L = z - lse, p = exp(L):
   dx = ( g * ([c == y] - p) - h * p * (L + H) ) / T
@@ -66,10 +66,13 @@ def safe_index(target: Tensor, ignore_index: int, V: int) -> Tensor:
 
 
 def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
-    """xc / T in the accumulation dtype; in place when ``own`` and no cast is needed."""
+    """z = xc * (1/T) in the accumulation dtype; in place when ``own`` and no cast
+    is needed.  Multiplying (within an ulp of xc / T) is what the backward's
+    single sweep x * (1/T) - lse does too, so both see the same z."""
     z = xc.to(acc_dtype(xc.dtype))
     if temperature != 1.0:
-        z = z.div_(temperature) if own and z.data_ptr() == xc.data_ptr() else z / temperature
+        inv = 1.0 / temperature
+        z = z.mul_(inv) if own and z.data_ptr() == xc.data_ptr() else z * inv
     return z
 
 
@@ -100,16 +103,26 @@ def stats(z: Tensor, ys: Optional[Tensor], entropy: bool) -> tuple[Optional[Tens
     return lp, ent, lse
 
 
-def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, lse: Tensor, ent: Optional[Tensor], a: Tensor,
-              b: Optional[Tensor], temperature: float, hot: Optional[Tensor] = None) -> Tensor:
-    """d(sum a*log_prob + b*H)/dx for logits rows x (any float dtype), from the
-    saved lse (and H), a and b already divided by T (0 at ignored rows), into
-    ``out`` (acc dtype; may be x itself; None: a new buffer).  ``hot``: the
-    one-hot coefficient (default a; vocab-parallel: a on the rank owning the
-    target).  (z - lse, exp, ... measured faster here than re-running the
-    fused softmax kernels.)"""
-    # L = x / T - lse in one sweep (x * (1/T): within an ulp of the forward's x / T)
-    L = torch.add(lse.neg().unsqueeze(1), x, alpha=1.0 / temperature, out=out)
+def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Optional[tuple[Tensor, Tensor]],
+              ent: Optional[Tensor], a: Tensor, b: Optional[Tensor], temperature: float,
+              hot: Optional[Tensor] = None) -> Tensor:
+    """d(sum a*log_prob + b*H)/dx for logits rows x (any float dtype), a and b
+    already divided by T (0 at ignored rows), with the saved H.
+
+    shift None: each row of x is a whole distribution and L = log z is
+    recomputed by torch's fused log_softmax kernel, bitwise the forward's (a
+    saved fp32 lse would cost an ulp of |lse| in every p).  shift (M, logS):
+    x is a vocab shard, L = (z - M) - logS from the global statistics.
+    ``hot``: the one-hot coefficient (default a; vocab-parallel: a on the rank
+    owning the target).  Returns the gradient in the acc dtype: in ``out``
+    (any dtype) when given, except when out is x itself (a new buffer then).
+    """
+    z = scaled(x, temperature, own=False)
+    dst = out if out is not None and out.dtype == z.dtype and out.data_ptr() != z.data_ptr() else None
+    if shift is None:
+        L = torch.log_softmax(z, 1) if dst is None else torch.log_softmax(z, 1, out=dst)
+    else:
+        L = torch.sub(z, shift[0].unsqueeze(1), out=dst).sub_(shift[1].unsqueeze(1))
     if b is None:
         L.exp_().mul_(a.neg().unsqueeze(1))
     else:
@@ -117,7 +130,9 @@ def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, lse: Tensor, ent: Op
         # -p * (a + b * (L + H)) = p * (-(a + b * H) + L * -b): one addcmul sweep, one mul
         torch.addcmul((a + b * ent).neg_().unsqueeze(1), L, b.neg().unsqueeze(1), out=L).mul_(p)
     L.scatter_add_(1, ys.unsqueeze(1), (a if hot is None else hot).unsqueeze(1).to(L.dtype))
-    return L
+    if out is None or L.data_ptr() == out.data_ptr() or out.data_ptr() == x.data_ptr():
+        return L
+    return out.copy_(L)
 
 
 def _masked(v: Tensor, target: Tensor, ignore_index: int, V: int) -> Tensor:
@@ -135,11 +150,9 @@ class _TorchKernels:
         return stats(scaled(x, temperature, own), ys, entropy)
 
     @staticmethod
-    def rows_backward(x, out, ys, lse, ent, a, b, temperature, hot=None):
-        if out.dtype == a.dtype:  # fp32 out (fp64 for fp64): straight into it
-            return grad_rows(x, out, ys, lse, ent, a, b, temperature, hot)
-        # low-precision logits gradient: an fp32 chunk, rounded once
-        return out.copy_(grad_rows(x, None, ys, lse, ent, a, b, temperature, hot))
+    def rows_backward(x, out, ys, lse, ent, a, b, temperature):
+        """The gradient of one chunk (see grad_rows: lse is not needed)."""
+        return grad_rows(x, out, ys, None, ent, a, b, temperature)
 
     @classmethod
     def forward(cls, x, ys, temperature, entropy):

@@ -24,7 +24,7 @@ from .. import _validate as V
 from .._autograd import (LogProbsOptions, VocabParallelLinearLogProbsFunction, VocabParallelLogProbsFunction,
                          lp_coeffs)
 from .._linear_ops import acc_dtype
-from ..logprobs import LogProbsOutput, _TorchKernels, check_args, scaled, stats
+from ..logprobs import LogProbsOutput, check_args, grad_rows, scaled, stats
 from . import _core as K
 from .linear_parallel import check_head
 
@@ -73,12 +73,13 @@ class ShardLogProbs:
         parts = [w, zy] + ([torch.where(w > 0, w * (lse_r - Ms - h_r), zero)] if o.entropy else [])
         summed = K.all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, self.group, self.world)
         logS = summed[0].log()
-        self.lse = Ms + logS
+        self.shift = (Ms, logS)  # lse = Ms + logS, kept apart: no rounding to |lse|'s ulp
+        lse = Ms + logS
 
         def mask(v):
             return torch.where(valid, torch.where(inb, v, math.nan), zero)
 
-        lp = mask(summed[1] - self.lse)
+        lp = mask(summed[1] - lse)
         self.ent = mask(logS - summed[2] / summed[0]) if o.entropy else h_r
         return lp, self.ent
 
@@ -87,11 +88,12 @@ class ShardLogProbs:
 
     def grad_rows(self, xc: Tensor, out: Tensor, ri, a: Tensor, b: Tensor | None) -> Tensor:
         """d(sum a*log_prob + b*H)/d(logits shard) for the rows ri, into out."""
-        if self.v_local == 0:
-            return out
+        if self.v_local == 0:  # an empty shard: an empty gradient
+            return out if out is not None else torch.empty(xc.shape, dtype=self.acc, device=xc.device)
         hot = torch.where(self.owner[ri], a[ri], 0.0)
-        return _TorchKernels.rows_backward(xc, out, self.idx[ri], self.lse[ri], None if b is None else self.ent[ri],
-                                           a[ri], None if b is None else b[ri], self.opts.temperature, hot)
+        return grad_rows(xc, out, self.idx[ri], (self.shift[0][ri], self.shift[1][ri]),
+                         None if b is None else self.ent[ri], a[ri], None if b is None else b[ri],
+                         self.opts.temperature, hot)
 
 
 def linear_zy(x: Tensor, w: Tensor, b: Tensor | None, idx: Tensor) -> Tensor:

@@ -9,10 +9,13 @@ program owns BLOCK_R rows and walks their classes in [BLOCK_R, BLOCK_V] tiles.
             gathered element) z[y] are formed while each tile is on chip.  When
             the row fits one tile it is loaded once and stays in registers.
   backward  ONE read: from the saved lse and entropy, each tile's gradient
-            (a * ([c == y] - p) - b * p * (z - lse + H)) / T is written as soon
-            as it is read (a, b: upstream gradients / T, 0 at ignored rows), so
-            the output may be the logits buffer itself.
-fp64 is left to the portable kernels.  A -inf logit contributes 0 log 0 = 0.
+            a * ([c == y] - p) - b * p * (z - lse + H) is written as soon as it
+            is read (a, b: the upstream gradients divided by T, 0 at ignored
+            rows), so the output may be the logits buffer itself.
+z = x * (1/T), within an ulp of the reference's x / T.  fp64 is left to the
+portable kernels.  A -inf logit contributes 0 log 0 = 0.  One program per
+BLOCK_R rows: a handful of very long rows use few SMs (RL batches have
+thousands of tokens; the cross-entropy kernels' split path is not needed here).
 """
 from __future__ import annotations
 
@@ -67,13 +70,12 @@ def _lp_fwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lp_ptr, ent_ptr, lse_ptr, R, V, in
 
 
 @triton.jit
-def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lse_ptr, ent_ptr, a_ptr, b_ptr, hot_ptr, g_ptr, sg_r, sg_c,
+def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lse_ptr, ent_ptr, a_ptr, b_ptr, g_ptr, sg_r, sg_c,
                    R, V, inv_t, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_B: tl.constexpr):
     r, rmask = _rows(tl.program_id(0), R, BLOCK_R)
     ys = tl.load(ys_ptr + r, mask=rmask, other=0)
     lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
     a = tl.load(a_ptr + r, mask=rmask, other=0.0)
-    hot = tl.load(hot_ptr + r, mask=rmask, other=0.0)
     if HAS_B:
         b = tl.load(b_ptr + r, mask=rmask, other=0.0)
         ab = a + b * tl.load(ent_ptr + r, mask=rmask, other=0.0)  # a + b*H
@@ -87,7 +89,7 @@ def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lse_ptr, ent_ptr, a_ptr, b_ptr, ho
             dz = -tl.exp(L) * (b[:, None] * L + ab[:, None])
         else:
             dz = -tl.exp(L) * a[:, None]
-        dz = dz + tl.where(cols == ys[:, None], hot[:, None], 0.0)
+        dz = dz + tl.where(cols == ys[:, None], a[:, None], 0.0)
         tl.store(g_ptr + r[:, None] * sg_r + cols * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -122,17 +124,17 @@ def rows_forward(x, ys, temperature, entropy, own):
     return forward(x, ys, temperature, entropy)
 
 
-def rows_backward(x, out, ys, lse, ent, a, b, temperature, hot=None):
+def rows_backward(x, out, ys, lse, ent, a, b, temperature):
     """out (R, V) <- gradient of sum(a*log_prob + b*H); out may be x itself."""
     if x.dtype == torch.float64:
-        return _torch().rows_backward(x, out, ys, lse, ent, a, b, temperature, hot)
+        return _torch().rows_backward(x, out, ys, lse, ent, a, b, temperature)
     R, V = x.shape
     if R:
         pl = _plan(R, V)
         f32 = (lambda t: t.to(torch.float32).contiguous())
         a32 = f32(a)
         _lp_bwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, f32(lse), a32 if b is None else f32(ent),
-                                   a32, a32 if b is None else f32(b), a32 if hot is None else f32(hot), out,
+                                   a32, a32 if b is None else f32(b), out,
                                    out.stride(0), out.stride(1), R, V, 1.0 / temperature,
                                    BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"], HAS_B=b is not None,
                                    num_warps=pl["num_warps"])
