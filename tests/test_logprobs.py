@@ -298,9 +298,9 @@ from crossent.backends.triton import logprobs as L
 ok = True
 for xdt, (br, bv), ent in itertools.product(("bf16", "fp32"), ((1, 8192), (8, 512)), (False, True)):
     sig = {"x_ptr": f"*{xdt}", "sx_r": "i64", "sx_c": "i64", "ys_ptr": "*i64", "lp_ptr": "*fp32",
-           "ent_ptr": "*fp32", "lse_ptr": "*fp32", "R": "i64", "V": "i32", "inv_t": "fp32"}
+           "ent_ptr": "*fp32", "shift_ptr": "*fp32", "R": "i64", "V": "i32", "inv_t": "fp32"}
     ok &= A.compile_one(L._lp_fwd_kernel, sig, dict(BLOCK_R=br, BLOCK_V=bv, ENTROPY=ent), f"fwd {xdt} {br}x{bv} {ent}")
-    sig = {"x_ptr": f"*{xdt}", "sx_r": "i64", "sx_c": "i64", "ys_ptr": "*i64", "lse_ptr": "*fp32",
+    sig = {"x_ptr": f"*{xdt}", "sx_r": "i64", "sx_c": "i64", "ys_ptr": "*i64", "shift_ptr": "*fp32",
            "ent_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "g_ptr": "*fp32",
            "sg_r": "i64", "sg_c": "i64", "R": "i64", "V": "i32", "inv_t": "fp32"}
     ok &= A.compile_one(L._lp_bwd_kernel, sig, dict(BLOCK_R=br, BLOCK_V=bv, HAS_B=ent), f"bwd {xdt} {br}x{bv} {ent}")

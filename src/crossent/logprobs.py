@@ -68,7 +68,7 @@ def safe_index(target: Tensor, ignore_index: int, V: int) -> Tensor:
 def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
     """z = xc * (1/T) in the accumulation dtype; in place when ``own`` and no cast
     is needed.  Multiplying (within an ulp of xc / T) is what the backward's
-    single sweep x * (1/T) - lse does too, so both see the same z."""
+    recomputation does too, so both see the same z."""
     z = xc.to(acc_dtype(xc.dtype))
     if temperature != 1.0:
         inv = 1.0 / temperature
@@ -77,19 +77,22 @@ def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
 
 
 def stats(z: Tensor, ys: Optional[Tensor], entropy: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-    """(log_prob at ys or None, H or None, lse), each (r,), of the rows of z.
+    """(log_prob at ys or None, H or None, shift), of the rows of z; shift (r, 2)
+    holds (max, log sum exp(z - max)), whose sum is the lse.  They are kept
+    apart so the backward's z - max - log s rounds like log_softmax does (one
+    fp32 lse would cost an ulp of |lse| in every p).
 
     torch's fused (log_)softmax kernels do the exponentials: on CPU each is
     faster than a bare torch.exp over the same chunk, let alone max, sub, exp
-    and sum as separate sweeps.  lse is read back at the row's argmax, where
-    L = z - lse = -log(sum exp(z - max)) is formed without cancellation.
+    and sum as separate sweeps.  log s is read back at the row's argmax, where
+    log_softmax = -log s exactly.
     """
     m, am = z.max(1, keepdim=True)
     L = torch.log_softmax(z, 1)
-    lse = (m - L.gather(1, am)).squeeze(1)
+    shift = torch.cat([torch.where(m.abs() == math.inf, 0.0, m), -L.gather(1, am)], 1)
     lp = None if ys is None else L.gather(1, ys.unsqueeze(1)).squeeze(1)
     if not entropy:
-        return lp, None, lse
+        return lp, None, shift
     p = torch.softmax(z, 1)
     if z.device.type != "cpu":
         L.clamp_min_(_FLOOR)  # (no host sync to find the few rows that need it)
@@ -100,29 +103,21 @@ def stats(z: Tensor, ys: Optional[Tensor], entropy: bool) -> tuple[Optional[Tens
     if z.device.type == "cpu" and bool(bad.any()):  # a -inf logit: 0 * -inf; reading a CPU flag is free
         Lb = L[bad].clamp_min_(_FLOOR)
         ent[bad] = -(Lb.exp() * Lb).sum(1)
-    return lp, ent, lse
+    return lp, ent, shift
 
 
-def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Optional[tuple[Tensor, Tensor]],
-              ent: Optional[Tensor], a: Tensor, b: Optional[Tensor], temperature: float,
-              hot: Optional[Tensor] = None) -> Tensor:
+def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: Optional[Tensor], a: Tensor,
+              b: Optional[Tensor], temperature: float, hot: Optional[Tensor] = None) -> Tensor:
     """d(sum a*log_prob + b*H)/dx for logits rows x (any float dtype), a and b
-    already divided by T (0 at ignored rows), with the saved H.
-
-    shift None: each row of x is a whole distribution and L = log z is
-    recomputed by torch's fused log_softmax kernel, bitwise the forward's (a
-    saved fp32 lse would cost an ulp of |lse| in every p).  shift (M, logS):
-    x is a vocab shard, L = (z - M) - logS from the global statistics.
+    already divided by T (0 at ignored rows), from the saved H and shift (r, 2)
+    (max, log-sum; for a vocab shard the global ones): L = (z - max) - log s.
     ``hot``: the one-hot coefficient (default a; vocab-parallel: a on the rank
     owning the target).  Returns the gradient in the acc dtype: in ``out``
-    (any dtype) when given, except when out is x itself (a new buffer then).
+    (any dtype; may be x itself) when given, else in a new buffer.
     """
-    z = scaled(x, temperature, own=False)
-    dst = out if out is not None and out.dtype == z.dtype and out.data_ptr() != z.data_ptr() else None
-    if shift is None:
-        L = torch.log_softmax(z, 1) if dst is None else torch.log_softmax(z, 1, out=dst)
-    else:
-        L = torch.sub(z, shift[0].unsqueeze(1), out=dst).sub_(shift[1].unsqueeze(1))
+    z = scaled(x, temperature, own=out is not None and out.data_ptr() == x.data_ptr())
+    dst = out if out is not None and out.dtype == z.dtype else None
+    L = torch.sub(z, shift[:, :1], out=dst).sub_(shift[:, 1:])
     if b is None:
         L.exp_().mul_(a.neg().unsqueeze(1))
     else:
@@ -130,9 +125,7 @@ def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Optional[tupl
         # -p * (a + b * (L + H)) = p * (-(a + b * H) + L * -b): one addcmul sweep, one mul
         torch.addcmul((a + b * ent).neg_().unsqueeze(1), L, b.neg().unsqueeze(1), out=L).mul_(p)
     L.scatter_add_(1, ys.unsqueeze(1), (a if hot is None else hot).unsqueeze(1).to(L.dtype))
-    if out is None or L.data_ptr() == out.data_ptr() or out.data_ptr() == x.data_ptr():
-        return L
-    return out.copy_(L)
+    return L if out is None or L.data_ptr() == out.data_ptr() else out.copy_(L)
 
 
 def _masked(v: Tensor, target: Tensor, ignore_index: int, V: int) -> Tensor:
@@ -150,16 +143,15 @@ class _TorchKernels:
         return stats(scaled(x, temperature, own), ys, entropy)
 
     @staticmethod
-    def rows_backward(x, out, ys, lse, ent, a, b, temperature):
-        """The gradient of one chunk (see grad_rows: lse is not needed)."""
-        return grad_rows(x, out, ys, None, ent, a, b, temperature)
+    def rows_backward(x, out, ys, shift, ent, a, b, temperature):
+        return grad_rows(x, out, ys, shift, ent, a, b, temperature)
 
     @classmethod
     def forward(cls, x, ys, temperature, entropy):
         from .backends.torch_chunked import _chunks
         acc = acc_dtype(x.dtype)
         R = x.shape[0]
-        lp, lse = x.new_empty(R, dtype=acc), x.new_empty(R, dtype=acc)
+        lp, lse = x.new_empty(R, dtype=acc), x.new_empty((R, 2), dtype=acc)
         ent = x.new_empty(R if entropy else 0, dtype=acc)
         for (ri,), _ in _chunks(x):
             l, e, s = cls.rows_forward(x[ri], ys[ri], temperature, entropy, False)
@@ -190,13 +182,13 @@ def kernels(backend: str):
 # Fused head: token-chunked passes over x (N, D) @ w.T (V, D)
 # ---------------------------------------------------------------------------
 def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_rows, backend):
-    """(log_probs, entropy or empty, lse), (N,) acc dtype, unmasked; dropped
+    """(log_probs, entropy or empty, shift (N, 2)), acc dtype, unmasked; dropped
     (ignored, CPU) rows are left 0."""
     k = kernels(backend)
     R = _Rows(x, None, target, ignore_index, True)
     N, V = target.shape[0], w.shape[0]
     acc = acc_dtype(x.dtype)
-    lp, lse = x.new_zeros(N, dtype=acc), x.new_zeros(N, dtype=acc)
+    lp, lse = x.new_zeros(N, dtype=acc), x.new_zeros((N, 2), dtype=acc)
     ent = x.new_zeros(N if entropy else 0, dtype=acc)
     ys = safe_index(target, ignore_index, V)
     # The chunk's logits; the kernels add at most two chunk-sized temporaries.
@@ -215,7 +207,8 @@ def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_ro
 def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature, need_dx, need_dw,
                     need_db, chunk_rows, backend):
     """(dx, dw, db) of sum(a * log_prob + cb * H), a and cb divided by T; the
-    logits of each chunk are recomputed and become their gradient in place."""
+    logits of each chunk are recomputed and turned into their gradient (in
+    place where the kernel allows)."""
     k = kernels(backend)
     R = _Rows(x, None, target, ignore_index, True)
     V = w.shape[0]
@@ -233,9 +226,8 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
     for tok, xc in R.chunks(n):
         m = xc.shape[0]
         z = _logits(xc, w, b, zbuf[:m], None)
-        tk = (lambda t: None if t is None else R.take(t, tok))
-        g = k.rows_backward(z, gbuf[:m], tk(ys), tk(lse), tk(ent) if cb is not None else None, tk(a), tk(cb),
-                            temperature)
+        rows = [None if t is None else R.take(t, tok) for t in (ys, lse, None if cb is None else ent, a, cb)]
+        g = k.rows_backward(z, gbuf[:m], *rows, temperature)
         if need_db:
             db += g.sum(0)
         if need_dw:
@@ -254,13 +246,14 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
 # ---------------------------------------------------------------------------
 def _rows_fake(x, n, entropy):
     acc = acc_dtype(x.dtype)
-    return x.new_empty(n, dtype=acc), x.new_empty(n if entropy else 0, dtype=acc), x.new_empty(n, dtype=acc)
+    return x.new_empty(n, dtype=acc), x.new_empty(n if entropy else 0, dtype=acc), x.new_empty((n, 2), dtype=acc)
 
 
 @custom_op("crossent::log_probs_fwd", mutates_args=())
 def log_probs_fwd(x: Tensor, target: Tensor, ignore_index: int, temperature: float, entropy: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """x (R, V) -> (log_probs, entropy or empty, lse), (R,) acc dtype, masked (lse is not)."""
+    """x (R, V) -> (log_probs, entropy or empty, shift), acc dtype, masked (shift is not):
+    (R,), (R,) or (0,), and (R, 2) = (row max, log-sum) for the backward."""
     V_ = x.shape[1]
     lp, ent, lse = kernels(backend).forward(x, safe_index(target, ignore_index, V_), temperature, entropy)
     return (_masked(lp, target, ignore_index, V_),

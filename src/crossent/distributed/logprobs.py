@@ -50,7 +50,8 @@ class ShardLogProbs:
         if self.v_local:
             for ri, xc, own in chunks:
                 z = scaled(xc, o.temperature, own)
-                _, h, lse_r[ri] = stats(z, None, o.entropy)
+                _, h, shift = stats(z, None, o.entropy)
+                lse_r[ri] = shift.sum(1)
                 if o.entropy:
                     h_r[ri] = h
         buf = torch.cat([lse_r, K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev)])
@@ -73,7 +74,7 @@ class ShardLogProbs:
         parts = [w, zy] + ([torch.where(w > 0, w * (lse_r - Ms - h_r), zero)] if o.entropy else [])
         summed = K.all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, self.group, self.world)
         logS = summed[0].log()
-        self.shift = (Ms, logS)  # lse = Ms + logS, kept apart: no rounding to |lse|'s ulp
+        self.shift = torch.stack([Ms, logS], 1)  # lse = Ms + logS, kept apart (see logprobs.stats)
         lse = Ms + logS
 
         def mask(v):
@@ -91,7 +92,7 @@ class ShardLogProbs:
         if self.v_local == 0:  # an empty shard: an empty gradient
             return out if out is not None else torch.empty(xc.shape, dtype=self.acc, device=xc.device)
         hot = torch.where(self.owner[ri], a[ri], 0.0)
-        return grad_rows(xc, out, self.idx[ri], (self.shift[0][ri], self.shift[1][ri]),
+        return grad_rows(xc, out, self.idx[ri], self.shift[ri],
                          None if b is None else self.ent[ri], a[ri], None if b is None else b[ri],
                          self.opts.temperature, hot)
 

@@ -5,11 +5,12 @@ program owns BLOCK_R rows and walks their classes in [BLOCK_R, BLOCK_V] tiles.
 
   forward   ONE read of the logits: an online pass keeps, per row, the running
             max m, s = sum exp(z - m) and s1 = sum exp(z - m) * (z - m), both
-            rescaled when m grows, so lse, the entropy log s - s1 / s and (one
-            gathered element) z[y] are formed while each tile is on chip.  When
+            rescaled when m grows, so (m, log s), the entropy log s - s1 / s and
+            (one gathered element) z[y] are formed while each tile is on chip.  When
             the row fits one tile it is loaded once and stays in registers.
-  backward  ONE read: from the saved lse and entropy, each tile's gradient
-            a * ([c == y] - p) - b * p * (z - lse + H) is written as soon as it
+  backward  ONE read: from the saved (m, log s) and entropy, each tile's gradient
+            a * ([c == y] - p) - b * p * (L + H), L = (z - m) - log s (rounded
+            like log_softmax, not to an ulp of |lse|), is written as soon as it
             is read (a, b: the upstream gradients divided by T, 0 at ignored
             rows), so the output may be the logits buffer itself.
 z = x * (1/T), within an ulp of the reference's x / T.  fp64 is left to the
@@ -25,7 +26,7 @@ import triton.language as tl
 
 from .ce import _safe, tile_shape
 
-# As crossent.logprobs: exp(-1024) == 0, and p * (z - lse) stays finite.  A compiled
+# As crossent.logprobs: exp(-1024) == 0, and p * L stays finite.  A compiled
 # kernel may only read module globals that are tl.constexpr.
 _FLOOR = tl.constexpr(-1024.0)
 
@@ -37,7 +38,7 @@ def _rows(pid, R, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
-def _lp_fwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lp_ptr, ent_ptr, lse_ptr, R, V, inv_t,
+def _lp_fwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lp_ptr, ent_ptr, shift_ptr, R, V, inv_t,
                    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
     r, rmask = _rows(tl.program_id(0), R, BLOCK_R)
     xrow = x_ptr + r[:, None] * sx_r
@@ -62,19 +63,22 @@ def _lp_fwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lp_ptr, ent_ptr, lse_ptr, R, V, in
     ys = tl.load(ys_ptr + r, mask=rmask, other=0)
     zy = tl.load(x_ptr + r * sx_r + ys * sx_c, mask=rmask, other=0.0).to(tl.float32) * inv_t
     logs = tl.log(tl.where(rmask, s, 1.0))
-    lse = tl.where(m == float("inf"), float("nan"), _safe(m) + logs)  # +inf logit: NaN, as torch
-    tl.store(lse_ptr + r, lse, mask=rmask)
-    tl.store(lp_ptr + r, zy - lse, mask=rmask)
+    logs = tl.where(m == float("inf"), float("nan"), logs)  # +inf logit: NaN, as torch
+    ms = _safe(m)
+    tl.store(shift_ptr + 2 * r, ms, mask=rmask)
+    tl.store(shift_ptr + 2 * r + 1, logs, mask=rmask)
+    tl.store(lp_ptr + r, (zy - ms) - logs, mask=rmask)
     if ENTROPY:
         tl.store(ent_ptr + r, logs - s1 / s, mask=rmask)
 
 
 @triton.jit
-def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lse_ptr, ent_ptr, a_ptr, b_ptr, g_ptr, sg_r, sg_c,
+def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, shift_ptr, ent_ptr, a_ptr, b_ptr, g_ptr, sg_r, sg_c,
                    R, V, inv_t, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, HAS_B: tl.constexpr):
     r, rmask = _rows(tl.program_id(0), R, BLOCK_R)
     ys = tl.load(ys_ptr + r, mask=rmask, other=0)
-    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+    ms = tl.load(shift_ptr + 2 * r, mask=rmask, other=0.0)
+    logs = tl.load(shift_ptr + 2 * r + 1, mask=rmask, other=0.0)
     a = tl.load(a_ptr + r, mask=rmask, other=0.0)
     if HAS_B:
         b = tl.load(b_ptr + r, mask=rmask, other=0.0)
@@ -83,7 +87,7 @@ def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, lse_ptr, ent_ptr, a_ptr, b_ptr, g_
         cols = (c0 + tl.arange(0, BLOCK_V)).to(tl.int64)[None, :]
         cmask = rmask[:, None] & (cols < V)
         z = tl.load(x_ptr + r[:, None] * sx_r + cols * sx_c, mask=cmask, other=0.0).to(tl.float32) * inv_t
-        L = z - lse[:, None]
+        L = (z - ms[:, None]) - logs[:, None]
         if HAS_B:
             L = tl.where(L < _FLOOR, _FLOOR, L)  # NaN stays NaN (the comparison is false)
             dz = -tl.exp(L) * (b[:, None] * L + ab[:, None])
@@ -105,35 +109,35 @@ def _torch():
 
 
 def forward(x, ys, temperature, entropy):
-    """(log_probs, entropy or empty, lse) of the rows of x (R, V), unmasked, fp32."""
+    """(log_probs, entropy or empty, shift (R, 2) = (max, log-sum)) of the rows of x (R, V), unmasked, fp32."""
     if x.dtype == torch.float64:
         return _torch().forward(x, ys, temperature, entropy)
     R, V = x.shape
     lp = torch.empty(R, dtype=torch.float32, device=x.device)
-    lse = torch.empty_like(lp)
+    shift = torch.empty((R, 2), dtype=torch.float32, device=x.device)
     ent = torch.empty(R if entropy else 0, dtype=torch.float32, device=x.device)
     if R:
         pl = _plan(R, V)
-        _lp_fwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, lp, ent if entropy else lp, lse, R, V,
+        _lp_fwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, lp, ent if entropy else lp, shift, R, V,
                                    1.0 / temperature, BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"],
                                    ENTROPY=entropy, num_warps=pl["num_warps"])
-    return lp, ent, lse
+    return lp, ent, shift
 
 
 def rows_forward(x, ys, temperature, entropy, own):
     return forward(x, ys, temperature, entropy)
 
 
-def rows_backward(x, out, ys, lse, ent, a, b, temperature):
+def rows_backward(x, out, ys, shift, ent, a, b, temperature):
     """out (R, V) <- gradient of sum(a*log_prob + b*H); out may be x itself."""
     if x.dtype == torch.float64:
-        return _torch().rows_backward(x, out, ys, lse, ent, a, b, temperature)
+        return _torch().rows_backward(x, out, ys, shift, ent, a, b, temperature)
     R, V = x.shape
     if R:
         pl = _plan(R, V)
         f32 = (lambda t: t.to(torch.float32).contiguous())
         a32 = f32(a)
-        _lp_bwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, f32(lse), a32 if b is None else f32(ent),
+        _lp_bwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, f32(shift), a32 if b is None else f32(ent),
                                    a32, a32 if b is None else f32(b), out,
                                    out.stride(0), out.stride(1), R, V, 1.0 / temperature,
                                    BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"], HAS_B=b is not None,
@@ -141,6 +145,6 @@ def rows_backward(x, out, ys, lse, ent, a, b, temperature):
     return out
 
 
-def backward(x, ys, lse, ent, a, b, temperature):
-    return rows_backward(x, torch.empty(x.shape, dtype=x.dtype, device=x.device), ys, lse, ent, a, b,
+def backward(x, ys, shift, ent, a, b, temperature):
+    return rows_backward(x, torch.empty(x.shape, dtype=x.dtype, device=x.device), ys, shift, ent, a, b,
                          temperature)
