@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, mode: str, deadline_s: float = DEADLINE_S):
+def launch(world: int, mode: str, deadline_s: float = DEADLINE_S, script: str = __file__):
     """Run ``world`` worker processes; returns (returncodes, results, logs, elapsed).
 
     As soon as one rank exits non-zero the others are killed (fail fast)."""
@@ -53,7 +53,7 @@ def launch(world: int, mode: str, deadline_s: float = DEADLINE_S):
         outs.append(out)
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", str(rank), str(world), str(port), mode, out],
+            [sys.executable, os.path.abspath(script), "--worker", str(rank), str(world), str(port), mode, out],
             env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         while True:

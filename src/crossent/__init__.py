@@ -18,11 +18,13 @@ _EXPORTS = {
     "CrossEntropyOutput": "functional", "linear_cross_entropy": "linear",
     "linear_cross_entropy_with_stats": "linear", "linear_cross_entropy_plan": "linear",
     "LinearCrossEntropyOptions": "linear", "LinearCrossEntropyPlan": "linear",
+    "log_probs": "logprobs", "linear_log_probs": "logprobs", "LogProbsOutput": "logprobs",
 }
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
            "CrossEntropyOutput", "linear_cross_entropy", "linear_cross_entropy_with_stats",
            "linear_cross_entropy_plan", "LinearCrossEntropyOptions", "LinearCrossEntropyPlan", "nn",
+           "log_probs", "linear_log_probs", "LogProbsOutput",
            "__version__"]
 
 

@@ -5,7 +5,9 @@ GPU); ``group`` may be a ProcessGroup, a 1-D DeviceMesh or None (the default
 group).  Importing this package initialises nothing.
 """
 from .linear_parallel import VocabParallelLinearCrossEntropyFunction, vocab_parallel_linear_cross_entropy
+from .logprobs import vocab_parallel_linear_log_probs, vocab_parallel_log_probs
 from .vocab_parallel import VocabParallelCrossEntropyFunction, vocab_parallel_cross_entropy
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy",
-           "VocabParallelCrossEntropyFunction", "VocabParallelLinearCrossEntropyFunction"]
+           "VocabParallelCrossEntropyFunction", "VocabParallelLinearCrossEntropyFunction",
+           "vocab_parallel_log_probs", "vocab_parallel_linear_log_probs"]

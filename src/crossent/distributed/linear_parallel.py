@@ -19,6 +19,21 @@ from ._core import VPOptions
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "VocabParallelLinearCrossEntropyFunction"]
 
+def check_head(fname: str, input: Tensor, weight_shard: Tensor, target: Tensor,
+               linear_bias_shard: Tensor | None) -> None:
+    """Argument types and shapes of a vocab-sharded head (shared with crossent.distributed.logprobs)."""
+    V.tensor_arg(input, fname, "input", 1)
+    V.tensor_arg(weight_shard, fname, "weight_shard", 2)
+    V.tensor_arg(target, fname, "target", 3)
+    if input.dim() < 1:
+        raise ValueError("input must have at least one dimension (..., D)")
+    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
+        raise RuntimeError(f"weight_shard must be (V_local, {input.shape[-1]}), got {list(weight_shard.shape)}")
+    if linear_bias_shard is not None and tuple(linear_bias_shard.shape) != (weight_shard.shape[0],):
+        raise RuntimeError(f"linear_bias_shard must be ({weight_shard.shape[0]},), got "
+                           f"{list(linear_bias_shard.shape)}")
+
+
 def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, target: Tensor, *,
                                         group=None, linear_bias_shard: Tensor | None = None,
                                         weight: Tensor | None = None, ignore_index: int = -100,
@@ -62,16 +77,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
     memory); without ``vocab_start_index`` the forward adds one all_reduce of
     ``world`` numbers (class targets).
     """
-    V.tensor_arg(input, "linear_cross_entropy", "input", 1)
-    V.tensor_arg(weight_shard, "linear_cross_entropy", "weight_shard", 2)
-    V.tensor_arg(target, "linear_cross_entropy", "target", 3)
-    if input.dim() < 1:
-        raise ValueError("input must have at least one dimension (..., D)")
-    if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
-        raise RuntimeError(f"weight_shard must be (V_local, {input.shape[-1]}), got {list(weight_shard.shape)}")
-    if linear_bias_shard is not None and tuple(linear_bias_shard.shape) != (weight_shard.shape[0],):
-        raise RuntimeError(f"linear_bias_shard must be ({weight_shard.shape[0]},), got "
-                           f"{list(linear_bias_shard.shape)}")
+    check_head("linear_cross_entropy", input, weight_shard, target, linear_bias_shard)
     red = V.reduction(None, None, reduction)
     ignore_index = V.int_arg(ignore_index, "linear_cross_entropy", "ignore_index", 5)
     eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
