@@ -121,6 +121,13 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
     _gemm(acc, a, b, first=False)
 
 
+def _logits(xc: Tensor, w: Tensor, b: Optional[Tensor], out: Tensor) -> Tensor:
+    """out (n, V) <- xc @ w.T + b, in out's (x's) dtype."""
+    if b is not None:
+        return torch.addmm(b, xc, w.t(), out=out)
+    return torch.mm(xc, w.t(), out=out)
+
+
 class _Rows:
     """Token -> row mapping, with ignored tokens dropped where that is free."""
 
@@ -200,11 +207,7 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
     row_scale = scale.dim() > 0
     first = True
     for tok, xc in R.chunks(n):
-        z = zbuf[:xc.shape[0]]
-        if b is not None:
-            torch.addmm(b, xc, w.t(), out=z)
-        else:
-            torch.mm(xc, w.t(), out=z)
+        z = _logits(xc, w, b, zbuf[:xc.shape[0]])
         tc = R.take(target, tok)
         sc = R.take(scale, tok) if row_scale else scale
         lc, lse_c, _ = be.ce_forward(z, tc, weight, ignore_index, eps, z_loss, softcap, sc,

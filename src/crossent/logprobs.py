@@ -194,7 +194,7 @@ def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_ro
     # The chunk's logits; the kernels add at most two chunk-sized temporaries.
     zbuf = x.new_empty((max(1, min(chunk_rows, R.n)), V))
     for tok, xc in R.chunks(zbuf.shape[0]):
-        z = _logits(xc, w, b, zbuf[:xc.shape[0]], None)
+        z = _logits(xc, w, b, zbuf[:xc.shape[0]])
         l, e, s = k.rows_forward(z, R.take(ys, tok), temperature, entropy, True)
         for dst, src in ((lp, l), (lse, s)) + (((ent, e),) if entropy else ()):
             if isinstance(tok, slice):
@@ -225,7 +225,7 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
     gbuf = x.new_empty((n, V), dtype=acc) if lowp else zbuf
     for tok, xc in R.chunks(n):
         m = xc.shape[0]
-        z = _logits(xc, w, b, zbuf[:m], None)
+        z = _logits(xc, w, b, zbuf[:m])
         rows = [None if t is None else R.take(t, tok) for t in (ys, lse, None if cb is None else ent, a, cb)]
         g = k.rows_backward(z, gbuf[:m], *rows, temperature)
         if need_db:
