@@ -72,6 +72,19 @@ def compile_kernel(fn, args: dict, consts: dict, options: dict):
                           target=TARGET, options=options)
 
 
+def compile_one(fn, sig: dict, consts: dict, tag: str, num_warps: int = 8) -> bool:
+    """Compile one variant from an explicit signature; print OK/FAIL (for other
+    kernel modules' compile tests, e.g. tests/test_logprobs.py)."""
+    try:
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET,
+                       options={"num_warps": num_warps})
+    except Exception as e:  # noqa: BLE001 - report whatever the compiler raises
+        print(f"FAIL {tag}: {type(e).__name__}: {e}")
+        return False
+    print(f"OK   {tag}")
+    return True
+
+
 def resources(ck) -> dict:
     """registers, local memory (spills), shared memory, and the SASS of a compiled kernel."""
     with tempfile.TemporaryDirectory() as d:

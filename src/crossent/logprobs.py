@@ -324,7 +324,7 @@ def check_args(fname: str, lead: tuple, target: Tensor, temperature, ignore_inde
         raise TypeError(f"{fname}(): argument 'entropy' must be bool, not {type(entropy).__name__}")
     if tuple(target.shape) != lead:
         raise ValueError(f"{fname}: expected target of shape {list(lead)}, got {list(target.shape)}")
-    V._check_target_dtype(target, spatial=False)
+    V._check_target_dtype(target)
     return T, ignore_index, entropy
 
 
