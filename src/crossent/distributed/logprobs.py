@@ -67,7 +67,7 @@ class ShardLogProbs:
         self.owner = valid & inb & (loc >= 0) & (loc < self.v_local)
         self.idx = torch.where(self.owner, loc, 0)
         zero = torch.zeros((), dtype=acc, device=dev)
-        zy = torch.where(self.owner, zy_fn(self.idx).to(acc) / o.temperature, zero) if self.v_local \
+        zy = torch.where(self.owner, zy_fn(self.idx).to(acc) * (1.0 / o.temperature), zero) if self.v_local \
             else torch.zeros(R, dtype=acc, device=dev)
         Ms = torch.where(M.abs() == math.inf, zero, M)
         w = torch.exp(lse_r - Ms)
@@ -75,12 +75,11 @@ class ShardLogProbs:
         summed = K.all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, self.group, self.world)
         logS = summed[0].log()
         self.shift = torch.stack([Ms, logS], 1)  # lse = Ms + logS, kept apart (see logprobs.stats)
-        lse = Ms + logS
 
         def mask(v):
             return torch.where(valid, torch.where(inb, v, math.nan), zero)
 
-        lp = mask(summed[1] - lse)
+        lp = mask((summed[1] - Ms) - logS)
         self.ent = mask(logS - summed[2] / summed[0]) if o.entropy else h_r
         return lp, self.ent
 
