@@ -2,20 +2,25 @@
 
 Notation as in ``crossent/backends/base.py``; each rank holds the columns
 [start, start + C_l) of the (softcapped) logits z, C = sum of C_l over ranks.
-A rank computes, per row, from its own columns only:
+Everything is computed relative to a row maximum, never from absolute
+log-sum-exps (a common offset of 1e4 would otherwise cost 1e-3 in fp32,
+issue 9 item 4).  A rank computes, per row, from its own columns only:
 
-  lse_r = logsumexp_local(z)            -> MAX all_reduce (together with the
-                                           slice sizes when they are unknown)
-  S_r   = exp(lse_r - M)                   M = max_r lse_r
-  zy_r  = z[y] if y is a local class else 0
-  class targets, smoothing:  zdot_r = sum_c w_c z_c
-  probability targets:       A_r = sum_c w_c t_c z_c,  T_r = sum_c w_c t_c,
-                             B_r = sum_c w_c z_c (smoothing only)
+  m_r   = max_local(z)                  -> MAX all_reduce: m = max_r m_r (the
+                                           slice sizes ride along when unknown)
+  s_r   = sum_c exp(z_c - m_r)             local, shifted by the LOCAL max
+  zy_r  = z[y] - m if y is a local class else 0
+  class targets, smoothing:  D_r = sum_c w_c (z_c - m_r)
+  probability targets:       A_r = sum_c w_c t_c (z_c - m_r),  T_r = sum_c w_c t_c,
+                             B_r = sum_c w_c (z_c - m_r) (smoothing only)
+  and, once m is known, each sum moved to the global shift: s_r exp(m_r - m),
+  D_r + W_r (m_r - m) with W_r = sum of the local weights (or C_l), ...
                                         -> one SUM all_reduce of the stack
 
-and then lse = M + log(sum_r S_r); everything else is a global sum, so the loss
-is exactly the single-process formula.  The gradient of a shard needs only the
-global lse (saved) and local data: no communication in the backward.
+then log S = log(sum_r s_r exp(m_r - m)), lse = m + log S, and the loss is the
+single-process formula written with (lse - m) and (z - m): e.g. lse - z[y] =
+log S - zy.  The gradient of a shard needs only m, log S (saved) and local
+data: exp((z - m) - log S), no communication in the backward.
 """
 from __future__ import annotations
 
@@ -150,9 +155,13 @@ class ShardMath:
                  ndim: int, device):
         self.o, self.acc, self.ndim, self.device = opts, acc, ndim, device
         self.eps, self.zl, self.cap = opts.label_smoothing, opts.z_loss, opts.softcap
-        self.target, self.weight = target, weight
+        # Class indices compared in int64: in a uint8 target ignore_index=-100
+        # would wrap to 156 (issue 9 item 1).  One O(N) copy, reused below.
+        self.target = target if opts.prob else target.long()
+        self.weight = weight
         self.w = None if weight is None else weight.to(acc)
-        self.lse_r = torch.empty(rows_shape, dtype=acc, device=device)
+        self.m_r = torch.empty(rows_shape, dtype=acc, device=device)  # local max
+        self.s_r = torch.empty(rows_shape, dtype=acc, device=device)  # local sum exp(z - m_r)
         self.lay: Layout | None = None
         self.w_l = None
         # Local sums that need class weights (or probabilities) per column.
@@ -161,7 +170,7 @@ class ShardMath:
             self.T = torch.empty(rows_shape, dtype=acc, device=device)
             self.B = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
         else:
-            self.zdot = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
+            self.D = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
 
     # -- layout-dependent state ---------------------------------------------
     def needs_layout_early(self) -> bool:
@@ -175,25 +184,27 @@ class ShardMath:
             cols = torch.arange(lay.c_local, device=dev) + lay.start
             self.w_l = self.w.index_select(0, cols.clamp_(0, max(self.w.numel() - 1, 0)))
             self.sum_w = self.w.sum()
+            self.W_r = self.w_l.sum()
         else:
             self.sum_w = lay.C
+            self.W_r = float(lay.c_local)
         self.eps_c = self.eps / lay.C  # eps / C with the GLOBAL C (0-d tensor)
         if self.o.prob:
             return
         t = self.target
         zero = torch.zeros((), dtype=acc, device=dev)
         valid = t != self.o.ignore_index
-        inb = (t >= 0) & (t.long() < lay.C.long())
+        inb = (t >= 0) & (t < lay.C.long())
         if self.w is not None:
-            inb = inb & (t.long() < self.w.numel())
-        safe = torch.where(valid & inb, t, torch.zeros((), dtype=t.dtype, device=dev)).long()
+            inb = inb & (t < self.w.numel())
+        safe = torch.where(valid & inb, t, 0)
         self.wy = self.w[safe] if self.w is not None else torch.ones((), dtype=acc, device=dev)
         m = torch.where(valid, torch.ones((), dtype=acc, device=dev), zero)
         self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
         self.valid = valid
-        loc = t.long() - lay.start
+        loc = t - lay.start
         self.owner = valid & inb & (loc >= 0) & (loc < lay.c_local)
-        self.idx = torch.where(self.owner, loc, torch.zeros((), dtype=torch.int64, device=dev))
+        self.idx = torch.where(self.owner, loc, 0)
 
     def denominator(self, rows: int) -> Tensor:
         """The mean's denominator, local (target and weight are replicated)."""
@@ -202,9 +213,7 @@ class ShardMath:
         valid = self.target != self.o.ignore_index
         if self.w is None:
             return valid.sum(dtype=self.acc)
-        n = self.w.numel()
-        safe = torch.where(valid & (self.target >= 0) & (self.target.long() < n), self.target,
-                           torch.zeros((), dtype=self.target.dtype, device=self.device)).long()
+        safe = torch.where(valid & (self.target >= 0) & (self.target < self.w.numel()), self.target, 0)
         return torch.where(valid, self.w[safe], torch.zeros((), dtype=self.acc, device=self.device)).sum()
 
     # -- forward ---------------------------------------------------------------
@@ -218,20 +227,27 @@ class ShardMath:
         return _wcol(self.w_l, self.ndim)
 
     def stats(self, z: Tensor, xi, ri) -> None:
-        """Pass 1 on one chunk: local lse and the local weighted sums."""
+        """Pass 1 on one chunk: local max, sum of exp and weighted sums, all
+        relative to the local max."""
         if z.shape[1] == 0:
-            self.lse_r[ri] = float("-inf")
+            self.m_r[ri] = float("-inf")
+            self.s_r[ri] = 0.0
+            zs = z
         else:
-            self.lse_r[ri] = torch.logsumexp(z, 1)
+            m = z.amax(1)
+            self.m_r[ri] = m
+            # A row that is all -inf here shifts by 0: exp(-inf) = 0, not NaN.
+            zs = z - _col(torch.where(m == float("-inf"), torch.zeros((), dtype=m.dtype, device=m.device), m))
+            self.s_r[ri] = torch.exp(zs).sum(1)
         if self.o.prob:
             t = self.target[xi].to(self.acc)
             tw = t if self.w is None else t * self._wl()
-            self.A[ri] = (tw * z).sum(1)
+            self.A[ri] = (tw * zs).sum(1)
             self.T[ri] = tw.sum(1)
             if self.B is not None:
-                self.B[ri] = (z if self.w is None else z * self._wl()).sum(1)
-        elif self.zdot is not None:
-            self.zdot[ri] = (z if self.w is None else z * self._wl()).sum(1)
+                self.B[ri] = (zs if self.w is None else zs * self._wl()).sum(1)
+        elif self.D is not None:
+            self.D[ri] = (zs if self.w is None else zs * self._wl()).sum(1)
 
     def target_logit(self, x: Tensor) -> Tensor:
         """z[y] on the owning rank, 0 elsewhere (a gather: O(N))."""
@@ -241,32 +257,42 @@ class ShardMath:
         return torch.where(self.owner, zy, torch.zeros((), dtype=self.acc, device=self.device))
 
     def sum_stack(self, M: Tensor, zy: Tensor | None) -> Tensor:
-        """The quantities of the SUM all_reduce, stacked (K, *rows)."""
-        s = torch.exp(self.lse_r - M)
+        """The quantities of the SUM all_reduce, moved to the global max M, stacked (K, *rows)."""
+        zero = torch.zeros((), dtype=self.acc, device=self.device)
+        s = self.s_r * torch.exp(self.m_r - M)
+        # The local sums were taken relative to m_r (0 for an all -inf slice).
+        shift = torch.where(self.m_r == float("-inf"), zero, self.m_r) - M
         if self.o.prob:
-            parts = [s, self.A, self.T] + ([self.B] if self.B is not None else [])
+            parts = [s, self.A + self.T * shift, self.T]
+            if self.B is not None:
+                parts.append(self.B + self.W_r * shift)
         else:
-            parts = [s, zy] + ([self.zdot] if self.zdot is not None else [])
+            parts = [s, torch.where(self.owner, zy - M, zero)]
+            if self.D is not None:
+                parts.append(self.D + self.W_r * shift)
         return torch.stack(parts)
 
     def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
-        """Global lse and per-row loss from the reduced stack."""
-        lse = M + torch.log(summed[0])
+        """Global lse and per-row loss from the reduced stack; keeps M and log S
+        for the backward."""
+        logS = torch.log(summed[0])
+        self.M, self.logS = M, logS
+        lse = M + logS
         if self.o.prob:
-            A, T = summed[1], summed[2]
+            A, T = summed[1], summed[2]  # A relative to M
             if self.eps > 0:
                 zdot = (1 - self.eps) * A + self.eps_c * summed[3]
                 self.tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
                 zdot, self.tw_sum = A, T
-            out = lse * self.tw_sum - zdot
+            out = logS * self.tw_sum - zdot
             if self.zl:
                 out = out + self.zl * lse * lse
             return lse, out
-        zy = summed[1]
-        out = (lse - zy) * self.wy * (1 - self.eps)
+        zy = summed[1]  # z[y] - M
+        out = (logS - zy) * self.wy * (1 - self.eps)
         if self.eps > 0:
-            out = out + self.eps_c * (self.sum_w * lse - summed[2])
+            out = out + self.eps_c * (self.sum_w * logS - summed[2])
         if self.zl:
             out = out + self.zl * lse * lse
         out = torch.where(self.valid, out * self.m, torch.zeros((), dtype=out.dtype, device=out.device))
@@ -275,10 +301,9 @@ class ShardMath:
     # -- backward --------------------------------------------------------------
     def grad(self, z: Tensor, xi, ri, lse: Tensor, scale: Tensor) -> Tensor:
         """d(sum scale*loss)/dx for one chunk of this rank's columns (acc dtype)."""
-        lse_c = _col(lse[ri])
-        e = torch.exp(z - lse_c)  # p, with the GLOBAL lse
+        e = torch.exp((z - _col(self.M[ri])).sub_(_col(self.logS[ri])))  # p, from the GLOBAL max and sum
         sc = scale if scale.dim() == 0 else _col(scale[ri])
-        zterm = 2 * self.zl * lse_c if self.zl else 0.0
+        zterm = 2 * self.zl * _col(lse[ri]) if self.zl else 0.0
         if self.o.prob:
             t = self.target[xi].to(self.acc)
             if self.eps > 0:
@@ -321,14 +346,14 @@ def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index,
     all_reduce, so the whole forward is two collectives.
     """
     dev, acc = sm.device, sm.acc
-    flat = sm.lse_r.reshape(-1)
+    flat = sm.m_r.reshape(-1)
     need_sizes = sm.lay is None
     if need_sizes:
         buf = torch.cat([flat, sizes_onehot(c_local, rank, world, acc, dev)])
     else:
         buf = flat.clone()
     all_reduce_(buf, dist.ReduceOp.MAX, group, world)
-    M = buf[:flat.numel()].reshape(sm.lse_r.shape)
+    M = buf[:flat.numel()].reshape(sm.m_r.shape)
     if need_sizes:
         sm.set_layout(layout_from(buf[flat.numel():], vocab_start_index, rank, c_local, acc, dev, weight))
     if not opts.prob and dev.type == "cpu":
