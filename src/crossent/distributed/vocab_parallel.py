@@ -25,7 +25,8 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
                                  weight: Tensor | None = None, ignore_index: int = -100,
                                  reduction: str = "mean", label_smoothing: float = 0.0,
                                  z_loss: float = 0.0, softcap: float | None = None,
-                                 vocab_start_index: int | Tensor | None = None) -> Tensor:
+                                 vocab_start_index: int | Tensor | None = None,
+                                 dtype: torch.dtype | None = None) -> Tensor:
     """Cross-entropy over logits sharded by class across the ranks of ``group``.
 
     Every rank of ``group`` (a ProcessGroup, a 1-D DeviceMesh, or None for the
@@ -42,6 +43,10 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
         this rank's shard of the (N, C, ...) probabilities, the same shape as
         ``logits_shard`` (floating; ignore_index must be negative).
     weight: the FULL (C,) class-weight tensor, identical on every rank.
+    dtype: the loss's dtype; None: torch's (the logits' dtype, or the
+        promoted one for probability targets).  torch.float32 returns the
+        fp32 accumulation for fp16/bf16 logits without upcasting them (the
+        loss dtype of Megatron-core and torchtitan).
     vocab_start_index: this rank's first class.  None: derived from the slice
         sizes, which ride along with the first all_reduce (no extra collective,
         no host sync) except for weighted smoothing/probability targets, which
@@ -65,6 +70,8 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
     K.check_weight(x, weight, prob)
     if prob and weight is not None:
         out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    if dtype is not None:
+        out_dtype = dtype
     xc, tc = _canonical(x, target)
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype)
