@@ -40,7 +40,7 @@ def _same_dtensor(ck: Checker, name: str, ours, theirs, rtol=1e-9, atol=1e-10):
 def _shard(full, mesh, placements):
     """This rank's piece of ``full`` as DTensor places it, without communication."""
     from torch.distributed.tensor import distribute_tensor
-    return distribute_tensor(full, mesh, placements, src_data_rank=None)
+    return distribute_tensor(full.detach(), mesh, placements, src_data_rank=None)
 
 
 def _ce_cases(ck: Checker, rank: int, world: int):
@@ -204,7 +204,51 @@ def _torch_wrong_cases(ck: Checker, rank: int, world: int):
             print(f"torch loss_parallel {list(kw)}: raises {type(e).__name__}: {str(e)[:100]}")
 
 
-MODES = {"cases": [_ce_cases, _linear_cases, _torch_wrong_cases]}
+def _mesh2d_cases(ck: Checker, rank: int, world: int):
+    """2-D meshes (dp, tp) of shapes (1, world) and (world, 1): batch sharded on
+    dp, classes on tp.  Placements and values as torch's loss_parallel."""
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import crossent
+
+    for shape in [(1, world), (world, 1)]:
+        mesh = init_device_mesh(ck.dev, shape, mesh_dim_names=("dp", "tp"))
+        g = torch.Generator().manual_seed(sum(shape))
+        x = torch.randn(2 * world, 5, 3, generator=g, dtype=torch.float64).to(ck.dev)
+        t = torch.randint(0, 5, (2 * world, 3), generator=g).to(ck.dev)
+        t[0, 0] = -100
+        td = _shard(t, mesh, [Shard(0), Replicate()])
+        for red in ["none", "sum"]:
+            name = f"mesh {shape} {red}"
+            xd = _shard(x, mesh, [Shard(0), Shard(1)]).requires_grad_(True)
+            xt = _shard(x, mesh, [Shard(0), Shard(1)]).requires_grad_(True)
+            ours = crossent.cross_entropy(xd, td, reduction=red)
+            with loss_parallel():
+                theirs = F.cross_entropy(xt, td, reduction=red)
+            _same_dtensor(ck, name, ours, theirs)
+            xf = x.clone().requires_grad_(True)
+            ref = F.cross_entropy(xf, t, reduction=red)
+            want = _shard(ref, mesh, [Shard(0), Replicate()]).to_local() if red == "none" else ref
+            got = ours.to_local() if red == "none" else ours.full_tensor()
+            ck.close(name + " value", got, want)
+            gout = torch.ones_like(ref)
+            ours.backward(_shard(gout, mesh, theirs.placements) if red == "none" else None)
+            with loss_parallel():
+                theirs.backward(_shard(gout, mesh, theirs.placements) if red == "none" else None)
+            _same_dtensor(ck, name + " grad", xd.grad, xt.grad)
+            ck.cases += 1
+        try:
+            crossent.cross_entropy(_shard(x, mesh, [Shard(0), Shard(1)]), td)
+            ck.fail(f"mesh {shape}: mean over a batch-sharded mesh did not raise, as torch does")
+        except NotImplementedError:
+            ck.cases += 1
+
+
+MODES = {"cases": [_ce_cases, _linear_cases, _torch_wrong_cases, _mesh2d_cases]}
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     worker_main(MODES)
