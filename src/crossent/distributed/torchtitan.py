@@ -73,6 +73,10 @@ def cross_entropy_loss(pred: torch.Tensor, labels: torch.Tensor, *, label_smooth
     return _cross_entropy(pred.flatten(0, 1).float(), labels.flatten(0, 1), **kw)
 
 
+def _options(config) -> dict:
+    return dict(label_smoothing=config.label_smoothing, z_loss=config.z_loss, softcap=config.softcap)
+
+
 class CrossEntropyLoss(BaseLoss):
     """Sum-reduced crossent cross-entropy, normalised by the caller's token count."""
 
@@ -86,7 +90,7 @@ class CrossEntropyLoss(BaseLoss):
         """Logits -> softcap * tanh(logits / softcap) first."""
 
     def __init__(self, config: Config, *, compile_config: CompileConfig | None = None):
-        opts = dict(label_smoothing=config.label_smoothing, z_loss=config.z_loss, softcap=config.softcap)
+        opts = _options(config)
         self.fn = lambda pred, labels: cross_entropy_loss(pred, labels, **opts)
         self._maybe_compile(compile_config)
 
@@ -95,13 +99,11 @@ class LinearCrossEntropyLoss(BaseLoss):
     """The fused lm_head + cross-entropy: called with hidden states, not logits."""
 
     @dataclass(kw_only=True, slots=True)
-    class Config(BaseLoss.Config):
-        label_smoothing: float = 0.0
-        z_loss: float = 0.0
-        softcap: float | None = None
+    class Config(CrossEntropyLoss.Config):  # the same options; its own class for build()
+        pass
 
     def __init__(self, config: Config, *, compile_config: CompileConfig | None = None):
-        self.opts = dict(label_smoothing=config.label_smoothing, z_loss=config.z_loss, softcap=config.softcap)
+        self.opts = _options(config)
         self.lm_head: torch.nn.Module | None = None
 
     def set_lm_head(self, lm_head: torch.nn.Module) -> None:
