@@ -163,6 +163,23 @@ def _linear_cases(ck: Checker, rank: int, world: int):
             _same_dtensor(ck, name + " dW vs torch", Wd.grad, Wt.grad)
             _same_dtensor(ck, name + " dh vs torch", hd.grad, ht.grad)
             ck.cases += 1
+    # shift=True (next-token prediction) over (B, T, D) hidden states.
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(2, 4, D, generator=g, dtype=torch.float64).to(dev)
+    W = torch.randn(7, D, generator=g, dtype=torch.float64).to(dev)
+    t = torch.randint(0, 7, (2, 4), generator=g).to(dev)
+    hf, Wf = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    ref = crossent.linear_cross_entropy(hf, Wf, t, shift=True, label_smoothing=0.1)
+    ref_dh, ref_dw = torch.autograd.grad(ref, (hf, Wf))
+    for hk in ["plain", "dtensor"]:
+        Wd = _shard(W, mesh, [Shard(0)]).requires_grad_(True)
+        hd = (_shard(h, mesh, [Replicate()]) if hk == "dtensor" else h.clone()).requires_grad_(True)
+        out = crossent.linear_cross_entropy(hd, Wd, t, shift=True, label_smoothing=0.1)
+        out.backward()
+        ck.close(f"shift h={hk} value", out.full_tensor(), ref)
+        ck.close(f"shift h={hk} dh", hd.grad.full_tensor() if hk == "dtensor" else hd.grad, ref_dh)
+        ck.close(f"shift h={hk} dW", Wd.grad.to_local(), _shard(ref_dw, mesh, [Shard(0)]).to_local())
+        ck.cases += 1
 
 
 def _torch_wrong_cases(ck: Checker, rank: int, world: int):
