@@ -258,10 +258,24 @@ def _mesh2d_cases(ck: Checker, rank: int, world: int):
                 theirs.backward(_shard(gout, mesh, theirs.placements) if red == "none" else None)
             _same_dtensor(ck, name + " grad", xd.grad, xt.grad)
             ck.cases += 1
-        try:
-            crossent.cross_entropy(_shard(x, mesh, [Shard(0), Shard(1)]), td)
-            ck.fail(f"mesh {shape}: mean over a batch-sharded mesh did not raise, as torch does")
-        except NotImplementedError:
+        # Bad input: the exception types of loss_parallel, whose rules we follow.
+        xd = _shard(x, mesh, [Shard(0), Shard(1)])
+        bad = [(td, "mean"),                                       # mean over a batch-sharded mesh dim
+               (t, "sum"),                                         # a plain target that must be sharded
+               (_shard(t, mesh, [Replicate(), Replicate()]), "sum")]  # wrong target placements
+        for tgt, red in bad:
+            errs = []
+            for fn, ctx in [(crossent.cross_entropy, None), (F.cross_entropy, loss_parallel)]:
+                try:
+                    if ctx is None:
+                        fn(xd, tgt, reduction=red)
+                    else:
+                        with ctx():
+                            fn(xd, tgt, reduction=red)
+                    errs.append(None)
+                except Exception as e:  # noqa: BLE001
+                    errs.append(type(e))
+            ck.true(f"mesh {shape} bad {red} error", errs[0] is not None and errs[0] == errs[1], str(errs))
             ck.cases += 1
 
 
