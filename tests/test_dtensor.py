@@ -210,13 +210,18 @@ def _torch_wrong_cases(ck: Checker, rank: int, world: int):
         F.cross_entropy(xf, t, **kw).backward()
         ck.close(f"{list(kw)} grad", xd.grad.to_local(), _shard(xf.grad, mesh, [Shard(1)]).to_local())
         ck.cases += 1
-        try:  # record what torch does, for the README (not asserted: it may be fixed)
-            xt = _shard(x, mesh, [Shard(1)]).requires_grad_(True)
+        xt = _shard(x, mesh, [Shard(1)]).requires_grad_(True)
+        if "ignore_index" in kw:  # weights without a -100 target: torch is right, ours must equal it
             with loss_parallel():
                 theirs = F.cross_entropy(xt, t, **kw)
                 theirs.backward()
-            ok = torch.allclose(theirs.full_tensor(), ref) and torch.allclose(xt.grad.to_local(), xd.grad.to_local())
-            print(f"torch loss_parallel {list(kw)}: {'right' if ok else 'WRONG'}")
+            _same_dtensor(ck, f"{list(kw)} vs loss_parallel", ours, theirs)
+            _same_dtensor(ck, f"{list(kw)} grad vs loss_parallel", xd.grad, xt.grad)
+            continue
+        try:  # torch 2.13 raises here; logged for the README, not asserted (it may be fixed)
+            with loss_parallel():
+                F.cross_entropy(xt, t, **kw).backward()
+            print(f"torch loss_parallel {list(kw)}: runs")
         except Exception as e:  # noqa: BLE001
             print(f"torch loss_parallel {list(kw)}: raises {type(e).__name__}: {str(e)[:100]}")
 
