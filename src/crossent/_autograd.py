@@ -15,13 +15,16 @@ differentiable ops instead, so double backward works.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, reference
+from ._validate import _compiling
 
 
 @dataclass(frozen=True)
@@ -46,50 +49,62 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """(x, target, weight, denom) -> (loss, lse).
+    """(x, target, weight, denom, opts, need_grad) -> (loss, lse, grad).
 
     x: (R, C) or (B, C, S) logits, class dim 1.  target: rows-shaped class
     indices, or x-shaped probabilities.  denom: 0-d acc-dtype tensor, the mean's
-    denominator (ignored unless reduction == 'mean').  loss: 0-d for mean/sum,
-    rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32 (fp64 for
-    fp64 input), not differentiable.
+    denominator (ignored unless reduction == 'mean').  need_grad: the caller's
+    ``grad enabled and x.requires_grad`` (forward has no ctx to ask: the
+    setup_context form is what torch.func.grad and jvp need).  loss: 0-d for
+    mean/sum, rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32
+    (fp64 for fp64 input), not differentiable.  grad: the gradient baked into
+    the forward (or an empty tensor), not differentiable; callers drop it.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor,
-                opts: CEOptions):
-        need_grad = ctx.needs_input_grad[0]
+    def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
+                need_grad: bool):
         precompute = need_grad and opts.reduction != "none"
         # The gradient baked into the forward is that of loss * 1 upstream.
-        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
-        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, scale)
+        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                _scale(denom, opts))
         if precompute and opts.inplace_backward:
             rows, lse = _ops.ce_forward_inplace(x, *args, opts.backend)
-            grad = x.detach()  # x now holds the gradient (opt-in); a fresh handle lets autograd adopt it
+            grad = x.new_empty(0)  # the gradient is x itself now (opt-in); setup_context takes it
         else:
             rows, lse, grad = _ops.ce_forward(x, *args, precompute, opts.backend)
-        loss = _reduce(rows, denom, opts.reduction)
-        ctx.opts = opts
-        ctx.acc = lse.dtype
-        ctx.grad = grad if precompute else None
-        # With inplace_backward the logits are gone, so nothing can be recomputed.
-        ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, scale)
-        ctx.mark_non_differentiable(lse)
-        return loss.to(opts.out_dtype), lse
+        return _reduce(rows, denom, opts.reduction).to(opts.out_dtype), lse, grad
 
     @staticmethod
-    def backward(ctx, g: Tensor, _g_lse: Tensor):
+    def setup_context(ctx, inputs, output):
+        x, target, weight, denom, opts, need_grad = inputs
+        _, lse, grad = output
+        ctx.opts = opts
+        ctx.acc = lse.dtype
+        ctx.grad = None
+        if need_grad and opts.reduction != "none":
+            # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
+            ctx.grad = x.detach() if opts.inplace_backward else grad
+        # With inplace_backward the logits are gone, so nothing can be recomputed.
+        saved = (None if opts.inplace_backward else x, target, weight, lse, _scale(denom, opts))
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.mark_non_differentiable(lse, grad)
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_lse: Tensor, _g_grad: Tensor):
         opts: CEOptions = ctx.opts
-        if torch.is_grad_enabled():
-            return _differentiable_grad(ctx, g), None, None, None, None
-        if ctx.grad is not None:
+        if torch.is_grad_enabled() or _batched(g):
+            # create_graph, or a batched upstream (jacrev, is_grads_batched): torch ops.
+            return _differentiable_grad(ctx, g), None, None, None, None, None
+        if ctx.grad is not None and _rescalable(g):
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
             _ops.rescale_(grad, g.to(ctx.acc), opts.backend)
-            return grad, None, None, None, None
+            return grad, None, None, None, None, None
         x, target, weight, lse, scale = ctx.saved_tensors
         g = g.to(lse.dtype)
         if x is None:
@@ -99,33 +114,100 @@ class CrossEntropyFunction(torch.autograd.Function):
         row_scale = g if opts.reduction == "none" else g * scale
         grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                                 opts.z_loss, opts.softcap, row_scale, opts.backend)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
+
+
+class CrossEntropyJvpFunction(CrossEntropyFunction):
+    """CrossEntropyFunction plus forward-mode AD, used only while forward-mode
+    AD is active (torch.compile cannot trace a Function that defines jvp)."""
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor, _t_target, _t_weight, _t_denom, _t_opts, _t_need):
+        """Forward mode: the loss's tangent is sum_c dloss/dx_c * tx_c per row,
+        with dloss/dx the backend's gradient for unit row scales.  Class
+        indices and weights have no derivative here (torch's nll_loss has none
+        for weights); probability targets take the reference path in forward mode."""
+        opts: CEOptions = ctx.opts
+        x, target, weight, lse, scale = ctx.saved_tensors
+        if x is None:
+            raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support forward-mode AD")
+        ones = torch.ones_like(lse)
+        dx = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
+                              opts.z_loss, opts.softcap, ones, opts.backend)
+        rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
+        loss_t = rows.sum() * scale if opts.reduction != "none" else rows
+        return loss_t.to(opts.out_dtype), None, None
+
+
+def func_transforms() -> tuple[bool, bool]:
+    """(vmap, forward-mode AD): whether either is active around this call.
+
+    vmap: the fused kernels have no batching rule, so the public functions
+    then compute with torch's own batchable ops.  Forward mode (torch.func.jvp,
+    jacfwd, forward_ad.dual_level): the Function with a jvp rule is used.
+    Never under torch.compile, which traces neither.
+    """
+    if _compiling():
+        return False, False
+    vmap, fwd = False, forward_ad._current_level >= 0
+    if torch._C._functorch.maybe_current_level() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+        T = torch._C._functorch.TransformType
+        vmap, fwd = T.Vmap in keys, fwd or T.Jvp in keys
+    return vmap, fwd
+
+
+def _batched(g: Tensor) -> bool:
+    """Whether the backward runs under vmap: torch.func's, or the legacy one
+    behind autograd.grad(is_grads_batched=True)."""
+    if _compiling():
+        return False
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return func_transforms()[0] or (legacy is not None and legacy(g))
+
+
+def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
+    """The scale of the gradient of loss * 1 upstream: 1/denom for 'mean', else 1."""
+    return 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+
+
+def _rescalable(g: Tensor) -> bool:
+    """Whether g * (forward's gradient) is the gradient torch gives.  Not for a
+    non-finite upstream: torch forms g*p*A - g*B, which is NaN where both
+    terms are infinite and 0 in ignored rows, so the backward recomputes with
+    g folded in.  Checked only where reading g is free (a CPU tensor in eager
+    mode); elsewhere that would be a host sync."""
+    if g.device.type != "cpu" or _compiling():
+        return True
+    return math.isfinite(float(g))
 
 
 def _differentiable_grad(ctx, g: Tensor) -> Tensor:
-    """backward(create_graph=True): the same gradient, recomputed with torch's
-    differentiable ops from the saved logits, so double backward works."""
-    x, target, weight, _, _ = ctx.saved_tensors
+    """backward(create_graph=True), as torch.func.grad always asks: the same
+    gradient in torch's differentiable ops, so double backward works."""
+    x, target, weight, lse, scale = ctx.saved_tensors
     opts: CEOptions = ctx.opts
     if x is None:
         raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
-    with torch.enable_grad():
-        xd = x if x.requires_grad else x.detach().requires_grad_()
-        loss = reference.cross_entropy(xd, target, weight, opts.ignore_index, opts.reduction,
-                                       opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap or None)
-        (grad,) = torch.autograd.grad(loss, xd, g.to(loss.dtype), create_graph=True)
-    return grad
+    g = g.to(lse.dtype)
+    row_scale = g if opts.reduction == "none" else g * scale
+    return reference.cross_entropy_grad(x, target, weight, opts.ignore_index, opts.label_smoothing,
+                                        opts.z_loss, opts.softcap or None, row_scale)
 
 
 class SoftmaxFunction(torch.autograd.Function):
     """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int, log: bool, backend: str):
-        y = _ops.softmax_forward(x, dim, log, backend)
-        ctx.save_for_backward(y)
+    def forward(x: Tensor, dim: int, log: bool, backend: str):
+        return _ops.softmax_forward(x, dim, log, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dim, log, backend = inputs
+        ctx.save_for_backward(output)
         ctx.meta = (dim, log, backend, x.dtype)
-        return y
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -147,7 +229,59 @@ def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
     if backend.softmax_native_autograd:
         # torch's own fused kernels, with torch's autograd: double backward, jvp, vmap.
         return backend.softmax_forward(x, dim, log)
+    if any(func_transforms()):
+        # vmap and forward mode: torch's own ops, which have batching and jvp rules.
+        return (reference.log_softmax if log else reference.softmax)(x, dim)
     return SoftmaxFunction.apply(x, dim, log, name)
+
+
+class PickFunction(torch.autograd.Function):
+    """nll_loss's pick: (x (R, C[, S]), idx (R, 1[, S]) int64) -> x.gather(1, idx).
+
+    Its gradient, like aten's nll_loss_backward, is a function of x too (with
+    zero derivative): after backward(create_graph=True) the gradient requires
+    grad, so a second autograd.grad w.r.t. x gives zeros as torch's does.
+    Plain torch ops, so vmap batches them (jacrev vmaps the backward).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, idx: Tensor) -> Tensor:
+        return x.gather(1, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, idx = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return PickBackwardFunction.apply(g, x, idx), None
+        return torch.zeros_like(x).scatter(1, idx, g), None  # out of place: vmap batches it
+
+
+class PickBackwardFunction(torch.autograd.Function):
+    """(g, x, idx) -> zeros like x with g scattered at idx; d/dg = gather, d/dx = 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor, idx: Tensor) -> Tensor:
+        return torch.zeros_like(x).scatter(1, idx, g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, x, idx = inputs
+        ctx.save_for_backward(idx)
+        ctx.x_like = (x.shape, x.dtype, x.device)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        (idx,) = ctx.saved_tensors
+        shape, dtype, device = ctx.x_like
+        return gg.gather(1, idx), torch.zeros(shape, dtype=dtype, device=device), None
 
 
 # ===========================================================================

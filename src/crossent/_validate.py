@@ -41,14 +41,29 @@ def tensor_arg(v, fname: str, arg: str, pos: int) -> Tensor:
     return v
 
 
-def int_arg(v, fname: str, arg: str, pos: int) -> int:
-    """An int argument as torch's C++ binding accepts it (ints, 0-d int tensors)."""
+def int_arg(v, fname: str, arg: str, pos: int, unpack: bool = True) -> int:
+    """An int argument as torch's C++ binding accepts it (ints, 0-d int tensors).
+    The binding checks every argument's type before it unpacks any value:
+    unpack=False leaves the int64 range check to ``int64``, to call after the
+    later arguments' type checks."""
     if isinstance(v, bool) or (isinstance(v, float)):
         raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be int, not {_type_name(v)}")
     try:
-        return operator.index(v)
+        v = operator.index(v)
     except TypeError:
         raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be int, not {_type_name(v)}") from None
+    return int64(v) if unpack else v
+
+
+def int64(v: int) -> int:
+    if not _fits(v, torch.int64):  # torch's binding unpacks a C++ int64
+        raise ValueError("Overflow when unpacking long long")
+    return v
+
+
+def optional_tensor_arg(v, fname: str, arg: str, pos: int) -> None:
+    if v is not None and not isinstance(v, Tensor):
+        raise TypeError(f"{fname}(): argument '{arg}' (position {pos}) must be Tensor, not {_type_name(v)}")
 
 
 def float_arg(v, fname: str, arg: str, pos: int) -> float:
@@ -75,8 +90,9 @@ def reduction(size_average, reduce, reduction: str) -> str:
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
     if reduction == "elementwise_mean":
+        # Attributed to crossent's public function, as torch attributes it to torch.nn.functional.
         warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
-                      stacklevel=3)
+                      stacklevel=2)
         return "mean"
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
@@ -117,46 +133,66 @@ def _check_weight_dtype(x: Tensor, weight: Tensor | None) -> None:
         raise RuntimeError(f"expected scalar type {dtype_name(x.dtype)} but found {dtype_name(weight.dtype)}")
 
 
-def _check_target_dtype(target: Tensor, spatial: bool) -> None:
+def _check_target_dtype(target: Tensor) -> None:
     # Deliberate difference: int32 targets are accepted everywhere.
     if target.dtype not in (torch.int64, torch.int32, torch.uint8):
         raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}")
-    if spatial and target.dtype == torch.uint8:
-        raise RuntimeError("expected scalar type Long but found Byte")
 
 
-def class_target(x: Tensor, target: Tensor, weight: Tensor | None) -> None:
-    """The checks of aten's nll_loss_nd and its nll_loss / nll_loss2d meta
-    functions, in their order, for class-index targets."""
+def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: str = "none") -> None:
+    """aten's nll_loss_nd, then its nll_loss / nll_loss2d autograd wrapper and
+    kernel checks, in their order, for class-index targets (input dtype
+    included: its message names the kernel)."""
     if x.dim() < 1:
         raise ValueError(f"Expected 1 or more dimensions (got {x.dim()})")
     if x.dim() != 1 and x.shape[0] != (target.shape[0] if target.dim() > 0 else 0):
         tb = target.shape[0] if target.dim() > 0 else 0
         raise ValueError(f"Expected input batch_size ({x.shape[0]}) to match target batch_size ({tb}).")
-    if x.dim() <= 2:
+    spatial = x.dim() > 2
+    if spatial and x.dim() != 4 and tuple(target.shape[1:]) != tuple(x.shape[2:]):
+        expected = [x.shape[0], *x.shape[2:]]
+        raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
+    # nll_loss_nd reshapes 3-D and >= 5-D input to 4-D and calls nll_loss2d.
+    weight_no_grad(weight, "nll_loss2d_forward" if spatial else "nll_loss_forward")
+    if not spatial:
         if target.dim() > 1:
             raise RuntimeError("0D or 1D target tensor expected, multi-target not supported")
-        _check_target_dtype(target, spatial=False)
+        _check_target_dtype(target)
         if x.dim() == 1 and target.dim() == 1 and target.shape[0] != 1:
             raise ValueError(f"For 1D input, 1D target must have size 1, but got target size: {target.shape[0]}")
         C = x.shape[-1]
         if weight is not None and (weight.dim() != 1 or weight.numel() != C):
             raise RuntimeError(f"weight tensor should be defined either for all {C} classes or no classes "
                                f"but got weight tensor of shape: {list(weight.shape)}")
-    else:
-        if x.dim() == 4:
-            if target.dim() != 3:
-                raise RuntimeError("only batches of spatial targets supported (3D tensors) but got targets "
-                                   f"of dimension: {target.dim()}")
-            if tuple(x.shape[2:]) != tuple(target.shape[1:]):
-                raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
-        elif tuple(target.shape[1:]) != tuple(x.shape[2:]):
-            expected = [x.shape[0], *x.shape[2:]]
-            raise RuntimeError(f"Expected target size {expected}, got {list(target.shape)}")
-        _check_target_dtype(target, spatial=True)
-        if weight is not None and (weight.dim() != 1 or weight.numel() != x.shape[1]):
-            raise RuntimeError("weight tensor should be defined either for all or no classes")
+        floating_input(x, "nll_loss_out_frame")
+        _check_weight_dtype(x, weight)
+        return
+    if x.dim() == 4 and target.dim() != 3:
+        raise RuntimeError("only batches of spatial targets supported (3D tensors) but got targets "
+                           f"of dimension: {target.dim()}")
+    _check_target_dtype(target)
+    if weight is not None and weight.numel() != x.shape[1]:  # any shape with C elements
+        raise RuntimeError("weight tensor should be defined either for all or no classes")
+    x4, t3 = _as_4d(x, target)
+    if x4[2:] != t3[1:]:
+        raise RuntimeError(f"size mismatch (got input: {x4} , target: {t3}")
+    floating_input(x, "nll_loss2d_forward_out_frame")
     _check_weight_dtype(x, weight)
+    # 'mean' and 'sum' return before reading an empty target; 'none' does not.
+    if target.dtype == torch.uint8 and (x.numel() > 0 or reduction == "none"):
+        raise RuntimeError("expected scalar type Long but found Byte")
+
+
+def _as_4d(x: Tensor, target: Tensor) -> tuple[list[int], list[int]]:
+    """The shapes nll_loss_nd hands nll_loss2d: (N, C, 1, -1) and (N, 1, -1),
+    or (N, C, 0, 0) and (N, 0, 0) when there are no elements (so C == 0
+    with a non-empty target is a size mismatch, as in torch)."""
+    if x.dim() == 4:
+        return list(x.shape), list(target.shape)
+    n = x.shape[0]
+    x4 = [n, x.shape[1], 0, 0] if x.numel() == 0 else [n, x.shape[1], 1, x.numel() // (n * x.shape[1])]
+    t3 = [n, 0, 0] if target.numel() == 0 else [n, 1, target.numel() // n]
+    return x4, t3
 
 
 def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> None:
@@ -174,10 +210,40 @@ def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
                            f"classes but got weight tensor of shape: {list(weight.shape)}")
 
 
-def weight_no_grad(weight: Tensor | None) -> None:
+def weight_no_grad(weight: Tensor | None, op: str = "nll_loss_forward") -> None:
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("The function 'nll_loss_forward' is not differentiable with respect to argument "
+        raise RuntimeError(f"The function '{op}' is not differentiable with respect to argument "
                            "'weight'. This input cannot have requires_grad True.")
+
+
+# ---------------------------------------------------------------------------
+# Class-index targets as exact integers
+# ---------------------------------------------------------------------------
+def _fits(v: int, dtype: torch.dtype) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= v <= info.max
+
+
+def not_ignored(t: Tensor, ignore_index: int) -> Tensor:
+    """``t != ignore_index`` as exact integers (see target_masks)."""
+    return t != ignore_index if _fits(ignore_index, t.dtype) else torch.ones_like(t, dtype=torch.bool)
+
+
+def target_masks(t: Tensor, ignore_index: int, n_classes: int) -> tuple[Tensor, Tensor]:
+    """(counted, in_range) masks of class-index targets, compared as exact
+    integers: ``t != ignore_index`` and ``counted & 0 <= t < n_classes``.
+
+    A bare ``t != ignore_index`` casts the Python int to t's dtype, so -100
+    matches a uint8 target 156 and 2**32 an int32 target 0; a constant outside
+    the dtype's range can equal no target, so it is never compared at all.
+    Every front door and backend builds its masks here (or, in a kernel, on
+    targets widened to int64 first): see backends/base.py.
+    """
+    counted = not_ignored(t, ignore_index)
+    in_range = counted & (t >= 0)
+    if _fits(n_classes, t.dtype):
+        in_range = in_range & (t < n_classes)
+    return counted, in_range
 
 
 def _compiling() -> bool:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validate as V
 from . import backends, reference
-from ._autograd import CEOptions, CrossEntropyFunction
+from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, func_transforms
 from ._autograd import softmax as _softmax_impl
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
@@ -26,7 +26,8 @@ class CrossEntropyOutput(NamedTuple):
 
     loss:   as :func:`cross_entropy` returns it.
     lse:    per-position log-sum-exp of the (softcapped) logits, fp32 (fp64 for
-            fp64 input), shape of the 'none' loss; not differentiable.
+            fp64 input, or when probability targets or weights make the loss
+            fp64), shape of the 'none' loss; not differentiable.
     z_loss: the z-loss part of ``loss`` (z_loss * lse**2, reduced the same
             way), detached, for logging; zeros when z_loss == 0.
     """
@@ -46,6 +47,8 @@ def _softmax(name: str, log: bool, input: Tensor, dim, stacklevel: int, dtype) -
     dim = V.wrap_dim(dim, input.dim(), name)
     if dtype is not None:
         input = input.to(dtype)  # cast first, as torch does (autograd records the copy)
+    if input.numel() == 0 and not input.is_floating_point():  # torch returns before its dtype dispatch
+        return torch.empty_like(input, memory_format=torch.contiguous_format)
     V.floating_input(input, V.softmax_kernel(log, dim, input.dim()))
     return _softmax_impl(input, dim, log)
 
@@ -88,13 +91,25 @@ def _canonical(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return input.reshape(n, c, s), t
 
 
-def _class_denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, acc) -> Tensor:
-    """W = sum of w[y] over non-ignored positions (the count without weights), on device."""
-    valid = t != ignore_index
+def _weight_at(w: Tensor, safe: Tensor) -> Tensor:
+    """w[safe] for in-range indices; with no classes (C == 0) every target is
+    ignored or out of range, and there is nothing to index: zeros."""
+    return w[safe] if w.numel() else torch.zeros(safe.shape, dtype=w.dtype, device=w.device)
+
+
+def _class_denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, acc,
+                       label_smoothing: float = 0.0) -> Tensor:
+    """W = sum of w[y] over non-ignored positions (the count without weights), on device.
+
+    With label smoothing torch divides its two parts by W separately, so
+    W == 0 makes the mean NaN even where the smoothing sum alone would give
+    inf; a NaN denominator reproduces that (loss and counted gradient rows)."""
+    valid, ok = V.target_masks(t, ignore_index, C)
     if weight is None:
-        return valid.sum(dtype=acc)
-    safe = torch.where(valid & (t >= 0) & (t < C), t, 0).long()
-    return torch.where(valid, weight.to(acc)[safe], 0.0).sum()
+        W = valid.sum(dtype=acc)
+    else:
+        W = torch.where(valid, _weight_at(weight.to(acc), torch.where(ok, t, 0).long()), 0.0).sum()
+    return torch.where(W == 0, float("nan"), W) if label_smoothing > 0 else W
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -106,23 +121,28 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     weight: (C,) in input's dtype.  'mean' divides by the sum of w[y] over
     non-ignored positions.  Sums accumulate in fp32 for fp16/bf16 input.
     """
+    red = V.reduction(size_average, reduce, reduction)  # torch.nn.functional's, before the binding's
     V.tensor_arg(input, "nll_loss_nd", "input", 1)
     V.tensor_arg(target, "nll_loss_nd", "target", 2)
-    red = V.reduction(size_average, reduce, reduction)
+    V.optional_tensor_arg(weight, "nll_loss_nd", "weight", 3)
     ignore_index = V.int_arg(ignore_index, "nll_loss_nd", "ignore_index", 5)
-    V.class_target(input, target, weight)
-    V.floating_input(input, "nll_loss2d_forward_out_frame" if input.dim() > 2 else "nll_loss_out_frame")
-    V.weight_no_grad(weight)
+    V.class_target(input, target, weight, red)
     C = input.shape[0 if input.dim() == 1 else 1]
+    if any(func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
+        return reference.nll_loss(input, target, weight, ignore_index, red)
     V.check_target_bounds(target, C, ignore_index)
+    weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     x, t = _canonical(input, target)
     acc = _acc(input.dtype)
-    valid = t != ignore_index
-    ok = valid & (t >= 0) & (t < C)
+    valid, ok = V.target_masks(t, ignore_index, C)
     safe = torch.where(ok, t, 0).long()
-    # gather is autograd's own: its backward scatters into zeros, as nll_loss's does.
-    picked = x.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)
-    rows = -picked if weight is None else -picked * weight.to(acc)[safe]
+    if C == 0:  # nothing to pick: every counted target is out of range (NaN below)
+        picked = x.sum(1).to(acc)
+    elif torch.is_grad_enabled() and x.requires_grad:
+        picked = PickFunction.apply(x, safe.unsqueeze(1)).squeeze(1).to(acc)
+    else:
+        picked = x.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)
+    rows = -picked if weight is None else -picked * _weight_at(weight.to(acc), safe)
     rows = torch.where(valid, rows, 0.0)
     rows = torch.where(valid ^ ok, float("nan"), rows)  # out-of-range target: NaN, never OOB memory
     if red == "none":
@@ -137,12 +157,27 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
 # ---------------------------------------------------------------------------
 # cross_entropy
 # ---------------------------------------------------------------------------
-def _ce_options(label_smoothing, z_loss, softcap) -> tuple[float, float, float]:
-    """(label smoothing as torch treats it, z_loss, softcap or 0), validated."""
-    ls = V.float_arg(label_smoothing, "cross_entropy_loss", "label_smoothing", 6)
+def _denominator(t: Tensor, weight: Tensor | None, ignore_index: int, C: int, eps: float, prob: bool,
+                 acc) -> Tensor:
+    """The mean's denominator for canonical targets: the number of positions
+    for probability targets (torch's numel / C: NaN when C == 0), else W."""
+    if prob:
+        return torch.full((), t.numel() // C if C else float("nan"), dtype=acc, device=t.device)
+    return _class_denominator(t, weight, ignore_index, C, acc, eps)
+
+
+def _smoothing_range(ls: float) -> None:
     if ls > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {ls:g}")
+
+
+def _ce_options(label_smoothing, z_loss, softcap, check_range: bool = True) -> tuple[float, float, float]:
+    """(label smoothing as torch treats it, z_loss, softcap or 0), validated
+    (the smoothing's range only if check_range: torch checks it late)."""
+    ls = V.float_arg(label_smoothing, "cross_entropy_loss", "label_smoothing", 6)
     ls = ls if ls > 0.0 else 0.0  # negative and NaN act as 0, as in torch
+    if check_range:
+        _smoothing_range(ls)
     z_loss = float(z_loss)
     if not z_loss >= 0.0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
@@ -153,71 +188,87 @@ def _ce_options(label_smoothing, z_loss, softcap) -> tuple[float, float, float]:
 
 
 def _ce_checks(input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-               label_smoothing, z_loss, softcap):
+               label_smoothing, z_loss, softcap, reduction: str = "none"):
     """torch's cross_entropy checks after the reduction string, in its order.
 
     ``weight`` is checked against input's class count (None skips that, as
-    the vocab-parallel path does for its full-vocabulary weight).  Returns
+    the vocab-parallel path does for its full-vocabulary weight); torch's
+    checks of uint8 K-dim targets depend on ``reduction``.  Returns
     (eps, z_loss, softcap or 0, prob, class_dim, out_dtype).
     """
-    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
+    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap, check_range=False)
+    V.int64(ignore_index)  # the binding unpacks values after checking every argument's type
     prob = input.shape == target.shape
     class_dim = 0 if input.dim() == 1 else 1
+    # aten's cross_entropy_loss: each path's checks, then its log_softmax (which
+    # returns before its dtype dispatch on an empty input), in its order.
     if prob:
         V.prob_target(input, target, weight, ignore_index)
-    elif input.dim() == 0:
+        if input.numel():
+            V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
+        _smoothing_range(eps)
+        out_dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: plain promotion
+        if weight is not None:
+            out_dtype = torch.promote_types(out_dtype, weight.dtype)
+        return eps, z_loss, cap, prob, class_dim, out_dtype
+    _smoothing_range(eps)
+    if input.dim() == 0:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
-    V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
-    if not prob:
-        V.class_target(input, target, weight)
-        return eps, z_loss, cap, prob, class_dim, input.dtype
-    out_dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: plain promotion
-    if weight is not None:
-        out_dtype = torch.promote_types(out_dtype, weight.dtype)
-    return eps, z_loss, cap, prob, class_dim, out_dtype
+    if input.numel():
+        V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
+    V.class_target(input, target, weight, reduction)
+    return eps, z_loss, cap, prob, class_dim, input.dtype
 
 
 def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                    label_smoothing, z_loss, softcap, inplace_backward, stats=True) -> CrossEntropyOutput:
     """The shared body; with stats=False the z-loss term is not formed
     (CrossEntropyOutput.z_loss is then the loss itself, unused by callers)."""
+    red = V.reduction(size_average, reduce, reduction)  # torch.nn.functional's, before the binding's
     V.tensor_arg(input, "cross_entropy_loss", "input", 1)
     V.tensor_arg(target, "cross_entropy_loss", "target", 2)
-    red = V.reduction(size_average, reduce, reduction)
-    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
+    V.optional_tensor_arg(weight, "cross_entropy_loss", "weight", 3)
+    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
-                                                              label_smoothing, z_loss, softcap)
-    if prob:
-        needs_ref = torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad))
-        if needs_ref:
-            # Gradients w.r.t. the targets or weights: the differentiable reference.
-            loss = reference.cross_entropy(input, target, weight, reduction=red, label_smoothing=eps,
-                                           z_loss=z_loss, softcap=cap or None)
-            lse = reference.logsumexp(input, class_dim, cap or None).detach()
-            zt = (z_loss * lse * lse)
-            zt = zt if red == "none" else (zt.sum() if red == "sum" else zt.mean())
-            return CrossEntropyOutput(loss, lse, zt.detach().to(loss.dtype))
-    else:
-        V.weight_no_grad(weight)
+                                                              label_smoothing, z_loss, softcap, red)
+    vmap, fwd = func_transforms()
+    if not prob and not vmap:  # under vmap torch's own kernels check (the reference below)
         V.check_target_bounds(target, input.shape[class_dim], ignore_index)
+    if vmap or (prob and (fwd or (torch.is_grad_enabled() and
+                                  (target.requires_grad or (weight is not None and weight.requires_grad))))):
+        # Derivatives w.r.t. probability targets or weights, or vmap (the fused
+        # kernels have no batching rule): the differentiable reference.
+        loss = reference.cross_entropy(input, target, weight, ignore_index, red, eps, z_loss=z_loss,
+                                       softcap=cap or None)
+        if not stats:
+            return CrossEntropyOutput(loss, loss, loss)
+        lse = reference.logsumexp(input, class_dim, cap or None).detach()
+        _, t = _canonical(input, target)
+        w = None if weight is None else weight.reshape(-1)
+        denom = _denominator(t, w, ignore_index, input.shape[class_dim], eps, prob, lse.dtype)
+        return CrossEntropyOutput(loss, lse, _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(loss.dtype))
+    if out_dtype == torch.float64 and input.dtype != torch.float64:
+        # Probability targets or weights in fp64 promote the loss: compute in
+        # it (autograd records the copy and returns input's dtype).
+        input = input.to(torch.float64)
+    weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     x, t = _canonical(input, target)
-    acc = _acc(input.dtype)
-    if prob:
-        rows = x.shape[0] * (x.shape[2] if x.dim() == 3 else 1)
-        denom = torch.full((), float(rows), dtype=acc, device=x.device)
-    else:
-        denom = _class_denominator(t, weight, ignore_index, x.shape[1], acc)
+    denom = _denominator(t, weight, ignore_index, x.shape[1], eps, prob, _acc(x.dtype))
     if inplace_backward and not (red != "none" and input.requires_grad and input.is_contiguous()):
         raise ValueError("inplace_backward=True needs reduction 'mean' or 'sum' and a contiguous "
                          "input that requires grad")
     opts = CEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, inplace_backward=bool(inplace_backward),
                      backend=backends.name_for(x.device.type), out_dtype=out_dtype)
-    loss, lse = CrossEntropyFunction.apply(x, t, weight, denom, opts)
+    need_grad = torch.is_grad_enabled() and x.requires_grad
+    fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
+    loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
     none_shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
     lse = lse.reshape(none_shape)
     if red == "none":
         loss = loss.reshape(none_shape)
+    elif red == "sum" and eps > 0 and not prob and x.shape[1] == 0:
+        loss = loss + float("nan")  # torch's smoothing term: eps / C = inf times an empty sum
     zt = _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(out_dtype) if stats else loss
     return CrossEntropyOutput(loss, lse, zt)
 
@@ -225,9 +276,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,
             denom: Tensor) -> Tensor:
     """z_loss * lse**2 reduced like the loss: O(N) work on the saved lse."""
-    zt = z_loss * lse * lse
+    zt = z_loss * lse * lse if z_loss else torch.zeros_like(lse)  # 0, even where lse is inf
     if not prob:
-        zt = torch.where((t != ignore_index).reshape(lse.shape), zt, torch.zeros_like(zt))
+        zt = torch.where(V.not_ignored(t, ignore_index).reshape(lse.shape), zt, torch.zeros_like(zt))
     if red == "sum":
         zt = zt.sum()
     elif red == "mean":

@@ -62,10 +62,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
             zt = z_loss * lse * lse
             denom = lse.new_tensor(float(lse.numel()))
         else:
-            valid = target != ignore_index
+            valid = target.long() != ignore_index  # exact: never in a narrower dtype
             zt = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
             if weight is not None:
-                wy = w[torch.where(valid, target, 0).long()]
+                wy = w.reshape(-1)[torch.where(valid, target.long(), 0)]
                 denom = torch.where(valid, wy, torch.zeros_like(wy)).sum()
             else:
                 denom = valid.sum().to(lse.dtype)
@@ -76,6 +76,54 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         else:
             ce = ce + zt.sum() / denom
     return ce.to(dtype)
+
+
+def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: float | None,
+                       scale: Tensor) -> Tensor:
+    """d(sum(scale * loss rows))/dx for the backend layouts (class dim 1),
+    the formula of backends/base.py in torch's differentiable ops: what
+    backward(create_graph=True) returns, so the gradient itself has a
+    gradient (and a jvp) without a nested autograd call.  scale: 0-d or one
+    value per row."""
+    from ._validate import target_masks
+
+    if x.numel() == 0:  # no classes or no rows; x * 0 keeps the graph (and the grad) of x
+        return x * 0
+    z = apply_softcap(_upcast(x), softcap)
+    C = z.shape[1]
+    p = torch.softmax(z, 1)  # relative to the row max: a common offset costs no digits
+    sc = scale.unsqueeze(1) if scale.dim() else scale
+    w = None if weight is None else weight.to(z.dtype).view(1, -1, *([1] * (z.dim() - 2)))
+    # The scale multiplies each term before they meet, and the z-loss term is
+    # added last, as torch's chain rule on cross_entropy + z_loss*lse**2 does,
+    # so an infinite upstream gives the same inf/NaN pattern.
+    zterm = 2 * z_loss * torch.logsumexp(z, 1, keepdim=True) * p if z_loss else None
+    if target.is_floating_point():
+        t = target.to(z.dtype) * (1 - label_smoothing) + label_smoothing / C
+        tw = t if w is None else t * w
+        dz = sc * p * tw.sum(1, keepdim=True) - sc * tw
+        if zterm is not None:
+            dz = dz + sc * zterm
+    else:
+        counted, ok = target_masks(target, ignore_index, C)
+        y = torch.where(ok, target, 0).long().unsqueeze(1)
+        wy = 1.0 if w is None else w.reshape(-1)[y]
+        sum_w = float(C) if w is None else w.sum()
+        a = (1 - label_smoothing) * wy + label_smoothing / C * sum_w
+        b = torch.zeros_like(z).scatter(1, y, (1 - label_smoothing) * wy * torch.ones_like(y, dtype=z.dtype))
+        if label_smoothing > 0:
+            b = b + label_smoothing / C * (1.0 if w is None else w)
+        # ignored rows: exactly 0 whatever the scale; out-of-range rows: NaN (backends/base.py)
+        m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
+        sm = sc * m
+        dz = sm * p * a - sm * b
+        if zterm is not None:
+            dz = dz + sm * zterm
+        dz = torch.where(m != 0, dz, 0.0)
+    if softcap:
+        dz = dz * (1 - (z / softcap) ** 2)
+    return dz.to(x.dtype)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None,

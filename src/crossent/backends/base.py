@@ -11,6 +11,12 @@ Layouts (class dim is always dim 1):
   target   int64/int32/uint8 of shape x.shape without dim 1: (R,) or (B, S)
            (class indices; ``ignore_index`` marks skipped positions), or
            floating, the same shape as x (probability targets; no ignore).
+  ignore_index  any Python int in int64's range.  A target equals it only as
+           an exact integer: backends never compare in a narrower dtype (a
+           uint8 target 156 is not -100; an int32 target 0 is not 2**32), and
+           the class bound ``t < C`` is exact too (C may exceed uint8's range).
+           Torch code builds its masks with crossent._validate.target_masks;
+           a kernel widens the loaded target to int64 before comparing.
   weight   (C,) fp32/fp64 or None.  All math is fp32 (fp64 for fp64 input).
   rows     "a row" below is one position: (r,) or (b, s).
 
@@ -21,6 +27,11 @@ w = weight or ones, zl = z_loss:
                            + zl*lse**2)
   probability: t' = t*(1-eps) + eps/C  (t' = t when eps == 0)
                loss = sum_c w_c*t'_c*(lse - z_c) + zl*lse**2
+Every term is formed relative to the row max M, never as lse - z (two large
+numbers that cancel: a common offset of 1e4 would cost four digits in fp32):
+  lse - z_c = log(sum_j exp(z_j - M)) - (z_c - M), and the sums over classes
+  as sum_c v_c*(z_c - M) accumulated in fp32 (fp64 for fp64 input).
+The gradient uses p = exp(z - M) / sum_j exp(z_j - M).
 Gradient of sum(scale * loss) w.r.t. x, with p = softmax(z):
   class index: dz = scale*m*(p*A - B),  A = (1-eps)*w[y] + eps/C*sum(w) + 2*zl*lse,
                B_c = (1-eps)*w[y]*[c == y] + eps/C*w_c
@@ -28,12 +39,18 @@ Gradient of sum(scale * loss) w.r.t. x, with p = softmax(z):
   dx = dz * (1 - (z/softcap)**2) with softcap, else dz.
 ``scale`` is a 0-d fp32 tensor or one value per row (fp32, shape of loss).
 Ignored rows get exactly 0 in loss and gradient, whatever ``scale`` is (even
-inf), unless their own logits are non-finite (then the gradient row is NaN,
-as in PyTorch).
+inf or NaN), unless their own logits are non-finite (then the gradient row is
+NaN, as in PyTorch).  ``scale`` multiplies each of the two terms before they
+are subtracted (scale*m*p*A - scale*m*B), as torch's chain rule does, so an
+infinite upstream gradient gives torch's pattern: NaN where B != 0, inf elsewhere.
 A class-index target outside [0, C) that is not ignore_index never reads or
 writes out of bounds: its loss is NaN and its gradient row is NaN.
-A row with a +inf logit (or NaN, or all -inf) has NaN lse, loss and gradient,
-as torch's log_softmax gives (inf - inf).
+A row with a +inf logit (or NaN, or all -inf) has NaN loss and gradient, as
+torch's log_softmax gives (inf - inf); its lse is what torch.logsumexp gives
+(inf for a +inf logit without NaN).
+Inputs without elements (C == 0, or no rows) are valid: lse -inf, loss 0 per
+row, NaN for a counted class-index row (out of range), and NaN in every row
+under label smoothing when C == 0 (torch's eps/C is inf).
 
 Methods (all return new tensors; none mutates its inputs except ``rescale_``):
   ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,

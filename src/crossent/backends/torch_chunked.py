@@ -18,6 +18,8 @@ import sys
 import torch
 from torch import Tensor
 
+from .._validate import not_ignored, target_masks
+
 # One chunk is at most this many bytes of fp32 work, and at most 1/16 of the
 # whole input so chunk temporaries stay small beside the gradient.  Big
 # chunks matter more than cache fit: each op on a chunk is a parallel region
@@ -157,11 +159,10 @@ class TorchChunkedBackend:
         rows = x.shape[:1] + x.shape[2:]
         lse = torch.empty(rows, dtype=k.acc, device=x.device)
         loss = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss else None
-        if x.shape[1] == 0:  # no classes: lse = log(0); any counted row is out of range
+        if x.numel() == 0:  # no classes (lse = log(0)) or no rows
             lse.fill_(float("-inf"))
             if with_loss:
-                loss.copy_(torch.zeros_like(lse) if k.prob else
-                           torch.where(k.target != k.ignore_index, float("nan"), 0.0))
+                loss.copy_(k.degenerate_loss())
             return loss, lse
         for xi, ri in _chunks(x):
             # Write e = z - max straight into the gradient buffer when dtypes
@@ -169,12 +170,14 @@ class TorchChunkedBackend:
             out = grad[xi] if grad is not None and x.dtype == k.acc else None
             z, e, m = k.logits(x[xi], out)
             rt = k.row_terms(ri)
+            zs = k.shifted_sum(e, rt) if with_loss else None
             e.exp_()
             s = e.sum(1, keepdim=True)
-            lse_c = torch.log(s).add_(m)  # (r, 1[, s])
+            ls = torch.log(s)  # lse - m, (r, 1[, s])
+            lse_c = torch.where(m == float("inf"), m, ls + m)  # inf, as torch.logsumexp (loss stays NaN)
             lse[ri] = lse_c.squeeze(1)
             if with_loss:
-                loss[ri] = k.loss(z, lse_c, rt).squeeze(1)
+                loss[ri] = k.loss(z, m, ls, lse_c, zs, rt).squeeze(1)
             if grad is not None:
                 k.grad_(e, z, lse_c, rt, scale if scale.dim() == 0 else _col(scale[ri]), 1.0 / s)
                 if out is None:
@@ -235,8 +238,7 @@ class _Terms:
             if self.eps > 0:
                 t = t * (1 - self.eps) + self.eps / self.C
             return t if self.w is None else t * self.w
-        valid = t != self.ignore_index
-        ok = valid & (t >= 0) & (t < self.C)
+        valid, ok = target_masks(t, self.ignore_index, self.C)
         y = _col(torch.where(ok, t, 0).long())
         wy = 1.0 if self.w is None else self.w.view(-1)[y]
         # Python scalars, not 0-d tensors: with many rows per chunk (small C)
@@ -244,22 +246,46 @@ class _Terms:
         m = valid.to(self.acc).masked_fill_(valid ^ ok, float("nan"))  # valid ^ ok: out of range
         return y, wy, _col(m)
 
-    def loss(self, z: Tensor, lse: Tensor, rt) -> Tensor:
-        """Per-row loss of the chunk, as a column like lse."""
+    def shifted_sum(self, e: Tensor, rt) -> Tensor | None:
+        """sum_c v_c * (z_c - max) while e still holds z - max, for the loss's
+        sums over classes (v = t'*w, or w under label smoothing): a common
+        offset of the logits, which the softmax ignores, then costs no digits."""
         if self.prob:
-            out = lse * rt.sum(1, keepdim=True) - (rt * z).sum(1, keepdim=True)
+            return (rt * e).sum(1, keepdim=True)
+        if self.eps > 0:
+            return e.sum(1, keepdim=True) if self.w is None else (e * self.w).sum(1, keepdim=True)
+        return None
+
+    def loss(self, z: Tensor, m: Tensor, ls: Tensor, lse: Tensor, zs: Tensor | None, rt) -> Tensor:
+        """Per-row loss of the chunk, as a column like lse.  Formed relative to
+        the row max m (ls = lse - m, zs from shifted_sum), never as lse - z,
+        whose two large terms cancel."""
+        if self.prob:
+            out = ls * rt.sum(1, keepdim=True) - zs
         else:
-            y, wy, m = rt
-            out = (lse - z.gather(1, y)) * ((1 - self.eps) * wy)
+            y, wy, valid = rt
+            out = (ls - (z.gather(1, y) - m)) * ((1 - self.eps) * wy)
             if self.eps > 0:
-                zs = z.sum(1, keepdim=True) if self.w is None else (z * self.w).sum(1, keepdim=True)
-                out = out + (self.eps / self.C) * (self.sum_w * lse - zs)
+                out = out + (self.eps / self.C) * (self.sum_w * ls - zs)
         if self.z_loss:
             out = out + self.z_loss * lse * lse
         if self.prob:
             return out
         # where(), not a multiply: an ignored row stays 0 even if its logits are inf/NaN.
-        return torch.where(m != 0, out * m, 0.0)
+        return torch.where(valid != 0, out * valid, 0.0)
+
+    def degenerate_loss(self) -> Tensor:
+        """Per-row loss when x has no elements (no classes, or no rows): 0,
+        NaN for a counted class-index row (it is out of range), and NaN in
+        every row under label smoothing with C == 0 (torch's eps/C is inf)."""
+        rows = self.target.shape if not self.prob else self.target.shape[:1] + self.target.shape[2:]
+        out = torch.zeros(rows, dtype=self.acc, device=self.target.device)
+        if self.prob:
+            return out
+        nan = not_ignored(self.target, self.ignore_index)
+        if self.eps > 0 and self.C == 0:
+            nan = torch.ones_like(nan)
+        return out.masked_fill_(nan, float("nan"))
 
     def grad_(self, e: Tensor, z: Tensor, lse: Tensor, rt, sc, inv_s: Tensor) -> None:
         """e holds exp(z - max) for this chunk; make it d(sum scale*loss)/dx in
