@@ -35,11 +35,21 @@ SHARE = {"torch": 0.8, "triton": 0.2}
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 
 
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """The vocab-parallel cases' process group, gone again after this module."""
+    import torch.distributed as dist
+    ours = not dist.is_initialized()
+    init_single_process()
+    yield
+    if ours:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("backend", list(SHARE))
-def test_fuzz(backend):
+def test_fuzz(backend, one_rank_group):
     if backend == "triton":
         pytest.importorskip("triton")
-    init_single_process()
     rng = random.Random(f"{SEED}:{backend}")
     deadline = time.monotonic() + SECONDS * SHARE[backend]
     failures, ran = [], 0
