@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .. import _validate as V
 from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
+from ..functional import _ce_checks, _class_denominator, _weight_at
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,13 @@ class Layout:
     c_local: int
 
 
-def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, acc,
-                device, weight: Tensor | None) -> Layout:
+def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: "ShardMath",
+                weight: Tensor | None) -> Layout:
+    """This rank's Layout, and the checks that need the global class count C:
+    on the CPU (free there; on an accelerator reading C would sync) the slice,
+    the weight's size and the class indices, with torch's messages, before
+    anything indexes with them."""
+    device = sm.device
     if isinstance(vocab_start_index, Tensor):
         start = vocab_start_index.to(device=device, dtype=torch.int64).reshape(())
     elif vocab_start_index is not None:  # a fill kernel, not a host->device copy
@@ -109,36 +115,82 @@ def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int
     else:
         start = sizes[:rank].sum().to(torch.int64)
     if sizes is not None:
-        C = sizes.sum().to(acc)
+        C = sizes.sum().to(sm.acc)
     else:
-        C = torch.full((), float(weight.numel()), dtype=acc, device=device)
-    lay = Layout(start, C, c_local)
-    if device.type == "cpu":  # free to check here; on an accelerator it would sync
+        C = torch.full((), float(weight.numel()), dtype=sm.acc, device=device)
+    if device.type == "cpu":
         s, c = int(start), int(C.item())
         if s < 0 or s + c_local > c:
             raise ValueError(f"vocab slice [{s}, {s + c_local}) does not fit in {c} classes")
         if weight is not None and weight.numel() != c:
-            raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no classes "
-                               f"but got weight tensor of shape: {list(weight.shape)}")
-    return lay
+            check_weight_classes(weight, c, sm.o.prob, sm.ndim > 2)
+        if not sm.o.prob:
+            V.check_target_bounds(sm.target, c, sm.o.ignore_index)
+    return Layout(start, C, c_local)
 
 
 # ---------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------
-def check_weight(x: Tensor, weight: Tensor | None, prob: bool) -> None:
-    if weight is None:
-        return
-    V.tensor_arg(weight, "cross_entropy_loss", "weight", 3)
-    if weight.dim() != 1:
-        raise RuntimeError(f"weight tensor should be defined either for all classes or no classes "
-                           f"but got weight tensor of shape: {list(weight.shape)}")
-    if not prob and weight.dtype != x.dtype:
-        raise RuntimeError(f"expected scalar type {V.dtype_name(x.dtype)} but found "
-                           f"{V.dtype_name(weight.dtype)}")
-    if weight.requires_grad and torch.is_grad_enabled():
+def amp_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` as torch.autocast casts an op's argument: floating, not float64."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _standins(x: Tensor, target: Tensor, weight: Tensor | None, world: int, amp: bool):
+    """Meta tensors with the full logits' (and probability target's) shape
+    and the dtypes cross_entropy sees (float32 under autocast)."""
+    cd = 0 if x.dim() == 1 else 1
+    shape = list(x.shape)
+    if world > 1:
+        shape[cd] = weight.numel() if weight is not None else max(shape[cd], 1)
+    f32 = (lambda t: amp_cast(t, torch.float32)) if amp else (lambda t: t)
+    xs = torch.empty(shape, dtype=f32(x).dtype, device="meta")
+    ts = torch.empty(shape, dtype=f32(target).dtype, device="meta") if x.shape == target.shape else target
+    return xs, ts, f32(weight)
+
+
+def check_args(x: Tensor, target: Tensor, weight, ignore_index, label_smoothing, z_loss, softcap,
+               reduction, world: int, device_type: str | None = None):
+    """crossent.cross_entropy's argument checks (functional._cross_entropy's
+    preamble and _ce_checks), in its order and with its messages, for the
+    full logits that the shards form.
+
+    They read only shapes and dtypes, so meta tensors stand in for the full
+    logits and a probability target: with the GLOBAL class count where this
+    rank knows it (one rank: its own; else the count the weight claims, which
+    layout_from compares with the true one after the first collective; else
+    at least one class, so that a rank holding none passes the others'
+    checks), in float32 under autocast (torch's autocast runs cross_entropy
+    in float32).  device_type: the logits' (when x is a meta tensor already).
+    Returns (reduction, ignore_index, eps, z_loss, softcap or 0,
+    prob, out_dtype).
+    """
+    red = V.reduction(None, None, reduction)
+    V.tensor_arg(x, "cross_entropy_loss", "input", 1)
+    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
+    V.optional_tensor_arg(weight, "cross_entropy_loss", "weight", 3)
+    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
+    amp = torch.is_autocast_enabled(device_type or x.device.type)
+    if (world > 1 or amp) and x.dim() > 0:
+        x, target, weight = _standins(x, target, weight, world, amp)
+    eps, z_loss, cap, prob, _, out_dtype = _ce_checks(x, target, weight, ignore_index, label_smoothing,
+                                                      z_loss, softcap, red)
+    if prob and torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
-                                  "'weight'")
+                                  "probability targets or class weights")
+    return red, ignore_index, eps, z_loss, cap, prob, out_dtype
+
+
+def check_weight_classes(weight: Tensor, C: int, prob: bool, spatial: bool) -> None:
+    """torch's error for a class weight without C elements (C, the global
+    count, is known only after the first collective): _ce_checks on stand-ins
+    with C classes."""
+    x = torch.empty((1, C, 1) if spatial else (1, C), dtype=weight.dtype, device="meta")
+    t = x if prob else torch.empty((1, 1) if spatial else (1,), dtype=torch.int64, device="meta")
+    _ce_checks(x, t, weight, -100, 0.0, 0.0, None)
 
 
 # ---------------------------------------------------------------------------
@@ -198,7 +250,7 @@ class ShardMath:
         if self.w is not None:
             inb = inb & (t < self.w.numel())
         safe = torch.where(valid & inb, t, 0)
-        self.wy = self.w[safe] if self.w is not None else torch.ones((), dtype=acc, device=dev)
+        self.wy = _weight_at(self.w, safe) if self.w is not None else torch.ones((), dtype=acc, device=dev)
         m = torch.where(valid, torch.ones((), dtype=acc, device=dev), zero)
         self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
         self.valid = valid
@@ -210,11 +262,8 @@ class ShardMath:
         """The mean's denominator, local (target and weight are replicated)."""
         if self.o.prob:
             return torch.full((), float(rows), dtype=self.acc, device=self.device)
-        valid = self.target != self.o.ignore_index
-        if self.w is None:
-            return valid.sum(dtype=self.acc)
-        safe = torch.where(valid & (self.target >= 0) & (self.target < self.w.numel()), self.target, 0)
-        return torch.where(valid, self.w[safe], torch.zeros((), dtype=self.acc, device=self.device)).sum()
+        C = 0 if self.w is None else self.w.numel()  # only used with a weight, which has C elements
+        return _class_denominator(self.target, self.w, self.o.ignore_index, C, self.acc, self.eps)
 
     # -- forward ---------------------------------------------------------------
     def z(self, xc: Tensor) -> Tensor:
@@ -274,10 +323,18 @@ class ShardMath:
 
     def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
         """Global lse and per-row loss from the reduced stack; keeps M and log S
-        for the backward."""
+        for the backward, and the z-loss rows apart in ``zrows`` (None without
+        z_loss): cross_entropy + z_loss * mean(lse**2) are reduced apart (with
+        a zero weighted denominator NaN + inf is NaN, not inf)."""
         logS = torch.log(summed[0])
         self.M, self.logS = M, logS
         lse = M + logS
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        self.zrows = None
+        if self.zl:
+            self.zrows = self.zl * lse * lse
+            if not self.o.prob:
+                self.zrows = torch.where(self.valid, self.zrows, zero)
         if self.o.prob:
             A, T = summed[1], summed[2]  # A relative to M
             if self.eps > 0:
@@ -285,18 +342,12 @@ class ShardMath:
                 self.tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
                 zdot, self.tw_sum = A, T
-            out = logS * self.tw_sum - zdot
-            if self.zl:
-                out = out + self.zl * lse * lse
-            return lse, out
+            return lse, logS * self.tw_sum - zdot
         zy = summed[1]  # z[y] - M
         out = (logS - zy) * self.wy * (1 - self.eps)
         if self.eps > 0:
             out = out + self.eps_c * (self.sum_w * logS - summed[2])
-        if self.zl:
-            out = out + self.zl * lse * lse
-        out = torch.where(self.valid, out * self.m, torch.zeros((), dtype=out.dtype, device=out.device))
-        return lse, out
+        return lse, torch.where(self.valid, out * self.m, zero)
 
     # -- backward --------------------------------------------------------------
     def grad(self, z: Tensor, xi, ri, lse: Tensor, scale: Tensor) -> Tensor:
@@ -309,7 +360,7 @@ class ShardMath:
             if self.eps > 0:
                 t = t * (1 - self.eps) + self.eps_c
             tw = t if self.w is None else t * self._wl()
-            e.mul_(sc * (_col(self.tw_sum[ri]) + zterm)).sub_(sc * tw)
+            e.mul_(sc * (_col(self.tw_sum[ri]) + zterm)).sub_((sc * tw).sub_(_nan_if_infinite(sc)))
         else:
             m = _col(self.m[ri])
             sm = torch.where(m != 0, sc * m, torch.zeros((), dtype=e.dtype, device=e.device))
@@ -325,16 +376,70 @@ class ShardMath:
             e.mul_(1 - (z / self.cap).square_())
         return e
 
+    def grad_graph(self, x: Tensor, scale: Tensor, group, world: int) -> Tensor:
+        """The gradient of :meth:`grad` for backward(create_graph=True), in
+        differentiable ops on this rank's (pre-softcap) logits x, so that it
+        has a gradient itself.  The global log-sum-exp is recomputed from x
+        through a differentiable all_reduce (its backward sums the ranks'
+        parts), so second derivatives carry the other shards' terms.  The
+        terms meet in the order of reference.cross_entropy_grad (torch's
+        chain rule: a non-finite upstream gives torch's NaN pattern)."""
+        z = x.to(self.acc)
+        if self.cap:
+            z = torch.tanh(z / self.cap) * self.cap
+        M = _col(self.M)  # a constant shift: the global max of the forward
+        s = torch.exp(z - M).sum(1)
+        if world > 1:
+            from torch.distributed.nn.functional import all_reduce
+            s = all_reduce(s, group=group)
+        logS = _col(torch.log(s))
+        p = torch.exp(z - M - logS)
+        sc = scale if scale.dim() == 0 else _col(scale)
+        zterm = 2 * self.zl * (M + logS) * p if self.zl else None
+        wl = None if self.w is None else self._wl()
+        if self.o.prob:
+            t = self.target.to(self.acc)
+            if self.eps > 0:
+                t = t * (1 - self.eps) + self.eps_c
+            tw = t if wl is None else t * wl
+            dz = sc * p * _col(self.tw_sum) - (sc * tw - _nan_if_infinite(sc))
+            if zterm is not None:
+                dz = dz + sc * zterm
+        else:
+            m = _col(self.m)  # 1 counted, 0 ignored, NaN out of range
+            # 0, not NaN, in ignored rows even for a non-finite upstream, also
+            # in the graph of this gradient (a second derivative of 0 there).
+            sm = torch.where(m != 0, sc * m, 0.0)
+            wy = _col(self.wy) if self.wy.dim() else self.wy
+            dz = sm * p * ((1 - self.eps) * wy + self.eps_c * self.sum_w)
+            if self.eps > 0:
+                dz = dz - sm * self.eps_c * (1.0 if wl is None else wl)
+            if self.lay.c_local > 0:  # the target's term only where it is (torch's nll_loss writes only there)
+                hot = torch.where(_col(self.owner), -(1 - self.eps) * sm * wy, 0.0)
+                dz = dz.scatter_add(1, _col(self.idx), hot.expand(_col(self.owner).shape))
+            if zterm is not None:
+                dz = dz + sm * zterm
+        if self.cap:
+            dz = dz * (1 - (z / self.cap) ** 2)
+        return dz
+
+
+def _nan_if_infinite(sc: Tensor) -> Tensor:
+    """0 where the upstream scale is finite, NaN where not: with probability
+    targets torch forms sum_c(scale * t_c * w_c) before it meets p, so an
+    infinite scale makes its whole gradient row NaN (inf * 0 or inf - inf)."""
+    return sc - sc
+
 
 def early_layout(sm: ShardMath, vocab_start_index, rank: int, world: int, group, c_local: int,
                  weight: Tensor | None, force: bool = False) -> None:
     """Set the layout before pass 1 when it is free (start given and C known
     from the weight) or needed (pass 1 uses the weight slice; ``force``)."""
     if vocab_start_index is not None and weight is not None:
-        sm.set_layout(layout_from(None, vocab_start_index, rank, c_local, sm.acc, sm.device, weight))
+        sm.set_layout(layout_from(None, vocab_start_index, rank, c_local, sm, weight))
     elif force or sm.needs_layout_early():
         sizes = gather_sizes(c_local, rank, world, group, sm.device, sm.acc)
-        sm.set_layout(layout_from(sizes, vocab_start_index, rank, c_local, sm.acc, sm.device, weight))
+        sm.set_layout(layout_from(sizes, vocab_start_index, rank, c_local, sm, weight))
 
 
 def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index, rank: int,
@@ -355,9 +460,7 @@ def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index,
     all_reduce_(buf, dist.ReduceOp.MAX, group, world)
     M = buf[:flat.numel()].reshape(sm.m_r.shape)
     if need_sizes:
-        sm.set_layout(layout_from(buf[flat.numel():], vocab_start_index, rank, c_local, acc, dev, weight))
-    if not opts.prob and dev.type == "cpu":
-        V.check_target_bounds(sm.target, int(sm.lay.C.item()), opts.ignore_index)
+        sm.set_layout(layout_from(buf[flat.numel():], vocab_start_index, rank, c_local, sm, weight))
     zy = None if opts.prob else zy_fn()
     stack = sm.sum_stack(M, zy)
     all_reduce_(stack, dist.ReduceOp.SUM, group, world)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _validate as V
 from .._autograd import VocabParallelCrossEntropyFunction
-from ..functional import _canonical, _ce_checks
+from ..functional import _canonical
 from . import _core as K
 from ._core import VPOptions
 
@@ -53,30 +52,23 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
         need one tiny extra all_reduce of ``world`` numbers first.
 
     Gradient: the gradient of this rank's shard is exactly that slice of the
-    full gradient (not multiplied by the world size).  target and weight are
-    not differentiable here.  Communication: forward, one MAX and one SUM
-    all_reduce of O(N) fp32 numbers; backward, none.
+    full gradient (not multiplied by the world size); with create_graph=True
+    it is differentiable again (double backward).  target and weight are not
+    differentiable here.  Communication: forward, one MAX and one SUM
+    all_reduce of O(N) fp32 numbers; backward, none (create_graph=True: one
+    SUM all_reduce of O(N)).  Errors: cross_entropy's, for the same input.
     """
-    x = V.tensor_arg(logits_shard, "cross_entropy_loss", "input", 1)
-    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
-    red = V.reduction(None, None, reduction)
-    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
-    if x.shape == target.shape and target.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
-                                  "probability targets")
-    # torch's checks; the full-vocabulary weight is checked against the global C below.
-    eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(x, target, None, ignore_index,
-                                                              label_smoothing, z_loss, softcap)
-    K.check_weight(x, weight, prob)
-    if prob and weight is not None:
-        out_dtype = torch.promote_types(out_dtype, weight.dtype)
+    group, _, world = K.resolve_group(group)
+    red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
+        logits_shard, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world)
     if dtype is not None:
         out_dtype = dtype
-    xc, tc = _canonical(x, target)
+    xc, tc = _canonical(logits_shard, target)
+    w = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype)
-    loss = VocabParallelCrossEntropyFunction.apply(xc, tc, weight, opts, group, vocab_start_index)
+    loss = VocabParallelCrossEntropyFunction.apply(xc, tc, w, opts, group, vocab_start_index)
     if red == "none":
-        shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
-        loss = loss.reshape(shape)
+        cd = 0 if logits_shard.dim() == 1 else 1
+        loss = loss.reshape(target.shape[:cd] + target.shape[cd + 1:] if prob else target.shape)
     return loss
