@@ -381,9 +381,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 # Vocab-parallel (tensor-parallel) cross-entropy: crossent.distributed
 # ===========================================================================
 def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
-    """The vocab-parallel loss: the rows reduced, then the z-loss rows apart."""
+    """The vocab-parallel loss: the rows reduced, then the z-loss rows apart;
+    with label smoothing and no classes at all NaN, as torch's eps / C."""
+    from .distributed._core import _nan_if_infinite
     loss = _reduce(rows, denom, reduction)
-    return loss if sm.zrows is None else loss + _reduce(sm.zrows, denom, reduction)
+    if sm.zrows is not None:
+        loss = loss + _reduce(sm.zrows, denom, reduction)
+    return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

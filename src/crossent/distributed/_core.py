@@ -260,8 +260,9 @@ class ShardMath:
 
     def denominator(self, rows: int) -> Tensor:
         """The mean's denominator, local (target and weight are replicated)."""
-        if self.o.prob:
-            return torch.full((), float(rows), dtype=self.acc, device=self.device)
+        if self.o.prob:  # torch's numel / C: NaN without classes
+            n = torch.full((), float(rows), dtype=self.acc, device=self.device)
+            return torch.where(self.lay.C == 0, float("nan"), n)
         C = 0 if self.w is None else self.w.numel()  # only used with a weight, which has C elements
         return _class_denominator(self.target, self.w, self.o.ignore_index, C, self.acc, self.eps)
 
@@ -365,7 +366,12 @@ class ShardMath:
             m = _col(self.m[ri])
             sm = torch.where(m != 0, sc * m, torch.zeros((), dtype=e.dtype, device=e.device))
             wy = _col(self.wy[ri]) if self.wy.dim() else self.wy
-            e.mul_(sm * ((1 - self.eps) * wy + self.eps_c * self.sum_w + zterm))
+            # The z-loss term is added, not folded into the factor of p: an
+            # infinite upstream then gives torch's NaN where the two meet.
+            zt = e * (sm * zterm) if self.zl else None
+            e.mul_(sm * ((1 - self.eps) * wy + self.eps_c * self.sum_w))
+            if zt is not None:
+                e.add_(zt)
             if self.eps > 0:
                 e.sub_(sm * self.eps_c * (1.0 if self.w is None else self._wl()))
             if self.lay.c_local > 0:
@@ -424,11 +430,12 @@ class ShardMath:
         return dz
 
 
-def _nan_if_infinite(sc: Tensor) -> Tensor:
-    """0 where the upstream scale is finite, NaN where not: with probability
-    targets torch forms sum_c(scale * t_c * w_c) before it meets p, so an
-    infinite scale makes its whole gradient row NaN (inf * 0 or inf - inf)."""
-    return sc - sc
+def _nan_if_infinite(v: Tensor) -> Tensor:
+    """0 where v is finite, NaN where not.  With probability targets torch
+    forms sum_c(scale * t_c * w_c) before it meets p, so an infinite upstream
+    scale makes the whole gradient row NaN (inf * 0 or inf - inf); label
+    smoothing with no classes multiplies even empty sums by eps / C = inf."""
+    return v - v
 
 
 def early_layout(sm: ShardMath, vocab_start_index, rank: int, world: int, group, c_local: int,

@@ -86,9 +86,10 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
     lead, D, v_local = tuple(input.shape[:-1]), input.shape[-1], weight_shard.shape[0]
     N = math.prod(lead)
     x2 = input.reshape(N, D)
-    # F.linear's dtype checks and messages, on empty slices; its result's dtype.
+    # F.linear's dtype checks and messages (a 1-D input has its own), on
+    # empty slices; its result's dtype.
     b0 = None if linear_bias_shard is None else linear_bias_shard[:0]
-    ldt = F.linear(x2[:0], weight_shard[:0], b0).dtype
+    ldt = F.linear(input if input.dim() == 1 else x2[:0], weight_shard[:0], b0).dtype
     # Then cross_entropy's checks on the logits (rows flattened, as for batch dims).
     if input.dim() > 2:
         t_chk = target.reshape(math.prod(target.shape[:-1]), target.shape[-1]) if target.dim() == input.dim() \
