@@ -5,7 +5,8 @@ list of cases, comparing with single-process crossent.cross_entropy / torch's
 F.cross_entropy on the full logits: every argument combination on uneven
 splits, the three ways to name the group, the linear head, and issue 9's
 regressions (ignore_index in narrow target dtypes; precision relative to the
-row max).  tests/gpu/test_gpu_distributed.py runs the same cases on CUDA.
+row max; the fuzz tier's vocab-parallel findings: double backward, (1, C)
+weights, zero-size dims, cross_entropy's errors, autocast).  tests/gpu/test_gpu_distributed.py runs the same cases on CUDA.
 """
 from __future__ import annotations
 
@@ -283,6 +284,109 @@ def _linear_cases(ck: Checker, rank: int, world: int):
             ck.cases += 1
 
 
+def _raises(fn):
+    """(type name, message) of what fn() raises, or None."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - compared with what cross_entropy raises
+        return type(e).__name__, str(e)
+    return None
+
+
+def _hardening_cases(ck: Checker, rank: int, world: int):
+    """The fuzz tier's vocab-parallel findings (tests/_fuzz.py runs them on one
+    rank) across ranks, against single-process crossent / torch: double
+    backward, (1, C) class weights, zero-size dims, cross_entropy's errors for
+    the full logits, autocast."""
+    import torch
+    import torch.distributed as dist
+
+    import crossent
+    from crossent.distributed import vocab_parallel_cross_entropy as vpce
+    from crossent.distributed import vocab_parallel_linear_cross_entropy as vplce
+
+    dev = ck.dev
+    sizes = splits(world)[3]  # one rank may hold no class
+    C = sum(sizes)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    g = torch.Generator().manual_seed(13)
+    # Double backward: the shard's gradient has a gradient.  Summed over the
+    # ranks, sum_r <grad_r, v_r> is <grad, v> of the full logits, so its
+    # gradient on each rank is that rank's slice of the Hessian-vector product.
+    for tk, extra in itertools.product(["class", "prob"], [{}, {"label_smoothing": 0.1, "z_loss": 0.01,
+                                                                "softcap": 4.0}]):
+        x = torch.randn(4, C, 3, generator=g, dtype=torch.float64).to(dev)
+        t = (torch.softmax(torch.randn(4, C, 3, generator=g, dtype=torch.float64), 1) if tk == "prob"
+             else torch.randint(0, C, (4, 3), generator=g)).to(dev)
+        w = (torch.rand(1, C, generator=g, dtype=torch.float64) + 0.1).to(dev)  # (1, C): any C elements
+        v = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dev)
+        xs = x[:, lo:hi].clone().requires_grad_(True)
+        xf = x.clone().requires_grad_(True)
+        ts = t[:, lo:hi] if tk == "prob" else t
+        wt = w if tk == "class" else None  # probability targets take a (C,) weight only
+        (gs,) = torch.autograd.grad(vpce(xs, ts, weight=wt, **extra), xs, create_graph=True)
+        (gf,) = torch.autograd.grad(crossent.cross_entropy(xf, t, wt, **extra), xf, create_graph=True)
+        name = f"double backward {tk} {extra}"
+        ck.true(name + " requires grad", gs.requires_grad)
+        ck.close(name + " grad", gs, gf[:, lo:hi])
+        (hs,) = torch.autograd.grad((gs * v[:, lo:hi]).sum(), xs)
+        (hf,) = torch.autograd.grad((gf * v).sum(), xf)
+        ck.close(name + " second order", hs, hf[:, lo:hi])
+        ck.cases += 1
+    # The linear head: the weight shard's and (partial, reduced here) input's second order.
+    D = 4
+    h = torch.randn(5, D, generator=g, dtype=torch.float64).to(dev)
+    W = torch.randn(C, D, generator=g, dtype=torch.float64).to(dev)
+    t = torch.randint(0, C, (5,), generator=g).to(dev)
+    vx, vW = (torch.randn(a.shape, generator=g, dtype=torch.float64).to(dev) for a in (h, W))
+    hs, Ws = h.clone().requires_grad_(True), W[lo:hi].clone().requires_grad_(True)
+    hf, Wf = h.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    gx, gW = torch.autograd.grad(vplce(hs, Ws, t, label_smoothing=0.1, reduce_input_grad=False), (hs, Ws),
+                                 create_graph=True)
+    fx, fW = torch.autograd.grad(crossent.cross_entropy(hf @ Wf.T, t, label_smoothing=0.1), (hf, Wf),
+                                 create_graph=True)
+    sx, sW = torch.autograd.grad((gx * vx).sum() + (gW * vW[lo:hi]).sum(), (hs, Ws))
+    rx, rW = torch.autograd.grad((fx * vx).sum() + (fW * vW).sum(), (hf, Wf))
+    dist.all_reduce(sx)  # x is replicated: its partial second-order gradients sum up
+    ck.close("linear double backward dW", sW, rW[lo:hi])
+    ck.close("linear double backward dx", sx, rx)
+    ck.cases += 1
+    # Zero-size spatial dims: what cross_entropy returns (NaN mean, empty 'none').
+    for red in ["mean", "sum", "none"]:
+        x = torch.randn(2, C, 0, 1, dtype=torch.float64, device=dev)
+        t = torch.zeros(2, 0, 1, dtype=torch.long, device=dev)
+        ck.close(f"zero-size dim {red}", vpce(x[:, lo:hi], t, reduction=red),
+                 crossent.cross_entropy(x, t, reduction=red))
+        ck.cases += 1
+    # Errors: cross_entropy's, for the full logits, on every rank.
+    x = torch.randn(4, C, generator=g, dtype=torch.float64).to(dev)
+    xk = torch.randn(2, C, 3, generator=g, dtype=torch.float64).to(dev)
+    t, tk = torch.randint(0, C, (4,), generator=g).to(dev), torch.randint(0, C, (2, 3), generator=g).to(dev)
+    bad = [("target batch", x, torch.zeros(5, dtype=torch.long, device=dev), {}),
+           ("weight numel", x, t, {"weight": torch.ones(C + 1, dtype=torch.float64, device=dev)}),
+           ("weight numel K-dim", xk, tk, {"weight": torch.ones(C + 2, dtype=torch.float64, device=dev)}),
+           ("weight (1, C) 2-D", x, t, {"weight": torch.ones(1, C, dtype=torch.float64, device=dev)}),
+           ("weight requires grad", x, t, {"weight": torch.ones(C, dtype=torch.float64, device=dev,
+                                                                requires_grad=True)}),
+           ("weight dtype", x, t, {"weight": torch.ones(C, device=dev)}),
+           ("prob weight numel", x, torch.softmax(x, 1), {"weight": torch.ones(C - 1, dtype=torch.float64,
+                                                                                device=dev)}),
+           ("integer input", x.long(), t, {}),
+           ("smoothing > 1", x, t, {"label_smoothing": 1.5})]
+    for name, xb, tb, kw in bad:
+        ts = tb[:, lo:hi] if tb.shape == xb.shape else tb
+        ours = _raises(lambda: vpce(xb[:, lo:hi], ts, **kw))
+        theirs = _raises(lambda: crossent.cross_entropy(xb, tb, **kw))
+        ck.true(f"error {name}", ours == theirs and theirs is not None, f"{ours} vs {theirs}")
+        ck.cases += 1
+    # Autocast: cross_entropy in float32, as torch's autocast runs it.
+    x = torch.randn(4, C, generator=g).to(dev, torch.bfloat16)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        out = vpce(x[:, lo:hi], t)
+        ck.close("autocast", out, torch.nn.functional.cross_entropy(x, t), rtol=1e-6, atol=1e-6)
+    ck.cases += 1
+
+
 def _raise(ck: Checker, rank: int, world: int):
     import torch
 
@@ -294,7 +398,8 @@ def _raise(ck: Checker, rank: int, world: int):
     sys.exit(3)
 
 
-MODES = {"cases": [_ce_cases, _special_cases, _issue9_cases, _linear_cases], "raise": [_raise]}
+MODES = {"cases": [_ce_cases, _special_cases, _issue9_cases, _linear_cases, _hardening_cases],
+         "raise": [_raise]}
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
     worker_main(MODES)
