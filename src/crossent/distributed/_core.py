@@ -343,7 +343,8 @@ class ShardMath:
                 self.tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
                 zdot, self.tw_sum = A, T
-            return lse, logS * self.tw_sum - zdot
+            # No classes at all: torch's sums over an empty class dim are 0 (not -inf * 0).
+            return lse, torch.where(self.lay.C == 0, zero, logS * self.tw_sum - zdot)
         zy = summed[1]  # z[y] - M
         out = (logS - zy) * self.wy * (1 - self.eps)
         if self.eps > 0:
