@@ -61,6 +61,10 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
     group, _, world = K.resolve_group(group)
     red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
         logits_shard, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world)
+    if out_dtype == torch.float64 and logits_shard.dtype != torch.float64:
+        # fp64 probability targets or weights promote the loss: compute in it,
+        # as cross_entropy does (autograd records the copy).
+        logits_shard = logits_shard.to(torch.float64)
     if dtype is not None:
         out_dtype = dtype
     xc, tc = _canonical(logits_shard, target)
