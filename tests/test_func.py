@@ -105,3 +105,16 @@ def test_batched_upstream_gradients(reduction):
         g = torch.randn(3, *loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype)
         out.append(torch.autograd.grad(loss, x, g, is_grads_batched=True)[0])
     torch.testing.assert_close(out[0], out[1])
+
+
+def test_vmap_corners_match_torch():
+    """Under vmap torch's batching rule computes where its eager kernels
+    raise: a class weight that requires grad, an empty uint8 K-dim target."""
+    w = W.clone().requires_grad_()
+    ours = vmap(lambda x: crossent.cross_entropy(x, T_CLASS, w))(XB)
+    theirs = vmap(lambda x: F.cross_entropy(x, T_CLASS, w))(XB)
+    torch.testing.assert_close(ours, theirs)
+    xe, te = torch.randn(2, 6, 1, 2, 0), torch.zeros(6, 2, 0, dtype=torch.uint8)
+    ours = vmap(lambda x: crossent.nll_loss(x, te, reduction="none"))(xe)
+    theirs = vmap(lambda x: F.nll_loss(x, te, reduction="none"))(xe)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, reference
-from ._validate import _compiling
+from ._validate import _compiling, func_transforms
 
 
 @dataclass(frozen=True)
@@ -137,25 +136,6 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
         loss_t = rows.sum() * scale if opts.reduction != "none" else rows
         return loss_t.to(opts.out_dtype), None, None
-
-
-def func_transforms() -> tuple[bool, bool]:
-    """(vmap, forward-mode AD): whether either is active around this call.
-
-    vmap: the fused kernels have no batching rule, so the public functions
-    then compute with torch's own batchable ops.  Forward mode (torch.func.jvp,
-    jacfwd, forward_ad.dual_level): the Function with a jvp rule is used.
-    Never under torch.compile, which traces neither.
-    """
-    if _compiling():
-        return False, False
-    vmap, fwd = False, forward_ad._current_level >= 0
-    if torch._C._functorch.maybe_current_level() is not None:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        keys = {i.key() for i in retrieve_all_functorch_interpreters()}
-        T = torch._C._functorch.TransformType
-        vmap, fwd = T.Vmap in keys, fwd or T.Jvp in keys
-    return vmap, fwd
 
 
 def _batched(g: Tensor) -> bool:

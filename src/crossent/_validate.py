@@ -173,26 +173,26 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
     _check_target_dtype(target)
     if weight is not None and weight.numel() != x.shape[1]:  # any shape with C elements
         raise RuntimeError("weight tensor should be defined either for all or no classes")
-    x4, t3 = _as_4d(x, target)
-    if x4[2:] != t3[1:]:
-        raise RuntimeError(f"size mismatch (got input: {x4} , target: {t3}")
+    if x.dim() == 4 and tuple(x.shape[2:]) != tuple(target.shape[1:]):
+        raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
     floating_input(x, "nll_loss2d_forward_out_frame")
     _check_weight_dtype(x, weight)
-    # 'mean' and 'sum' return before reading an empty target; 'none' does not.
-    if target.dtype == torch.uint8 and (x.numel() > 0 or reduction == "none"):
+    # 'mean' and 'sum' return before reading an empty target; 'none' does not
+    # (nor does torch's batching rule under vmap).
+    if target.dtype == torch.uint8 and (x.numel() > 0 or (reduction == "none" and not func_transforms()[0])):
         raise RuntimeError("expected scalar type Long but found Byte")
 
 
-def _as_4d(x: Tensor, target: Tensor) -> tuple[list[int], list[int]]:
-    """The shapes nll_loss_nd hands nll_loss2d: (N, C, 1, -1) and (N, 1, -1),
-    or (N, C, 0, 0) and (N, 0, 0) when there are no elements (so C == 0
-    with a non-empty target is a size mismatch, as in torch)."""
-    if x.dim() == 4:
-        return list(x.shape), list(target.shape)
-    n = x.shape[0]
-    x4 = [n, x.shape[1], 0, 0] if x.numel() == 0 else [n, x.shape[1], 1, x.numel() // (n * x.shape[1])]
-    t3 = [n, 0, 0] if target.numel() == 0 else [n, 1, target.numel() // n]
-    return x4, t3
+def no_class_k_dim(x: Tensor, target: Tensor) -> None:
+    """torch's nll_loss_nd reshapes a 3-D or >= 5-D input without elements to
+    (N, C, 0, 0) and a non-empty target to (N, 1, S): with C == 0 that is a
+    size mismatch.  (Not part of class_target: a vocab-parallel shard may
+    hold no classes of its own.)"""
+    if x.dim() == 3 or x.dim() >= 5:
+        if x.numel() == 0 and target.numel() != 0:
+            n = x.shape[0]
+            raise RuntimeError(f"size mismatch (got input: {[n, x.shape[1], 0, 0]} , "
+                               f"target: {[n, 1, target.numel() // n]}")
 
 
 def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> None:
@@ -211,7 +211,8 @@ def prob_target(x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: 
 
 
 def weight_no_grad(weight: Tensor | None, op: str = "nll_loss_forward") -> None:
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+    # Under vmap torch's batching rule computes (crossent then runs torch's ops).
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not func_transforms()[0]:
         raise RuntimeError(f"The function '{op}' is not differentiable with respect to argument "
                            "'weight'. This input cannot have requires_grad True.")
 
@@ -251,6 +252,25 @@ def _compiling() -> bool:
         return torch.compiler.is_compiling()
     except AttributeError:  # torch < 2.3
         return False
+
+
+def func_transforms() -> tuple[bool, bool]:
+    """(vmap, forward-mode AD): whether either is active around this call.
+
+    vmap: the fused kernels have no batching rule, so the public functions
+    then compute with torch's own batchable ops.  Forward mode (torch.func.jvp,
+    jacfwd, forward_ad.dual_level): the Function with a jvp rule is used.
+    Never under torch.compile, which traces neither.
+    """
+    if _compiling():
+        return False, False
+    vmap, fwd = False, torch.autograd.forward_ad._current_level >= 0
+    if torch._C._functorch.maybe_current_level() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        keys = {i.key() for i in retrieve_all_functorch_interpreters()}
+        T = torch._C._functorch.TransformType
+        vmap, fwd = T.Vmap in keys, fwd or T.Jvp in keys
+    return vmap, fwd
 
 
 def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> None:

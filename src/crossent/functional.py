@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _validate as V
 from . import backends, reference
-from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, func_transforms
+from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction
 from ._autograd import softmax as _softmax_impl
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
@@ -127,12 +127,15 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     V.optional_tensor_arg(weight, "nll_loss_nd", "weight", 3)
     ignore_index = V.int_arg(ignore_index, "nll_loss_nd", "ignore_index", 5)
     V.class_target(input, target, weight, red)
+    V.no_class_k_dim(input, target)
     C = input.shape[0 if input.dim() == 1 else 1]
-    if any(func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
+    if any(V.func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
         return reference.nll_loss(input, target, weight, ignore_index, red)
     V.check_target_bounds(target, C, ignore_index)
     weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
-    x, t = _canonical(input, target)
+    # 1-D input: the target is one class index (a (1,) target of a C = 1
+    # input has input's shape but is not a probability target here).
+    x, t = _canonical(input, target.reshape(()) if input.dim() == 1 else target)
     acc = _acc(input.dtype)
     valid, ok = V.target_masks(t, ignore_index, C)
     safe = torch.where(ok, t, 0).long()
@@ -231,7 +234,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
     eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(input, target, weight, ignore_index,
                                                               label_smoothing, z_loss, softcap, red)
-    vmap, fwd = func_transforms()
+    if not prob:
+        V.no_class_k_dim(input, target)
+    vmap, fwd = V.func_transforms()
     if not prob and not vmap:  # under vmap torch's own kernels check (the reference below)
         V.check_target_bounds(target, input.shape[class_dim], ignore_index)
     if vmap or (prob and (fwd or (torch.is_grad_enabled() and
@@ -263,7 +268,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     need_grad = torch.is_grad_enabled() and x.requires_grad
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
     loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
-    none_shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
+    # 1-D input: a 0-d loss, also for a (1,) target (as torch)
+    none_shape = (() if input.dim() == 1 else
+                  target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:])
     lse = lse.reshape(none_shape)
     if red == "none":
         loss = loss.reshape(none_shape)
