@@ -361,12 +361,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 # Vocab-parallel (tensor-parallel) cross-entropy: crossent.distributed
 # ===========================================================================
 def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
-    """The vocab-parallel loss: the rows reduced, then the z-loss rows apart;
-    with label smoothing and no classes at all NaN, as torch's eps / C."""
+    """The vocab-parallel loss: the rows plus the z-loss rows, reduced with one
+    denominator (crossent's z-loss definition); with label smoothing and no
+    classes at all NaN, as torch's eps / C."""
     from .distributed._core import _nan_if_infinite
-    loss = _reduce(rows, denom, reduction)
-    if sm.zrows is not None:
-        loss = loss + _reduce(sm.zrows, denom, reduction)
+    loss = _reduce(rows if sm.zrows is None else rows + sm.zrows, denom, reduction)
     return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
 
 

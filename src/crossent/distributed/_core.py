@@ -178,6 +178,8 @@ def check_args(x: Tensor, target: Tensor, weight, ignore_index, label_smoothing,
         x, target, weight = _standins(x, target, weight, world, amp)
     eps, z_loss, cap, prob, _, out_dtype = _ce_checks(x, target, weight, ignore_index, label_smoothing,
                                                       z_loss, softcap, red)
+    if not prob:  # (a stand-in has classes: a shard without any is no error)
+        V.no_class_k_dim(x, target)
     if prob and torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
                                   "probability targets or class weights")
@@ -325,8 +327,7 @@ class ShardMath:
     def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
         """Global lse and per-row loss from the reduced stack; keeps M and log S
         for the backward, and the z-loss rows apart in ``zrows`` (None without
-        z_loss): cross_entropy + z_loss * mean(lse**2) are reduced apart (with
-        a zero weighted denominator NaN + inf is NaN, not inf)."""
+        z_loss; 0 in ignored rows)."""
         logS = torch.log(summed[0])
         self.M, self.logS = M, logS
         lse = M + logS

@@ -72,7 +72,7 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype)
     loss = VocabParallelCrossEntropyFunction.apply(xc, tc, w, opts, group, vocab_start_index)
-    if red == "none":
-        cd = 0 if logits_shard.dim() == 1 else 1
-        loss = loss.reshape(target.shape[:cd] + target.shape[cd + 1:] if prob else target.shape)
+    if red == "none":  # cross_entropy's shape: 0-d for 1-D logits (even with a (1,) target)
+        loss = loss.reshape(() if logits_shard.dim() == 1 else
+                            target.shape[:1] + target.shape[2:] if prob else target.shape)
     return loss
