@@ -1,19 +1,23 @@
-"""Vocab-parallel cross-entropy vs all_gather-the-logits, on gloo/CPU.
+"""Vocab-parallel cross-entropy: bytes communicated and time, on gloo/CPU.
 
-    PYTHONPATH=src python benchmarks/dist_bench.py [--worlds 2 3] [--n 2048] [--v 16384]
-                                                    [--reps 5] [--out dist_bench.jsonl]
+    PYTHONPATH=src python benchmarks/dist_bench.py [--worlds 2 3] [--n 1024] [--v 16384]
+                                                    [--reps 3] [--out dist_bench.jsonl]
 
 Spawns ``world`` local processes (loopback only) per world size.  Each rank
-holds an (N, V/world) fp32 logits shard and runs forward + backward of
-  * vocab_parallel: crossent.distributed.vocab_parallel_cross_entropy
-  * naive: all_gather the shards, crossent.cross_entropy on the full logits,
-    keep this rank's slice of the gradient
-Bytes are counted by wrapping torch.distributed's collectives: "payload" is
-the size of what a rank hands to the collectives (all_reduce: the buffer;
-all_gather: its own shard); "wire" estimates what a ring algorithm sends per
-rank (all_reduce 2(w-1)/w x buffer, all_gather (w-1) x shard).  Time is the
-median over reps of forward+backward, max over ranks.  Timings on a shared
-machine are noisy: compare the two methods within one run.
+holds an (N, V/world) fp32 logits shard (uneven when world does not divide V)
+and runs forward + backward of
+  * crossent_vocab_parallel: crossent.distributed.vocab_parallel_cross_entropy
+  * crossent_dtensor: crossent.cross_entropy on the Shard(1) DTensor
+  * torch_loss_parallel: F.cross_entropy on the same DTensor inside
+    torch.distributed.tensor.parallel.loss_parallel()
+  * naive_all_gather: all_gather the shards, crossent.cross_entropy on the
+    full logits, keep this rank's slice of the gradient
+Bytes are counted by wrapping torch.distributed's collectives and the
+functional ones (which loss_parallel uses): "payload" is what a rank hands
+to the collectives (all_reduce: the buffer; all_gather: its own shard); "wire"
+estimates what a ring sends per rank (all_reduce 2(w-1)/w x buffer, all_gather
+(w-1) x shard).  Time: the median over reps of forward + backward, max over
+ranks.  Timings on a shared machine are noisy: compare methods within one run.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["crossent_vocab_parallel", "crossent_dtensor", "torch_loss_parallel", "naive_all_gather"]
 
 
 def _free_port() -> int:
@@ -38,47 +43,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Counter:
-    def __init__(self, dist, world):
-        self.dist, self.world = dist, world
-        self.payload = self.wire = self.calls = 0
-        self._orig = {}
+class ByteCounter:
+    """Counts the bytes handed to collectives by wrapping the functions every
+    caller reaches them through: torch.distributed's and the functional ones
+    (torch's loss_parallel and DTensor call those; a dispatch mode would not
+    see them inside DTensor's handlers).  Use as a context manager."""
 
-    def install(self):
-        d, w = self.dist, self.world
-        orig_ar, orig_ag, orig_agt = d.all_reduce, d.all_gather, d.all_gather_into_tensor
-        self._orig = dict(all_reduce=orig_ar, all_gather=orig_ag, all_gather_into_tensor=orig_agt)
+    NAMES = {"dist": ["all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"],
+             "funcol": ["all_reduce", "all_gather_tensor", "reduce_scatter_tensor"]}
 
-        def all_reduce(t, *a, **k):
+    def __init__(self, world: int):
+        import torch.distributed as dist
+        import torch.distributed._functional_collectives as funcol
+        self.mods = {"dist": dist, "funcol": funcol}
+        self.world, self.payload, self.wire, self.calls, self._orig = world, 0, 0, 0, []
+
+    def _wrap(self, mod, name):
+        orig, w = getattr(mod, name), self.world
+        shard_arg = 1 if mod.__name__ == "torch.distributed" and "gather" in name else 0
+
+        def counted(*args, **kwargs):
+            t = args[shard_arg]
             n = t.numel() * t.element_size()
             self.payload += n
-            self.wire += 2 * (w - 1) * n // w
+            self.wire += (w - 1) * n if "gather" in name else 2 * (w - 1) * n // w
             self.calls += 1
-            return orig_ar(t, *a, **k)
+            return orig(*args, **kwargs)
+        return orig, counted
 
-        def all_gather(lst, t, *a, **k):
-            n = t.numel() * t.element_size()
-            self.payload += n
-            self.wire += (w - 1) * n
-            self.calls += 1
-            return orig_ag(lst, t, *a, **k)
+    def __enter__(self):
+        for key, names in self.NAMES.items():
+            for name in names:
+                orig, counted = self._wrap(self.mods[key], name)
+                self._orig.append((self.mods[key], name, orig))
+                setattr(self.mods[key], name, counted)
+        return self
 
-        def all_gather_into_tensor(out, t, *a, **k):
-            n = t.numel() * t.element_size()
-            self.payload += n
-            self.wire += (w - 1) * n
-            self.calls += 1
-            return orig_agt(out, t, *a, **k)
-
-        d.all_reduce, d.all_gather, d.all_gather_into_tensor = all_reduce, all_gather, all_gather_into_tensor
-
-    def reset(self):
-        self.payload = self.wire = self.calls = 0
+    def __exit__(self, *exc):
+        for mod, name, orig in reversed(self._orig):
+            setattr(mod, name, orig)
 
 
 def worker(rank, world, port, n, v, reps, out):
     import torch
     import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
 
     import crossent
     from crossent.distributed import vocab_parallel_cross_entropy
@@ -86,21 +98,35 @@ def worker(rank, world, port, n, v, reps, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
-    sizes = [v // world + (1 if r < v % world else 0) for r in range(world)]
-    lo = sum(sizes[:rank])
+    mesh = init_device_mesh("cpu", (world,))
     g = torch.Generator().manual_seed(0)
     full = torch.randn(n, v, generator=g)
     target = torch.randint(0, v, (n,), generator=g)
-    shard = full[:, lo:lo + sizes[rank]].contiguous()
+    dfull = distribute_tensor(full, mesh, [Shard(1)], src_data_rank=None)  # DTensor's (torch.chunk) split
+    shard = dfull.to_local().contiguous()
+    sizes = [0] * world
+    sizes[rank] = shard.shape[1]
+    sizes_t = torch.tensor(sizes)
+    dist.all_reduce(sizes_t)
+    sizes = sizes_t.tolist()
     del full
-    ctr = Counter(dist, world)
-    ctr.install()
 
     def vp():
         x = shard.detach().requires_grad_(True)
-        loss = vocab_parallel_cross_entropy(x, target, label_smoothing=0.1)
+        loss = vocab_parallel_cross_entropy(x, target)
         loss.backward()
         return loss, x.grad
+
+    def dtensor(lp=False):
+        x = dfull.detach().requires_grad_(True)
+        if lp:
+            with loss_parallel():
+                loss = F.cross_entropy(x, target)
+                loss.backward()
+        else:
+            loss = crossent.cross_entropy(x, target)
+            loss.backward()
+        return loss.to_local(), x.grad.to_local()
 
     def naive():
         x = shard.detach().requires_grad_(True)
@@ -112,37 +138,38 @@ def worker(rank, world, port, n, v, reps, out):
         dist.all_gather(bufs, padded)
         parts = [b[:, :s] for b, s in zip(bufs, sizes)]
         parts[rank] = x  # keep the graph through our own shard
-        loss = crossent.cross_entropy(torch.cat(parts, 1), target, label_smoothing=0.1)
+        loss = crossent.cross_entropy(torch.cat(parts, 1), target)
         loss.backward()
         return loss, x.grad
 
-    rows = {}
-    results = {}
-    for name, fn in [("vocab_parallel", vp), ("naive_all_gather", naive)]:
+    fns = dict(zip(METHODS, [vp, dtensor, lambda: dtensor(True), naive]))
+    rows, results = {}, {}
+    for name, fn in fns.items():
         results[name] = fn()  # warm-up
-        ctr.reset()
-        fn()
-        bytes_payload, bytes_wire, calls = ctr.payload, ctr.wire, ctr.calls
-        times = []
-        for _ in range(reps):
+        with ByteCounter(world) as ctr:
+            fn()
+        rows[name] = dict(method=name, payload_bytes=ctr.payload, wire_bytes_est=ctr.wire, collectives=ctr.calls)
+        rows[name]["times"] = []
+    for _ in range(reps):  # interleaved rounds: load spikes hit every method alike
+        for name, fn in fns.items():
             dist.barrier()
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        rows[name] = dict(method=name, time_s=statistics.median(times), payload_bytes=bytes_payload,
-                          wire_bytes_est=bytes_wire, collectives=calls)
-    l1, g1 = results["vocab_parallel"]
-    l2, g2 = results["naive_all_gather"]
-    agree = bool(torch.allclose(l1, l2, rtol=1e-5, atol=1e-6) and torch.allclose(g1, g2, rtol=1e-4, atol=1e-7))
+            rows[name]["times"].append(time.perf_counter() - t0)
+    l0, g0 = results[METHODS[0]]
+    for name in METHODS:
+        loss, grad = results[name]
+        rows[name]["agree"] = bool(torch.allclose(loss, l0, rtol=1e-5, atol=1e-6)
+                                   and torch.allclose(grad, g0, rtol=1e-4, atol=1e-7))
+        rows[name]["time_s"] = statistics.median(rows[name].pop("times"))
     # Max time over ranks: a collective step is as slow as its slowest rank.
-    tt = torch.tensor([rows[k]["time_s"] for k in rows], dtype=torch.float64)
+    tt = torch.tensor([rows[k]["time_s"] for k in METHODS], dtype=torch.float64)
     dist.all_reduce(tt, op=dist.ReduceOp.MAX)
-    for i, k in enumerate(rows):
+    for i, k in enumerate(METHODS):
         rows[k]["time_s"] = float(tt[i])
-        rows[k]["agree"] = agree
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(list(rows.values()), f)
+            json.dump([rows[k] for k in METHODS], f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -153,7 +180,7 @@ def main():
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--v", type=int, default=16384)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--timeout", type=float, default=100)
+    ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "dist_bench.jsonl"))
     a = ap.parse_args()
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
@@ -161,14 +188,13 @@ def main():
     import torch
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 host=platform.node(), cpus=os.cpu_count(), torch=torch.__version__, backend="gloo",
-                dtype="float32", label_smoothing=0.1)
-    print(f"{'world':>5} {'N':>6} {'V':>7} {'method':>18} {'time ms':>9} {'payload/rank':>13} "
+                dtype="float32")
+    print(f"{'world':>5} {'N':>6} {'V':>7} {'method':>24} {'time ms':>9} {'payload/rank':>13} "
           f"{'wire/rank':>11} {'colls':>5} {'agree':>5}")
     all_rows = []
     for world in a.worlds:
         port = _free_port()
-        tmp = tempfile.mkdtemp(prefix="dist_bench_")
-        out = os.path.join(tmp, "rows.json")
+        out = os.path.join(tempfile.mkdtemp(prefix="dist_bench_"), "rows.json")
         procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(r), str(world), str(port),
                                    str(a.n), str(a.v), str(a.reps), out], env=env) for r in range(world)]
         t0 = time.monotonic()
@@ -185,11 +211,14 @@ def main():
         rows = json.load(open(out))
         for r in rows:
             r.update(meta, world_size=world, N=a.n, V=a.v)
-            print(f"{world:>5} {a.n:>6} {a.v:>7} {r['method']:>18} {r['time_s'] * 1e3:>9.1f} "
+            print(f"{world:>5} {a.n:>6} {a.v:>7} {r['method']:>24} {r['time_s'] * 1e3:>9.1f} "
                   f"{r['payload_bytes']:>13,} {r['wire_bytes_est']:>11,} {r['collectives']:>5} {str(r['agree']):>5}")
-        vp_, nv = rows[0], rows[1]
-        print(f"      naive/vocab_parallel: time x{nv['time_s'] / vp_['time_s']:.2f}, "
-              f"wire bytes x{nv['wire_bytes_est'] / max(vp_['wire_bytes_est'], 1):.0f}")
+        by = {r["method"]: r for r in rows}
+        vp_ = by["crossent_vocab_parallel"]
+        for other in METHODS[1:]:
+            o = by[other]
+            print(f"      {other}/crossent_vocab_parallel: time x{o['time_s'] / vp_['time_s']:.2f}, "
+                  f"wire bytes x{o['wire_bytes_est'] / max(vp_['wire_bytes_est'], 1):.2f}")
         all_rows += rows
     with open(a.out, "a") as f:
         for r in all_rows:

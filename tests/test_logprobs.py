@@ -319,24 +319,21 @@ print("ALL OK" if ok else "SOME FAILED")
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_log_probs(world):
-    from test_distributed import launch
-    rcs, results, logs, elapsed = launch(world, "logprobs", script=__file__)
-    msg = "\n".join(f"--- rank {r} rc={rc}\n{log}" for r, (rc, log) in enumerate(zip(rcs, logs)))
-    assert all(rc == 0 for rc in rcs), f"a rank failed or timed out after {elapsed:.1f}s:\n{msg}"
-    failures = [f for res in results for f in res["failures"]]
-    assert results[0]["cases"] > 0
-    assert not failures, "\n".join(failures[:30])
+    from _dist import check
+    check(__file__, world, "logprobs")
 
 
-def _dist_cases(ck, rank: int, world: int, groups):
+def _dist_cases(ck, rank: int, world: int):
     import itertools
 
     import torch.distributed as dist
 
     from crossent.distributed import vocab_parallel_linear_log_probs as vplp
     from crossent.distributed import vocab_parallel_log_probs as vlp
-    from test_distributed import _splits
+    from _dist import groups as _groups
+    from _dist import splits as _splits
 
+    groups = _groups(world, "cpu")
     D = 5
     for si, sizes in enumerate(_splits(world)):
         V = sum(sizes)
@@ -396,38 +393,6 @@ def _dist_cases(ck, rank: int, world: int, groups):
     dist.barrier()
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> int:
-    import datetime
-    import json
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from test_distributed import Checker
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        ck = Checker(rank)
-        groups = [None, dist.new_group(list(range(world))), init_device_mesh("cpu", (world,))]
-        t0 = time.perf_counter()
-        _dist_cases(ck, rank, world, groups)
-        with open(out, "w") as f:
-            json.dump({"failures": ck.failures, "cases": ck.cases, "seconds": time.perf_counter() - t0}, f)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--worker":
-    import traceback
-    try:
-        code = _worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[6])
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)  # never wait for peers on the way out
-    sys.stdout.flush()
-    os._exit(code)
+    from _dist import worker_main
+    worker_main({"logprobs": [_dist_cases]})

@@ -359,6 +359,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 # ===========================================================================
 # Vocab-parallel (tensor-parallel) cross-entropy: crossent.distributed
 # ===========================================================================
+def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
+    """The vocab-parallel loss: the rows plus the z-loss rows, reduced with one
+    denominator (crossent's z-loss definition); with label smoothing and no
+    classes at all NaN, as torch's eps / C."""
+    from .distributed._core import _nan_if_infinite
+    loss = _reduce(rows if sm.zrows is None else rows + sm.zrows, denom, reduction)
+    return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -368,6 +377,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
 
     x_shard: (R, C_l) or (B, C_l, S), class dim 1.  target: rows-shaped global
     class indices, or x_shard-shaped probabilities (this rank's columns).
+    weight: the full (C,) class weights.
     """
 
     @staticmethod
@@ -378,34 +388,33 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         group, rank, world = K.resolve_group(group)
         acc = _acc_dtype(x.dtype)
         rows_shape = x.shape[:1] + x.shape[2:]
+        n_rows = math.prod(rows_shape)
         c_local = x.shape[1]
         sm = K.ShardMath(opts, target, weight, acc, rows_shape, x.dim(), x.device)
         K.early_layout(sm, vocab_start_index, rank, world, group, c_local, weight)
-        for xi, ri in _chunks(x):
+        for xi, ri in _chunks(x) if n_rows else ():
             sm.stats(sm.z(x[xi]), xi, ri)
         lse, rows = K.forward_reductions(sm, opts, lambda: sm.target_logit(x), vocab_start_index,
                                          rank, world, group, c_local, weight)
-        n_rows = 1
-        for d in rows_shape:
-            n_rows *= d
         denom = sm.denominator(n_rows)
-        loss = _reduce(rows, denom, opts.reduction)
-        ctx.opts = opts
-        ctx.sm = sm  # O(N) state: masks, weights, the layout; never logits
+        loss = _vp_reduce(sm, rows, denom, opts.reduction)
+        ctx.opts, ctx.sm, ctx.group, ctx.world = opts, sm, group, world
         scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
-        ctx.save_for_backward(x, lse, scale)
+        ctx.save_for_backward(x, lse, scale)  # sm holds O(N) state: masks, weights, the layout
         return loss.to(opts.out_dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor):
         from .backends.torch_chunked import _chunks, empty_like_fast
         x, lse, scale = ctx.saved_tensors
         opts, sm = ctx.opts, ctx.sm
         g = g.to(lse.dtype)
         row_scale = g if opts.reduction == "none" else g * scale
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that has a gradient
+            grad = sm.grad_graph(x, row_scale, ctx.group, ctx.world).to(x.dtype)
+            return grad, None, None, None, None, None
         grad = empty_like_fast(x)
-        for xi, ri in _chunks(x):
+        for xi, ri in _chunks(x) if grad.numel() else ():
             z = sm.z(x[xi])
             grad[xi] = sm.grad(z, xi, ri, lse, row_scale)
         return grad, None, None, None, None, None
@@ -450,14 +459,13 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         lse, rows = K.forward_reductions(sm, opts, lambda: zy, vocab_start_index, rank, world, group,
                                          v_local, weight)
         denom = sm.denominator(n)
-        loss = _reduce(rows, denom, opts.reduction)
+        loss = _vp_reduce(sm, rows, denom, opts.reduction)
         ctx.opts, ctx.sm, ctx.group, ctx.world, ctx.chunk_size = opts, sm, group, world, chunk_size
         scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
         ctx.save_for_backward(x, w, b, lse, scale)
         return loss.to(opts.out_dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g: Tensor):
         from ._linear_ops import _addmm_acc
         from .distributed import _core as K
@@ -466,6 +474,8 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(lse.dtype)
         row_scale = g if opts.reduction == "none" else g * scale
+        if torch.is_grad_enabled():
+            return _vp_linear_grad_graph(ctx, x, w, b, row_scale) + (None,) * 6
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         # dW accumulates across token chunks in fp32 and is rounded once (a
         # low-precision running sum is what makes fused heads drift, Liger #512).
@@ -492,7 +502,6 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
-# ===========================================================================
 # Token log-probabilities and entropy: crossent.log_probs / linear_log_probs
 # and their vocab-parallel variants (kernels: crossent/logprobs.py)
 # ===========================================================================
@@ -644,3 +653,24 @@ class VocabParallelLinearLogProbsFunction(torch.autograd.Function):
             K.all_reduce_(dx, torch.distributed.ReduceOp.SUM, st.group, st.world)
         return (dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype),
                 None, None, None, None)
+=======
+def _vp_linear_grad_graph(ctx, x: Tensor, w: Tensor, b: Tensor | None, row_scale: Tensor):
+    """(dx, dw, db) for backward(create_graph=True), in differentiable ops on
+    the whole (N, V_l) logits (a graph keeps them anyway); dx is summed over
+    the ranks by a differentiable all_reduce."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dz = ctx.sm.grad_graph(torch.nn.functional.linear(x, w, b), row_scale, ctx.group, ctx.world)
+    dx = dw = db = None
+    if need_x:
+        dx = dz.to(x.dtype).mm(w)
+        if ctx.opts.reduce_input_grad and ctx.world > 1:
+            from torch.distributed.nn.functional import all_reduce
+            dx = all_reduce(dx, group=ctx.group)
+    if need_w:
+        dw = dz.t().mm(x.to(dz.dtype)).to(w.dtype)
+    if need_b and b is not None:
+        db = dz.sum(0).to(b.dtype)
+    return dx, dw, db
+
+
+# ====================================================================

@@ -329,7 +329,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
       softcap: logits -> softcap * tanh(logits / softcap) before the softmax.
       inplace_backward: write the gradient into ``input``'s storage (opt-in;
         the logits are overwritten by the forward; needs 'mean' or 'sum').
+    A DTensor ``input`` goes to crossent.distributed.dtensor (vocab-parallel).
     """
+    if type(input).__name__ == "DTensor":  # a name check: plain tensors pay no import
+        from .distributed.dtensor import cross_entropy as dtensor_cross_entropy
+        return dtensor_cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                     label_smoothing, z_loss=z_loss, softcap=softcap,
+                                     inplace_backward=inplace_backward)
     if not (z_loss or softcap is not None or inplace_backward):
         out = _fast.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                   label_smoothing)

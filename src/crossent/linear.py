@@ -414,7 +414,14 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         (probabilities: target[..., 1:, :]) but the hidden states are never
         copied.  'none' returns (*B[:-1], T-1); 'mean' averages the T-1
         positions of every sequence.
+    A DTensor ``linear_weight`` (sharded by rows) goes to crossent.distributed.dtensor.
     """
+    if type(linear_weight).__name__ == "DTensor":  # a name check: plain tensors pay no import
+        from .distributed.dtensor import linear_cross_entropy as dtensor_linear_cross_entropy
+        return dtensor_linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                            weight=weight, reduction=reduction, ignore_index=ignore_index,
+                                            label_smoothing=label_smoothing, options=options,
+                                            z_loss=z_loss, softcap=softcap, shift=shift)
     return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, options, z_loss, softcap, shift,
                                  False).loss

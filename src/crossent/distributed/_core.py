@@ -2,20 +2,25 @@
 
 Notation as in ``crossent/backends/base.py``; each rank holds the columns
 [start, start + C_l) of the (softcapped) logits z, C = sum of C_l over ranks.
-A rank computes, per row, from its own columns only:
+Everything is computed relative to a row maximum, never from absolute
+log-sum-exps (a common offset of 1e4 would otherwise cost 1e-3 in fp32,
+issue 9 item 4).  A rank computes, per row, from its own columns only:
 
-  lse_r = logsumexp_local(z)            -> MAX all_reduce (together with the
-                                           slice sizes when they are unknown)
-  S_r   = exp(lse_r - M)                   M = max_r lse_r
-  zy_r  = z[y] if y is a local class else 0
-  class targets, smoothing:  zdot_r = sum_c w_c z_c
-  probability targets:       A_r = sum_c w_c t_c z_c,  T_r = sum_c w_c t_c,
-                             B_r = sum_c w_c z_c (smoothing only)
+  m_r   = max_local(z)                  -> MAX all_reduce: m = max_r m_r (the
+                                           slice sizes ride along when unknown)
+  s_r   = sum_c exp(z_c - m_r)             local, shifted by the LOCAL max
+  zy_r  = z[y] - m if y is a local class else 0
+  class targets, smoothing:  D_r = sum_c w_c (z_c - m_r)
+  probability targets:       A_r = sum_c w_c t_c (z_c - m_r),  T_r = sum_c w_c t_c,
+                             B_r = sum_c w_c (z_c - m_r) (smoothing only)
+  and, once m is known, each sum moved to the global shift: s_r exp(m_r - m),
+  D_r + W_r (m_r - m) with W_r = sum of the local weights (or C_l), ...
                                         -> one SUM all_reduce of the stack
 
-and then lse = M + log(sum_r S_r); everything else is a global sum, so the loss
-is exactly the single-process formula.  The gradient of a shard needs only the
-global lse (saved) and local data: no communication in the backward.
+then log S = log(sum_r s_r exp(m_r - m)), lse = m + log S, and the loss is the
+single-process formula written with (lse - m) and (z - m): e.g. lse - z[y] =
+log S - zy.  The gradient of a shard needs only m, log S (saved) and local
+data: exp((z - m) - log S), no communication in the backward.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from torch import Tensor
 
 from .. import _validate as V
 from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
+from ..functional import _ce_checks, _class_denominator, _weight_at
 
 
 @dataclass(frozen=True)
@@ -95,8 +101,13 @@ class Layout:
     c_local: int
 
 
-def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, acc,
-                device, weight: Tensor | None) -> Layout:
+def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: "ShardMath",
+                weight: Tensor | None) -> Layout:
+    """This rank's Layout, and the checks that need the global class count C:
+    on the CPU (free there; on an accelerator reading C would sync) the slice,
+    the weight's size and the class indices, with torch's messages, before
+    anything indexes with them."""
+    device = sm.device
     if isinstance(vocab_start_index, Tensor):
         start = vocab_start_index.to(device=device, dtype=torch.int64).reshape(())
     elif vocab_start_index is not None:  # a fill kernel, not a host->device copy
@@ -104,36 +115,84 @@ def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int
     else:
         start = sizes[:rank].sum().to(torch.int64)
     if sizes is not None:
-        C = sizes.sum().to(acc)
+        C = sizes.sum().to(sm.acc)
     else:
-        C = torch.full((), float(weight.numel()), dtype=acc, device=device)
-    lay = Layout(start, C, c_local)
-    if device.type == "cpu":  # free to check here; on an accelerator it would sync
+        C = torch.full((), float(weight.numel()), dtype=sm.acc, device=device)
+    if device.type == "cpu":
         s, c = int(start), int(C.item())
         if s < 0 or s + c_local > c:
             raise ValueError(f"vocab slice [{s}, {s + c_local}) does not fit in {c} classes")
         if weight is not None and weight.numel() != c:
-            raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no classes "
-                               f"but got weight tensor of shape: {list(weight.shape)}")
-    return lay
+            check_weight_classes(weight, c, sm.o.prob, sm.ndim > 2)
+        if not sm.o.prob:
+            V.check_target_bounds(sm.target, c, sm.o.ignore_index)
+    return Layout(start, C, c_local)
 
 
 # ---------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------
-def check_weight(x: Tensor, weight: Tensor | None, prob: bool) -> None:
-    if weight is None:
-        return
-    V.tensor_arg(weight, "cross_entropy_loss", "weight", 3)
-    if weight.dim() != 1:
-        raise RuntimeError(f"weight tensor should be defined either for all classes or no classes "
-                           f"but got weight tensor of shape: {list(weight.shape)}")
-    if not prob and weight.dtype != x.dtype:
-        raise RuntimeError(f"expected scalar type {V.dtype_name(x.dtype)} but found "
-                           f"{V.dtype_name(weight.dtype)}")
-    if weight.requires_grad and torch.is_grad_enabled():
+def amp_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``t`` as torch.autocast casts an op's argument: floating, not float64."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _standins(x: Tensor, target: Tensor, weight: Tensor | None, world: int, amp: bool):
+    """Meta tensors with the full logits' (and probability target's) shape
+    and the dtypes cross_entropy sees (float32 under autocast)."""
+    cd = 0 if x.dim() == 1 else 1
+    shape = list(x.shape)
+    if world > 1:
+        shape[cd] = weight.numel() if weight is not None else max(shape[cd], 1)
+    f32 = (lambda t: amp_cast(t, torch.float32)) if amp else (lambda t: t)
+    xs = torch.empty(shape, dtype=f32(x).dtype, device="meta")
+    ts = torch.empty(shape, dtype=f32(target).dtype, device="meta") if x.shape == target.shape else target
+    return xs, ts, f32(weight)
+
+
+def check_args(x: Tensor, target: Tensor, weight, ignore_index, label_smoothing, z_loss, softcap,
+               reduction, world: int, device_type: str | None = None):
+    """crossent.cross_entropy's argument checks (functional._cross_entropy's
+    preamble and _ce_checks), in its order and with its messages, for the
+    full logits that the shards form.
+
+    They read only shapes and dtypes, so meta tensors stand in for the full
+    logits and a probability target: with the GLOBAL class count where this
+    rank knows it (one rank: its own; else the count the weight claims, which
+    layout_from compares with the true one after the first collective; else
+    at least one class, so that a rank holding none passes the others'
+    checks), in float32 under autocast (torch's autocast runs cross_entropy
+    in float32).  device_type: the logits' (when x is a meta tensor already).
+    Returns (reduction, ignore_index, eps, z_loss, softcap or 0,
+    prob, out_dtype).
+    """
+    red = V.reduction(None, None, reduction)
+    V.tensor_arg(x, "cross_entropy_loss", "input", 1)
+    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
+    V.optional_tensor_arg(weight, "cross_entropy_loss", "weight", 3)
+    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
+    amp = torch.is_autocast_enabled(device_type or x.device.type)
+    if (world > 1 or amp) and x.dim() > 0:
+        x, target, weight = _standins(x, target, weight, world, amp)
+    eps, z_loss, cap, prob, _, out_dtype = _ce_checks(x, target, weight, ignore_index, label_smoothing,
+                                                      z_loss, softcap, red)
+    if not prob:  # (a stand-in has classes: a shard without any is no error)
+        V.no_class_k_dim(x, target)
+    if prob and torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
         raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
-                                  "'weight'")
+                                  "probability targets or class weights")
+    return red, ignore_index, eps, z_loss, cap, prob, out_dtype
+
+
+def check_weight_classes(weight: Tensor, C: int, prob: bool, spatial: bool) -> None:
+    """torch's error for a class weight without C elements (C, the global
+    count, is known only after the first collective): _ce_checks on stand-ins
+    with C classes."""
+    x = torch.empty((1, C, 1) if spatial else (1, C), dtype=weight.dtype, device="meta")
+    t = x if prob else torch.empty((1, 1) if spatial else (1,), dtype=torch.int64, device="meta")
+    _ce_checks(x, t, weight, -100, 0.0, 0.0, None)
 
 
 # ---------------------------------------------------------------------------
@@ -150,9 +209,13 @@ class ShardMath:
                  ndim: int, device):
         self.o, self.acc, self.ndim, self.device = opts, acc, ndim, device
         self.eps, self.zl, self.cap = opts.label_smoothing, opts.z_loss, opts.softcap
-        self.target, self.weight = target, weight
+        # Class indices compared in int64: in a uint8 target ignore_index=-100
+        # would wrap to 156 (issue 9 item 1).  One O(N) copy, reused below.
+        self.target = target if opts.prob else target.long()
+        self.weight = weight
         self.w = None if weight is None else weight.to(acc)
-        self.lse_r = torch.empty(rows_shape, dtype=acc, device=device)
+        self.m_r = torch.empty(rows_shape, dtype=acc, device=device)  # local max
+        self.s_r = torch.empty(rows_shape, dtype=acc, device=device)  # local sum exp(z - m_r)
         self.lay: Layout | None = None
         self.w_l = None
         # Local sums that need class weights (or probabilities) per column.
@@ -161,7 +224,7 @@ class ShardMath:
             self.T = torch.empty(rows_shape, dtype=acc, device=device)
             self.B = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
         else:
-            self.zdot = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
+            self.D = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
 
     # -- layout-dependent state ---------------------------------------------
     def needs_layout_early(self) -> bool:
@@ -175,37 +238,35 @@ class ShardMath:
             cols = torch.arange(lay.c_local, device=dev) + lay.start
             self.w_l = self.w.index_select(0, cols.clamp_(0, max(self.w.numel() - 1, 0)))
             self.sum_w = self.w.sum()
+            self.W_r = self.w_l.sum()
         else:
             self.sum_w = lay.C
+            self.W_r = float(lay.c_local)
         self.eps_c = self.eps / lay.C  # eps / C with the GLOBAL C (0-d tensor)
         if self.o.prob:
             return
         t = self.target
         zero = torch.zeros((), dtype=acc, device=dev)
         valid = t != self.o.ignore_index
-        inb = (t >= 0) & (t.long() < lay.C.long())
+        inb = (t >= 0) & (t < lay.C.long())
         if self.w is not None:
-            inb = inb & (t.long() < self.w.numel())
-        safe = torch.where(valid & inb, t, torch.zeros((), dtype=t.dtype, device=dev)).long()
-        self.wy = self.w[safe] if self.w is not None else torch.ones((), dtype=acc, device=dev)
+            inb = inb & (t < self.w.numel())
+        safe = torch.where(valid & inb, t, 0)
+        self.wy = _weight_at(self.w, safe) if self.w is not None else torch.ones((), dtype=acc, device=dev)
         m = torch.where(valid, torch.ones((), dtype=acc, device=dev), zero)
         self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
         self.valid = valid
-        loc = t.long() - lay.start
+        loc = t - lay.start
         self.owner = valid & inb & (loc >= 0) & (loc < lay.c_local)
-        self.idx = torch.where(self.owner, loc, torch.zeros((), dtype=torch.int64, device=dev))
+        self.idx = torch.where(self.owner, loc, 0)
 
     def denominator(self, rows: int) -> Tensor:
         """The mean's denominator, local (target and weight are replicated)."""
-        if self.o.prob:
-            return torch.full((), float(rows), dtype=self.acc, device=self.device)
-        valid = self.target != self.o.ignore_index
-        if self.w is None:
-            return valid.sum(dtype=self.acc)
-        n = self.w.numel()
-        safe = torch.where(valid & (self.target >= 0) & (self.target.long() < n), self.target,
-                           torch.zeros((), dtype=self.target.dtype, device=self.device)).long()
-        return torch.where(valid, self.w[safe], torch.zeros((), dtype=self.acc, device=self.device)).sum()
+        if self.o.prob:  # torch's numel / C: NaN without classes
+            n = torch.full((), float(rows), dtype=self.acc, device=self.device)
+            return torch.where(self.lay.C == 0, float("nan"), n)
+        C = 0 if self.w is None else self.w.numel()  # only used with a weight, which has C elements
+        return _class_denominator(self.target, self.w, self.o.ignore_index, C, self.acc, self.eps)
 
     # -- forward ---------------------------------------------------------------
     def z(self, xc: Tensor) -> Tensor:
@@ -218,20 +279,27 @@ class ShardMath:
         return _wcol(self.w_l, self.ndim)
 
     def stats(self, z: Tensor, xi, ri) -> None:
-        """Pass 1 on one chunk: local lse and the local weighted sums."""
+        """Pass 1 on one chunk: local max, sum of exp and weighted sums, all
+        relative to the local max."""
         if z.shape[1] == 0:
-            self.lse_r[ri] = float("-inf")
+            self.m_r[ri] = float("-inf")
+            self.s_r[ri] = 0.0
+            zs = z
         else:
-            self.lse_r[ri] = torch.logsumexp(z, 1)
+            m = z.amax(1)
+            self.m_r[ri] = m
+            # A row that is all -inf here shifts by 0: exp(-inf) = 0, not NaN.
+            zs = z - _col(torch.where(m == float("-inf"), torch.zeros((), dtype=m.dtype, device=m.device), m))
+            self.s_r[ri] = torch.exp(zs).sum(1)
         if self.o.prob:
             t = self.target[xi].to(self.acc)
             tw = t if self.w is None else t * self._wl()
-            self.A[ri] = (tw * z).sum(1)
+            self.A[ri] = (tw * zs).sum(1)
             self.T[ri] = tw.sum(1)
             if self.B is not None:
-                self.B[ri] = (z if self.w is None else z * self._wl()).sum(1)
-        elif self.zdot is not None:
-            self.zdot[ri] = (z if self.w is None else z * self._wl()).sum(1)
+                self.B[ri] = (zs if self.w is None else zs * self._wl()).sum(1)
+        elif self.D is not None:
+            self.D[ri] = (zs if self.w is None else zs * self._wl()).sum(1)
 
     def target_logit(self, x: Tensor) -> Tensor:
         """z[y] on the owning rank, 0 elsewhere (a gather: O(N))."""
@@ -241,55 +309,71 @@ class ShardMath:
         return torch.where(self.owner, zy, torch.zeros((), dtype=self.acc, device=self.device))
 
     def sum_stack(self, M: Tensor, zy: Tensor | None) -> Tensor:
-        """The quantities of the SUM all_reduce, stacked (K, *rows)."""
-        s = torch.exp(self.lse_r - M)
+        """The quantities of the SUM all_reduce, moved to the global max M, stacked (K, *rows)."""
+        zero = torch.zeros((), dtype=self.acc, device=self.device)
+        s = self.s_r * torch.exp(self.m_r - M)
+        # The local sums were taken relative to m_r (0 for an all -inf slice).
+        shift = torch.where(self.m_r == float("-inf"), zero, self.m_r) - M
         if self.o.prob:
-            parts = [s, self.A, self.T] + ([self.B] if self.B is not None else [])
+            parts = [s, self.A + self.T * shift, self.T]
+            if self.B is not None:
+                parts.append(self.B + self.W_r * shift)
         else:
-            parts = [s, zy] + ([self.zdot] if self.zdot is not None else [])
+            parts = [s, torch.where(self.owner, zy - M, zero)]
+            if self.D is not None:
+                parts.append(self.D + self.W_r * shift)
         return torch.stack(parts)
 
     def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
-        """Global lse and per-row loss from the reduced stack."""
-        lse = M + torch.log(summed[0])
+        """Global lse and per-row loss from the reduced stack; keeps M and log S
+        for the backward, and the z-loss rows apart in ``zrows`` (None without
+        z_loss; 0 in ignored rows)."""
+        logS = torch.log(summed[0])
+        self.M, self.logS = M, logS
+        lse = M + logS
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        self.zrows = None
+        if self.zl:
+            self.zrows = self.zl * lse * lse
+            if not self.o.prob:
+                self.zrows = torch.where(self.valid, self.zrows, zero)
         if self.o.prob:
-            A, T = summed[1], summed[2]
+            A, T = summed[1], summed[2]  # A relative to M
             if self.eps > 0:
                 zdot = (1 - self.eps) * A + self.eps_c * summed[3]
                 self.tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
                 zdot, self.tw_sum = A, T
-            out = lse * self.tw_sum - zdot
-            if self.zl:
-                out = out + self.zl * lse * lse
-            return lse, out
-        zy = summed[1]
-        out = (lse - zy) * self.wy * (1 - self.eps)
+            # No classes at all: torch's sums over an empty class dim are 0 (not -inf * 0).
+            return lse, torch.where(self.lay.C == 0, zero, logS * self.tw_sum - zdot)
+        zy = summed[1]  # z[y] - M
+        out = (logS - zy) * self.wy * (1 - self.eps)
         if self.eps > 0:
-            out = out + self.eps_c * (self.sum_w * lse - summed[2])
-        if self.zl:
-            out = out + self.zl * lse * lse
-        out = torch.where(self.valid, out * self.m, torch.zeros((), dtype=out.dtype, device=out.device))
-        return lse, out
+            out = out + self.eps_c * (self.sum_w * logS - summed[2])
+        return lse, torch.where(self.valid, out * self.m, zero)
 
     # -- backward --------------------------------------------------------------
     def grad(self, z: Tensor, xi, ri, lse: Tensor, scale: Tensor) -> Tensor:
         """d(sum scale*loss)/dx for one chunk of this rank's columns (acc dtype)."""
-        lse_c = _col(lse[ri])
-        e = torch.exp(z - lse_c)  # p, with the GLOBAL lse
+        e = torch.exp((z - _col(self.M[ri])).sub_(_col(self.logS[ri])))  # p, from the GLOBAL max and sum
         sc = scale if scale.dim() == 0 else _col(scale[ri])
-        zterm = 2 * self.zl * lse_c if self.zl else 0.0
+        zterm = 2 * self.zl * _col(lse[ri]) if self.zl else 0.0
         if self.o.prob:
             t = self.target[xi].to(self.acc)
             if self.eps > 0:
                 t = t * (1 - self.eps) + self.eps_c
             tw = t if self.w is None else t * self._wl()
-            e.mul_(sc * (_col(self.tw_sum[ri]) + zterm)).sub_(sc * tw)
+            e.mul_(sc * (_col(self.tw_sum[ri]) + zterm)).sub_((sc * tw).sub_(_nan_if_infinite(sc)))
         else:
             m = _col(self.m[ri])
             sm = torch.where(m != 0, sc * m, torch.zeros((), dtype=e.dtype, device=e.device))
             wy = _col(self.wy[ri]) if self.wy.dim() else self.wy
-            e.mul_(sm * ((1 - self.eps) * wy + self.eps_c * self.sum_w + zterm))
+            # The z-loss term is added, not folded into the factor of p: an
+            # infinite upstream then gives torch's NaN where the two meet.
+            zt = e * (sm * zterm) if self.zl else None
+            e.mul_(sm * ((1 - self.eps) * wy + self.eps_c * self.sum_w))
+            if zt is not None:
+                e.add_(zt)
             if self.eps > 0:
                 e.sub_(sm * self.eps_c * (1.0 if self.w is None else self._wl()))
             if self.lay.c_local > 0:
@@ -300,16 +384,71 @@ class ShardMath:
             e.mul_(1 - (z / self.cap).square_())
         return e
 
+    def grad_graph(self, x: Tensor, scale: Tensor, group, world: int) -> Tensor:
+        """The gradient of :meth:`grad` for backward(create_graph=True), in
+        differentiable ops on this rank's (pre-softcap) logits x, so that it
+        has a gradient itself.  The global log-sum-exp is recomputed from x
+        through a differentiable all_reduce (its backward sums the ranks'
+        parts), so second derivatives carry the other shards' terms.  The
+        terms meet in the order of reference.cross_entropy_grad (torch's
+        chain rule: a non-finite upstream gives torch's NaN pattern)."""
+        z = x.to(self.acc)
+        if self.cap:
+            z = torch.tanh(z / self.cap) * self.cap
+        M = _col(self.M)  # a constant shift: the global max of the forward
+        s = torch.exp(z - M).sum(1)
+        if world > 1:
+            from torch.distributed.nn.functional import all_reduce
+            s = all_reduce(s, group=group)
+        logS = _col(torch.log(s))
+        p = torch.exp(z - M - logS)
+        sc = scale if scale.dim() == 0 else _col(scale)
+        zterm = 2 * self.zl * (M + logS) * p if self.zl else None
+        wl = None if self.w is None else self._wl()
+        if self.o.prob:
+            t = self.target.to(self.acc)
+            if self.eps > 0:
+                t = t * (1 - self.eps) + self.eps_c
+            tw = t if wl is None else t * wl
+            dz = sc * p * _col(self.tw_sum) - (sc * tw - _nan_if_infinite(sc))
+            if zterm is not None:
+                dz = dz + sc * zterm
+        else:
+            m = _col(self.m)  # 1 counted, 0 ignored, NaN out of range
+            # 0, not NaN, in ignored rows even for a non-finite upstream, also
+            # in the graph of this gradient (a second derivative of 0 there).
+            sm = torch.where(m != 0, sc * m, 0.0)
+            wy = _col(self.wy) if self.wy.dim() else self.wy
+            dz = sm * p * ((1 - self.eps) * wy + self.eps_c * self.sum_w)
+            if self.eps > 0:
+                dz = dz - sm * self.eps_c * (1.0 if wl is None else wl)
+            if self.lay.c_local > 0:  # the target's term only where it is (torch's nll_loss writes only there)
+                hot = torch.where(_col(self.owner), -(1 - self.eps) * sm * wy, 0.0)
+                dz = dz.scatter_add(1, _col(self.idx), hot.expand(_col(self.owner).shape))
+            if zterm is not None:
+                dz = dz + sm * zterm
+        if self.cap:
+            dz = dz * (1 - (z / self.cap) ** 2)
+        return dz
+
+
+def _nan_if_infinite(v: Tensor) -> Tensor:
+    """0 where v is finite, NaN where not.  With probability targets torch
+    forms sum_c(scale * t_c * w_c) before it meets p, so an infinite upstream
+    scale makes the whole gradient row NaN (inf * 0 or inf - inf); label
+    smoothing with no classes multiplies even empty sums by eps / C = inf."""
+    return v - v
+
 
 def early_layout(sm: ShardMath, vocab_start_index, rank: int, world: int, group, c_local: int,
                  weight: Tensor | None, force: bool = False) -> None:
     """Set the layout before pass 1 when it is free (start given and C known
     from the weight) or needed (pass 1 uses the weight slice; ``force``)."""
     if vocab_start_index is not None and weight is not None:
-        sm.set_layout(layout_from(None, vocab_start_index, rank, c_local, sm.acc, sm.device, weight))
+        sm.set_layout(layout_from(None, vocab_start_index, rank, c_local, sm, weight))
     elif force or sm.needs_layout_early():
         sizes = gather_sizes(c_local, rank, world, group, sm.device, sm.acc)
-        sm.set_layout(layout_from(sizes, vocab_start_index, rank, c_local, sm.acc, sm.device, weight))
+        sm.set_layout(layout_from(sizes, vocab_start_index, rank, c_local, sm, weight))
 
 
 def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index, rank: int,
@@ -321,18 +460,16 @@ def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index,
     all_reduce, so the whole forward is two collectives.
     """
     dev, acc = sm.device, sm.acc
-    flat = sm.lse_r.reshape(-1)
+    flat = sm.m_r.reshape(-1)
     need_sizes = sm.lay is None
     if need_sizes:
         buf = torch.cat([flat, sizes_onehot(c_local, rank, world, acc, dev)])
     else:
         buf = flat.clone()
     all_reduce_(buf, dist.ReduceOp.MAX, group, world)
-    M = buf[:flat.numel()].reshape(sm.lse_r.shape)
+    M = buf[:flat.numel()].reshape(sm.m_r.shape)
     if need_sizes:
-        sm.set_layout(layout_from(buf[flat.numel():], vocab_start_index, rank, c_local, acc, dev, weight))
-    if not opts.prob and dev.type == "cpu":
-        V.check_target_bounds(sm.target, int(sm.lay.C.item()), opts.ignore_index)
+        sm.set_layout(layout_from(buf[flat.numel():], vocab_start_index, rank, c_local, sm, weight))
     zy = None if opts.prob else zy_fn()
     stack = sm.sum_stack(M, zy)
     all_reduce_(stack, dist.ReduceOp.SUM, group, world)

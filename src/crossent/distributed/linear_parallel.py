@@ -8,23 +8,21 @@ them straight into the input, weight and bias gradients.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validate as V
 from .._autograd import VocabParallelLinearCrossEntropyFunction
-from ..functional import _ce_options
 from . import _core as K
 from ._core import VPOptions
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "VocabParallelLinearCrossEntropyFunction"]
 
-def check_head(fname: str, input: Tensor, weight_shard: Tensor, target: Tensor,
-               linear_bias_shard: Tensor | None) -> None:
-    """Argument types and shapes of a vocab-sharded head (shared with crossent.distributed.logprobs)."""
-    V.tensor_arg(input, fname, "input", 1)
-    V.tensor_arg(weight_shard, fname, "weight_shard", 2)
-    V.tensor_arg(target, fname, "target", 3)
+
+def _head_shapes(input: Tensor, weight_shard: Tensor, linear_bias_shard: Tensor | None) -> None:
     if input.dim() < 1:
         raise ValueError("input must have at least one dimension (..., D)")
     if weight_shard.dim() != 2 or weight_shard.shape[1] != input.shape[-1]:
@@ -32,6 +30,15 @@ def check_head(fname: str, input: Tensor, weight_shard: Tensor, target: Tensor,
     if linear_bias_shard is not None and tuple(linear_bias_shard.shape) != (weight_shard.shape[0],):
         raise RuntimeError(f"linear_bias_shard must be ({weight_shard.shape[0]},), got "
                            f"{list(linear_bias_shard.shape)}")
+
+
+def check_head(fname: str, input: Tensor, weight_shard: Tensor, target: Tensor,
+               linear_bias_shard: Tensor | None) -> None:
+    """Argument types and shapes of a vocab-sharded head (shared with crossent.distributed.logprobs)."""
+    V.tensor_arg(input, fname, "input", 1)
+    V.tensor_arg(weight_shard, fname, "weight_shard", 2)
+    V.tensor_arg(target, fname, "target", 3)
+    _head_shapes(input, weight_shard, linear_bias_shard)
 
 
 def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, target: Tensor, *,
@@ -72,42 +79,46 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
         input gradient itself (input passed through its own
         copy_to_tensor_model_parallel_region, or a sequence-parallel
         reduce-scatter); reducing twice would multiply by the world size.
-    Weight/bias gradients accumulate chunk by chunk in weight_shard's dtype.
-    The backward recomputes each chunk's logits (one extra matmul, no extra
-    memory); without ``vocab_start_index`` the forward adds one all_reduce of
-    ``world`` numbers (class targets).
+    Weight/bias gradients accumulate chunk by chunk in fp32 and are rounded
+    once.  The backward recomputes each chunk's logits (one extra matmul, no
+    extra memory); without ``vocab_start_index`` the forward adds one
+    all_reduce of ``world`` numbers (class targets).  backward(create_graph=
+    True) gives differentiable gradients (it holds the N x V_l logits, as
+    any graph of them does).  Errors and autocast: those of cross_entropy(
+    F.linear(input, W, bias), target) with the batch dims flattened.
     """
-    check_head("linear_cross_entropy", input, weight_shard, target, linear_bias_shard)
-    red = V.reduction(None, None, reduction)
-    ignore_index = V.int_arg(ignore_index, "linear_cross_entropy", "ignore_index", 5)
-    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
-    lead = tuple(input.shape[:-1])
-    v_local = weight_shard.shape[0]
-    prob = target.is_floating_point() and tuple(target.shape) == lead + (v_local,)
-    if prob:
-        if ignore_index >= 0:
-            raise RuntimeError("ignore_index is not supported for floating point target")
-        if target.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError("not differentiable with respect to probability targets")
+    V.tensor_arg(input, "linear", "input", 1)
+    V.tensor_arg(weight_shard, "linear", "weight", 2)
+    V.optional_tensor_arg(linear_bias_shard, "linear", "bias", 3)
+    _head_shapes(input, weight_shard, linear_bias_shard)
+    dev = input.device.type
+    if torch.is_autocast_enabled(dev):  # the matmul in the autocast dtype, the loss in float32 (check_args)
+        lp = torch.get_autocast_dtype(dev)
+        input, weight_shard, linear_bias_shard = (K.amp_cast(t, lp) for t in (input, weight_shard,
+                                                                             linear_bias_shard))
+    lead, D, v_local = tuple(input.shape[:-1]), input.shape[-1], weight_shard.shape[0]
+    N = math.prod(lead)
+    x2 = input.reshape(N, D)
+    # F.linear's dtype checks and messages (a 1-D input has its own), on
+    # empty slices; its result's dtype.
+    b0 = None if linear_bias_shard is None else linear_bias_shard[:0]
+    ldt = F.linear(input if input.dim() == 1 else x2[:0], weight_shard[:0], b0).dtype
+    # Then cross_entropy's checks on the logits (rows flattened, as for batch dims).
+    if input.dim() > 2:
+        t_chk = target.reshape(math.prod(target.shape[:-1]), target.shape[-1]) if target.dim() == input.dim() \
+            else target.reshape(-1)
+        logits = torch.empty((N, v_local), dtype=ldt, device="meta")
     else:
-        if tuple(target.shape) != lead:
-            raise ValueError(f"Expected target of shape {list(lead)} (or {list(lead) + [v_local]} "
-                             f"probabilities), got {list(target.shape)}")
-        if target.dtype not in (torch.int64, torch.int32, torch.uint8):
-            raise RuntimeError(f"expected target dtype to be Long or Byte, but got {V.dtype_name(target.dtype)}")
-    V.floating_input(input, "linear_cross_entropy")
-    K.check_weight(input, weight, prob)
-    out_dtype = input.dtype
-    if prob:
-        out_dtype = torch.result_type(input, target)
-        if weight is not None:
-            out_dtype = torch.promote_types(out_dtype, weight.dtype)
-    x2 = input.reshape(-1, input.shape[-1])
-    t2 = target.reshape(-1, v_local) if prob else target.reshape(-1)
+        t_chk, logits = target, torch.empty(lead + (v_local,), dtype=ldt, device="meta")
+    group, _, world = K.resolve_group(group)
+    red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
+        logits, t_chk, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world, dev)
+    t2 = target.reshape(N, v_local) if prob else target.reshape(N)
+    w = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype,
                      reduce_input_grad=bool(reduce_input_grad))
-    loss = VocabParallelLinearCrossEntropyFunction.apply(x2, weight_shard, linear_bias_shard, t2, weight,
+    loss = VocabParallelLinearCrossEntropyFunction.apply(x2, weight_shard, linear_bias_shard, t2, w,
                                                          opts, group, vocab_start_index, chunk_size)
     if red == "none":
         loss = loss.reshape(lead)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _validate as V
 from .._autograd import VocabParallelCrossEntropyFunction
-from ..functional import _canonical, _ce_checks
+from ..functional import _canonical
 from . import _core as K
 from ._core import VPOptions
 
@@ -25,7 +24,8 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
                                  weight: Tensor | None = None, ignore_index: int = -100,
                                  reduction: str = "mean", label_smoothing: float = 0.0,
                                  z_loss: float = 0.0, softcap: float | None = None,
-                                 vocab_start_index: int | Tensor | None = None) -> Tensor:
+                                 vocab_start_index: int | Tensor | None = None,
+                                 dtype: torch.dtype | None = None) -> Tensor:
     """Cross-entropy over logits sharded by class across the ranks of ``group``.
 
     Every rank of ``group`` (a ProcessGroup, a 1-D DeviceMesh, or None for the
@@ -42,34 +42,37 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
         this rank's shard of the (N, C, ...) probabilities, the same shape as
         ``logits_shard`` (floating; ignore_index must be negative).
     weight: the FULL (C,) class-weight tensor, identical on every rank.
+    dtype: the loss's dtype; None: torch's (the logits' dtype, or the
+        promoted one for probability targets).  torch.float32 returns the
+        fp32 accumulation for fp16/bf16 logits without upcasting them (the
+        loss dtype of Megatron-core and torchtitan).
     vocab_start_index: this rank's first class.  None: derived from the slice
         sizes, which ride along with the first all_reduce (no extra collective,
         no host sync) except for weighted smoothing/probability targets, which
         need one tiny extra all_reduce of ``world`` numbers first.
 
     Gradient: the gradient of this rank's shard is exactly that slice of the
-    full gradient (not multiplied by the world size).  target and weight are
-    not differentiable here.  Communication: forward, one MAX and one SUM
-    all_reduce of O(N) fp32 numbers; backward, none.
+    full gradient (not multiplied by the world size); with create_graph=True
+    it is differentiable again (double backward).  target and weight are not
+    differentiable here.  Communication: forward, one MAX and one SUM
+    all_reduce of O(N) fp32 numbers; backward, none (create_graph=True: one
+    SUM all_reduce of O(N)).  Errors: cross_entropy's, for the same input.
     """
-    x = V.tensor_arg(logits_shard, "cross_entropy_loss", "input", 1)
-    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
-    red = V.reduction(None, None, reduction)
-    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
-    if x.shape == target.shape and target.requires_grad and torch.is_grad_enabled():
-        raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
-                                  "probability targets")
-    # torch's checks; the full-vocabulary weight is checked against the global C below.
-    eps, z_loss, cap, prob, class_dim, out_dtype = _ce_checks(x, target, None, ignore_index,
-                                                              label_smoothing, z_loss, softcap)
-    K.check_weight(x, weight, prob)
-    if prob and weight is not None:
-        out_dtype = torch.promote_types(out_dtype, weight.dtype)
-    xc, tc = _canonical(x, target)
+    group, _, world = K.resolve_group(group)
+    red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
+        logits_shard, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world)
+    if out_dtype == torch.float64 and logits_shard.dtype != torch.float64:
+        # fp64 probability targets or weights promote the loss: compute in it,
+        # as cross_entropy does (autograd records the copy).
+        logits_shard = logits_shard.to(torch.float64)
+    if dtype is not None:
+        out_dtype = dtype
+    xc, tc = _canonical(logits_shard, target)
+    w = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, prob=prob, out_dtype=out_dtype)
-    loss = VocabParallelCrossEntropyFunction.apply(xc, tc, weight, opts, group, vocab_start_index)
-    if red == "none":
-        shape = target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:]
-        loss = loss.reshape(shape)
+    loss = VocabParallelCrossEntropyFunction.apply(xc, tc, w, opts, group, vocab_start_index)
+    if red == "none":  # cross_entropy's shape: 0-d for 1-D logits (even with a (1,) target)
+        loss = loss.reshape(() if logits_shard.dim() == 1 else
+                            target.shape[:1] + target.shape[2:] if prob else target.shape)
     return loss

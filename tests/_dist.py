@@ -1,0 +1,160 @@
+"""Multi-process harness for the distributed tests (gloo, loopback only).
+
+Spawning is expensive, so a test spawns ``world`` ranks once and every rank
+runs a long list of cases inside it (comparing with single-process crossent
+or torch on the full tensors) and writes its failures to a JSON file.  Worker
+processes are the test file itself run as a script (``--worker``); the parent
+kills every rank as soon as one exits with an error, or at a deadline, so a
+rank that raises never hangs the suite.  CROSSENT_DIST_DEVICE=cuda runs the
+same cases on CUDA tensors (all ranks share GPU 0, still through gloo).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(os.path.dirname(HERE), "src")
+DEADLINE_S = 150
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(script: str, world: int, mode: str, deadline_s: float = DEADLINE_S, device: str = "cpu"):
+    """Run ``world`` ranks of ``script --worker``; returns (returncodes, results, logs, elapsed).
+
+    As soon as one rank exits non-zero the others are killed (fail fast)."""
+    port = _free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + HERE + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               CROSSENT_DIST_DEVICE=device)
+    tmp = tempfile.mkdtemp(prefix="crossent_dist_")
+    procs, outs, logs = [], [], []
+    t0 = time.monotonic()
+    for rank in range(world):
+        out = os.path.join(tmp, f"rank{rank}.json")
+        log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+        outs.append(out)
+        logs.append(log)
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.abspath(script), "--worker", str(rank), str(world), str(port), mode, out],
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        while True:
+            rcs = [p.poll() for p in procs]
+            if all(rc is not None for rc in rcs):
+                break
+            if any(rc not in (None, 0) for rc in rcs) or time.monotonic() - t0 > deadline_s:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+    elapsed = time.monotonic() - t0
+    results, texts = [], []
+    for out, log in zip(outs, logs):
+        log.seek(0)
+        texts.append(log.read()[-4000:])
+        log.close()
+        results.append(json.load(open(out)) if os.path.exists(out) else None)
+    return [p.returncode for p in procs], results, texts, elapsed
+
+
+def check(script: str, world: int, mode: str, device: str = "cpu", min_cases: int = 1) -> dict:
+    """Launch, then assert every rank finished and no case failed; returns rank 0's result."""
+    rcs, results, logs, elapsed = launch(script, world, mode, device=device)
+    msg = "\n".join(f"--- rank {r} rc={rc}\n{log}" for r, (rc, log) in enumerate(zip(rcs, logs)))
+    assert all(rc == 0 for rc in rcs), f"a rank failed or timed out after {elapsed:.1f}s:\n{msg}"
+    failures = [f for res in results for f in res["failures"]]
+    n = results[0]["cases"]
+    assert n >= min_cases, f"only {n} cases ran"
+    assert not failures, f"{len(failures)} of {n} case-rank checks failed:\n" + "\n".join(failures[:30])
+    return results[0]
+
+
+class Checker:
+    """Collects failures instead of raising, so one rank never leaves the
+    others waiting in a collective."""
+
+    def __init__(self, rank: int, device: str):
+        self.rank, self.dev, self.failures, self.cases = rank, device, [], 0
+
+    def close(self, name, a, b, rtol=1e-9, atol=1e-10):
+        import torch
+        ok = a.shape == b.shape and a.dtype == b.dtype and torch.allclose(
+            a.double().cpu(), b.double().cpu(), rtol=rtol, atol=atol, equal_nan=True)
+        if not ok:
+            diff = (a.double().cpu() - b.double().cpu()).abs().max().item() if a.shape == b.shape else "shape"
+            self.fail(f"{name}: got {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}, max diff {diff}")
+
+    def true(self, name, cond, detail=""):
+        if not cond:
+            self.fail(f"{name} {detail}")
+
+    def fail(self, msg):
+        self.failures.append(f"rank {self.rank}: {msg}")
+
+
+def _run(rank: int, world: int, port: int, mode: str, out: str, modes) -> int:
+    import torch
+    import torch.distributed as dist
+
+    dev = os.environ.get("CROSSENT_DIST_DEVICE", "cpu")
+    torch.set_num_threads(1)
+    if dev == "cuda":
+        torch.cuda.set_device(0)  # every rank shares one GPU; gloo moves the bytes
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    ck = Checker(rank, dev)
+    times = {}
+    for fn in modes[mode]:  # an exception leaves without teardown: worker_main exits at once
+        t0 = time.perf_counter()
+        fn(ck, rank, world)
+        times[fn.__name__] = round(time.perf_counter() - t0, 2)
+    with open(out, "w") as f:
+        json.dump({"failures": ck.failures, "cases": ck.cases, "times": times}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def worker_main(modes) -> None:
+    """Entry point of ``script --worker rank world port mode out``; ``modes``
+    maps a mode name to the case functions fn(checker, rank, world) it runs."""
+    try:
+        code = _run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], modes)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # never wait for peers on the way out
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def groups(world: int, dev: str):
+    """The three ways to name the group: default (None), a ProcessGroup, a 1-D DeviceMesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    return [None, dist.new_group(list(range(world))), init_device_mesh(dev, (world,))]
+
+
+def splits(world: int):
+    """Uneven class splits per rank, including one- and zero-class shards."""
+    if world == 2:
+        return [[4, 3], [1, 6], [6, 1], [4, 4]]
+    return [[3, 3, 3], [1, 5, 2], [2, 1, 4], [0, 4, 3]]
