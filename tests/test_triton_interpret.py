@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
@@ -46,9 +47,9 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
     z = z.reshape(-1, C)
     if cap:
         z = cap * torch.tanh(z / cap)
-    lse = torch.logsumexp(z, -1)
-    # a +inf logit: torch's softmax is NaN (inf - inf), and so is the lse here
-    lse = torch.where(z.amax(-1) == float("inf"), float("nan"), lse)
+    lse_out = torch.logsumexp(z, -1)  # the lse returned: torch.logsumexp's (+inf for a +inf logit)
+    # a +inf logit: torch's softmax is NaN (inf - inf), and so is the lse the terms use
+    lse = torch.where(z.amax(-1) == float("inf"), float("nan"), lse_out)
     w = weight.double() if weight is not None else torch.ones(C, dtype=torch.float64, device=x.device)
     n = z.shape[0]
     sc = torch.ones(n, dtype=torch.float64, device=x.device) if scale is None else \
@@ -86,7 +87,7 @@ def ref_ce(x, target, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=0.0, 
     out_shape = (x.shape[0],) + tuple(x.shape[2:])
     if kdim:
         dx = dx.reshape(x.shape[0], -1, C).movedim(-1, 1)
-    return loss.reshape(out_shape), lse.reshape(out_shape), dx.reshape(x.shape)
+    return loss.reshape(out_shape), lse_out.reshape(out_shape), dx.reshape(x.shape)
 
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 4e-3), torch.float16: (4e-3, 1e-3),
@@ -297,6 +298,7 @@ def test_ce_nonfinite_rows(path):
     assert loss[3] == 0 and g[3].isnan().all()
     assert loss[:3].isnan().all() and g[:3].isnan().all()  # as torch: NaN, +inf, all -inf rows
     assert torch.isfinite(loss[4]) and torch.isfinite(g[4]).all()
+    assert lse[1] == float("inf") and lse[2] == float("-inf")  # torch.logsumexp's (check_ce)
 
 
 def test_ce_out_of_range_targets(path):
@@ -356,6 +358,12 @@ def test_ce_empty():
     loss, lse, g = BE.ce_forward(torch.empty(0, 5), torch.empty(0, dtype=torch.long), None, -100,
                                  0.0, 0.0, 0.0, torch.tensor(1.0), True)
     assert loss.shape == (0,) and g.shape == (0, 5)
+    # C == 0: the portable backend's degenerate rows (NaN under smoothing, as torch)
+    x, y = torch.empty(2, 0), torch.full((2,), -100)
+    for eps in (0.0, 0.1):
+        loss, lse, _ = BE.ce_forward(x, y, None, -100, eps, 0.0, 0.0, torch.tensor(1.0), False)
+        expect = F.cross_entropy(x, y, reduction="none", label_smoothing=eps)
+        torch.testing.assert_close(loss, expect, equal_nan=True)
 
 
 def test_ce_fp64_delegates():

@@ -286,7 +286,8 @@ class _Terms:
         z = xc.to(self.acc)
         if self.softcap:
             z = torch.tanh(z / self.softcap).mul_(self.softcap)
-        elif out is not None and z.data_ptr() == out.data_ptr():
+        elif out is not None and not torch._C._functorch.is_functorch_wrapped_tensor(z) \
+                and z.data_ptr() == out.data_ptr():  # (torch.func's wrappers have no data_ptr)
             z = z.clone()  # grad_into=x: keep this chunk's logits while the gradient overwrites them
         m = z.amax(1, keepdim=True)
         e = torch.sub(z, m) if out is None else torch.sub(z, m, out=out)

@@ -24,6 +24,13 @@ def _log_sum(ssum, m):
 
 
 @triton.jit
+def _lse(ms, logs, m, ssum):
+    # The stored lse, as torch.logsumexp: +inf for a row whose max is +inf (logs is
+    # NaN there, for the loss and softmax), NaN if the row also holds a NaN (ssum).
+    return tl.where((m == float("inf")) & (ssum == ssum), m, ms + logs)
+
+
+@triton.jit
 def _softcap(x, cap):
     # cap * tanh(x / cap) without tl.math.tanh (absent in some Triton versions);
     # a short odd series near 0 avoids the cancellation of 1 - e^{-2|u|}.

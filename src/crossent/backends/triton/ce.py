@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from . import _device, split
-from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _row_coefs, _safe, _softcap
+from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
 # move them; change them through configure(), which drops the cached plans.
@@ -155,7 +155,7 @@ def _ce_kernel(
     loss = _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
                  PROB, SMOOTH, HAS_ZL)
     tl.store(loss_ptr + pos, loss, mask=smask)
-    tl.store(lse_ptr + pos, ms + logs, mask=smask)
+    tl.store(lse_ptr + pos, _lse(ms, logs, m, ssum), mask=smask)
 
     if NEED_GRAD:
         g_row = b * sg_b + s[:, None] * sg_s
@@ -320,17 +320,17 @@ def _torch_backend():
 
 def ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                scale, need_grad, grad_into=None):
-    if x.dtype == torch.float64:  # fp64 math is left to the portable backend
+    # fp64 math is left to the portable backend, as are inputs with no elements
+    # (nothing to launch; that backend owns their degenerate losses: NaN rows for
+    # C == 0 with smoothing or counted targets, lse = -inf) and torch.func's
+    # wrapped tensors (the jvp rule's saved logits), which have no storage to launch on.
+    if x.dtype == torch.float64 or x.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return _torch_backend().ce_forward(x, target, weight, ignore_index, label_smoothing,
                                            z_loss, softcap, scale, need_grad, grad_into)
     empty = x.new_empty(0)
     grad = None
     if need_grad:
         grad = grad_into if grad_into is not None else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    if x.numel() == 0:
-        out_shape = (x.shape[0],) + tuple(x.shape[2:])
-        z = torch.zeros(out_shape, device=x.device, dtype=torch.float32)
-        return z, z.clone(), (empty if grad is None or grad_into is not None else grad)
     loss, lse = _launch(x, target, weight, int(ignore_index), float(label_smoothing),
                         float(z_loss), float(softcap or 0.0), scale, need_grad, grad)
     if grad is None or grad_into is not None:
@@ -339,6 +339,9 @@ def ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap
 
 
 def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, scale):
+    if x.dtype == torch.float64:  # as ce_forward: the portable backend's own recompute
+        return _torch_backend().ce_backward(x, target, weight, lse, ignore_index, label_smoothing,
+                                            z_loss, softcap, scale)
     # The forward kernel again, with the per-row scale: it reads the logits as
     # often as the forward does (once on the single / cluster / split paths) and
     # forms p relative to the row max, which a saved, rounded lse would not allow.

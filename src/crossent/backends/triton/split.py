@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _device
-from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _row_coefs, _safe, _softcap
+from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
 
 # Defaults from the static check (tests/_aot_compile.py --explore, sm_90, bf16): slices
 # of 4096 over 4 warps: 70 registers, 7 CTAs/SM, ~26 SASS instructions per element
@@ -171,7 +171,7 @@ def _ce_split_kernel(
             if split == 0:
                 tl.store(loss_ptr + r64, _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c,
                                                z_loss, valid, inb, PROB, SMOOTH, HAS_ZL))
-                tl.store(lse_ptr + r64, ms + logs)
+                tl.store(lse_ptr + r64, _lse(ms, logs, m, ssum))
             sc = tl.load(scale_ptr + r64 * scale_stride).to(tl.float32)
             a2, b2, c2 = _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
                                     PROB, SMOOTH, HAS_ZL)
