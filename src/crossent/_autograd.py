@@ -502,6 +502,26 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+def _vp_linear_grad_graph(ctx, x: Tensor, w: Tensor, b: Tensor | None, row_scale: Tensor):
+    """(dx, dw, db) for backward(create_graph=True), in differentiable ops on
+    the whole (N, V_l) logits (a graph keeps them anyway); dx is summed over
+    the ranks by a differentiable all_reduce."""
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dz = ctx.sm.grad_graph(torch.nn.functional.linear(x, w, b), row_scale, ctx.group, ctx.world)
+    dx = dw = db = None
+    if need_x:
+        dx = dz.to(x.dtype).mm(w)
+        if ctx.opts.reduce_input_grad and ctx.world > 1:
+            from torch.distributed.nn.functional import all_reduce
+            dx = all_reduce(dx, group=ctx.group)
+    if need_w:
+        dw = dz.t().mm(x.to(dz.dtype)).to(w.dtype)
+    if need_b and b is not None:
+        db = dz.sum(0).to(b.dtype)
+    return dx, dw, db
+
+
+# ===========================================================================
 # Token log-probabilities and entropy: crossent.log_probs / linear_log_probs
 # and their vocab-parallel variants (kernels: crossent/logprobs.py)
 # ===========================================================================
@@ -653,24 +673,3 @@ class VocabParallelLinearLogProbsFunction(torch.autograd.Function):
             K.all_reduce_(dx, torch.distributed.ReduceOp.SUM, st.group, st.world)
         return (dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype),
                 None, None, None, None)
-=======
-def _vp_linear_grad_graph(ctx, x: Tensor, w: Tensor, b: Tensor | None, row_scale: Tensor):
-    """(dx, dw, db) for backward(create_graph=True), in differentiable ops on
-    the whole (N, V_l) logits (a graph keeps them anyway); dx is summed over
-    the ranks by a differentiable all_reduce."""
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    dz = ctx.sm.grad_graph(torch.nn.functional.linear(x, w, b), row_scale, ctx.group, ctx.world)
-    dx = dw = db = None
-    if need_x:
-        dx = dz.to(x.dtype).mm(w)
-        if ctx.opts.reduce_input_grad and ctx.world > 1:
-            from torch.distributed.nn.functional import all_reduce
-            dx = all_reduce(dx, group=ctx.group)
-    if need_w:
-        dw = dz.t().mm(x.to(dz.dtype)).to(w.dtype)
-    if need_b and b is not None:
-        db = dz.sum(0).to(b.dtype)
-    return dx, dw, db
-
-
-# ====================================================================
