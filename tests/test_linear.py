@@ -557,3 +557,72 @@ def test_triton_interpreter_tier():
     if r.returncode != 0 and "cannot run on cpu" in (r.stderr + r.stdout):
         pytest.skip("triton backend unavailable on CPU here")
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+
+def _torch_lce(h, W, t, b=None, **kw):
+    """torch's own F.linear_cross_entropy (batch dims flattened, as crossent's extension reads them)."""
+    return F.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W, t.reshape(-1), linear_bias=b, **kw)
+
+
+def _same(a, r, tol=1e-10):
+    torch.testing.assert_close(a, r, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("policy,red,shift", [("accurate", "mean", False), ("compact", "sum", False),
+                                              ("accurate", "none", False), ("accurate", "mean", True)])
+def test_double_backward_matches_torch(policy, red, shift):
+    """backward(create_graph=True): the first-order gradients require grad and
+    their own gradients equal those of torch's F.linear_cross_entropy."""
+    h, W, b, t = _data(2 * 5, 6, 9, batch=(2, 5))
+    ts = t[:, 1:] if shift else t
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+        loss = fn(*leaves)
+        up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        g = torch.autograd.grad(loss, leaves, up, create_graph=True)
+        assert all(x.requires_grad for x in g)
+        second = torch.autograd.grad(sum((x * x.detach().sin()).sum() for x in g), leaves)
+        return [loss.detach(), *g, *second]
+
+    ours = run(lambda h, W, b: linear_cross_entropy(h, W, t, linear_bias=b, reduction=red, shift=shift,
+                                                    options=Opts(acc_policy=policy)))
+    ref = run(lambda h, W, b: _torch_lce(h[:, :-1] if shift else h, W, ts, b,
+                                         reduction=red).reshape(ts.shape if red == "none" else ()))
+    for a, r in zip(ours, ref):
+        _same(a, r, 1e-9)
+
+
+def test_torch_func_transforms_match_torch():
+    """torch.func.grad, jacrev, vmap (also of grad) and jvp of
+    linear_cross_entropy, against the same transforms of F.linear_cross_entropy."""
+    from torch.func import grad, jacrev, jvp, vmap
+    h, W, b, t = _data(6, 5, 7)
+    fns = [lambda h, W, b, fn=fn: fn(h, W, t, linear_bias=b) for fn in (linear_cross_entropy,
+                                                                     F.linear_cross_entropy)]
+    rows = [lambda h, fn=fn: fn(h, W, t, linear_bias=b, reduction="none") for fn in (linear_cross_entropy,
+                                                                                  F.linear_cross_entropy)]
+    hb = torch.stack([h, 2 * h])
+    tangents = tuple(torch.ones_like(x) for x in (h, W, b))
+    ours, ref = ([*grad(f, argnums=(0, 1, 2))(h, W, b), jacrev(r)(h),
+                  vmap(f, in_dims=(0, None, None))(hb, W, b), *jvp(f, (h, W, b), tangents),
+                  vmap(grad(f), in_dims=(0, None, None))(hb, W, b)] for f, r in zip(fns, rows))
+    for a, r in zip(ours, ref):
+        _same(a, r)
+
+
+@pytest.mark.parametrize("up", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_non_finite_upstream_matches_torch(up, red):
+    """A NaN/inf upstream gradient: the NaN/inf patterns of every gradient are
+    torch's (ignored rows of the input gradient stay 0)."""
+    h, W, b, t = _data(7, 5, 9)
+    res = []
+    for fn in (linear_cross_entropy, F.linear_cross_entropy):
+        leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+        fn(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=red).backward(
+            torch.tensor(up, dtype=torch.float64))
+        res.append([x.grad for x in leaves])
+    for a, r in zip(*res):
+        _same(a, r)  # NaN where torch has NaN, the same infinities, the rest close

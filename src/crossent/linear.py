@@ -53,7 +53,7 @@ from torch import Tensor
 
 from . import _fast
 from . import _validate as V
-from . import backends
+from . import backends, reference
 from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
 from ._linear_ops import acc_dtype, vocab_tiles
 from .functional import (CrossEntropyOutput, _ce_options, _class_denominator, _cross_entropy,
@@ -299,19 +299,29 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     # The linear's dtype/device checks, with F.linear's own messages (on empty slices).
     bias0 = None if linear_bias is None else linear_bias.reshape(-1)[:0]
     TF.linear(input.reshape(-1, D)[:0], linear_weight.reshape(-1, D)[:0], bias0)
-    if out_features or (prob and torch.is_grad_enabled()
-                        and (target.requires_grad or (weight is not None and weight.requires_grad))):
-        # K-dim loss (softmax over dim 1 of (N, C, d1..dk)) or gradients w.r.t.
-        # targets/weights: crossent.cross_entropy on materialised logits.
+    if out_features or any(V.func_transforms()) or (
+            prob and torch.is_grad_enabled()
+            and (target.requires_grad or (weight is not None and weight.requires_grad))):
+        # K-dim loss (softmax over dim 1 of (N, C, d1..dk)), vmap or forward-mode
+        # AD (the fused pass has neither a batching nor a jvp rule), or gradients
+        # w.r.t. targets/weights: crossent.cross_entropy on materialised logits.
         logits = TF.linear(input, linear_weight.reshape(-1, D),
                            None if linear_bias is None else linear_bias.reshape(-1))
         if shift:
             logits, target = logits[..., :-1, :], (target[..., 1:, :] if prob else target[..., 1:])
         if input.dim() > 2:
             logits, target = logits.reshape(-1, C), (target.reshape(-1, C) if prob else target.reshape(-1))
-        out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features else logits,
-                             target, weight, None, ignore_index, None, reduction, label_smoothing, z_loss,
-                             softcap, False)
+        if V.func_transforms()[1] and not (out_features or stats):
+            # Forward-mode AD: torch's own ops, whose jvp rules see through F.linear's addmm.
+            eps, zl, cap = _ce_options(label_smoothing, z_loss, softcap)
+            loss = reference.cross_entropy(logits, target, weight, ignore_index,
+                                           V.reduction(None, None, reduction), eps, z_loss=zl,
+                                           softcap=cap or None)
+            out = CrossEntropyOutput(loss, loss, loss)
+        else:
+            out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features
+                                 else logits, target, weight, None, ignore_index, None, reduction,
+                                 label_smoothing, z_loss, softcap, False)
         if input.dim() > 2 and out.loss.dim():
             nb = batch[:-1] + (batch[-1] - 1,) if shift else batch
             out = CrossEntropyOutput(out.loss.reshape(nb), out.lse.reshape(nb), out.z_loss)
@@ -376,7 +386,11 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                            softcap=cap, policy=plan.policy, chunk_rows=plan.chunk_size, budget=budget,
                            drop_ignored=not stats, inplace=inplace, backend=backend, out_dtype=out_dtype)
     with _fast.no_autocast(input.device.type):  # our matmuls accumulate in fp32
-        loss, lse = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight, denom, opts)
+        grad_on = torch.is_grad_enabled()
+        needs = (grad_on and x.requires_grad, grad_on and linear_weight.requires_grad,
+                 grad_on and linear_bias is not None and linear_bias.requires_grad)
+        loss, lse, *_ = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight,
+                                                         denom, opts, needs)
     lse = lse.reshape(batch)
     if red == "none":
         loss = loss.reshape(batch)
