@@ -626,3 +626,14 @@ def test_non_finite_upstream_matches_torch(up, red):
         res.append([x.grad for x in leaves])
     for a, r in zip(*res):
         _same(a, r)  # NaN where torch has NaN, the same infinities, the rest close
+
+
+def test_smoothed_mean_with_zero_weight_sum_is_nan_like_torch():
+    """Every counted target has class weight 0 and label smoothing is on:
+    torch's mean divides its nll part 0/0, so the loss is NaN (not inf)."""
+    h, W, b, t = _data(6, 5, 4)
+    t = torch.tensor([0, -100, 2, 0, -100, 2])
+    w = torch.tensor([0.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    for red in ("mean", "sum"):
+        _same(linear_cross_entropy(h, W, t, linear_bias=b, weight=w, label_smoothing=0.3, reduction=red),
+              F.linear_cross_entropy(h, W, t, linear_bias=b, weight=w, label_smoothing=0.3, reduction=red))

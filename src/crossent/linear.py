@@ -56,7 +56,7 @@ from . import _validate as V
 from . import backends, reference
 from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
 from ._linear_ops import acc_dtype, vocab_tiles
-from .functional import (CrossEntropyOutput, _ce_options, _class_denominator, _cross_entropy,
+from .functional import (CrossEntropyOutput, _ce_options, _cross_entropy, _denominator,
                          _z_term)
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "linear_cross_entropy_plan",
@@ -373,10 +373,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     # arithmetic would wrap to 156; issue 9).  O(N), next to O(N*D*V) work.
     t = target.reshape(-1, C) if prob else target.reshape(-1).long()
     acc = acc_dtype(input.dtype)
-    if prob:
-        denom = torch.full((), float(N), dtype=acc, device=input.device)
-    else:
-        denom = _class_denominator(t, weight, ignore_index, C, acc)
+    # NaN where torch's smoothed mean divides by a zero weight sum (0/0 in its nll part).
+    denom = _denominator(t, weight, ignore_index, C, eps, prob, acc)
     backend = backends.name_for(input.device.type)
     plan, budget = _plan(N, D, C, input.dtype, input.device, options, backend)
     allow = bool(getattr(options, "allow_inplace", False))
