@@ -637,3 +637,22 @@ def test_smoothed_mean_with_zero_weight_sum_is_nan_like_torch():
     for red in ("mean", "sum"):
         _same(linear_cross_entropy(h, W, t, linear_bias=b, weight=w, label_smoothing=0.3, reduction=red),
               F.linear_cross_entropy(h, W, t, linear_bias=b, weight=w, label_smoothing=0.3, reduction=red))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_in_features_zero_matches_torch(policy):
+    """in_features = 0: the logits are the bias (or zeros): log(C) per row without
+    a bias; gradients of the empty input and weight are empty, the bias's is not."""
+    t = torch.tensor([1, -100, 3, 4])
+    for bias in (None, torch.randn(31, dtype=torch.float64)):
+        res = []
+        for fn in (lambda *a, **k: linear_cross_entropy(*a, options=Opts(acc_policy=policy), **k),
+                   F.linear_cross_entropy):
+            leaves = [torch.randn(4, 0, dtype=torch.float64, requires_grad=True),
+                      torch.randn(31, 0, dtype=torch.float64, requires_grad=True)]
+            leaves += [] if bias is None else [bias.clone().requires_grad_(True)]
+            rows = fn(leaves[0], leaves[1], t, linear_bias=None if bias is None else leaves[2], reduction="none")
+            rows.backward(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+            res.append([rows.detach()] + [x.grad for x in leaves])
+        for a, r in zip(*res):
+            _same(a, r)

@@ -298,14 +298,14 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                              f"{list(batch) + [C]} (probabilities), got {list(target.shape)}")
     # The linear's dtype/device checks, with F.linear's own messages (on empty slices).
     bias0 = None if linear_bias is None else linear_bias.reshape(-1)[:0]
-    TF.linear(input.reshape(-1, D)[:0], linear_weight.reshape(-1, D)[:0], bias0)
+    TF.linear(_matrix(input)[:0], _matrix(linear_weight)[:0], bias0)
     if out_features or any(V.func_transforms()) or (
             prob and torch.is_grad_enabled()
             and (target.requires_grad or (weight is not None and weight.requires_grad))):
         # K-dim loss (softmax over dim 1 of (N, C, d1..dk)), vmap or forward-mode
         # AD (the fused pass has neither a batching nor a jvp rule), or gradients
         # w.r.t. targets/weights: crossent.cross_entropy on materialised logits.
-        logits = TF.linear(input, linear_weight.reshape(-1, D),
+        logits = TF.linear(input, _matrix(linear_weight),
                            None if linear_bias is None else linear_bias.reshape(-1))
         if shift:
             logits, target = logits[..., :-1, :], (target[..., 1:, :] if prob else target[..., 1:])
@@ -361,13 +361,13 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     rows = None
     if shift:
         T = input_x.shape[-2]
-        x = input_x.reshape(-1, D)
+        x = _matrix(input_x)
         B = x.shape[0] // T if T else 0
         if B > 1:
             ar = torch.arange(T - 1, device=input.device)
             rows = (torch.arange(B, device=input.device).unsqueeze(1) * T + ar).reshape(-1)
     else:
-        x = input.reshape(-1, D)
+        x = _matrix(input)
     # Class indices as int64: ignore_index is then compared as an exact integer
     # (a uint8 target 156 is class 156 under ignore_index=-100, which uint8
     # arithmetic would wrap to 156; issue 9).  O(N), next to O(N*D*V) work.
@@ -401,6 +401,11 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _matrix(t: Tensor) -> Tensor:
+    """(..., D) -> (rows, D); unlike reshape(-1, D) also for D = 0 (in_features = 0)."""
+    return t.reshape(_numel(t.shape[:-1]), t.shape[-1])
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
