@@ -656,3 +656,26 @@ def test_in_features_zero_matches_torch(policy):
             res.append([rows.detach()] + [x.grad for x in leaves])
         for a, r in zip(*res):
             _same(a, r)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 4), (2, 0, 4)])
+@pytest.mark.parametrize("red", ["none", "mean", "sum"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_zero_size_batch_dims_match_torch(shape, red, prob):
+    """Leading batch dims with a zero size: torch's result on the flattened call
+    (an empty 'none' loss in the batch shape, NaN mean, 0 sum), gradients too."""
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(*shape[:-1], 5, generator=g, dtype=torch.float64) if prob
+         else torch.zeros(shape[:-1], dtype=torch.long))
+    res = []
+    theirs = lambda h, W, t, **kw: F.linear_cross_entropy(  # noqa: E731
+        h.reshape(-1, 4), W, t.reshape(-1, 5) if prob else t.reshape(-1), **kw)
+    for fn in (linear_cross_entropy, theirs):
+        h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                        requires_grad=True)
+        out = fn(h, W, t, reduction=red)
+        out.sum().backward()
+        res.append([out.reshape(-1), h.grad, W.grad])
+    for a, r in zip(*res):
+        _same(a, r)

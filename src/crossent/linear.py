@@ -339,7 +339,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     if nd > 1 and tuple(target.shape[:nd]) != batch:
         raise ValueError(f"Expected target of shape {list(batch)} (class indices) or {list(batch) + [C]} "
                          f"(probabilities), got {list(target.shape)}")
-    meta = torch.empty((*batch, C) if nd <= 1 else (max(1, _numel(batch)), C), dtype=input.dtype,
+    meta = torch.empty((*batch, C) if nd <= 1 else (_numel(batch), C), dtype=input.dtype,
                        device="meta")
     t_chk = target if nd <= 1 else target.reshape(-1, C) if prob else target.reshape(-1)
     if prob:
