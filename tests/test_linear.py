@@ -679,3 +679,23 @@ def test_zero_size_batch_dims_match_torch(shape, red, prob):
         res.append([out.reshape(-1), h.grad, W.grad])
     for a, r in zip(*res):
         _same(a, r)
+
+
+@pytest.mark.parametrize("prob,red", [(True, "mean"), (True, "none")])
+def test_double_backward_non_finite_upstream_matches_torch(prob, red):
+    """backward(create_graph=True) with an infinite upstream: the first-order
+    gradients have torch's inf/NaN pattern (signed probabilities: the upstream
+    is scaled before the class sum, so NaN rows as torch's chain rule gives)."""
+    h, W, b, t = _data(4, 3, 6, prob=prob)
+    if prob:
+        t = t - 0.1
+    res = []
+    for fn in (linear_cross_entropy, F.linear_cross_entropy):
+        leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+        out = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=red)
+        up = torch.full_like(out, float("inf"))
+        if out.dim():
+            up[1:] = 1.0
+        res.append(torch.autograd.grad(out, leaves, up, create_graph=True))
+    for a, r in zip(*res):
+        _same(a, r)
