@@ -339,8 +339,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     if nd > 1 and tuple(target.shape[:nd]) != batch:
         raise ValueError(f"Expected target of shape {list(batch)} (class indices) or {list(batch) + [C]} "
                          f"(probabilities), got {list(target.shape)}")
-    meta = torch.empty((*batch, C) if nd <= 1 else (_numel(batch), C), dtype=input.dtype,
-                       device="meta")
+    # Under autocast torch's cross_entropy sees fp32 logits (an fp32 op), so a
+    # class weight is checked against fp32.
+    meta = torch.empty((*batch, C) if nd <= 1 else (_numel(batch), C),
+                       dtype=_fast.autocast_out_dtype(input, input.dtype), device="meta")
     t_chk = target if nd <= 1 else target.reshape(-1, C) if prob else target.reshape(-1)
     if prob:
         V.prob_target(meta, t_chk, weight, ignore_index)
