@@ -557,3 +557,160 @@ def test_triton_interpreter_tier():
     if r.returncode != 0 and "cannot run on cpu" in (r.stderr + r.stdout):
         pytest.skip("triton backend unavailable on CPU here")
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+
+def _torch_lce(h, W, t, b=None, **kw):
+    """torch's own F.linear_cross_entropy (batch dims flattened, as crossent's extension reads them)."""
+    return F.linear_cross_entropy(h.reshape(-1, h.shape[-1]), W, t.reshape(-1), linear_bias=b, **kw)
+
+
+def _same(a, r, tol=1e-10):
+    torch.testing.assert_close(a, r, atol=tol, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("policy,red,shift", [("accurate", "mean", False), ("compact", "sum", False),
+                                              ("accurate", "none", False), ("accurate", "mean", True)])
+def test_double_backward_matches_torch(policy, red, shift):
+    """backward(create_graph=True): the first-order gradients require grad and
+    their own gradients equal those of torch's F.linear_cross_entropy."""
+    h, W, b, t = _data(2 * 5, 6, 9, batch=(2, 5))
+    ts = t[:, 1:] if shift else t
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+        loss = fn(*leaves)
+        up = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+        g = torch.autograd.grad(loss, leaves, up, create_graph=True)
+        assert all(x.requires_grad for x in g)
+        second = torch.autograd.grad(sum((x * x.detach().sin()).sum() for x in g), leaves)
+        return [loss.detach(), *g, *second]
+
+    ours = run(lambda h, W, b: linear_cross_entropy(h, W, t, linear_bias=b, reduction=red, shift=shift,
+                                                    options=Opts(acc_policy=policy)))
+    ref = run(lambda h, W, b: _torch_lce(h[:, :-1] if shift else h, W, ts, b,
+                                         reduction=red).reshape(ts.shape if red == "none" else ()))
+    for a, r in zip(ours, ref):
+        _same(a, r, 1e-9)
+
+
+def test_torch_func_transforms_match_torch():
+    """torch.func.grad, jacrev, vmap (also of grad) and jvp of
+    linear_cross_entropy, against the same transforms of F.linear_cross_entropy."""
+    from torch.func import grad, jacrev, jvp, vmap
+    h, W, b, t = _data(6, 5, 7)
+    fns = [lambda h, W, b, fn=fn: fn(h, W, t, linear_bias=b) for fn in (linear_cross_entropy,
+                                                                     F.linear_cross_entropy)]
+    rows = [lambda h, fn=fn: fn(h, W, t, linear_bias=b, reduction="none") for fn in (linear_cross_entropy,
+                                                                                  F.linear_cross_entropy)]
+    hb = torch.stack([h, 2 * h])
+    tangents = tuple(torch.ones_like(x) for x in (h, W, b))
+    ours, ref = ([*grad(f, argnums=(0, 1, 2))(h, W, b), jacrev(r)(h),
+                  vmap(f, in_dims=(0, None, None))(hb, W, b), *jvp(f, (h, W, b), tangents),
+                  vmap(grad(f), in_dims=(0, None, None))(hb, W, b)] for f, r in zip(fns, rows))
+    for a, r in zip(ours, ref):
+        _same(a, r)
+
+
+@pytest.mark.parametrize("up", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_non_finite_upstream_matches_torch(up, red):
+    """A NaN/inf upstream gradient: the NaN/inf patterns of every gradient are
+    torch's (ignored rows of the input gradient stay 0)."""
+    h, W, b, t = _data(7, 5, 9)
+    res = []
+    for fn in (linear_cross_entropy, F.linear_cross_entropy):
+        leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+        fn(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=red).backward(
+            torch.tensor(up, dtype=torch.float64))
+        res.append([x.grad for x in leaves])
+    for a, r in zip(*res):
+        _same(a, r)  # NaN where torch has NaN, the same infinities, the rest close
+
+
+def test_smoothed_mean_with_zero_weight_sum_is_nan_like_torch():
+    """Every counted target has class weight 0 and label smoothing is on:
+    torch's mean divides its nll part 0/0, so the loss is NaN (not inf)."""
+    h, W, b, t = _data(6, 5, 4)
+    t = torch.tensor([0, -100, 2, 0, -100, 2])
+    w = torch.tensor([0.0, 1.0, 0.0, 0.5], dtype=torch.float64)
+    for red in ("mean", "sum"):
+        _same(linear_cross_entropy(h, W, t, linear_bias=b, weight=w, label_smoothing=0.3, reduction=red),
+              F.linear_cross_entropy(h, W, t, linear_bias=b, weight=w, label_smoothing=0.3, reduction=red))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_in_features_zero_matches_torch(policy):
+    """in_features = 0: the logits are the bias (or zeros): log(C) per row without
+    a bias; gradients of the empty input and weight are empty, the bias's is not."""
+    t = torch.tensor([1, -100, 3, 4])
+    for bias in (None, torch.randn(31, dtype=torch.float64)):
+        res = []
+        for fn in (lambda *a, **k: linear_cross_entropy(*a, options=Opts(acc_policy=policy), **k),
+                   F.linear_cross_entropy):
+            leaves = [torch.randn(4, 0, dtype=torch.float64, requires_grad=True),
+                      torch.randn(31, 0, dtype=torch.float64, requires_grad=True)]
+            leaves += [] if bias is None else [bias.clone().requires_grad_(True)]
+            rows = fn(leaves[0], leaves[1], t, linear_bias=None if bias is None else leaves[2], reduction="none")
+            rows.backward(torch.linspace(0.5, 1.5, 4, dtype=torch.float64))
+            res.append([rows.detach()] + [x.grad for x in leaves])
+        for a, r in zip(*res):
+            _same(a, r)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 4), (2, 0, 4)])
+@pytest.mark.parametrize("red", ["none", "mean", "sum"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_zero_size_batch_dims_match_torch(shape, red, prob):
+    """Leading batch dims with a zero size: torch's result on the flattened call
+    (an empty 'none' loss in the batch shape, NaN mean, 0 sum), gradients too."""
+    g = torch.Generator().manual_seed(0)
+    t = (torch.rand(*shape[:-1], 5, generator=g, dtype=torch.float64) if prob
+         else torch.zeros(shape[:-1], dtype=torch.long))
+    res = []
+    theirs = lambda h, W, t, **kw: F.linear_cross_entropy(  # noqa: E731
+        h.reshape(-1, 4), W, t.reshape(-1, 5) if prob else t.reshape(-1), **kw)
+    for fn in (linear_cross_entropy, theirs):
+        h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        W = torch.randn(5, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                        requires_grad=True)
+        out = fn(h, W, t, reduction=red)
+        out.sum().backward()
+        res.append([out.reshape(-1), h.grad, W.grad])
+    for a, r in zip(*res):
+        _same(a, r)
+
+
+@pytest.mark.parametrize("prob,red", [(True, "mean"), (True, "none")])
+def test_double_backward_non_finite_upstream_matches_torch(prob, red):
+    """backward(create_graph=True) with an infinite upstream: the first-order
+    gradients have torch's inf/NaN pattern (signed probabilities: the upstream
+    is scaled before the class sum, so NaN rows as torch's chain rule gives)."""
+    h, W, b, t = _data(4, 3, 6, prob=prob)
+    if prob:
+        t = t - 0.1
+    res = []
+    for fn in (linear_cross_entropy, F.linear_cross_entropy):
+        leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+        out = fn(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=red)
+        up = torch.full_like(out, float("inf"))
+        if out.dim():
+            up[1:] = 1.0
+        res.append(torch.autograd.grad(out, leaves, up, create_graph=True))
+    for a, r in zip(*res):
+        _same(a, r)
+
+
+@pytest.mark.parametrize("shape", [(11,), (4, 11)])
+def test_autocast_accepts_fp32_class_weight_like_torch(shape):
+    """Under CPU autocast torch's cross_entropy runs on fp32 logits, so an fp32
+    class weight is accepted with fp32 hidden states; values and dtype as torch's."""
+    g = torch.Generator().manual_seed(0)
+    h, W, b = (torch.randn(*s, generator=g) for s in (shape, (31, 11), (31,)))
+    t, w = torch.randint(0, 31, shape[:-1], generator=g), torch.rand(31, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for red in ("none", "mean"):
+            kw = dict(linear_bias=b, weight=w, reduction=red, label_smoothing=0.1)
+            ours, ref = linear_cross_entropy(h, W, t, **kw), F.linear_cross_entropy(h, W, t, **kw)
+            assert ours.dtype == ref.dtype
+            _same(ours, ref, 1e-5)

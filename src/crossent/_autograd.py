@@ -267,7 +267,6 @@ class PickBackwardFunction(torch.autograd.Function):
 # ===========================================================================
 # Fused linear + cross-entropy (crossent.linear_cross_entropy)
 # ===========================================================================
-from torch.autograd.function import once_differentiable  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -290,53 +289,69 @@ class LinearCEOptions:
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """(x, rows, w, b, target, weight, denom, opts) -> (loss, lse).
+    """(x, rows, w, b, target, weight, denom, opts, needs) -> (loss, lse, dx, dw, db).
 
     x (M, D) hidden-state rows; rows None (token i is x[i], i < N) or (N,)
     int64 row map; w (V, D); b (V,) or None; target (N,) class indices or
-    (N, V) probabilities; denom 0-d, the mean's denominator.  The loss is
-    cross_entropy(x[rows] @ w.T + b, target) as in CrossEntropyFunction: for
-    'mean'/'sum' every requested gradient is produced by the forward pass (one
-    matmul pass fewer than recomputing) and only rescaled by the upstream
-    gradient in backward; for 'none' (per-token upstream gradients, Liger
-    #968), or a second backward, the backward recomputes with per-token scales.
+    (N, V) probabilities; denom 0-d, the mean's denominator; needs: the
+    caller's (dx, dw, db) wanted, i.e. grad enabled and requires_grad (forward
+    has no ctx to ask: the setup_context form is what torch.func.grad needs).
+    The loss is cross_entropy(x[rows] @ w.T + b, target) as in
+    CrossEntropyFunction: for 'mean'/'sum' every requested gradient is produced
+    by the forward pass (one matmul pass fewer than recomputing), returned as
+    non-differentiable outputs (empty when not computed; callers drop them) and
+    only rescaled by the upstream gradient in backward; for 'none' (per-token
+    upstream gradients, Liger #968), a non-finite upstream, or a second
+    backward, the backward recomputes with per-token scales.
+    backward(create_graph=True) and batched upstreams (jacrev) recompute in
+    torch's differentiable ops, so double backward works.
     """
 
     @staticmethod
-    def forward(ctx, x, rows, w, b, target, weight, denom, opts: LinearCEOptions):
+    def forward(x, rows, w, b, target, weight, denom, opts: LinearCEOptions, needs):
         from . import _linear_ops
-        nx, nw = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        nb = b is not None and ctx.needs_input_grad[3]
-        precompute = (nx or nw or nb) and opts.reduction != "none"
-        scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
-        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, scale)
-        inplace = precompute and nx and opts.inplace
-        if inplace:
+        nx, nw, nb = needs
+        precompute = any(needs) and opts.reduction != "none"
+        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                _scale(denom, opts))
+        if precompute and nx and opts.inplace:
             rows_loss, lse, dw, db = _linear_ops.linear_ce_inplace(
-                x, w, b, *args, precompute and nw, precompute and nb, opts.chunk_rows, opts.backend)
-            dx = x.detach()  # a fresh handle, so autograd can adopt the storage as the gradient
+                x, w, b, *args, nw, nb, opts.chunk_rows, opts.backend)
+            dx = x.new_empty(0)  # dx is x itself now (opt-in); setup_context takes it
         else:
             rows_loss, lse, dx, dw, db = _linear_ops.linear_ce(
                 x, rows, w, b, *args, precompute and nx, precompute and nw, precompute and nb,
                 opts.policy, opts.chunk_rows, opts.budget, opts.drop_ignored, opts.backend)
-        loss = _reduce(rows_loss, denom, opts.reduction)
-        ctx.opts = opts
-        ctx.needs = (nx, nw, nb)
-        ctx.grads = (dx, dw, db) if precompute else None
-        ctx.save_for_backward(None if inplace else x, rows, w, b, target, weight, lse, scale)
-        ctx.mark_non_differentiable(lse)
-        return loss.to(opts.out_dtype), lse
+        return _reduce(rows_loss, denom, opts.reduction).to(opts.out_dtype), lse, dx, dw, db
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g: Tensor, _g_lse: Tensor):
+    def setup_context(ctx, inputs, output):
+        x, rows, w, b, target, weight, denom, opts, needs = inputs
+        _, lse, dx, dw, db = output
+        inplace = any(needs) and opts.reduction != "none" and needs[0] and opts.inplace
+        ctx.opts = opts
+        ctx.grads = None
+        if any(needs) and opts.reduction != "none":
+            # inplace: a fresh handle on x's storage, so autograd can adopt it as the gradient.
+            ctx.grads = (x.detach() if inplace else dx, dw, db)
+        ctx.save_for_backward(None if inplace else x, rows, w, b, target, weight, lse,
+                              _scale(denom, opts))
+        ctx.mark_non_differentiable(lse, dx, dw, db)
+        ctx.set_materialize_grads(False)  # no zero-filled V x D "gradient" for the dw output
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_lse, _g_dx, _g_dw, _g_db):
         from . import _linear_ops
         opts: LinearCEOptions = ctx.opts
-        nx, nw, nb = ctx.needs
-        if ctx.grads is not None:
+        nx, _, nw, nb = ctx.needs_input_grad[:4]
+        none = (None,) * 5
+        if torch.is_grad_enabled() or _batched(g):
+            dx, dw, db = _linear_differentiable_grads(ctx, g, nx, nw, nb)
+            return (dx, None, dw, db) + none
+        if ctx.grads is not None and _rescalable(g):
             grads, ctx.grads = ctx.grads, None
             gf = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
-            for need, t in zip(ctx.needs, grads):
+            for need, t in zip((nx, nw, nb), grads):
                 if need:
                     _ops.rescale_(t, gf, opts.backend)
             dx, dw, db = grads
@@ -352,8 +367,36 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 x, rows, w, b, target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss,
                 opts.softcap, row_scale, nx, nw, nb, opts.policy, opts.chunk_rows, opts.budget,
                 opts.drop_ignored, opts.backend)
-        return (dx if nx else None, None, dw if nw else None, db if nb else None,
-                None, None, None, None)
+        return (dx if nx else None, None, dw if nw else None, db if nb else None) + none
+
+
+def _linear_differentiable_grads(ctx, g: Tensor, nx: bool, nw: bool, nb: bool):
+    """backward(create_graph=True), torch.func.grad and jacrev: the gradients
+    of the linear head in torch's differentiable (and batchable) ops, on
+    materialised logits, so that they have gradients themselves."""
+    x, rows, w, b, target, weight, lse, scale = ctx.saved_tensors
+    opts: LinearCEOptions = ctx.opts
+    if x is None:
+        raise RuntimeError("crossent.linear_cross_entropy(allow_inplace=True) does not support "
+                           "create_graph=True")
+    n = target.shape[0]
+    xr = x[rows] if rows is not None else x[:n]
+    g = g.to(lse.dtype)
+    row_scale = g if opts.reduction == "none" else g * scale
+    dz = reference.cross_entropy_grad(torch.nn.functional.linear(xr, w, b), target, weight,
+                                      opts.ignore_index, opts.label_smoothing, opts.z_loss,
+                                      opts.softcap or None, row_scale)
+    dx = dw = db = None
+    if nx:
+        dx = dz @ w
+        if rows is not None or n != x.shape[0]:
+            idx = rows if rows is not None else torch.arange(n, device=x.device)
+            dx = torch.zeros_like(x).index_add(0, idx, dx)
+    if nw:
+        dw = dz.t() @ xr
+    if nb:
+        db = dz.sum(0)
+    return dx, dw, db
 
 
 # ===========================================================================

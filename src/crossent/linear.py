@@ -53,10 +53,10 @@ from torch import Tensor
 
 from . import _fast
 from . import _validate as V
-from . import backends
+from . import backends, reference
 from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
 from ._linear_ops import acc_dtype, vocab_tiles
-from .functional import (CrossEntropyOutput, _ce_options, _class_denominator, _cross_entropy,
+from .functional import (CrossEntropyOutput, _ce_options, _cross_entropy, _denominator,
                          _z_term)
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "linear_cross_entropy_plan",
@@ -298,20 +298,30 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                              f"{list(batch) + [C]} (probabilities), got {list(target.shape)}")
     # The linear's dtype/device checks, with F.linear's own messages (on empty slices).
     bias0 = None if linear_bias is None else linear_bias.reshape(-1)[:0]
-    TF.linear(input.reshape(-1, D)[:0], linear_weight.reshape(-1, D)[:0], bias0)
-    if out_features or (prob and torch.is_grad_enabled()
-                        and (target.requires_grad or (weight is not None and weight.requires_grad))):
-        # K-dim loss (softmax over dim 1 of (N, C, d1..dk)) or gradients w.r.t.
-        # targets/weights: crossent.cross_entropy on materialised logits.
-        logits = TF.linear(input, linear_weight.reshape(-1, D),
+    TF.linear(_matrix(input)[:0], _matrix(linear_weight)[:0], bias0)
+    if out_features or any(V.func_transforms()) or (
+            prob and torch.is_grad_enabled()
+            and (target.requires_grad or (weight is not None and weight.requires_grad))):
+        # K-dim loss (softmax over dim 1 of (N, C, d1..dk)), vmap or forward-mode
+        # AD (the fused pass has neither a batching nor a jvp rule), or gradients
+        # w.r.t. targets/weights: crossent.cross_entropy on materialised logits.
+        logits = TF.linear(input, _matrix(linear_weight),
                            None if linear_bias is None else linear_bias.reshape(-1))
         if shift:
             logits, target = logits[..., :-1, :], (target[..., 1:, :] if prob else target[..., 1:])
         if input.dim() > 2:
             logits, target = logits.reshape(-1, C), (target.reshape(-1, C) if prob else target.reshape(-1))
-        out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features else logits,
-                             target, weight, None, ignore_index, None, reduction, label_smoothing, z_loss,
-                             softcap, False)
+        if V.func_transforms()[1] and not (out_features or stats):
+            # Forward-mode AD: torch's own ops, whose jvp rules see through F.linear's addmm.
+            eps, zl, cap = _ce_options(label_smoothing, z_loss, softcap)
+            loss = reference.cross_entropy(logits, target, weight, ignore_index,
+                                           V.reduction(None, None, reduction), eps, z_loss=zl,
+                                           softcap=cap or None)
+            out = CrossEntropyOutput(loss, loss, loss)
+        else:
+            out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features
+                                 else logits, target, weight, None, ignore_index, None, reduction,
+                                 label_smoothing, z_loss, softcap, False)
         if input.dim() > 2 and out.loss.dim():
             nb = batch[:-1] + (batch[-1] - 1,) if shift else batch
             out = CrossEntropyOutput(out.loss.reshape(nb), out.lse.reshape(nb), out.z_loss)
@@ -329,8 +339,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     if nd > 1 and tuple(target.shape[:nd]) != batch:
         raise ValueError(f"Expected target of shape {list(batch)} (class indices) or {list(batch) + [C]} "
                          f"(probabilities), got {list(target.shape)}")
-    meta = torch.empty((*batch, C) if nd <= 1 else (max(1, _numel(batch)), C), dtype=input.dtype,
-                       device="meta")
+    # Under autocast torch's cross_entropy sees fp32 logits (an fp32 op), so a
+    # class weight is checked against fp32.
+    meta = torch.empty((*batch, C) if nd <= 1 else (_numel(batch), C),
+                       dtype=_fast.autocast_out_dtype(input, input.dtype), device="meta")
     t_chk = target if nd <= 1 else target.reshape(-1, C) if prob else target.reshape(-1)
     if prob:
         V.prob_target(meta, t_chk, weight, ignore_index)
@@ -351,22 +363,20 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     rows = None
     if shift:
         T = input_x.shape[-2]
-        x = input_x.reshape(-1, D)
+        x = _matrix(input_x)
         B = x.shape[0] // T if T else 0
         if B > 1:
             ar = torch.arange(T - 1, device=input.device)
             rows = (torch.arange(B, device=input.device).unsqueeze(1) * T + ar).reshape(-1)
     else:
-        x = input.reshape(-1, D)
+        x = _matrix(input)
     # Class indices as int64: ignore_index is then compared as an exact integer
     # (a uint8 target 156 is class 156 under ignore_index=-100, which uint8
     # arithmetic would wrap to 156; issue 9).  O(N), next to O(N*D*V) work.
     t = target.reshape(-1, C) if prob else target.reshape(-1).long()
     acc = acc_dtype(input.dtype)
-    if prob:
-        denom = torch.full((), float(N), dtype=acc, device=input.device)
-    else:
-        denom = _class_denominator(t, weight, ignore_index, C, acc)
+    # NaN where torch's smoothed mean divides by a zero weight sum (0/0 in its nll part).
+    denom = _denominator(t, weight, ignore_index, C, eps, prob, acc)
     backend = backends.name_for(input.device.type)
     plan, budget = _plan(N, D, C, input.dtype, input.device, options, backend)
     allow = bool(getattr(options, "allow_inplace", False))
@@ -376,7 +386,11 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                            softcap=cap, policy=plan.policy, chunk_rows=plan.chunk_size, budget=budget,
                            drop_ignored=not stats, inplace=inplace, backend=backend, out_dtype=out_dtype)
     with _fast.no_autocast(input.device.type):  # our matmuls accumulate in fp32
-        loss, lse = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight, denom, opts)
+        grad_on = torch.is_grad_enabled()
+        needs = (grad_on and x.requires_grad, grad_on and linear_weight.requires_grad,
+                 grad_on and linear_bias is not None and linear_bias.requires_grad)
+        loss, lse, *_ = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight,
+                                                         denom, opts, needs)
     lse = lse.reshape(batch)
     if red == "none":
         loss = loss.reshape(batch)
@@ -389,6 +403,11 @@ def _numel(shape) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def _matrix(t: Tensor) -> Tensor:
+    """(..., D) -> (rows, D); unlike reshape(-1, D) also for D = 0 (in_features = 0)."""
+    return t.reshape(_numel(t.shape[:-1]), t.shape[-1])
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,

@@ -102,7 +102,8 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
     if target.is_floating_point():
         t = target.to(z.dtype) * (1 - label_smoothing) + label_smoothing / C
         tw = t if w is None else t * w
-        dz = sc * p * tw.sum(1, keepdim=True) - sc * tw
+        gt = sc * tw  # scaled first, summed after, as torch's chain rule (an inf upstream: NaN rows)
+        dz = p * gt.sum(1, keepdim=True) - gt
         if zterm is not None:
             dz = dz + sc * zterm
     else:
