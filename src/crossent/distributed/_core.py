@@ -101,13 +101,11 @@ class Layout:
     c_local: int
 
 
-def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: "ShardMath",
-                weight: Tensor | None) -> Layout:
-    """This rank's Layout, and the checks that need the global class count C:
-    on the CPU (free there; on an accelerator reading C would sync) the slice,
-    the weight's size and the class indices, with torch's messages, before
-    anything indexes with them."""
-    device = sm.device
+def slice_layout(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, acc, device,
+                 weight: Tensor | None = None) -> Layout:
+    """This rank's Layout from the slice sizes (or the weight's class count),
+    and on the CPU (free there; on an accelerator reading C would sync) the
+    check that the slice fits."""
     if isinstance(vocab_start_index, Tensor):
         start = vocab_start_index.to(device=device, dtype=torch.int64).reshape(())
     elif vocab_start_index is not None:  # a fill kernel, not a host->device copy
@@ -115,18 +113,29 @@ def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int
     else:
         start = sizes[:rank].sum().to(torch.int64)
     if sizes is not None:
-        C = sizes.sum().to(sm.acc)
+        C = sizes.sum().to(acc)
     else:
-        C = torch.full((), float(weight.numel()), dtype=sm.acc, device=device)
+        C = torch.full((), float(weight.numel()), dtype=acc, device=device)
     if device.type == "cpu":
         s, c = int(start), int(C.item())
         if s < 0 or s + c_local > c:
             raise ValueError(f"vocab slice [{s}, {s + c_local}) does not fit in {c} classes")
+    return Layout(start, C, c_local)
+
+
+def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: "ShardMath",
+                weight: Tensor | None) -> Layout:
+    """slice_layout, then the checks that need the global class count C (on
+    the CPU): the weight's size and the class indices, with torch's messages,
+    before anything indexes with them."""
+    lay = slice_layout(sizes, vocab_start_index, rank, c_local, sm.acc, sm.device, weight)
+    if sm.device.type == "cpu":
+        c = int(lay.C.item())
         if weight is not None and weight.numel() != c:
             check_weight_classes(weight, c, sm.o.prob, sm.ndim > 2)
         if not sm.o.prob:
             V.check_target_bounds(sm.target, c, sm.o.ignore_index)
-    return Layout(start, C, c_local)
+    return lay
 
 
 # ---------------------------------------------------------------------------

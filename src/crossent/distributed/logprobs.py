@@ -57,7 +57,7 @@ class ShardLogProbs:
         buf = torch.cat([lse_r, K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev)])
         K.all_reduce_(buf, dist.ReduceOp.MAX, self.group, self.world)
         M = buf[:R]
-        lay = K.layout_from(buf[R:], self.vsi, self.rank, self.v_local, acc, dev, None)
+        lay = K.slice_layout(buf[R:], self.vsi, self.rank, self.v_local, acc, dev)
         self.C = lay.C.long()
         if dev.type == "cpu":
             V.check_target_bounds(self.target, int(self.C), o.ignore_index)
