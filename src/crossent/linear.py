@@ -68,6 +68,9 @@ _LOWP = (torch.float16, torch.bfloat16)
 # 32 MiB chunks ran 2.1x slower than 128 MiB (the dW GEMMs with K = 256 rows
 # are write-bound on the V x D output), 256 MiB and one chunk only ~10% faster.
 _CPU_CHUNK_BYTES = 128 << 20
+# ... but never more than a quarter of the whole logits (down to 16 MiB): a
+# fused head whose one chunk is the whole logits saves no memory at all.
+_CPU_MIN_CHUNK_BYTES = 16 << 20
 # Accelerators when free memory cannot be read (under torch.compile tracing).
 _ACCEL_CHUNK_BYTES = 1 << 30
 # compact's promise: extra memory <= the gradients + this (all its buffers);
@@ -179,7 +182,8 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     their gradient in place); with fp16/bf16 and several chunks, a V x D fp32
     dW accumulator too (one chunk needs none).  On accelerators, as few chunks
     as half the memory left free beyond the gradients allows (each extra
-    chunk costs a read-modify-write of the accumulator); on CPU 128 MiB chunks.
+    chunk costs a read-modify-write of the accumulator); on CPU 128 MiB chunks,
+    at most a quarter of the logits (at least 16 MiB).
     compact: all buffers within chunk_bytes (default 256 MiB, CPU 128 MiB):
     a quarter for the token pass's chunk (the rest is the CE backend's
     working space: the torch backend's fp32 temporaries, up to four per piece
@@ -208,7 +212,8 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
         if opts.chunk_bytes:
             return _chunk_rows(N, per_row, opts.chunk_bytes, tile)
         if device.type == "cpu":
-            return _chunk_rows(N, per_row, _CPU_CHUNK_BYTES, tile)
+            cap = min(_CPU_CHUNK_BYTES, max(_CPU_MIN_CHUNK_BYTES, N * per_row // 4))
+            return _chunk_rows(N, per_row, cap, tile)
         r = room()
         if r is None:
             return _chunk_rows(N, per_row, _ACCEL_CHUNK_BYTES, tile)
