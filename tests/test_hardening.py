@@ -299,3 +299,20 @@ def test_out_of_range_uint8_target_message(fn):
     with pytest.raises(IndexError) as ours:
         getattr(crossent, fn)(x, t, reduction="none")
     assert str(ours.value) == str(theirs.value)
+
+
+# ---------------------------------------------------------------------------
+# 5. torch.func: forward-mode AD with a class weight (its wrapped tensors have
+#    no storage, so nothing may read their data pointers)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 11), (2, 4, 3, 2)])
+@pytest.mark.parametrize("weight_kind", ["contig", "expanded"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jvp_with_class_weight_matches_torch(shape, weight_kind, reduction):
+    g = torch.Generator().manual_seed(9)
+    x, tx = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+    w = torch.randn(shape[1], generator=g) if weight_kind == "contig" else torch.tensor([0.7]).expand(shape[1])
+    res = [torch.func.jvp(lambda a, fn=fn: fn(a, t, weight=w, reduction=reduction), (x,), (tx,))
+           for fn in (crossent.cross_entropy, F.cross_entropy)]
+    torch.testing.assert_close(res[0], res[1])
