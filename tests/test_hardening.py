@@ -316,3 +316,30 @@ def test_jvp_with_class_weight_matches_torch(shape, weight_kind, reduction):
     res = [torch.func.jvp(lambda a, fn=fn: fn(a, t, weight=w, reduction=reduction), (x,), (tx,))
            for fn in (crossent.cross_entropy, F.cross_entropy)]
     torch.testing.assert_close(res[0], res[1])
+
+
+# ---------------------------------------------------------------------------
+# 7 (continued). the NaN pattern of torch's chain rule on the crossent
+#    kernels (CROSSENT_BACKEND=torch) and under create_graph: an infinite
+#    upstream gives inf (not inf * 0 = NaN) away from the target, and signed
+#    probability targets sum to NaN after scaling
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("kind", ["index", "index_smooth", "prob_signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inf_upstream_nan_pattern_on_own_kernels(monkeypatch, create_graph, kind, dtype):
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 6, generator=g).to(dtype)
+    w = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 2.0], dtype=dtype)
+    kw = {"label_smoothing": 0.2} if kind == "index_smooth" else {}
+    t = torch.randn(4, 6, generator=g).to(dtype) if kind == "prob_signed" else torch.tensor([0, 1, 2, 5])
+    u = torch.tensor([inf, inf, 0.0, -inf])
+    res = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        xa = x.clone().requires_grad_()
+        out = fn(xa, t, None if kind == "prob_signed" else w, reduction="none", **kw)
+        (gx,) = torch.autograd.grad(out, xa, u.to(out.dtype), create_graph=create_graph)
+        res.append(gx.detach())
+    torch.testing.assert_close(res[0].isnan(), res[1].isnan())
+    torch.testing.assert_close(res[0], res[1], equal_nan=True, atol=1e-6, rtol=0)

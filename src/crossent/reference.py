@@ -102,7 +102,8 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
     if target.is_floating_point():
         t = target.to(z.dtype) * (1 - label_smoothing) + label_smoothing / C
         tw = t if w is None else t * w
-        dz = sc * p * tw.sum(1, keepdim=True) - sc * tw
+        stw = sc * tw  # summed after scaling, as torch's chain rule does (an inf scale: NaN, not inf)
+        dz = p * stw.sum(1, keepdim=True) - stw
         if zterm is not None:
             dz = dz + sc * zterm
     else:
@@ -111,13 +112,15 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
         wy = 1.0 if w is None else w.reshape(-1)[y]
         sum_w = float(C) if w is None else w.sum()
         a = (1 - label_smoothing) * wy + label_smoothing / C * sum_w
-        b = torch.zeros_like(z).scatter(1, y, (1 - label_smoothing) * wy * torch.ones_like(y, dtype=z.dtype))
-        if label_smoothing > 0:
-            b = b + label_smoothing / C * (1.0 if w is None else w)
         # ignored rows: exactly 0 whatever the scale; out-of-range rows: NaN (backends/base.py)
         m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
         sm = sc * m
-        dz = sm * p * a - sm * b
+        # The target's term is added at the target only (a scatter, not a
+        # one-hot product): an infinite scale then gives inf, not inf * 0 = NaN,
+        # in the other classes, as torch's nll backward does.
+        dz = (sm * p * a).scatter_add(1, y, (-(1 - label_smoothing) * sm * wy).to(z.dtype).expand(y.shape))
+        if label_smoothing > 0:
+            dz = dz - sm * (label_smoothing / C) * (1.0 if w is None else w)
         if zterm is not None:
             dz = dz + sm * zterm
         dz = torch.where(m != 0, dz, 0.0)

@@ -359,7 +359,10 @@ class _Terms:
         place (inv_s = 1/sum(e) turns e into p = softmax(z))."""
         zterm = 2 * self.z_loss * lse if self.z_loss else 0.0
         if self.prob:
-            e.mul_(sc * (rt.sum(1, keepdim=True) + zterm) * inv_s).sub_(sc * rt)
+            # sum(sc * t'), as torch's chain rule sums its upstream: with an
+            # infinite sc and signed targets that sum is NaN, not +-inf.
+            srt = sc * rt
+            e.mul_((srt.sum(1, keepdim=True) + sc * zterm) * inv_s).sub_(srt)
         else:
             y, wy, m = rt
             # sm = s*m per row; where() keeps ignored rows exactly 0 even when s is inf.
