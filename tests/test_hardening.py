@@ -343,3 +343,24 @@ def test_inf_upstream_nan_pattern_on_own_kernels(monkeypatch, create_graph, kind
         res.append(gx.detach())
     torch.testing.assert_close(res[0].isnan(), res[1].isnan())
     torch.testing.assert_close(res[0], res[1], equal_nan=True, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inf_upstream_second_order_in_ignored_rows(softcap, dtype):
+    """Ignored rows have a zero first-order gradient whatever the upstream;
+    their second-order gradient is 0 too (not inf * 0 = NaN), as torch's."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 3, generator=g).to(dtype)
+    t = torch.tensor([[7, 7, 1], [7, 2, 7]])
+    v = torch.randn(x.shape, generator=g).to(dtype)
+    res = []
+    for ours in (True, False):
+        xa = x.clone().requires_grad_()
+        xc = xa if ours or not softcap else softcap * torch.tanh(xa / softcap)
+        out = crossent.cross_entropy(xa, t, ignore_index=7, reduction="sum", softcap=softcap) if ours else \
+            F.cross_entropy(xc, t, ignore_index=7, reduction="sum")
+        (g1,) = torch.autograd.grad(out, xa, torch.tensor(inf, dtype=out.dtype), create_graph=True)
+        (g2,) = torch.autograd.grad(g1, xa, v)
+        res.append((g1.detach(), g2))
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)

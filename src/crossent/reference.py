@@ -114,7 +114,9 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
         a = (1 - label_smoothing) * wy + label_smoothing / C * sum_w
         # ignored rows: exactly 0 whatever the scale; out-of-range rows: NaN (backends/base.py)
         m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
-        sm = sc * m
+        # where(), not sc * m alone: an infinite scale times an ignored row's 0
+        # would make the second-order gradient NaN there (torch's is 0)
+        sm = torch.where(m != 0, sc * m, 0.0)
         # The target's term is added at the target only (a scatter, not a
         # one-hot product): an infinite scale then gives inf, not inf * 0 = NaN,
         # in the other classes, as torch's nll backward does.
