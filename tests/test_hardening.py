@@ -364,3 +364,15 @@ def test_inf_upstream_second_order_in_ignored_rows(softcap, dtype):
         (g2,) = torch.autograd.grad(g1, xa, v)
         res.append((g1.detach(), g2))
     torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_vmap_int32_target_does_not_wrap_ignore_index(fn):
+    """Under vmap torch accepts int32 targets and compares ignore_index in
+    int32 (2**32 then ignores class 0); crossent compares exactly, as torch
+    does for the same int64 target."""
+    x = torch.randn(2, 3, 7)
+    t = torch.tensor([0, 1, 2], dtype=torch.int32)
+    res = [torch.func.vmap(lambda a, f=f, tt=tt: f(a, tt, ignore_index=2**32, reduction="none"))(x)
+           for f, tt in ((getattr(crossent, fn), t), (getattr(F, fn), t.long()))]
+    torch.testing.assert_close(res[0], res[1])
