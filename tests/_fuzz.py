@@ -90,7 +90,8 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
     if not (z_loss or stats):
         return loss
     cd = class_dim(x.dim())
-    lse = torch.logsumexp(xc.to(torch.float64 if x.dtype == torch.float64 else torch.float32), cd)
+    # fp64 where the loss is (fp64 input, or fp64 probability targets / weights): the docstring's dtype
+    lse = torch.logsumexp(xc.to(torch.float64 if torch.float64 in (x.dtype, loss.dtype) else torch.float32), cd)
     prob = t.shape == x.shape
     valid = torch.ones_like(lse, dtype=torch.bool) if prob else (t.long() != ignore_index).reshape(lse.shape)
     # zeros when z_loss == 0 (crossent's docstring), even where lse is not finite

@@ -376,3 +376,15 @@ def test_vmap_int32_target_does_not_wrap_ignore_index(fn):
     res = [torch.func.vmap(lambda a, f=f, tt=tt: f(a, tt, ignore_index=2**32, reduction="none"))(x)
            for f, tt in ((getattr(crossent, fn), t), (getattr(F, fn), t.long()))]
     torch.testing.assert_close(res[0], res[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stats_lse_in_the_loss_dtype_with_fp64_prob_target(dtype):
+    """An fp64 probability target makes the loss fp64 (torch's promotion);
+    the lse is then fp64 too, as CrossEntropyOutput's docstring says."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 17, generator=g).to(dtype)
+    t = torch.softmax(torch.randn(6, 17, generator=g, dtype=torch.float64), 1)
+    out = crossent.cross_entropy_with_stats(x, t, reduction="sum")
+    assert out.loss.dtype == F.cross_entropy(x.to(torch.float32), t, reduction="sum").dtype == torch.float64
+    torch.testing.assert_close(out.lse, torch.logsumexp(x.double(), 1))
