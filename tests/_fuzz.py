@@ -105,7 +105,8 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
             denom = valid.sum()
         else:
             safe = torch.where(valid, t.long().reshape(lse.shape), 0).clamp(0, max(w.numel() - 1, 0))
-            denom = torch.where(valid, w.reshape(-1).to(lse.dtype)[safe], 0.0).sum()
+            wv = w.reshape(-1).to(lse.dtype)  # C == 0: no weight to gather (every row is ignored or NaN)
+            denom = torch.where(valid, wv[safe] if wv.numel() else torch.zeros_like(lse), 0.0).sum()
         if z_loss:  # one denominator for both terms: (sum of losses + sum of z terms) / W
             loss_sum = F.cross_entropy(xc, t, w, None, ignore_index, None, "sum", label_smoothing)
             total = ((loss_sum.to(lse.dtype) + zr) / denom).to(loss.dtype)
