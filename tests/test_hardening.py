@@ -388,3 +388,14 @@ def test_stats_lse_in_the_loss_dtype_with_fp64_prob_target(dtype):
     out = crossent.cross_entropy_with_stats(x, t, reduction="sum")
     assert out.loss.dtype == F.cross_entropy(x.to(torch.float32), t, reduction="sum").dtype == torch.float64
     torch.testing.assert_close(out.lse, torch.logsumexp(x.double(), 1))
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("shapes", [((1, 0, 2, 4), (1, 2, 4)), ((2, 0, 3), (2, 3)), ((2, 0, 3, 1, 1), (2, 3, 1, 1)),
+                                    ((1, 0, 0, 4), (1, 0, 4)), ((0, 3, 2, 4), (0, 2, 4))])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_uint8_k_dim_target_with_no_classes_errors_like_torch(fn, shapes, reduction):
+    """C == 0 with a non-empty uint8 K-dim target: torch's dtype error (4-D)
+    or its reshape's size mismatch (3-D, 5-D) comes before any bounds check."""
+    x, t = torch.randn(shapes[0]), torch.zeros(shapes[1], dtype=torch.uint8)
+    _same(getattr(crossent, fn), getattr(F, fn), x, t, reduction=reduction, backward=False)
