@@ -399,3 +399,27 @@ def test_uint8_k_dim_target_with_no_classes_errors_like_torch(fn, shapes, reduct
     or its reshape's size mismatch (3-D, 5-D) comes before any bounds check."""
     x, t = torch.randn(shapes[0]), torch.zeros(shapes[1], dtype=torch.uint8)
     _same(getattr(crossent, fn), getattr(F, fn), x, t, reduction=reduction, backward=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream", [inf, -inf])
+def test_inf_upstream_with_z_loss_matches_torch_composition(monkeypatch, dtype, upstream):
+    """z_loss's gradient is added to the cross-entropy's, not folded into it:
+    with an infinite upstream and a negative lse (opposite signs) that is
+    NaN in torch's composition, not inf."""
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(5, 7, generator=g) - 10 * torch.arange(5.0).unsqueeze(1)).to(dtype)
+    t = torch.tensor([0, 3, -100, 6, 2])
+
+    def composed(a, t, z_loss):
+        lse = torch.logsumexp(a.float(), 1)
+        return F.cross_entropy(a, t, reduction="sum").float() + z_loss * (lse[t != -100] ** 2).sum()
+
+    res = []
+    for fn in (lambda a, t, z_loss: crossent.cross_entropy(a, t, reduction="sum", z_loss=z_loss), composed):
+        xa = x.clone().requires_grad_()
+        out = fn(xa, t, 0.1)
+        (gx,) = torch.autograd.grad(out, xa, torch.tensor(upstream, dtype=out.dtype))
+        res.append(gx)
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)

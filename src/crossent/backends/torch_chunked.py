@@ -367,7 +367,12 @@ class _Terms:
             y, wy, m = rt
             # sm = s*m per row; where() keeps ignored rows exactly 0 even when s is inf.
             sm = torch.where(m != 0, sc * m, 0.0)
-            e.mul_(sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w + zterm) * inv_s)
+            coef = sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w)
+            if self.z_loss:
+                # scaled apart, as torch's chain rule adds the two terms: an
+                # infinite scale and terms of opposite signs give NaN, not inf
+                coef = coef + sm * zterm
+            e.mul_(coef * inv_s)
             if self.eps > 0:
                 e.sub_(sm * (self.eps / self.C) * (1.0 if self.w is None else self.w))
             e.scatter_add_(1, y, (-(1 - self.eps) * sm * wy).expand(y.shape).to(e.dtype))
