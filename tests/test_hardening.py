@@ -423,3 +423,26 @@ def test_inf_upstream_with_z_loss_matches_torch_composition(monkeypatch, dtype, 
         (gx,) = torch.autograd.grad(out, xa, torch.tensor(upstream, dtype=out.dtype))
         res.append(gx)
     torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["func_grad", "create_graph"])
+def test_ignored_rows_with_non_finite_logits_differentiable_grad(dtype, how):
+    """An ignored row whose logits are not finite has a NaN gradient in
+    torch (its log_softmax backward: 0 * exp(NaN)); the differentiable
+    gradient (torch.func.grad, create_graph) gives the same."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 5, generator=g)
+    x[0, 1], x[1, 2] = nan, inf
+    x = x.to(dtype)
+    t = torch.tensor([-100, -100, 1, 3])
+    w = torch.rand(5, generator=g).to(dtype) + 0.5
+    res = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        f = lambda a, fn=fn: fn(a, t, w, reduction="sum")  # noqa: E731
+        if how == "func_grad":
+            res.append(torch.func.grad(f)(x))
+        else:
+            xa = x.clone().requires_grad_()
+            res.append(torch.autograd.grad(f(xa), xa, create_graph=True)[0].detach())
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)

@@ -114,8 +114,8 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
         a = (1 - label_smoothing) * wy + label_smoothing / C * sum_w
         # ignored rows: exactly 0 whatever the scale; out-of-range rows: NaN (backends/base.py)
         m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
-        # where(), not sc * m alone: an infinite scale times an ignored row's 0
-        # would make the second-order gradient NaN there (torch's is 0)
+        # where(), not sc * m alone: a non-finite scale times an ignored row's 0
+        # would be NaN there, in the gradient and the second-order one (torch: 0)
         sm = torch.where(m != 0, sc * m, 0.0)
         # The target's term is added at the target only (a scatter, not a
         # one-hot product): an infinite scale then gives inf, not inf * 0 = NaN,
@@ -125,7 +125,8 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
             dz = dz - sm * (label_smoothing / C) * (1.0 if w is None else w)
         if zterm is not None:
             dz = dz + sm * zterm
-        dz = torch.where(m != 0, dz, 0.0)
+        # no where() on dz: an ignored row's 0 * p is NaN where its logits are not
+        # finite, as torch's log_softmax backward gives there
     if softcap:
         dz = dz * (1 - (z / softcap) ** 2)
     return dz.to(x.dtype)
