@@ -446,3 +446,16 @@ def test_ignored_rows_with_non_finite_logits_differentiable_grad(dtype, how):
             xa = x.clone().requires_grad_()
             res.append(torch.autograd.grad(f(xa), xa, create_graph=True)[0].detach())
     torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("dtypes", [(torch.long, torch.half), (torch.bfloat16, torch.float64),
+                                    (torch.float64, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_autocast_casts_only_low_precision_arguments(fn, dtypes):
+    """Under autocast torch casts fp16/bf16 arguments of cross_entropy /
+    nll_loss to fp32 and leaves integer and fp64 ones as they are (and then
+    raises its dtype errors)."""
+    x = torch.randn(3, 4).to(dtypes[0]) if dtypes[0] != torch.long else torch.zeros(3, 4, dtype=torch.long)
+    t, w = torch.tensor([0, 1, 2]), torch.rand(4).to(dtypes[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _same(getattr(crossent, fn), getattr(F, fn), x, t, w, backward=False)
