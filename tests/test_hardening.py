@@ -459,3 +459,17 @@ def test_autocast_casts_only_low_precision_arguments(fn, dtypes):
     t, w = torch.tensor([0, 1, 2]), torch.rand(4).to(dtypes[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _same(getattr(crossent, fn), getattr(F, fn), x, t, w, backward=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_loss_is_fp32_on_the_reference_path(dtype):
+    """A probability target that requires grad takes the differentiable
+    reference; under autocast its loss is fp32 too, as torch's."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(5, 7, generator=g).to(dtype)
+    t = torch.softmax(torch.randn(5, 7, generator=g), 1).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = crossent.cross_entropy(x, t), F.cross_entropy(x, t)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, t)[0], torch.autograd.grad(theirs, t)[0])

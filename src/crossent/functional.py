@@ -260,8 +260,12 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
                                   (target.requires_grad or (weight is not None and weight.requires_grad))))):
         # Derivatives w.r.t. probability targets or weights, or vmap (the fused
         # kernels have no batching rule): the differentiable reference.
+        if _fast.autocast_out_dtype(input, input.dtype) != input.dtype:
+            # autocast: torch's fp32 op on fp32 copies of the fp16/bf16 tensors
+            input, target, weight = (t if t is None or t.dtype not in (torch.float16, torch.bfloat16) else t.float()
+                                     for t in (input, target, weight))
         loss = reference.cross_entropy(input, target, weight, ignore_index, red, eps, z_loss=z_loss,
-                                       softcap=cap or None)
+                                       softcap=cap or None).to(out_dtype)
         if not stats:
             return CrossEntropyOutput(loss, loss, loss)
         lse = reference.logsumexp(input, class_dim, cap or None).detach()
