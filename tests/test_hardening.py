@@ -473,3 +473,15 @@ def test_autocast_loss_is_fp32_on_the_reference_path(dtype):
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(torch.autograd.grad(ours, t)[0], torch.autograd.grad(theirs, t)[0])
+
+
+def test_fp64_prob_target_requiring_grad_with_z_loss_is_fp64_accurate():
+    """The reference path (a target that requires grad) computes in the
+    fp64 result dtype too, z-loss term included."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(6, 2, 3, 3, generator=g)
+    t = torch.softmax(torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64), 1).requires_grad_()
+    out = crossent.cross_entropy(x, t, reduction="sum", z_loss=0.1)
+    xd = x.double()
+    ref = F.cross_entropy(xd, t, reduction="sum") + 0.1 * (torch.logsumexp(xd, 1) ** 2).sum()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
