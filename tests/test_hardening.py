@@ -299,3 +299,189 @@ def test_out_of_range_uint8_target_message(fn):
     with pytest.raises(IndexError) as ours:
         getattr(crossent, fn)(x, t, reduction="none")
     assert str(ours.value) == str(theirs.value)
+
+
+# ---------------------------------------------------------------------------
+# 5. torch.func: forward-mode AD with a class weight (its wrapped tensors have
+#    no storage, so nothing may read their data pointers)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3, 11), (2, 4, 3, 2)])
+@pytest.mark.parametrize("weight_kind", ["contig", "expanded"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jvp_with_class_weight_matches_torch(shape, weight_kind, reduction):
+    g = torch.Generator().manual_seed(9)
+    x, tx = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+    w = torch.randn(shape[1], generator=g) if weight_kind == "contig" else torch.tensor([0.7]).expand(shape[1])
+    res = [torch.func.jvp(lambda a, fn=fn: fn(a, t, weight=w, reduction=reduction), (x,), (tx,))
+           for fn in (crossent.cross_entropy, F.cross_entropy)]
+    torch.testing.assert_close(res[0], res[1])
+
+
+# ---------------------------------------------------------------------------
+# 7 (continued). the NaN pattern of torch's chain rule on the crossent
+#    kernels (CROSSENT_BACKEND=torch) and under create_graph: an infinite
+#    upstream gives inf (not inf * 0 = NaN) away from the target, and signed
+#    probability targets sum to NaN after scaling
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("create_graph", [False, True])
+@pytest.mark.parametrize("kind", ["index", "index_smooth", "prob_signed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inf_upstream_nan_pattern_on_own_kernels(monkeypatch, create_graph, kind, dtype):
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(4, 6, generator=g).to(dtype)
+    w = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 2.0], dtype=dtype)
+    kw = {"label_smoothing": 0.2} if kind == "index_smooth" else {}
+    t = torch.randn(4, 6, generator=g).to(dtype) if kind == "prob_signed" else torch.tensor([0, 1, 2, 5])
+    u = torch.tensor([inf, inf, 0.0, -inf])
+    res = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        xa = x.clone().requires_grad_()
+        out = fn(xa, t, None if kind == "prob_signed" else w, reduction="none", **kw)
+        (gx,) = torch.autograd.grad(out, xa, u.to(out.dtype), create_graph=create_graph)
+        res.append(gx.detach())
+    torch.testing.assert_close(res[0].isnan(), res[1].isnan())
+    torch.testing.assert_close(res[0], res[1], equal_nan=True, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inf_upstream_second_order_in_ignored_rows(softcap, dtype):
+    """Ignored rows have a zero first-order gradient whatever the upstream;
+    their second-order gradient is 0 too (not inf * 0 = NaN), as torch's."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 3, generator=g).to(dtype)
+    t = torch.tensor([[7, 7, 1], [7, 2, 7]])
+    v = torch.randn(x.shape, generator=g).to(dtype)
+    res = []
+    for ours in (True, False):
+        xa = x.clone().requires_grad_()
+        xc = xa if ours or not softcap else softcap * torch.tanh(xa / softcap)
+        out = crossent.cross_entropy(xa, t, ignore_index=7, reduction="sum", softcap=softcap) if ours else \
+            F.cross_entropy(xc, t, ignore_index=7, reduction="sum")
+        (g1,) = torch.autograd.grad(out, xa, torch.tensor(inf, dtype=out.dtype), create_graph=True)
+        (g2,) = torch.autograd.grad(g1, xa, v)
+        res.append((g1.detach(), g2))
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_vmap_int32_target_does_not_wrap_ignore_index(fn):
+    """Under vmap torch accepts int32 targets and compares ignore_index in
+    int32 (2**32 then ignores class 0); crossent compares exactly, as torch
+    does for the same int64 target."""
+    x = torch.randn(2, 3, 7)
+    t = torch.tensor([0, 1, 2], dtype=torch.int32)
+    res = [torch.func.vmap(lambda a, f=f, tt=tt: f(a, tt, ignore_index=2**32, reduction="none"))(x)
+           for f, tt in ((getattr(crossent, fn), t), (getattr(F, fn), t.long()))]
+    torch.testing.assert_close(res[0], res[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stats_lse_in_the_loss_dtype_with_fp64_prob_target(dtype):
+    """An fp64 probability target makes the loss fp64 (torch's promotion);
+    the lse is then fp64 too, as CrossEntropyOutput's docstring says."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 17, generator=g).to(dtype)
+    t = torch.softmax(torch.randn(6, 17, generator=g, dtype=torch.float64), 1)
+    out = crossent.cross_entropy_with_stats(x, t, reduction="sum")
+    assert out.loss.dtype == F.cross_entropy(x.to(torch.float32), t, reduction="sum").dtype == torch.float64
+    torch.testing.assert_close(out.lse, torch.logsumexp(x.double(), 1))
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("shapes", [((1, 0, 2, 4), (1, 2, 4)), ((2, 0, 3), (2, 3)), ((2, 0, 3, 1, 1), (2, 3, 1, 1)),
+                                    ((1, 0, 0, 4), (1, 0, 4)), ((0, 3, 2, 4), (0, 2, 4))])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_uint8_k_dim_target_with_no_classes_errors_like_torch(fn, shapes, reduction):
+    """C == 0 with a non-empty uint8 K-dim target: torch's dtype error (4-D)
+    or its reshape's size mismatch (3-D, 5-D) comes before any bounds check."""
+    x, t = torch.randn(shapes[0]), torch.zeros(shapes[1], dtype=torch.uint8)
+    _same(getattr(crossent, fn), getattr(F, fn), x, t, reduction=reduction, backward=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("upstream", [inf, -inf])
+def test_inf_upstream_with_z_loss_matches_torch_composition(monkeypatch, dtype, upstream):
+    """z_loss's gradient is added to the cross-entropy's, not folded into it:
+    with an infinite upstream and a negative lse (opposite signs) that is
+    NaN in torch's composition, not inf."""
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(5, 7, generator=g) - 10 * torch.arange(5.0).unsqueeze(1)).to(dtype)
+    t = torch.tensor([0, 3, -100, 6, 2])
+
+    def composed(a, t, z_loss):
+        lse = torch.logsumexp(a.float(), 1)
+        return F.cross_entropy(a, t, reduction="sum").float() + z_loss * (lse[t != -100] ** 2).sum()
+
+    res = []
+    for fn in (lambda a, t, z_loss: crossent.cross_entropy(a, t, reduction="sum", z_loss=z_loss), composed):
+        xa = x.clone().requires_grad_()
+        out = fn(xa, t, 0.1)
+        (gx,) = torch.autograd.grad(out, xa, torch.tensor(upstream, dtype=out.dtype))
+        res.append(gx)
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["func_grad", "create_graph"])
+def test_ignored_rows_with_non_finite_logits_differentiable_grad(dtype, how):
+    """An ignored row whose logits are not finite has a NaN gradient in
+    torch (its log_softmax backward: 0 * exp(NaN)); the differentiable
+    gradient (torch.func.grad, create_graph) gives the same."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 5, generator=g)
+    x[0, 1], x[1, 2] = nan, inf
+    x = x.to(dtype)
+    t = torch.tensor([-100, -100, 1, 3])
+    w = torch.rand(5, generator=g).to(dtype) + 0.5
+    res = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        f = lambda a, fn=fn: fn(a, t, w, reduction="sum")  # noqa: E731
+        if how == "func_grad":
+            res.append(torch.func.grad(f)(x))
+        else:
+            xa = x.clone().requires_grad_()
+            res.append(torch.autograd.grad(f(xa), xa, create_graph=True)[0].detach())
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("dtypes", [(torch.long, torch.half), (torch.bfloat16, torch.float64),
+                                    (torch.float64, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_autocast_casts_only_low_precision_arguments(fn, dtypes):
+    """Under autocast torch casts fp16/bf16 arguments of cross_entropy /
+    nll_loss to fp32 and leaves integer and fp64 ones as they are (and then
+    raises its dtype errors)."""
+    x = torch.randn(3, 4).to(dtypes[0]) if dtypes[0] != torch.long else torch.zeros(3, 4, dtype=torch.long)
+    t, w = torch.tensor([0, 1, 2]), torch.rand(4).to(dtypes[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _same(getattr(crossent, fn), getattr(F, fn), x, t, w, backward=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_loss_is_fp32_on_the_reference_path(dtype):
+    """A probability target that requires grad takes the differentiable
+    reference; under autocast its loss is fp32 too, as torch's."""
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(5, 7, generator=g).to(dtype)
+    t = torch.softmax(torch.randn(5, 7, generator=g), 1).to(dtype).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = crossent.cross_entropy(x, t), F.cross_entropy(x, t)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, t)[0], torch.autograd.grad(theirs, t)[0])
+
+
+def test_fp64_prob_target_requiring_grad_with_z_loss_is_fp64_accurate():
+    """The reference path (a target that requires grad) computes in the
+    fp64 result dtype too, z-loss term included."""
+    g = torch.Generator().manual_seed(16)
+    x = torch.randn(6, 2, 3, 3, generator=g)
+    t = torch.softmax(torch.randn(6, 2, 3, 3, generator=g, dtype=torch.float64), 1).requires_grad_()
+    out = crossent.cross_entropy(x, t, reduction="sum", z_loss=0.1)
+    xd = x.double()
+    ref = F.cross_entropy(xd, t, reduction="sum") + 0.1 * (torch.logsumexp(xd, 1) ** 2).sum()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

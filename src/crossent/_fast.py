@@ -126,11 +126,12 @@ def autocast_inputs(input: Tensor, weight: Tensor | None) -> tuple[Tensor, Tenso
     fp16/bf16 logits are used as they are (no fp32 copy; only the loss dtype
     changes, see autocast_out_dtype); only when the class weight's dtype
     differs from the logits' (e.g. bf16 logits, fp32 weight, which autocast
-    accepts and crossent's kernels do not) are both cast, as torch does.
+    accepts and crossent's kernels do not) are the fp16/bf16 ones cast, as
+    torch does (integer or fp64 tensors stay as they are, and fail as in torch).
     """
     if (isinstance(weight, Tensor) and isinstance(input, Tensor) and weight.dtype != input.dtype
             and (input.dtype in _LOW or weight.dtype in _LOW) and _autocast_on(input)):
-        return input.float(), weight.float()
+        return tuple(t.float() if t.dtype in _LOW else t for t in (input, weight))
     return input, weight
 
 

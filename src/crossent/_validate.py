@@ -177,9 +177,13 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
         raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
     floating_input(x, "nll_loss2d_forward_out_frame")
     _check_weight_dtype(x, weight)
-    # 'mean' and 'sum' return before reading an empty target; 'none' does not
-    # (nor does torch's batching rule under vmap).
-    if target.dtype == torch.uint8 and (x.numel() > 0 or (reduction == "none" and not func_transforms()[0])):
+    # 'mean' and 'sum' return before reading an empty target (C == 0 with
+    # targets does read it); 'none' does not (nor does torch's batching rule
+    # under vmap).  A 3-D / 5-D+ input without elements and a non-empty target
+    # fails nll_loss_nd's reshape first (no_class_k_dim, called next).
+    reshape_fails = x.dim() != 4 and x.numel() == 0 and target.numel() != 0
+    if target.dtype == torch.uint8 and not reshape_fails and \
+            (target.numel() > 0 or (reduction == "none" and not func_transforms()[0])):
         raise RuntimeError("expected scalar type Long but found Byte")
 
 

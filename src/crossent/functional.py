@@ -253,6 +253,10 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     out_dtype = result_dtype if result_dtype is not None and not prob else out_dtype
     if not prob:
         V.no_class_k_dim(input, target)
+    if out_dtype == torch.float64 and input.dtype != torch.float64:
+        # Probability targets or weights in fp64 promote the loss: compute in
+        # it (autograd records the copy and returns input's dtype).
+        input = input.to(torch.float64)
     vmap, fwd = V.func_transforms()
     if not prob and not vmap:  # under vmap torch's own kernels check (the reference below)
         V.check_target_bounds(target, input.shape[class_dim], ignore_index)
@@ -260,8 +264,12 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
                                   (target.requires_grad or (weight is not None and weight.requires_grad))))):
         # Derivatives w.r.t. probability targets or weights, or vmap (the fused
         # kernels have no batching rule): the differentiable reference.
+        if _fast.autocast_out_dtype(input, input.dtype) != input.dtype:
+            # autocast: torch's fp32 op on fp32 copies of the fp16/bf16 tensors
+            input, target, weight = (t if t is None or t.dtype not in (torch.float16, torch.bfloat16) else t.float()
+                                     for t in (input, target, weight))
         loss = reference.cross_entropy(input, target, weight, ignore_index, red, eps, z_loss=z_loss,
-                                       softcap=cap or None)
+                                       softcap=cap or None).to(out_dtype)
         if not stats:
             return CrossEntropyOutput(loss, loss, loss)
         lse = reference.logsumexp(input, class_dim, cap or None).detach()
@@ -269,10 +277,6 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         w = None if weight is None else weight.reshape(-1)
         denom = _denominator(t, w, ignore_index, input.shape[class_dim], eps, prob, lse.dtype)
         return CrossEntropyOutput(loss, lse, _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(loss.dtype))
-    if out_dtype == torch.float64 and input.dtype != torch.float64:
-        # Probability targets or weights in fp64 promote the loss: compute in
-        # it (autograd records the copy and returns input's dtype).
-        input = input.to(torch.float64)
     weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     x, t = _canonical(input, target)
     denom = _denominator(t, weight, ignore_index, x.shape[1], eps, prob, _acc(x.dtype))

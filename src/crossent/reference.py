@@ -102,8 +102,8 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
     if target.is_floating_point():
         t = target.to(z.dtype) * (1 - label_smoothing) + label_smoothing / C
         tw = t if w is None else t * w
-        gt = sc * tw  # scaled first, summed after, as torch's chain rule (an inf upstream: NaN rows)
-        dz = p * gt.sum(1, keepdim=True) - gt
+        stw = sc * tw  # summed after scaling, as torch's chain rule does (an inf scale: NaN, not inf)
+        dz = p * stw.sum(1, keepdim=True) - stw
         if zterm is not None:
             dz = dz + sc * zterm
     else:
@@ -112,16 +112,21 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
         wy = 1.0 if w is None else w.reshape(-1)[y]
         sum_w = float(C) if w is None else w.sum()
         a = (1 - label_smoothing) * wy + label_smoothing / C * sum_w
-        b = torch.zeros_like(z).scatter(1, y, (1 - label_smoothing) * wy * torch.ones_like(y, dtype=z.dtype))
-        if label_smoothing > 0:
-            b = b + label_smoothing / C * (1.0 if w is None else w)
         # ignored rows: exactly 0 whatever the scale; out-of-range rows: NaN (backends/base.py)
         m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
-        sm = sc * m
-        dz = sm * p * a - sm * b
+        # where(), not sc * m alone: a non-finite scale times an ignored row's 0
+        # would be NaN there, in the gradient and the second-order one (torch: 0)
+        sm = torch.where(m != 0, sc * m, 0.0)
+        # The target's term is added at the target only (a scatter, not a
+        # one-hot product): an infinite scale then gives inf, not inf * 0 = NaN,
+        # in the other classes, as torch's nll backward does.
+        dz = (sm * p * a).scatter_add(1, y, (-(1 - label_smoothing) * sm * wy).to(z.dtype).expand(y.shape))
+        if label_smoothing > 0:
+            dz = dz - sm * (label_smoothing / C) * (1.0 if w is None else w)
         if zterm is not None:
             dz = dz + sm * zterm
-        dz = torch.where(m != 0, dz, 0.0)
+        # no where() on dz: an ignored row's 0 * p is NaN where its logits are not
+        # finite, as torch's log_softmax backward gives there
     if softcap:
         dz = dz * (1 - (z / softcap) ** 2)
     return dz.to(x.dtype)

@@ -199,7 +199,8 @@ class TorchChunkedBackend:
         grad = x.new_empty(0)
         if need_grad:
             grad = grad_into if grad_into is not None else empty_like_fast(x)
-        loss, lse = self._sweep(k, x, grad if need_grad else None, scale, with_loss=True)
+        loss, lse = self._sweep(k, x, grad if need_grad else None, scale, with_loss=True,
+                                may_alias=grad_into is not None)
         return loss, lse, grad
 
     def ce_backward(self, x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
@@ -212,11 +213,14 @@ class TorchChunkedBackend:
         return grad
 
     @staticmethod
-    def _sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, with_loss: bool):
+    def _sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, with_loss: bool,
+               may_alias: bool = False):
         """One pass over x in chunks: per-row lse (and loss), and the gradient
         into ``grad`` when given.  Row terms are built per chunk too, so no
         O(rows) temporaries exist beyond loss and lse (small C, e.g. a K-dim
-        segmentation map, has as many rows as a few logits)."""
+        segmentation map, has as many rows as a few logits).  ``may_alias``:
+        grad may be x's own memory (grad_into); only then are pointers compared
+        (forward-mode AD's wrapped tensors have none)."""
         rows = x.shape[:1] + x.shape[2:]
         lse = torch.empty(rows, dtype=k.acc, device=x.device)
         loss = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss else None
@@ -229,7 +233,7 @@ class TorchChunkedBackend:
             # Write e = z - max straight into the gradient buffer when dtypes
             # agree: the chunk then lives in one place from here on.
             out = grad[xi] if grad is not None and x.dtype == k.acc else None
-            z, e, m = k.logits(x[xi], out)
+            z, e, m = k.logits(x[xi], out, may_alias)
             rt = k.row_terms(ri)
             zs = k.shifted_sum(e, rt) if with_loss else None
             e.exp_()
@@ -280,14 +284,13 @@ class _Terms:
         self.w = None if weight is None else _wcol(weight.to(self.acc), x.dim())  # (1, C[, 1])
         self.sum_w = float(self.C) if weight is None else self.w.sum()
 
-    def logits(self, xc: Tensor, out: Tensor | None):
+    def logits(self, xc: Tensor, out: Tensor | None, may_alias: bool = False):
         """z = softcap(x) in acc dtype, its row max m, and e = z - m (written
         into ``out`` if given)."""
         z = xc.to(self.acc)
         if self.softcap:
             z = torch.tanh(z / self.softcap).mul_(self.softcap)
-        elif out is not None and not torch._C._functorch.is_functorch_wrapped_tensor(z) \
-                and z.data_ptr() == out.data_ptr():  # (torch.func's wrappers have no data_ptr)
+        elif may_alias and out is not None and z.data_ptr() == out.data_ptr():
             z = z.clone()  # grad_into=x: keep this chunk's logits while the gradient overwrites them
         m = z.amax(1, keepdim=True)
         e = torch.sub(z, m) if out is None else torch.sub(z, m, out=out)
@@ -356,12 +359,20 @@ class _Terms:
         place (inv_s = 1/sum(e) turns e into p = softmax(z))."""
         zterm = 2 * self.z_loss * lse if self.z_loss else 0.0
         if self.prob:
-            e.mul_(sc * (rt.sum(1, keepdim=True) + zterm) * inv_s).sub_(sc * rt)
+            # sum(sc * t'), as torch's chain rule sums its upstream: with an
+            # infinite sc and signed targets that sum is NaN, not +-inf.
+            srt = sc * rt
+            e.mul_((srt.sum(1, keepdim=True) + sc * zterm) * inv_s).sub_(srt)
         else:
             y, wy, m = rt
             # sm = s*m per row; where() keeps ignored rows exactly 0 even when s is inf.
             sm = torch.where(m != 0, sc * m, 0.0)
-            e.mul_(sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w + zterm) * inv_s)
+            coef = sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w)
+            if self.z_loss:
+                # scaled apart, as torch's chain rule adds the two terms: an
+                # infinite scale and terms of opposite signs give NaN, not inf
+                coef = coef + sm * zterm
+            e.mul_(coef * inv_s)
             if self.eps > 0:
                 e.sub_(sm * (self.eps / self.C) * (1.0 if self.w is None else self.w))
             e.scatter_add_(1, y, (-(1 - self.eps) * sm * wy).expand(y.shape).to(e.dtype))
