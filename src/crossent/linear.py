@@ -286,6 +286,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     V.tensor_arg(linear_weight, "linear_cross_entropy", "linear_weight", 2)
     V.tensor_arg(target, "linear_cross_entropy", "target", 3)
     input, linear_weight, linear_bias = _fast.autocast_linear_args(input, linear_weight, linear_bias)
+    if isinstance(weight, torch.Tensor) and weight.dtype in _LOWP and torch.is_autocast_enabled(input.device.type):
+        weight = weight.float()  # autocast runs cross_entropy in fp32: its class weight is cast too
     C, out_features = _checks(input, linear_weight, linear_bias)
     batch = tuple(input.shape[:-1])
     prob = tuple(target.shape) == (*batch, C, *out_features)
