@@ -701,13 +701,14 @@ def test_double_backward_non_finite_upstream_matches_torch(prob, red):
         _same(a, r)
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(11,), (4, 11)])
-def test_autocast_accepts_fp32_class_weight_like_torch(shape):
-    """Under CPU autocast torch's cross_entropy runs on fp32 logits, so an fp32
-    class weight is accepted with fp32 hidden states; values and dtype as torch's."""
+def test_autocast_accepts_fp32_class_weight_like_torch(shape, wdtype):
+    """Under CPU autocast torch's cross_entropy runs on fp32 logits, so its class
+    weight is fp32 too (an fp16 one is cast); values and dtype as torch's."""
     g = torch.Generator().manual_seed(0)
     h, W, b = (torch.randn(*s, generator=g) for s in (shape, (31, 11), (31,)))
-    t, w = torch.randint(0, 31, shape[:-1], generator=g), torch.rand(31, generator=g)
+    t, w = torch.randint(0, 31, shape[:-1], generator=g), torch.rand(31, generator=g).to(wdtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         for red in ("none", "mean"):
             kw = dict(linear_bias=b, weight=w, reduction=red, label_smoothing=0.1)
