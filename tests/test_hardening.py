@@ -485,3 +485,20 @@ def test_fp64_prob_target_requiring_grad_with_z_loss_is_fp64_accurate():
     xd = x.double()
     ref = F.cross_entropy(xd, t, reduction="sum") + 0.1 * (torch.logsumexp(xd, 1) ** 2).sum()
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_huge_logits_with_smoothing_stay_finite(dtype, reduction):
+    """Logits near fp32's range: the smoothing sum over classes and the sum over
+    rows overflow fp32 although the result fits; crossent sums them in fp64
+    (torch gives inf/NaN here). Judged against the float64 value."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(5, 257, generator=g, dtype=torch.float64) * 2 - 1) * 3e37
+    t = torch.randint(0, 257, (5,), generator=g)
+    ref = F.cross_entropy(x, t, reduction=reduction, label_smoothing=1.0)
+    if not (ref.abs() < torch.finfo(dtype).max):
+        pytest.skip("float64 value outside the dtype's range")
+    ours = crossent.cross_entropy(x.to(dtype), t, reduction=reduction, label_smoothing=1.0)
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=0)

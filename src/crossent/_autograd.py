@@ -41,10 +41,14 @@ class CEOptions:
 
 
 def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
-    """Per-row fp32 losses -> the reduction ('mean' divides by denom)."""
-    if reduction == "mean":
-        return rows.sum() / denom
-    return rows.sum() if reduction == "sum" else rows
+    """Per-row fp32 losses -> the reduction ('mean' divides by denom).  The
+    O(rows) sum runs in fp64: row losses near fp32's range would overflow an
+    fp32 sum whose mean fits."""
+    if reduction == "none":
+        return rows
+    wide = torch.float64 if rows.device.type in ("cpu", "cuda") else rows.dtype  # (MPS has no fp64)
+    total = rows.sum(dtype=wide)
+    return (total / denom if reduction == "mean" else total).to(rows.dtype)
 
 
 class CrossEntropyFunction(torch.autograd.Function):

@@ -316,11 +316,14 @@ class _Terms:
     def shifted_sum(self, e: Tensor, rt) -> Tensor | None:
         """sum_c v_c * (z_c - max) while e still holds z - max, for the loss's
         sums over classes (v = t'*w, or w under label smoothing): a common
-        offset of the logits, which the softmax ignores, then costs no digits."""
+        offset of the logits, which the softmax ignores, then costs no digits.
+        Summed in fp64 for fp32 work: with logits near fp32's range the sum
+        over C classes overflows while the loss itself (about the mean) fits."""
+        dt = torch.float64 if e.device.type in ("cpu", "cuda") else e.dtype  # (MPS has no fp64)
         if self.prob:
-            return (rt * e).sum(1, keepdim=True)
+            return (rt * e).sum(1, keepdim=True, dtype=dt)
         if self.eps > 0:
-            return e.sum(1, keepdim=True) if self.w is None else (e * self.w).sum(1, keepdim=True)
+            return e.sum(1, keepdim=True, dtype=dt) if self.w is None else (e * self.w).sum(1, keepdim=True, dtype=dt)
         return None
 
     def loss(self, z: Tensor, m: Tensor, ls: Tensor, lse: Tensor, zs: Tensor | None, rt) -> Tensor:
