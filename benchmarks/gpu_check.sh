@@ -5,7 +5,7 @@
 # preinstalled, and no network.  Results: $OUT/gpu_bench.json and
 # $OUT/gpu_linear_bench.json (OUT defaults to ./bench-results); both tables are
 # printed again at the end.
-# Time: tests <= 170 s, CE bench <= 180 s (providers start within 140 s), linear
+# Time: tests <= 170 s, gloo-on-CUDA tests <= 90 s, CE bench <= 180 s (providers start within 140 s), linear
 # bench gets what is left of GPU_CHECK_BUDGET_S (default 555 s: < 9.5 min in all),
 # at most 220 s, providers starting within its timeout minus 50 s.
 #
@@ -60,9 +60,17 @@ echo "== GPU tests =="
 tests="tests/gpu"
 [ -f tests/test_parity.py ] && tests="$tests tests/test_parity.py"
 # CROSSENT_TEST_DEVICE=cuda: the CPU differential suite (tests/test_parity.py) runs on the GPU too.
-CROSSENT_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q --maxfail=10 -p no:cacheprovider --durations=8 $tests 2>&1 | tail -40
+CROSSENT_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q --maxfail=10 -p no:cacheprovider --durations=8 \
+    --ignore=tests/gpu/test_gpu_distributed.py $tests 2>&1 | tail -40
 test_rc=${PIPESTATUS[0]}
 echo "tests exit code: $test_rc (${SECONDS}s elapsed)"
+
+# The vocab-parallel and DTensor gloo cases on CUDA tensors (two ranks sharing the GPU).
+echo "== GPU distributed (gloo, CUDA tensors, world 2) =="
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_distributed.py -k 2 2>&1 | tail -15
+dist_rc=${PIPESTATUS[0]}
+echo "distributed exit code: $dist_rc (${SECONDS}s elapsed)"
+test_rc=$(( test_rc != 0 ? test_rc : dist_rc ))
 
 echo "== GPU benchmark: cross-entropy =="
 timeout 180 python3 benchmarks/gpu_bench.py --budget-s 140 --json "$OUT/gpu_bench.json"
