@@ -93,10 +93,15 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(lse, grad)
+        # No zero-filled stand-ins for the unused lse and grad outputs: that
+        # would be an N x C zeros (a full write of the logits' size) per backward.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, g: Tensor, _g_lse: Tensor, _g_grad: Tensor):
+    def backward(ctx, g: Tensor | None, _g_lse: Tensor | None, _g_grad: Tensor | None):
         opts: CEOptions = ctx.opts
+        if g is None:  # only the non-differentiable outputs were used
+            return None, None, None, None, None, None
         if torch.is_grad_enabled() or _batched(g):
             # create_graph, or a batched upstream (jacrev, is_grads_batched): torch ops.
             return _differentiable_grad(ctx, g), None, None, None, None, None
