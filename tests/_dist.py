@@ -158,3 +158,24 @@ def splits(world: int):
     if world == 2:
         return [[4, 3], [1, 6], [6, 1], [4, 4]]
     return [[3, 3, 3], [1, 5, 2], [2, 1, 4], [0, 4, 3]]
+
+
+def ce_case(g, C: int, shape: str, tk: str, weighted: bool, rows: int, dev, ignore_index: int = -100):
+    """(x, target, weight, class dim) of one cross-entropy case, all float64 except class targets.
+
+    shape: "2d" (rows, C), "kd" (2, C, 3) or "1d" (C,); tk: "prob" (a softmax over the class
+    dim) or "class" (random classes, the first position set to ``ignore_index``)."""
+    import torch
+
+    full = {"2d": (rows, C), "kd": (2, C, 3), "1d": (C,)}[shape]
+    cdim = 0 if shape == "1d" else 1
+    x = (torch.randn(full, generator=g, dtype=torch.float64) * 3).to(dev)
+    if tk == "prob":
+        t = torch.softmax(torch.randn(full, generator=g, dtype=torch.float64), cdim).to(dev)
+    else:
+        t = torch.randint(0, C, full[:cdim] + full[cdim + 1:], generator=g)
+        if t.dim():
+            t.view(-1)[0] = ignore_index  # at least one ignored position
+        t = t.to(dev)
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.1).to(dev) if weighted else None
+    return x, t, w, cdim

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from _dist import Checker, check, groups, launch, splits, worker_main
+from _dist import Checker, ce_case, check, groups, launch, splits, worker_main
 
 HERE = os.path.abspath(__file__)
 
@@ -56,20 +56,8 @@ def _ce_cases(ck: Checker, rank: int, world: int):
                 continue
             seed = 1000 * si + ci
             g = torch.Generator().manual_seed(seed)
-            full = {"2d": (6, C), "kd": (2, C, 3), "1d": (C,)}[shape]
-            cdim = 0 if shape == "1d" else 1
-            x = (torch.randn(full, generator=g, dtype=torch.float64) * 3).to(dev)
-            if tk == "prob":
-                t = torch.softmax(torch.randn(full, generator=g, dtype=torch.float64), cdim).to(dev)
-                ii = -100
-            else:
-                tshape = full[:1] + full[2:] if shape != "1d" else ()
-                t = torch.randint(0, C, tshape, generator=g)
-                ii = [-100, 1][ci % 2]
-                if t.dim():
-                    t.view(-1)[0] = ii  # at least one ignored position
-                t = t.to(dev)
-            w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.1).to(dev) if weighted else None
+            ii = -100 if tk == "prob" else [-100, 1][ci % 2]
+            x, t, w, cdim = ce_case(g, C, shape, tk, weighted, 6, dev, ii)
             kw = dict(reduction=red, label_smoothing=eps, ignore_index=ii,
                       z_loss=0.01 if "z" in extra else 0.0, softcap=4.0 if "cap" in extra else None)
             name = f"split={sizes} {shape} {tk} {red} w={weighted} eps={eps} {extra} ii={ii}"

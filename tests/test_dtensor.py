@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from _dist import Checker, check, worker_main
+from _dist import Checker, ce_case, check, worker_main
 
 HERE = os.path.abspath(__file__)
 
@@ -60,18 +60,8 @@ def _ce_cases(ck: Checker, rank: int, world: int):
         if ci % 3 != C % 3:  # each combination on one class count (7, 4 or 1)
             continue
         g = torch.Generator().manual_seed(ci)
-        full = {"2d": (5, C), "kd": (2, C, 3), "1d": (C,)}[shape]
-        cdim = 0 if shape == "1d" else 1
-        x = (torch.randn(full, generator=g, dtype=torch.float64) * 3).to(dev)
-        if tk == "prob":
-            t = torch.softmax(torch.randn(full, generator=g, dtype=torch.float64), cdim).to(dev)
-            td = _shard(t, mesh, [Shard(cdim)])
-        else:
-            t = torch.randint(0, C, full[:cdim] + full[cdim + 1:], generator=g)
-            if t.dim():
-                t.view(-1)[0] = -100
-            t = td = t.to(dev)
-        w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.1).to(dev) if weighted else None
+        x, t, w, cdim = ce_case(g, C, shape, tk, weighted, 5, dev)
+        td = _shard(t, mesh, [Shard(cdim)]) if tk == "prob" else t
         kw = dict(reduction=red, label_smoothing=eps)
         if extra == "zcap":
             kw.update(z_loss=0.01, softcap=3.0)
