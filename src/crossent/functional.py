@@ -304,7 +304,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,
             denom: Tensor) -> Tensor:
     """z_loss * lse**2 reduced like the loss: O(N) work on the saved lse."""
-    zt = z_loss * lse * lse if z_loss else torch.zeros_like(lse)  # 0, even where lse is inf
+    if not z_loss:  # zeros (documented), even where lse is inf or the mean's denominator 0 or NaN
+        return torch.zeros_like(lse) if red == "none" else lse.new_zeros(())
+    zt = z_loss * lse * lse
     if not prob:
         zt = torch.where(V.not_ignored(t, ignore_index).reshape(lse.shape), zt, torch.zeros_like(zt))
     if red == "sum":
