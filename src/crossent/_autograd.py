@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, reference
-from ._validate import _compiling, func_transforms
+from ._validate import _compiling, func_transforms, not_ignored
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,8 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         dx = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                               opts.z_loss, opts.softcap, ones, opts.backend)
         rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
+        if not target.is_floating_point():  # ignored rows: 0, as torch's masked nll tangent, even for NaN logits
+            rows = torch.where(not_ignored(target, opts.ignore_index), rows, 0.0)
         loss_t = rows.sum() * scale if opts.reduction != "none" else rows
         return loss_t.to(opts.out_dtype), None, None
 
