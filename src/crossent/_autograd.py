@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, reference
-from ._validate import _compiling, func_transforms
+from ._validate import _compiling, func_transforms, not_ignored
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         opts: CEOptions = ctx.opts
         if g is None:  # only the non-differentiable outputs were used
             return None, None, None, None, None, None
-        if torch.is_grad_enabled() or _batched(g):
-            # create_graph, or a batched upstream (jacrev, is_grads_batched): torch ops.
+        if torch.is_grad_enabled() or _batched(g) or not _rescalable(g):
+            # create_graph, a batched upstream (jacrev, is_grads_batched) or a
+            # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
             return _differentiable_grad(ctx, g), None, None, None, None, None
-        if ctx.grad is not None and _rescalable(g):
+        if ctx.grad is not None:
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
             # saved tensors are not unpacked, so editing x after the forward
@@ -143,6 +144,8 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         dx = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                               opts.z_loss, opts.softcap, ones, opts.backend)
         rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
+        if not target.is_floating_point():  # ignored rows: 0, as torch's masked nll tangent, even for NaN logits
+            rows = torch.where(not_ignored(target, opts.ignore_index), rows, 0.0)
         loss_t = rows.sum() * scale if opts.reduction != "none" else rows
         return loss_t.to(opts.out_dtype), None, None
 
@@ -163,13 +166,15 @@ def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
 
 def _rescalable(g: Tensor) -> bool:
     """Whether g * (forward's gradient) is the gradient torch gives.  Not for a
-    non-finite upstream: torch forms g*p*A - g*B, which is NaN where both
-    terms are infinite and 0 in ignored rows, so the backward recomputes with
-    g folded in.  Checked only where reading g is free (a CPU tensor in eager
-    mode); elsewhere that would be a host sync."""
+    non-finite upstream (also one row's, under 'none'): torch scales each
+    class's term before they meet, which is NaN where infinite terms of
+    opposite signs (or inf * 0) meet and 0 in ignored rows, so the backward
+    recomputes term by term (reference.cross_entropy_grad).  Checked only
+    where reading g is free (a CPU tensor in eager mode); elsewhere that would
+    be a host sync."""
     if g.device.type != "cpu" or _compiling():
         return True
-    return math.isfinite(float(g))
+    return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
 
 
 def _differentiable_grad(ctx, g: Tensor) -> Tensor:
@@ -310,10 +315,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     by the forward pass (one matmul pass fewer than recomputing), returned as
     non-differentiable outputs (empty when not computed; callers drop them) and
     only rescaled by the upstream gradient in backward; for 'none' (per-token
-    upstream gradients, Liger #968), a non-finite upstream, or a second
-    backward, the backward recomputes with per-token scales.
-    backward(create_graph=True) and batched upstreams (jacrev) recompute in
-    torch's differentiable ops, so double backward works.
+    upstream gradients, Liger #968) or a second backward, the backward
+    recomputes with per-token scales.  backward(create_graph=True), batched
+    upstreams (jacrev) and non-finite ones (on CPU: torch's inf/NaN pattern)
+    recompute in torch's differentiable ops on materialised logits, so double
+    backward works.
     """
 
     @staticmethod
@@ -354,10 +360,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         opts: LinearCEOptions = ctx.opts
         nx, _, nw, nb = ctx.needs_input_grad[:4]
         none = (None,) * 5
-        if torch.is_grad_enabled() or _batched(g):
+        if torch.is_grad_enabled() or _batched(g) or not _rescalable(g):
             dx, dw, db = _linear_differentiable_grads(ctx, g, nx, nw, nb)
             return (dx, None, dw, db) + none
-        if ctx.grads is not None and _rescalable(g):
+        if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
             gf = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
             for need, t in zip((nx, nw, nb), grads):

@@ -137,15 +137,16 @@ def autocast_inputs(input: Tensor, weight: Tensor | None) -> tuple[Tensor, Tenso
 
 def autocast_linear_args(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None):
     """linear_cross_entropy under autocast equals cross_entropy(F.linear(...)) there:
-    the matmul in autocast's dtype (fp32 operands cast, fp64 left alone, as
-    for F.linear), the loss in fp32 (autocast_out_dtype).  Outside autocast,
-    unchanged."""
+    the matmul in autocast's dtype (fp32 and other low-precision operands
+    cast, fp64 left alone, as for F.linear), the loss in fp32
+    (autocast_out_dtype).  Outside autocast, unchanged."""
     if not (isinstance(input, Tensor) and _autocast_on(input)):
         return input, linear_weight, linear_bias
     dt = torch.get_autocast_dtype(input.device.type)
 
     def cast(t):
-        return t.to(dt) if isinstance(t, Tensor) and t.dtype == torch.float32 else t
+        return t.to(dt) if isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16) \
+            else t
     return cast(input), cast(linear_weight), cast(linear_bias)
 
 

@@ -175,14 +175,13 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
         raise RuntimeError("weight tensor should be defined either for all or no classes")
     if x.dim() == 4 and tuple(x.shape[2:]) != tuple(target.shape[1:]):
         raise RuntimeError(f"size mismatch (got input: {list(x.shape)} , target: {list(target.shape)}")
+    no_class_k_dim(x, target)  # the same check on nll_loss_nd's reshaped 3-D / 5-D+ input
     floating_input(x, "nll_loss2d_forward_out_frame")
     _check_weight_dtype(x, weight)
     # 'mean' and 'sum' return before reading an empty target (C == 0 with
     # targets does read it); 'none' does not (nor does torch's batching rule
-    # under vmap).  A 3-D / 5-D+ input without elements and a non-empty target
-    # fails nll_loss_nd's reshape first (no_class_k_dim, called next).
-    reshape_fails = x.dim() != 4 and x.numel() == 0 and target.numel() != 0
-    if target.dtype == torch.uint8 and not reshape_fails and \
+    # under vmap).
+    if target.dtype == torch.uint8 and \
             (target.numel() > 0 or (reduction == "none" and not func_transforms()[0])):
         raise RuntimeError("expected scalar type Long but found Byte")
 
@@ -190,8 +189,9 @@ def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: st
 def no_class_k_dim(x: Tensor, target: Tensor) -> None:
     """torch's nll_loss_nd reshapes a 3-D or >= 5-D input without elements to
     (N, C, 0, 0) and a non-empty target to (N, 1, S): with C == 0 that is a
-    size mismatch.  (Not part of class_target: a vocab-parallel shard may
-    hold no classes of its own.)"""
+    size mismatch, raised where nll_loss2d checks sizes (class_target; a
+    vocab-parallel shard without classes of its own is checked on a
+    stand-in that has them)."""
     if x.dim() == 3 or x.dim() >= 5:
         if x.numel() == 0 and target.numel() != 0:
             n = x.shape[0]

@@ -138,7 +138,6 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     input, weight = _fast.autocast_inputs(input, weight)
     ignore_index = V.int_arg(ignore_index, "nll_loss_nd", "ignore_index", 5)
     V.class_target(input, target, weight, red)
-    V.no_class_k_dim(input, target)
     C = input.shape[0 if input.dim() == 1 else 1]
     if any(V.func_transforms()):  # vmap, forward mode: torch's own ops (and its bounds check)
         return reference.nll_loss(input, target, weight, ignore_index, red)
@@ -150,12 +149,14 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     acc = _acc(input.dtype)
     valid, ok = V.target_masks(t, ignore_index, C)
     safe = torch.where(ok, t, 0).long()
-    if C == 0:  # nothing to pick: every counted target is out of range (NaN below)
-        picked = x.sum(1).to(acc)
-    elif torch.is_grad_enabled() and x.requires_grad:
-        picked = PickFunction.apply(x, safe.unsqueeze(1)).squeeze(1).to(acc)
+    # C == 0: nothing to pick (every counted target is out of range: NaN below);
+    # an empty index, so the gradient still comes from PickFunction, a function of x as torch's
+    idx = safe.unsqueeze(1).narrow(1, 0, min(C, 1))
+    if torch.is_grad_enabled() and x.requires_grad:
+        picked = PickFunction.apply(x, idx)
     else:
-        picked = x.gather(1, safe.unsqueeze(1)).squeeze(1).to(acc)
+        picked = x.gather(1, idx)
+    picked = (picked.squeeze(1) if C else picked.sum(1)).to(acc)
     rows = -picked if weight is None else -picked * _weight_at(weight.to(acc), safe)
     rows = torch.where(valid, rows, 0.0)
     rows = torch.where(valid ^ ok, float("nan"), rows)  # out-of-range target: NaN, never OOB memory
@@ -251,8 +252,6 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
                                                               label_smoothing, z_loss, softcap, red)
     out_dtype = _fast.autocast_out_dtype(input, out_dtype)
     out_dtype = result_dtype if result_dtype is not None and not prob else out_dtype
-    if not prob:
-        V.no_class_k_dim(input, target)
     if out_dtype == torch.float64 and input.dtype != torch.float64:
         # Probability targets or weights in fp64 promote the loss: compute in
         # it (autograd records the copy and returns input's dtype).
@@ -304,7 +303,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,
             denom: Tensor) -> Tensor:
     """z_loss * lse**2 reduced like the loss: O(N) work on the saved lse."""
-    zt = z_loss * lse * lse if z_loss else torch.zeros_like(lse)  # 0, even where lse is inf
+    if not z_loss:  # zeros (documented), even where lse is inf or the mean's denominator 0 or NaN
+        return torch.zeros_like(lse) if red == "none" else lse.new_zeros(())
+    zt = z_loss * lse * lse
     if not prob:
         zt = torch.where(V.not_ignored(t, ignore_index).reshape(lse.shape), zt, torch.zeros_like(zt))
     if red == "sum":

@@ -364,6 +364,13 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         out_dtype = input.dtype if result_dtype is None else result_dtype
         V.check_target_bounds(target, C, ignore_index)
     out_dtype = _fast.autocast_out_dtype(input, out_dtype)
+    if out_dtype == torch.float64 and input.dtype != torch.float64:
+        # fp64 probability targets or class weights make the loss fp64: compute in
+        # it, as cross_entropy does (autograd casts the gradients back)
+        input, linear_weight = input.double(), linear_weight.double()
+        linear_bias = None if linear_bias is None else linear_bias.double()
+        if shift:
+            input_x = input_x.double()
 
     # Canonical rows: x (M, D), optional row map, target (N,) / (N, C).
     N = _numel(batch)

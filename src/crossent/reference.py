@@ -85,50 +85,54 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
     the formula of backends/base.py in torch's differentiable ops: what
     backward(create_graph=True) returns, so the gradient itself has a
     gradient (and a jvp) without a nested autograd call.  scale: 0-d or one
-    value per row."""
+    value per row.
+
+    The terms are formed and summed as torch's chain rule through its
+    composition forms them (log_softmax, then nll_loss plus the smoothing
+    term -sum_c w_c log p_c, then z_loss * lse**2): the upstream scale
+    multiplies each class's term before the terms meet, and log_softmax's
+    backward sums them (g - p * sum(g)).  An infinite or NaN upstream then
+    gives torch's inf/NaN pattern exactly, e.g. NaN in a whole row where the
+    weighted terms have mixed signs or label_smoothing is 1 (0 * inf)."""
     from ._validate import target_masks
 
     if x.numel() == 0:  # no classes or no rows; x * 0 keeps the graph (and the grad) of x
         return x * 0
-    z = apply_softcap(_upcast(x), softcap)
+    xu = _upcast(x)
+    th = torch.tanh(xu / softcap) if softcap else None
+    z = xu if th is None else softcap * th
     C = z.shape[1]
     p = torch.softmax(z, 1)  # relative to the row max: a common offset costs no digits
     sc = scale.unsqueeze(1) if scale.dim() else scale
     w = None if weight is None else weight.to(z.dtype).view(1, -1, *([1] * (z.dim() - 2)))
-    # The scale multiplies each term before they meet, and the z-loss term is
-    # added last, as torch's chain rule on cross_entropy + z_loss*lse**2 does,
-    # so an infinite upstream gives the same inf/NaN pattern.
-    zterm = 2 * z_loss * torch.logsumexp(z, 1, keepdim=True) * p if z_loss else None
     if target.is_floating_point():
-        t = target.to(z.dtype) * (1 - label_smoothing) + label_smoothing / C
-        tw = t if w is None else t * w
-        stw = sc * tw  # summed after scaling, as torch's chain rule does (an inf scale: NaN, not inf)
-        dz = p * stw.sum(1, keepdim=True) - stw
-        if zterm is not None:
-            dz = dz + sc * zterm
+        t = target.to(z.dtype)
+        if label_smoothing > 0:
+            t = t * (1 - label_smoothing) + label_smoothing / C
+        gl = -(sc * (t if w is None else t * w))  # d/dlog p of -sum_c t'_c w_c log p_c
+        row_scale = sc
     else:
         counted, ok = target_masks(target, ignore_index, C)
         y = torch.where(ok, target, 0).long().unsqueeze(1)
         wy = 1.0 if w is None else w.reshape(-1)[y]
-        sum_w = float(C) if w is None else w.sum()
-        a = (1 - label_smoothing) * wy + label_smoothing / C * sum_w
-        # ignored rows: exactly 0 whatever the scale; out-of-range rows: NaN (backends/base.py)
+        # 1 counted, 0 ignored, NaN out of range (backends/base.py)
         m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
         # where(), not sc * m alone: a non-finite scale times an ignored row's 0
         # would be NaN there, in the gradient and the second-order one (torch: 0)
-        sm = torch.where(m != 0, sc * m, 0.0)
-        # The target's term is added at the target only (a scatter, not a
-        # one-hot product): an infinite scale then gives inf, not inf * 0 = NaN,
-        # in the other classes, as torch's nll backward does.
-        dz = (sm * p * a).scatter_add(1, y, (-(1 - label_smoothing) * sm * wy).to(z.dtype).expand(y.shape))
+        row_scale = torch.where(m != 0, sc * m, 0.0)
+        # nll_loss's backward writes only at the target: a scatter, not a one-hot product
+        # (inf * 0 would be NaN in the other classes).
+        nll = (-(1 - label_smoothing) * row_scale * wy).to(z.dtype)
+        gl = torch.zeros_like(z).scatter(1, y, nll.expand(y.shape))
         if label_smoothing > 0:
-            dz = dz - sm * (label_smoothing / C) * (1.0 if w is None else w)
-        if zterm is not None:
-            dz = dz + sm * zterm
-        # no where() on dz: an ignored row's 0 * p is NaN where its logits are not
-        # finite, as torch's log_softmax backward gives there
-    if softcap:
-        dz = dz * (1 - (z / softcap) ** 2)
+            gl = gl - row_scale * (label_smoothing / C) * (1.0 if w is None else w)
+    dz = gl - p * gl.sum(1, keepdim=True)  # log_softmax's backward
+    # no where() on dz: an ignored row's 0 * p is NaN where its logits are not
+    # finite, as torch's log_softmax backward gives there
+    if z_loss:  # d(z_loss * lse**2) = 2 z_loss lse p, added last (its own branch of the graph)
+        dz = dz + row_scale * (2 * z_loss * torch.logsumexp(z, 1, keepdim=True)) * p
+    if softcap:  # d(cap * tanh(x / cap))/dx = 1 - tanh**2
+        dz = dz * (1 - th * th)
     return dz.to(x.dtype)
 
 

@@ -239,7 +239,9 @@ class TorchChunkedBackend:
             e.exp_()
             s = e.sum(1, keepdim=True)
             ls = torch.log(s)  # lse - m, (r, 1[, s])
-            lse_c = torch.where(m == float("inf"), m, ls + m)  # inf, as torch.logsumexp (loss stays NaN)
+            # +-inf where the row's max is (an inf logit, or every logit -inf), as
+            # torch.logsumexp; z - m is NaN there, so the loss stays NaN as torch's
+            lse_c = torch.where(m.isinf(), m, ls + m)
             lse[ri] = lse_c.squeeze(1)
             if with_loss:
                 loss[ri] = k.loss(z, m, ls, lse_c, zs, rt).squeeze(1)

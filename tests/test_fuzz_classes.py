@@ -1,0 +1,147 @@
+"""Regression tests for the root-cause classes the fuzz tier (tests/test_fuzz.py)
+found after issue 9's fixes, one test per class, each judged against torch
+itself (values, inf/NaN patterns, dtypes, exceptions), never against constants."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from _tol import assert_close_to_ref
+
+inf, nan = float("inf"), float("nan")
+REDUCTIONS = ["none", "mean", "sum"]
+
+
+def _grad(fn, x, upstream, *args, create_graph=False, **kw):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args, **kw)
+    (g,) = torch.autograd.grad(out, x, torch.full_like(out, upstream), create_graph=create_graph)
+    return g
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("eps", [0.05, 1.0])
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_inf_upstream_smoothing_mixed_sign_weights(monkeypatch, backend, reduction, eps, z_loss):
+    """torch scales each class's term before log_softmax's backward sums them:
+    mixed-sign weights (or eps = 1: 0 * inf at the target) give NaN rows, not
+    +-inf.  Both backends recompute term by term for a non-finite upstream."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, generator=g)
+    t = torch.tensor([[0, 4, -100], [2, 1, 3]])
+    w = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.5])
+    for up in (inf, -inf, nan):
+        ours = _grad(crossent.cross_entropy, x, up, t, w, reduction=reduction, label_smoothing=eps,
+                     z_loss=z_loss)
+        if z_loss:  # crossent's extra, composed from torch's ops (README 6)
+            def theirs_fn(xi, *a, **kw):
+                return crossent.reference.cross_entropy(xi, *a, **kw, z_loss=z_loss)
+        else:
+            theirs_fn = F.cross_entropy
+        theirs = _grad(theirs_fn, x, up, t, w, reduction=reduction, label_smoothing=eps)
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_inf_upstream_smoothing_mixed_sign_weights(reduction):
+    g = torch.Generator().manual_seed(4)
+    h, W = torch.randn(6, 8, generator=g), torch.randn(7, 8, generator=g)
+    t = torch.tensor([0, 3, -100, 6, 2, 1])
+    w = torch.tensor([1.0, -0.5, 2.0, 0.0, 1.0, -2.0, 0.5])
+    grads = []
+    for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fn(hh, WW, t, weight=w, reduction=reduction, label_smoothing=0.1)
+        grads.append(torch.autograd.grad(out, (hh, WW), torch.full_like(out, inf)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_lse_of_a_row_of_minus_inf_logits():
+    """torch.logsumexp of a row of -inf logits is -inf (the loss there is NaN)."""
+    x = torch.randn(3, 4)
+    x[1] = -inf
+    t = torch.tensor([0, 1, 2])
+    out = crossent.cross_entropy_with_stats(x, t, reduction="none")
+    torch.testing.assert_close(out.lse, torch.logsumexp(x, 1))
+    torch.testing.assert_close(out.loss, F.cross_entropy(x, t, reduction="none"), equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+def test_stats_z_loss_zeros_without_z_loss(shape):
+    """CrossEntropyOutput.z_loss is documented as zeros when z_loss == 0, even
+    where the mean's denominator is NaN (no classes) or 0."""
+    x = torch.randn(shape)
+    out = crossent.cross_entropy_with_stats(x, torch.rand(shape), reduction="mean")
+    assert torch.equal(out.z_loss, torch.zeros(()))
+    torch.testing.assert_close(out.loss, F.cross_entropy(x, torch.rand(shape)), equal_nan=True)
+
+
+def test_nll_loss_no_classes_double_backward():
+    """C == 0: torch's first-order gradient is a function of the input under
+    create_graph (its second derivative is zero), so it requires grad."""
+    for shape, tshape in (((10, 0), (10,)), ((1, 0, 4, 5), (1, 4, 5))):
+        t = torch.full(tshape, -100)  # every target ignored: there is no class to pick
+        grads = [_grad(fn, torch.randn(shape), 1.0, t, reduction="sum", create_graph=True)
+                 for fn in (crossent.nll_loss, F.nll_loss)]
+        assert grads[0].requires_grad == grads[1].requires_grad
+        assert grads[0].shape == grads[1].shape
+
+
+def test_nll_loss_k_dim_no_classes_size_mismatch_before_dtype():
+    """nll_loss_nd's reshape of an empty 3-D input fails its size check before
+    the kernel's dtype check (an integer input)."""
+    x, t = torch.zeros(4, 0, 1, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long)
+    with pytest.raises(RuntimeError) as theirs:
+        F.nll_loss(x, t)
+    with pytest.raises(RuntimeError) as ours:
+        crossent.nll_loss(x, t)
+    assert str(ours.value) == str(theirs.value)
+
+
+def test_jvp_ignored_rows_with_non_finite_logits():
+    """Forward mode: an ignored row's tangent is 0 (torch masks nll's tangent),
+    even where its logits are inf/NaN."""
+    x = torch.randn(5, 7)
+    x[1, 2], x[3, 0] = inf, nan
+    t = torch.tensor([0, -100, 3, -100, 6])
+    tx = torch.randn(5, 7)
+    outs = [torch.func.jvp(lambda xi: fn(xi, t, reduction="none"), (x,), (tx,))
+            for fn in (crossent.cross_entropy, F.cross_entropy)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_linear_autocast_casts_low_precision_operands(dtype):
+    """Under autocast(bf16) torch's linear casts fp16 operands to bf16 too."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 4, generator=g).to(dtype)
+    W = torch.randn(31, 4, generator=g).to(dtype)
+    b = (torch.randn(31, generator=g) + 1e4).to(dtype)
+    t = torch.randint(0, 31, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = crossent.linear_cross_entropy(h, W, t, linear_bias=b)
+        theirs = F.linear_cross_entropy(h, W, t, linear_bias=b)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_fp64_prob_target_computes_in_fp64(reduction):
+    """fp32 hidden states with fp64 probability targets: an fp64 loss, computed in it."""
+    g = torch.Generator().manual_seed(8)
+    h, W = torch.randn(5, 9, generator=g), torch.randn(3, 9, generator=g) * 3
+    t = torch.rand(5, 3, generator=g, dtype=torch.float64)
+    w = torch.rand(3, generator=g, dtype=torch.float64).expand(3)
+    ours = crossent.linear_cross_entropy(h, W, t, weight=w, reduction=reduction)
+    theirs = F.linear_cross_entropy(h, W, t, weight=w, reduction=reduction)
+    ref = F.linear_cross_entropy(h.double(), W.double(), t, weight=w, reduction=reduction)
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert_close_to_ref(ours, theirs, ref, dtype=torch.float64)
