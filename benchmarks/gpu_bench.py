@@ -265,22 +265,44 @@ def run_overhead(rows, n=200):
         print(fmt(row), flush=True)
 
 
-def profile_step(x0, y):
-    """torch.profiler table of one crossent fwd+bwd (kernels, launches, memsets)."""
+def _device_events(prof) -> int:
+    """Kernels, memsets and copies the GPU ran under ``prof``."""
+    cuda = getattr(torch.autograd.DeviceType, "CUDA", None)
+    return sum(1 for e in prof.events() if e.device_type == cuda)
+
+
+def profile_step(x0, y, rows):
+    """Launches per crossent fwd+bwd (target, issue 10: <= 2), counted by torch.profiler as
+    the kernels, memsets and copies the GPU ran, for each reduction and a variant with every
+    option; the autograd seed (``ones`` for loss.backward()) is made outside the count.
+    Then a torch.profiler table of the mean's fwd+bwd."""
     import crossent
     from torch.profiler import ProfilerActivity, profile
+    N, V = x0.shape
+    w = torch.rand(V, device=x0.device, dtype=x0.dtype)
+    variants = {"mean": dict(), "sum": dict(reduction="sum"), "none": dict(reduction="none"),
+                "mean+all": dict(weight=w, label_smoothing=0.1, ignore_index=0, z_loss=1e-4)}
     x = x0.detach().requires_grad_()
-    crossent.cross_entropy(x, y).backward()   # warm
-    x.grad = None
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        crossent.cross_entropy(x, y).backward()
+    for name, kw in variants.items():
+        crossent.cross_entropy(x, y, **kw).sum().backward()   # warm: plans, workspace
+        x.grad = None
+        seed = torch.ones(N if name == "none" else (), device=x0.device, dtype=x0.dtype)
         torch.cuda.synchronize()
-    avg = prof.key_averages()
-    try:
-        print(avg.table(sort_by="cuda_time_total", row_limit=14))
-    except Exception:  # noqa: BLE001 - the sort key's name moved between torch versions
-        print(avg.table(sort_by="device_time_total", row_limit=14))
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            crossent.cross_entropy(x, y, **kw).backward(seed)
+            torch.cuda.synchronize()
+        n = _device_events(prof)
+        row = dict(op="launches", provider=f"crossent {name}", shape=f"{N}x{V}", dtype="bfloat16",
+                   launches=n, target="<=2 per fwd+bwd", verdict="PASS" if n <= 2 else "FAIL")
+        rows.append(row)
+        print(fmt(row), flush=True)
+        x.grad = None
+        if name == "mean":
+            avg = prof.key_averages()
+            try:
+                print(avg.table(sort_by="cuda_time_total", row_limit=14))
+            except Exception:  # noqa: BLE001 - the sort key's name moved between torch versions
+                print(avg.table(sort_by="device_time_total", row_limit=14))
 
 
 def run_ce(N, V, iters, rows, copy_bw, skip, profile=False):
@@ -291,7 +313,7 @@ def run_ce(N, V, iters, rows, copy_bw, skip, profile=False):
     if "crossent" not in skip:
         run_parts(x0, y, rows, copy_bw)
         if profile:
-            profile_step(x0, y)
+            profile_step(x0, y, rows)
     for name, (factory, clobbers, heavy) in ce_providers().items():
         if name in skip:
             continue
@@ -377,6 +399,8 @@ def fmt(r):
     if "error" in r:
         return f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['error'][:70]}"
     tgt, verdict = target(r)
+    if "launches" in r:
+        return f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['launches']:9d} launches{'':36}{tgt:<13} {verdict}"
     return (f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['median_ms']:9.3f} "
             f"({r['p10_ms']:.3f}-{r['p90_ms']:.3f}) {r['gbps']:8.1f} {r['x_floor']:7.2f} "
             f"{r['extra_mib']:10.1f}  {tgt:<13} {verdict}")

@@ -134,20 +134,21 @@ def fused_args(xdt, prob, R, C):
     return dict(x_ptr=Ptr(xdt), sx_b=0, sx_s=C, sx_c=1, t_ptr=Ptr(xdt if prob else "i64"),
                 st_b=0, st_s=C if prob else 1, st_c=1, w_ptr=Ptr("fp32"), scale_ptr=Ptr("fp32"),
                 scale_stride=0, loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), g_ptr=Ptr(xdt), sg_b=0,
-                sg_s=C, sg_c=1, S=R, C=C, n_sblk=R, ignore_index=-100, one_m_eps=1.0,
-                eps_over_c=0.0, z_loss=0.0, cap=1.0)
+                sg_s=C, sg_c=1, ws_ptr=Ptr("i32"), part_ptr=Ptr("fp64"), out_ptr=Ptr(xdt), S=R, C=C,
+                n_sblk=R, n_tiles=R, ignore_index=-100, one_m_eps=1.0, eps_over_c=0.0, z_loss=0.0, cap=1.0)
 
 
 def split_args(xdt, prob, R, C):
     return dict(x_ptr=Ptr(xdt), sx_r=C, t_ptr=Ptr(xdt if prob else "i64"), st_r=C if prob else 1,
                 st_c=1, w_ptr=Ptr("fp32"), scale_ptr=Ptr("fp32"), scale_stride=0,
                 loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), g_ptr=Ptr(xdt), part_ptr=Ptr("fp32"),
-                cnt_ptr=Ptr("i32"), R=R, C=C, n_groups=SMS, ignore_index=-100, one_m_eps=1.0,
+                ws_ptr=Ptr("i32"), acc_ptr=Ptr("fp64"), out_ptr=Ptr(xdt), R=R, C=C, n_groups=SMS,
+                ignore_index=-100, one_m_eps=1.0,
                 eps_over_c=0.0, z_loss=0.0, cap=1.0)
 
 
 def softmax_split_args(R, C):
-    return dict(x_ptr=Ptr("bf16"), y_ptr=Ptr("bf16"), part_ptr=Ptr("fp32"), cnt_ptr=Ptr("i32"),
+    return dict(x_ptr=Ptr("bf16"), y_ptr=Ptr("bf16"), part_ptr=Ptr("fp32"), ws_ptr=Ptr("i32"),
                 R=R, C=C, n_groups=SMS)
 
 
@@ -167,17 +168,27 @@ def check_variants() -> bool:
 
     # every flag set in bf16, the plain one in fp32 too
     dtypes_flags = [("bf16", f) for f in FLAG_SETS] + [("fp32", FLAG_SETS[0])]
-    for (single, bs, bc), (xdt, f) in itertools.product(
-            [(True, 1, 16384), (False, 1, 8192), (True, 8, 512), (False, 64, 64)], dtypes_flags):
-        one(f"ce fused single={single} {bs}x{bc} {xdt} {f}", ce._ce_kernel, fused_args(xdt, f["PROB"], 4096, 1000),
-            dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, **f))
-    for stage, pre, (xdt, f) in itertools.product((0, 1, 2), (False, True), dtypes_flags):
-        if pre and (stage != 0 or f is not FLAG_SETS[0]):
-            continue
-        one(f"ce split stage={stage} prefetch={pre} {xdt} {f}", split._ce_split_kernel,
-            split_args(xdt, f["PROB"], 4096, 100000),
-            dict(BLOCK=8192, NSPLIT=13, NSPLIT_P2=16, STAGE=stage, PREFETCH=pre, **f),
-            launch_cooperative_grid=stage == 0)
+    # REDUCE 0 (per position) and 1 (sum) in one launch; 2 / 3 (mean over positions /
+    # over W) in one cooperative launch (STAGE 0), or the two launches of the interpreter
+    # and of GPUs without cooperative launches (STAGE 1, 2).  2 is for probabilities only,
+    # 3 for class indices only; every stage for one tile shape, the usual two for the others.
+    reduce_stages = [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2)]
+
+    def wanted(red, stage, f, first):
+        return (red != 2 or f["PROB"]) and (red != 3 or not f["PROB"]) and (first or stage == 0 and red != 1)
+    for k, ((single, bs, bc), (xdt, f), (red, stage)) in enumerate(itertools.product(
+            [(True, 1, 16384), (False, 1, 8192), (True, 8, 512), (False, 64, 64)], dtypes_flags, reduce_stages)):
+        if wanted(red, stage, f, k < len(dtypes_flags) * len(reduce_stages)):
+            one(f"ce fused single={single} {bs}x{bc} {xdt} reduce={red} stage={stage} {f}", ce._ce_kernel,
+                fused_args(xdt, f["PROB"], 4096, 1000),
+                dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, REDUCE=red,
+                     STAGE=stage, **f), launch_cooperative_grid=stage == 0 and red == 3)
+    for (red, stage), pre, (xdt, f) in itertools.product(reduce_stages, (False, True), dtypes_flags):
+        if wanted(red, stage, f, True) and not (pre and (stage != 0 or red != 3 or f is not FLAG_SETS[0])):
+            one(f"ce split reduce={red} stage={stage} prefetch={pre} {xdt} {f}", split._ce_split_kernel,
+                split_args(xdt, f["PROB"], 4096, 100000),
+                dict(BLOCK=8192, NSPLIT=13, NSPLIT_P2=16, STAGE=stage, PREFETCH=pre, REDUCE=red, **f),
+                launch_cooperative_grid=stage == 0)
     for stage, log in itertools.product((0, 1, 2), (False, True)):
         one(f"softmax split stage={stage} log={log}", split._softmax_split_kernel,
             softmax_split_args(4096, 100000),
@@ -196,9 +207,10 @@ def check_variants() -> bool:
 
 # ----------------------------------------------------------------------------- 2. production plans
 
-def production(R: int, C: int, cluster: bool) -> tuple[str, object, dict, dict, dict, int]:
+def production(R: int, C: int, cluster: bool, reduce: int) -> tuple[str, object, dict, dict, dict, int]:
     """(path, kernel, args, constexprs, options, values per thread) that the launch plan picks
-    for bf16 (R, C) forward+backward on a 132-SM sm_90 device, with or without cluster reductions."""
+    for bf16 (R, C) forward+backward on a 132-SM sm_90 device, with or without cluster reductions,
+    for reduce 3 (the mean's forward with its gradient) or 0 (a backward that recomputes)."""
     dev = torch.device("cuda", 0)
     _device.num_sms.cache_clear()
     orig_sms, orig_cluster = _device.num_sms, _device.cluster_reductions
@@ -206,7 +218,7 @@ def production(R: int, C: int, cluster: bool) -> tuple[str, object, dict, dict, 
     _device.cluster_reductions = lambda d: cluster
     ce.configure()
     try:
-        path, kw, grid = ce._plan(1, R, C, C, 1, True, dev)
+        path, kw, _ = ce._plan(1, R, C, C, 1, True, reduce, dev)
         p = split.plan(R, C, torch.device("cpu"))   # slice plan (the cpu device only skips occupancy)
     finally:
         _device.num_sms, _device.cluster_reductions = orig_sms, orig_cluster
@@ -214,29 +226,38 @@ def production(R: int, C: int, cluster: bool) -> tuple[str, object, dict, dict, 
     flags = FLAG_SETS[0]
     if path == "split":
         consts = dict(BLOCK=p["BLOCK"], NSPLIT=p["NSPLIT"], NSPLIT_P2=p["NSPLIT_P2"], STAGE=0,
-                      PREFETCH=p["PREFETCH"], **flags)
+                      PREFETCH=p["PREFETCH"], REDUCE=reduce, **flags)
         opts = dict(num_warps=p["num_warps"], launch_cooperative_grid=True)
         return path, split._ce_split_kernel, split_args("bf16", False, R, C), consts, opts, \
             p["BLOCK"] // (32 * p["num_warps"])
     kw = dict(kw)
-    opts = dict(num_warps=kw.pop("num_warps"), num_ctas=kw.pop("num_ctas", 1))
+    opts = dict(num_warps=kw.pop("num_warps"), num_ctas=kw.pop("num_ctas", 1),
+                launch_cooperative_grid=reduce == 3)
     per_thread = kw["BLOCK_S"] * kw["BLOCK_C"] // (32 * opts["num_warps"] * opts["num_ctas"])
     if not kw["SINGLE"]:
         per_thread = kw["BLOCK_S"] * kw["BLOCK_C"] // (32 * opts["num_warps"])
-    return path, ce._ce_kernel, fused_args("bf16", False, R, C), dict(NEED_GRAD=True, **kw, **flags), opts, \
-        per_thread
+    return path, ce._ce_kernel, fused_args("bf16", False, R, C), \
+        dict(NEED_GRAD=True, REDUCE=reduce, STAGE=0, **kw, **flags), opts, per_thread
 
 
 def check_production() -> bool:
     ok = True
     cluster_here = _device.compiles_cluster_reduction(TARGET)
     print(f"cluster reductions compile for sm_90 with triton {triton.__version__}: {cluster_here}")
-    print("shape            triton   path     regs spills CTAs/SM  SASS/elem  one-read")
-    for (R, C), cluster in itertools.product(BENCH_SHAPES, sorted({False, cluster_here})):
-        path, fn, args, consts, opts, per_thread = production(R, C, cluster)
+    print("shape            triton   loss  path     regs spills CTAs/SM  SASS/elem  one-read")
+    seen = set()
+    # mean: the forward that also forms W, the loss and the gradient (one launch);
+    # none: the backward's recompute.  A single-tile shape (C <= 16384) beside the benchmark ones.
+    for (R, C), cluster, reduce in itertools.product(BENCH_SHAPES + [(8192, 8192)], sorted({False, cluster_here}),
+                                                     (3, 0)):
+        path, fn, args, consts, opts, per_thread = production(R, C, cluster, reduce)
+        key = (fn, R, C, tuple(sorted(consts.items())), tuple(sorted(opts.items())))
+        if key in seen:
+            continue
+        seen.add(key)
         ck = compile_kernel(fn, args, consts, opts)
         res = resources(ck)
-        if path == "split":   # the handshake: a release on arrival, acquire loads while waiting
+        if path == "split" or reduce == 3:   # a barrier: a release on arrival, acquire loads while waiting
             ok &= "atom.global.gpu.acq_rel" in ck.asm["ptx"] and "ld.global.gpu.acquire" in ck.asm["ptx"]
         if path == "cluster":  # the reduction goes through distributed shared memory
             ok &= "mapa.shared::cluster" in ck.asm["ptx"] and "barrier.cluster" in ck.asm["ptx"]
@@ -250,8 +271,8 @@ def check_production() -> bool:
         good = one_read and res["local"] == 0 and res["stack"] == 0 and ctas >= 2
         ok &= good
         who = "3.9-like" if cluster else "3.6-like"
-        print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {who} {path:8} {res['regs']:4} {res['local']:6} "
-              f"{ctas:7} {per_elem:9.1f}  {one_read}")
+        print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {who} {'mean' if reduce else 'none':5} {path:8} "
+              f"{res['regs']:4} {res['local']:6} {ctas:7} {per_elem:9.1f}  {one_read}")
     # softmax forward, bf16 8192 x 128256, on the GPU machine's Triton (no cluster reductions)
     R, C = 8192, 128256
     p = split.plan(R, C, torch.device("cpu"))
@@ -272,7 +293,7 @@ def explore(R=8192, C=128256) -> None:
     for block, warps, pre in itertools.product((4096, 8192, 16384), (4, 8, 16), (False,)):
         nsplit = triton.cdiv(C, block)
         consts = dict(BLOCK=block, NSPLIT=nsplit, NSPLIT_P2=triton.next_power_of_2(nsplit), STAGE=0,
-                      PREFETCH=pre, **FLAG_SETS[0])
+                      PREFETCH=pre, REDUCE=3, **FLAG_SETS[0])
         try:
             res = resources(compile_kernel(split._ce_split_kernel, split_args("bf16", False, R, C), consts,
                                            dict(num_warps=warps, launch_cooperative_grid=True)))

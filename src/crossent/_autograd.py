@@ -38,6 +38,15 @@ class CEOptions:
     inplace_backward: bool = False
     backend: str = "torch"
     out_dtype: torch.dtype = torch.float32
+    # The backend forms the whole forward in its kernel (fuses_forward): the mean's
+    # denominator (written into the denom buffer), the reduction, the loss dtype.
+    fused: bool = False
+
+
+def fuses_forward(backend: str, x: Tensor) -> bool:
+    """Whether ``backend`` computes the forward of x in one launch (triton; eager only)."""
+    fuses = getattr(backends.load(backend), "fuses_forward", None)
+    return fuses is not None and not _compiling() and fuses(x)
 
 
 def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
@@ -49,6 +58,10 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     wide = torch.float64 if rows.device.type in ("cpu", "cuda") else rows.dtype  # (MPS has no fp64)
     total = rows.sum(dtype=wide)
     return (total / denom if reduction == "mean" else total).to(rows.dtype)
+
+
+# What torch's Function.apply does first: unwrap tensors of functorch transforms that have exited.
+_unwrap_dead = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", lambda args: args)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -64,10 +77,24 @@ class CrossEntropyFunction(torch.autograd.Function):
     the forward (or an empty tensor), not differentiable; callers drop it.
     """
 
+    @classmethod
+    def apply(cls, *args):
+        # torch's Function.apply binds the arguments through inspect.signature on every
+        # call once setup_context is defined (~20 us of the eager call path, issue 10
+        # item 3).  Callers pass every argument positionally, so there is nothing to
+        # bind: outside tracing and functorch transforms, the C++ apply it ends in.
+        if _compiling() or torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
+
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
                 need_grad: bool):
         precompute = need_grad and opts.reduction != "none"
+        if opts.fused:
+            return backends.load(opts.backend).ce_forward_fused(
+                x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                opts.reduction, opts.out_dtype, precompute, opts.inplace_backward)
         # The gradient baked into the forward is that of loss * 1 upstream.
         args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                 _scale(denom, opts))
@@ -89,7 +116,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
             ctx.grad = x.detach() if opts.inplace_backward else grad
         # With inplace_backward the logits are gone, so nothing can be recomputed.
-        saved = (None if opts.inplace_backward else x, target, weight, lse, _scale(denom, opts))
+        saved = (None if opts.inplace_backward else x, target, weight, lse, denom)
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(lse, grad)
@@ -112,15 +139,16 @@ class CrossEntropyFunction(torch.autograd.Function):
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            _ops.rescale_(grad, g.to(ctx.acc), opts.backend)
+            _ops.rescale_(grad, g if opts.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
             return grad, None, None, None, None, None
-        x, target, weight, lse, scale = ctx.saved_tensors
-        g = g.to(lse.dtype)
+        x, target, weight, lse, denom = ctx.saved_tensors
+        if not (opts.fused and opts.reduction == "none"):
+            g = g.to(lse.dtype)
         if x is None:
             raise RuntimeError(
                 "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
                 "it cannot be backpropagated a second time")
-        row_scale = g if opts.reduction == "none" else g * scale
+        row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
         grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                                 opts.z_loss, opts.softcap, row_scale, opts.backend)
         return grad, None, None, None, None, None
@@ -137,7 +165,7 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         indices and weights have no derivative here (torch's nll_loss has none
         for weights); probability targets take the reference path in forward mode."""
         opts: CEOptions = ctx.opts
-        x, target, weight, lse, scale = ctx.saved_tensors
+        x, target, weight, lse, denom = ctx.saved_tensors
         if x is None:
             raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support forward-mode AD")
         ones = torch.ones_like(lse)
@@ -146,7 +174,7 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
         if not target.is_floating_point():  # ignored rows: 0, as torch's masked nll tangent, even for NaN logits
             rows = torch.where(not_ignored(target, opts.ignore_index), rows, 0.0)
-        loss_t = rows.sum() * scale if opts.reduction != "none" else rows
+        loss_t = rows.sum() * _scale(denom, opts) if opts.reduction != "none" else rows
         return loss_t.to(opts.out_dtype), None, None
 
 
@@ -180,12 +208,12 @@ def _rescalable(g: Tensor) -> bool:
 def _differentiable_grad(ctx, g: Tensor) -> Tensor:
     """backward(create_graph=True), as torch.func.grad always asks: the same
     gradient in torch's differentiable ops, so double backward works."""
-    x, target, weight, lse, scale = ctx.saved_tensors
+    x, target, weight, lse, denom = ctx.saved_tensors
     opts: CEOptions = ctx.opts
     if x is None:
         raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
     g = g.to(lse.dtype)
-    row_scale = g if opts.reduction == "none" else g * scale
+    row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
     return reference.cross_entropy_grad(x, target, weight, opts.ignore_index, opts.label_smoothing,
                                         opts.z_loss, opts.softcap or None, row_scale)
 

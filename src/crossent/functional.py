@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _fast
 from . import _validate as V
 from . import backends, reference
-from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction
+from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, fuses_forward
 from ._autograd import softmax as _softmax_impl
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
@@ -278,13 +278,16 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         return CrossEntropyOutput(loss, lse, _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(loss.dtype))
     weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     x, t = _canonical(input, target)
-    denom = _denominator(t, weight, ignore_index, x.shape[1], eps, prob, _acc(x.dtype))
+    backend = backends.name_for(x.device.type)
+    fused = not fwd and fuses_forward(backend, x)   # the kernel fills the denom buffer
+    denom = x.new_empty((), dtype=_acc(x.dtype)) if fused else \
+        _denominator(t, weight, ignore_index, x.shape[1], eps, prob, _acc(x.dtype))
     if inplace_backward and not (red != "none" and input.requires_grad and input.is_contiguous()):
         raise ValueError("inplace_backward=True needs reduction 'mean' or 'sum' and a contiguous "
                          "input that requires grad")
     opts = CEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
                      softcap=cap, inplace_backward=bool(inplace_backward),
-                     backend=backends.name_for(x.device.type), out_dtype=out_dtype)
+                     backend=backend, out_dtype=out_dtype, fused=fused)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
     loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)

@@ -39,6 +39,16 @@ class TritonBackend:
         return ce.ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
                              scale, need_grad, grad_into)
 
+    def fuses_forward(self, x: Tensor) -> bool:
+        return ce.fuses_forward(x)
+
+    def ce_forward_fused(self, x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor,
+                         ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                         reduction: str, out_dtype: torch.dtype, need_grad: bool,
+                         inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return ce.ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss,
+                                   softcap, reduction, out_dtype, need_grad, inplace)
+
     def ce_backward(self, x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
                     ignore_index: int, label_smoothing: float, z_loss: float,
                     softcap: float, scale: Tensor) -> Tensor:

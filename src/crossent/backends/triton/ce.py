@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device, split
+from . import _device, _grid, split
+from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
@@ -42,6 +43,7 @@ _CLUSTER_CTAS = 8       # widest cluster (8 is the portable maximum)
 _CLUSTER_BLOCK = 8192   # classes per CTA of a cluster
 _CLUSTER_WARPS = 8
 _KEEP_L2 = True         # two-pass: first pass loads with evict_last (a sweep knob)
+_PROGRAMS_PER_SM = 16   # persistent grid of a reduced loss without a barrier (the interpreter: 4 SMs)
 _ROW_PATH = "auto"      # (R, C) rows with C > _SINGLE_MAX: auto | split | cluster | twopass
 
 
@@ -56,7 +58,7 @@ def configure(**knobs) -> None:
             raise KeyError(f"unknown launch knob {k!r}")
     _plan.cache_clear()
     split.plan.cache_clear()
-    split._GROUPS.clear()
+    _grid._RESIDENT.clear()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -69,16 +71,80 @@ def _ce_kernel(
     scale_ptr, scale_stride,            # fp32, 0-d (stride 0) or one per position
     loss_ptr, lse_ptr,                  # fp32 (B*S,), position = b*S + s
     g_ptr, sg_b, sg_s, sg_c,            # gradient out (x.dtype)
-    S, C, n_sblk,
+    ws_ptr, part_ptr, out_ptr,          # REDUCE > 0: counters, partials (_grid.py); the reduced loss
+    S, C, n_sblk, n_tiles,              # n_tiles = B * n_sblk tiles, over a persistent grid
     ignore_index, one_m_eps, eps_over_c, z_loss, cap,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
     HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
-    KEEP_L2: tl.constexpr,
+    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr, STAGE: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    sblk = pid % n_sblk
-    b = pid // n_sblk
+    # REDUCE: 0 = per-position losses into loss_ptr (loss_ptr's dtype), gradient scaled
+    # by scale_ptr; 1 = sum, 2 = mean over positions, 3 = mean over W (class targets):
+    # the reduced loss into out_ptr, the denominator into scale_ptr, the gradient of
+    # loss * 1.  REDUCE 3 needs W first: STAGE 0 forms it behind a grid barrier
+    # (cooperative launch), or STAGE 1 (W's partials only) and STAGE 2 (the rest) are
+    # two launches (see _grid.py).
+    n_pos = (n_tiles // n_sblk) * S
+    den = tl.cast(1.0, tl.float32)
+    if REDUCE == 2:
+        den = tl.cast(n_pos, tl.float32)
+    if REDUCE == 3:
+        if STAGE != 2:
+            _den_partial(part_ptr, t_ptr, st_b, st_s, w_ptr, S, n_pos, C, ignore_index, HAS_W)
+        if STAGE == 0:
+            _barrier(ws_ptr, tl.num_programs(0))
+        if STAGE != 1:
+            den = _denominator(part_ptr, SMOOTH)
+    if STAGE != 1:
+        partial = _ce_tiles(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+                            loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, _inverse(den), S, C, n_sblk, n_tiles,
+                            ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE,
+                            HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+        if REDUCE != 0:
+            _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, partial, den, REDUCE >= 2)
+
+
+@triton.jit
+def _ce_tiles(
+    x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, S, C, n_sblk, n_tiles,
+    ignore_index, one_m_eps, eps_over_c, z_loss, cap,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
+    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
+    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr,
+):
+    # This program's tiles of BLOCK_S positions; returns the sum of their losses (fp64).
+    # Per-position losses: one tile per program (a loop, even of one trip, costs
+    # registers: 64 -> 114 for the cluster path).
+    if REDUCE == 0:
+        return tl.sum(_ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+                               loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den,
+                               tl.program_id(0).to(tl.int64), S, C, n_sblk, ignore_index, one_m_eps,
+                               eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL,
+                               HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE), 0)
+    partial = tl.zeros([BLOCK_S], tl.float64)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        partial += _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+                            loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.cast(tile, tl.int64), S, C,
+                            n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE,
+                            HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+    return tl.sum(partial, 0)
+
+
+@triton.jit
+def _ce_tile(
+    x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tile, S, C, n_sblk,
+    ignore_index, one_m_eps, eps_over_c, z_loss, cap,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
+    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
+    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr,
+):
+    sblk = tile % n_sblk
+    b = tile // n_sblk
     s = sblk * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)          # [BLOCK_S]
     smask = s < S
     pos = b * S + s
@@ -154,12 +220,16 @@ def _ce_kernel(
     logs = _log_sum(tl.where(smask, ssum, 1.0), m)   # padded positions: no log(0)
     loss = _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
                  PROB, SMOOTH, HAS_ZL)
-    tl.store(loss_ptr + pos, loss, mask=smask)
+    if REDUCE == 0:
+        tl.store(loss_ptr + pos, loss.to(loss_ptr.dtype.element_ty), mask=smask)
     tl.store(lse_ptr + pos, _lse(ms, logs, m, ssum), mask=smask)
 
     if NEED_GRAD:
         g_row = b * sg_b + s[:, None] * sg_s
-        sc = tl.load(scale_ptr + pos * scale_stride, mask=smask, other=0.0).to(tl.float32)
+        if REDUCE == 0:
+            sc = tl.load(scale_ptr + pos * scale_stride, mask=smask, other=0.0).to(tl.float32)
+        else:
+            sc = inv_den + tl.zeros([BLOCK_S], tl.float32)
         a2, b2, c2 = _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
                                 PROB, SMOOTH, HAS_ZL)
         a2 = a2 + tl.zeros([BLOCK_S], tl.float32)
@@ -187,6 +257,7 @@ def _ce_kernel(
                            NEED_P, HAS_CAP)
                 tl.store(g_ptr + g_row + cols.to(tl.int64) * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
                          eviction_policy="evict_first")
+    return tl.where(smask, loss, 0.0).to(tl.float64)
 
 
 @triton.jit
@@ -243,17 +314,24 @@ def cluster_config(C: int) -> dict:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, device: torch.device):
-    """(path, launch kwargs, grid) from shapes and strides only (no device reads)."""
+def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, reduce: int,
+          device: torch.device):
+    """(path, launch kwargs, position blocks per batch) from shapes and strides only."""
     rows = B == 1 and sx_c == 1
     path = row_path(rows, C, need_grad, device)
+    if path == "cluster" and reduce == 3 and _device.cooperative(device):
+        # W needs a grid barrier, i.e. a cooperative launch, which clusters are not
+        # given here: the split path also reads the logits once, in one launch.
+        path = "split"
     if path == "cluster":
-        return path, cluster_config(C), (S,)
+        return path, cluster_config(C), S
     block_s, block_c = tile_shape(C, S, sx_c == 1 or sx_s != 1)
-    n_sblk = triton.cdiv(S, block_s)
-    kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C, KEEP_L2=_KEEP_L2 and need_grad,
-              num_warps=max(4, min(16, block_s * block_c // 512)))
-    return path, kw, (B * n_sblk,)
+    single = block_c >= C
+    # A tile held in registers for the gradient: 32 values per thread (8192 classes:
+    # 8 warps, ~100 registers, 2 CTAs per SM; at 16 warps ~80 registers fit one CTA).
+    kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=single, KEEP_L2=_KEEP_L2 and need_grad,
+              num_warps=max(4, min(16, block_s * block_c // (1024 if single else 512))))
+    return path, kw, triton.cdiv(S, block_s)
 
 
 def _layout(x: torch.Tensor, target: torch.Tensor, prob: bool):
@@ -276,16 +354,31 @@ def _grad_strides(g: torch.Tensor):
     return 0, g.stride(0), g.stride(1)
 
 
-def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad):
+def _scale_arg(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tensor, stride per position) of a 0-d or per-position scale, any float dtype
+    (the kernel converts): no cast or copy launched for the usual upstream gradients."""
+    if scale.numel() == 1:
+        return scale, 0
+    if scale.dim() == 1:
+        return scale, scale.stride(0)
+    return scale.contiguous(), 1
+
+
+def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
+            reduce=0, loss_dtype=torch.float32):
+    """One sweep over the logits.  reduce 0: (per-position losses in loss_dtype, lse),
+    the gradient scaled per position by ``scale``; reduce 1 / 2 / 3 (sum, mean over
+    positions, mean over W): (the 0-d reduced loss in loss_dtype, lse), the gradient
+    of loss * 1; one launch on CUDA (see _grid.py)."""
     prob = target.is_floating_point()
     B, S, C, xs, ts = _layout(x, target, prob)
     dev = x.device
-    path, kw, grid = _plan(B, S, C, xs[1], xs[2], need_grad, dev)
-    out_shape = (x.shape[0],) + tuple(x.shape[2:])
-    loss = torch.empty(out_shape, device=dev, dtype=torch.float32)
-    lse = torch.empty(out_shape, device=dev, dtype=torch.float32)
-    scale_stride = 0 if scale.numel() == 1 else 1
-    scale = scale.to(torch.float32).contiguous()
+    path, kw, n_sblk = _plan(B, S, C, xs[1], xs[2], need_grad, reduce, dev)
+    rows_shape = (x.shape[0],) + tuple(x.shape[2:])
+    lse = torch.empty(rows_shape, device=dev, dtype=torch.float32)
+    loss = torch.empty(rows_shape if reduce == 0 else (), device=dev, dtype=loss_dtype)
+    # reduce > 0: scale_ptr is an output, the mean's denominator (1 for 'sum')
+    scale, scale_stride = _scale_arg(scale) if reduce == 0 else (scale, 0)
     # Kernels index the weight as w_ptr + c: a strided weight costs an O(C) copy.
     w = x if weight is None else weight.contiguous()   # x: a dummy pointer, never read
     g = grad if grad is not None else x                # dummy pointer when no gradient
@@ -295,7 +388,7 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     if path == "split":
         try:
             split.ce(x, xs[1], target, ts[1], ts[2], w, scale, scale_stride, loss, lse, g, S, C,
-                     scalars, flags)
+                     scalars, flags, reduce)
             return loss, lse
         except Exception as e:  # noqa: BLE001 - no cooperative launch here (MPS, some MIG setups),
             # or a Triton that cannot build the handshake: warn once, use the two-pass kernels
@@ -303,11 +396,32 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
                 raise
             _device.cooperative_failed(dev, e)
             _plan.cache_clear()
-            path, kw, grid = _plan(B, S, C, xs[1], xs[2], need_grad, dev)
+            path, kw, n_sblk = _plan(B, S, C, xs[1], xs[2], need_grad, reduce, dev)
     gs = _grad_strides(g)
-    _ce_kernel[grid](x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w,
-                     scale, scale_stride, loss, lse, g, gs[0], gs[1], gs[2],
-                     S, C, grid[0] // B, *scalars, **kw, **flags)
+    tiles = B * n_sblk
+    rows_out = loss if reduce == 0 else lse            # reduce > 0: per-position losses not stored
+    ws, part = _grid.workspace(dev, 0, 0)
+
+    def args(part):
+        return (x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w, scale, scale_stride, rows_out, lse,
+                g, gs[0], gs[1], gs[2], ws, part, loss, S, C, n_sblk, tiles, *scalars)
+    consts = dict(**kw, **flags, REDUCE=reduce)
+    if reduce == 3 and dev.type == "cuda" and _device.cooperative(dev):
+        try:
+            n = min(tiles, _grid.resident(_ce_kernel, args(part), dict(consts, STAGE=0), dev))
+            _ce_kernel[(n,)](*args(_grid.workspace(dev, 0, n)[1]), STAGE=0, launch_cooperative_grid=True,
+                             **consts)
+            return loss, lse
+        except Exception as e:  # noqa: BLE001 - as above; W then takes a launch of its own
+            if torch.cuda.is_current_stream_capturing():
+                raise
+            _device.cooperative_failed(dev, e)
+    # Without a barrier: every tile its own program for per-position losses; a
+    # bounded persistent grid when the last program adds up one partial per program.
+    n = tiles if reduce == 0 else min(tiles, _PROGRAMS_PER_SM * _device.num_sms(dev))
+    part = _grid.workspace(dev, 0, n)[1]
+    for stage in ((1, 2) if reduce == 3 else (0,)):
+        _ce_kernel[(n,)](*args(part), STAGE=stage, **consts)
     return loss, lse
 
 
@@ -336,6 +450,27 @@ def ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap
     if grad is None or grad_into is not None:
         grad = empty
     return loss, lse, grad
+
+
+def fuses_forward(x) -> bool:
+    """Whether ce_forward_fused runs x (what ce_forward leaves to the portable backend, it does not)."""
+    return x.dtype != torch.float64 and x.numel() > 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss, softcap,
+                     reduction, out_dtype, need_grad, inplace):
+    """(loss in out_dtype, lse, grad or empty): the whole forward in one launch on CUDA.
+    'mean' / 'sum': the reduced loss, the gradient of loss * 1 when need_grad (into x
+    when inplace), and the mean's denominator written into the 0-d fp32 ``denom``;
+    'none': per-position losses (denom untouched)."""
+    prob = target.is_floating_point()
+    reduce = 0 if reduction == "none" else 1 if reduction == "sum" else 2 if prob else 3
+    grad = None
+    if need_grad:
+        grad = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    loss, lse = _launch(x, target, weight, int(ignore_index), float(label_smoothing), float(z_loss),
+                        float(softcap or 0.0), denom, grad is not None, grad, reduce, out_dtype)
+    return loss, lse, grad if grad is not None and not inplace else x.new_empty(0)
 
 
 def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, scale):

@@ -8,12 +8,15 @@ Each row is cut into NSPLIT slices of at most _SPLIT_BLOCK classes; program
   2. reduces it to partials relative to the slice max and publishes them:
        m = max z,  s = sum exp(z - m~),  P1 = sum wt,  P2 = sum wt (z - m~),
        z[y] (by the slice that owns class y)          (m~: m, or 0 when m is +-inf)
-  3. waits for the row's other NSPLIT - 1 slices (a release/acquire counter per row),
+  3. waits for the row's other NSPLIT - 1 slices (a sense-reversing barrier per row,
+     self-resetting, in the workspace of ``_grid.py``),
   4. combines the NSPLIT partials and writes loss, lse and the gradient (softmax:
      the output) from the registers of step 1.
 STAGE selects what one launch does: 0 = all four steps (CUDA, cooperative launch:
 every program is resident, so the wait cannot deadlock); 1 = steps 1-2 and
-2 = steps 1, 4.  The interpreter runs programs one after another, so there a
+2 = steps 1, 4.  A reduced cross-entropy also forms the mean's denominator
+(before the rows, behind a grid barrier) and the reduced loss (the last program)
+in the same launch: see ``_grid.py``.  The interpreter runs programs one after another, so there a
 waiting program would spin forever: it runs STAGE 1 then STAGE 2, which re-read
 the row but compute the same math, and that is what the CPU tests check.
 """
@@ -25,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device
+from . import _device, _grid
+from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
 
 # Defaults from the static check (tests/_aot_compile.py --explore, sm_90, bf16): slices
@@ -39,17 +43,6 @@ _SPLIT_GROUPS = 3       # interpreter: row groups (exercises the persistent loop
 
 
 # ----------------------------------------------------------------------------- device helpers
-
-@triton.jit
-def _arrive_and_wait(cnt_ptr, n: tl.constexpr):
-    # Every thread's partial stores happen before the release (CTA barrier first);
-    # the acquire that sees all n arrivals orders the partial loads after it.
-    tl.debug_barrier()
-    c = tl.atomic_add(cnt_ptr, 1, sem="acq_rel") + 1
-    while c < n:
-        c = tl.atomic_add(cnt_ptr, 0, sem="acquire")
-    tl.debug_barrier()
-
 
 @triton.jit
 def _slice(x_ptr, stride, row, R, cols, cmask, LOAD: tl.constexpr):
@@ -102,16 +95,31 @@ def _ce_split_kernel(
     x_ptr, sx_r,                        # logits (R, C), classes contiguous
     t_ptr, st_r, st_c,                  # class targets (R,) or probabilities (R, C)
     w_ptr,                              # class weight (C,), contiguous
-    scale_ptr, scale_stride,            # fp32, 0-d (stride 0) or one per row
-    loss_ptr, lse_ptr,                  # fp32 (R,)
+    scale_ptr, scale_stride,            # 0-d (stride 0) or one per row; REDUCE > 0: the denominator out
+    loss_ptr, lse_ptr,                  # per-row losses (REDUCE 0, loss_ptr's dtype), lse fp32 (R,)
     g_ptr,                              # gradient (R, C), contiguous
-    part_ptr, cnt_ptr,                  # fp32 (R, NSPLIT, 5) partials (m, s, P1, P2, z[y]); int32 (R,) zeroed counters
+    part_ptr,                           # fp32 (R, NSPLIT, 5) partials (m, s, P1, P2, z[y])
+    ws_ptr, acc_ptr, out_ptr,           # counters, fp64 partials (_grid.py); the reduced loss
     R, C, n_groups,
     ignore_index, one_m_eps, eps_over_c, z_loss, cap,
     BLOCK: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr, STAGE: tl.constexpr,
     PREFETCH: tl.constexpr, HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr,
+    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, REDUCE: tl.constexpr,
 ):
+    # REDUCE as in ce._ce_kernel: 0 per-row losses scaled by scale_ptr; 1 sum, 2 mean
+    # over rows, 3 mean over W: the reduced loss and the gradient of loss * 1.
+    den = tl.cast(1.0, tl.float32)
+    if REDUCE == 2:
+        den = tl.cast(R, tl.float32)
+    if REDUCE == 3:
+        if STAGE != 2:
+            _den_partial(acc_ptr, t_ptr, 0, st_r, w_ptr, R, R, C, ignore_index, HAS_W)
+        if STAGE == 0:
+            _barrier(ws_ptr, tl.num_programs(0))
+        if STAGE != 1:
+            den = _denominator(acc_ptr, SMOOTH)
+    inv_den = _inverse(den)
+    partial = tl.zeros([1], tl.float64)
     pid = tl.program_id(0)
     split = pid % NSPLIT
     group = pid // NSPLIT
@@ -161,18 +169,24 @@ def _ce_split_kernel(
                     zy = _softcap(zy, cap)
                 tl.store(slot + 4, zy, mask=own)
         if STAGE == 0:
-            _arrive_and_wait(cnt_ptr + r64, NSPLIT)
+            _barrier(ws_ptr + 4 + 2 * r64, NSPLIT)
         if STAGE != 1:
             m, ms, ssum, p1, p2 = _combine(part_ptr, base, NSPLIT, NSPLIT_P2, NEED_P)
             if not PROB:
                 zy = tl.load(part_ptr + base + (y // BLOCK) * 5 + 4, mask=valid & inb, other=0.0,
                              cache_modifier=".cg")
             logs = _log_sum(ssum, m)
+            loss = _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb, PROB, SMOOTH,
+                         HAS_ZL)
             if split == 0:
-                tl.store(loss_ptr + r64, _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c,
-                                               z_loss, valid, inb, PROB, SMOOTH, HAS_ZL))
+                if REDUCE == 0:
+                    tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty))
                 tl.store(lse_ptr + r64, _lse(ms, logs, m, ssum))
-            sc = tl.load(scale_ptr + r64 * scale_stride).to(tl.float32)
+            partial += tl.where(split == 0, loss, 0.0).to(tl.float64)
+            if REDUCE == 0:
+                sc = tl.load(scale_ptr + r64 * scale_stride).to(tl.float32)
+            else:
+                sc = inv_den
             a2, b2, c2 = _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
                                     PROB, SMOOTH, HAS_ZL)
             # int32 lane compare (an int64 one doubles the registers of the tile)
@@ -181,15 +195,18 @@ def _ce_split_kernel(
             dz = _grad(p, wt, is_y, a2, b2, c2, z, cap, NEED_P, HAS_CAP)
             tl.store(g_ptr + r64 * C + cols, dz.to(g_ptr.dtype.element_ty), mask=cmask,
                      eviction_policy="evict_first")
+    if STAGE != 1 and REDUCE != 0:
+        _finish(ws_ptr, acc_ptr, out_ptr, scale_ptr, tl.sum(partial, 0), den, REDUCE >= 2)
 
 
 # ----------------------------------------------------------------------------- softmax forward
 
 @triton.jit
-def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, R, C, n_groups,
+def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, ws_ptr, R, C, n_groups,
                           BLOCK: tl.constexpr, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr,
                           STAGE: tl.constexpr, PREFETCH: tl.constexpr, LOG: tl.constexpr):
-    # x, y: (R, C) contiguous.  Partials: (max, sumexp) per slice, 5 slots as for CE.
+    # x, y: (R, C) contiguous.  Partials: (max, sumexp) per slice, 5 slots as for CE;
+    # ws_ptr: the per-row barriers (_grid.py).
     pid = tl.program_id(0)
     split = pid % NSPLIT
     group = pid // NSPLIT
@@ -212,7 +229,7 @@ def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, R, C, n_groups,
             else:
                 tl.store(part_ptr + base + split * 5 + 1, tl.sum(e, 0))
         if STAGE == 0:
-            _arrive_and_wait(cnt_ptr + r64, NSPLIT)
+            _barrier(ws_ptr + 4 + 2 * r64, NSPLIT)
         if STAGE != 1:
             m, ms, ssum, _p1, _p2 = _combine(part_ptr, base, NSPLIT, NSPLIT_P2, False)
             if LOG:
@@ -229,7 +246,7 @@ def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, cnt_ptr, R, C, n_groups,
 @functools.lru_cache(maxsize=256)
 def plan(R: int, C: int, device: torch.device) -> dict:
     """Slices and grid for R rows of C classes (STAGE 0 needs the kernel's
-    registers to size its cooperative grid: see _cooperative_groups)."""
+    registers to size its cooperative grid: see _grid.resident)."""
     nsplit = triton.cdiv(C, _SPLIT_BLOCK)
     block = triton.next_power_of_2(triton.cdiv(C, nsplit))
     nsplit = triton.cdiv(C, block)
@@ -238,51 +255,42 @@ def plan(R: int, C: int, device: torch.device) -> dict:
                 cooperative=device.type == "cuda")
 
 
-_GROUPS: dict = {}
-
-
-def _cooperative_groups(kernel, args, p: dict, R: int, device: torch.device, consts: dict) -> int:
-    """Row groups of a cooperative launch: every program must be resident at once."""
-    key = (kernel, device, tuple(sorted(consts.items())), p["num_warps"])
-    n = _GROUPS.get(key)
-    if n is None:
-        ck = kernel.warmup(*args, grid=(1,), num_warps=p["num_warps"], launch_cooperative_grid=True,
-                           **consts)
-        ck._init_handles()
-        per_sm = min(_SPLIT_CTAS, _device.resident_ctas(ck.n_regs, ck.metadata.shared,
-                                                         p["num_warps"], device))
-        if per_sm < 1:
-            raise RuntimeError("crossent: the split-row kernel does not fit on one SM")
-        n = _GROUPS[key] = max(1, per_sm * _device.num_sms(device) // p["NSPLIT"])
-    return min(n, R)
-
-
 def _run(kernel, R, C, device, args, consts):
-    """Launch kernel(args..., part, cnt, R, C, n_groups, ...) in one (CUDA) or two stages."""
+    """Launch kernel(*args(part, ws, acc, n_groups), ...): one cooperative launch on
+    CUDA, two stages elsewhere.  ``args`` builds the argument list around the
+    slice partials ``part``, the workspace (``_grid.workspace``) and the group count."""
     p = plan(R, C, device)
     part = torch.empty(R * p["NSPLIT"] * 5, device=device, dtype=torch.float32)
     tiles = dict(BLOCK=p["BLOCK"], NSPLIT=p["NSPLIT"], NSPLIT_P2=p["NSPLIT_P2"], PREFETCH=p["PREFETCH"],
                  **consts)
+    ws, acc = _grid.workspace(device, R, 0)
     if p["cooperative"]:
-        cnt = torch.zeros(R, device=device, dtype=torch.int32)
-        head = (*args[0], part, cnt, R, C)
-        groups = _cooperative_groups(kernel, (*head, R, *args[1]), p, R, device,
-                                     dict(STAGE=0, **tiles))
-        kernel[(groups * p["NSPLIT"],)](*head, groups, *args[1], STAGE=0, num_warps=p["num_warps"],
+        per_sm = _grid.resident(kernel, args(part, ws, acc, R), dict(STAGE=0, num_warps=p["num_warps"], **tiles),
+                                device, _SPLIT_CTAS)
+        groups = min(R, max(1, per_sm // p["NSPLIT"]))
+        ws, acc = _grid.workspace(device, R, groups * p["NSPLIT"])
+        kernel[(groups * p["NSPLIT"],)](*args(part, ws, acc, groups), STAGE=0, num_warps=p["num_warps"],
                                         launch_cooperative_grid=True, **tiles)
         return
     groups = min(R, _SPLIT_GROUPS)
-    head = (*args[0], part, part, R, C, groups)
+    ws, acc = _grid.workspace(device, R, groups * p["NSPLIT"])
     for stage in (1, 2):
-        kernel[(groups * p["NSPLIT"],)](*head, *args[1], STAGE=stage, num_warps=p["num_warps"], **tiles)
+        kernel[(groups * p["NSPLIT"],)](*args(part, ws, acc, groups), STAGE=stage, num_warps=p["num_warps"],
+                                        **tiles)
 
 
-def ce(x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g, R, C, scalars, flags):
+def ce(x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g, R, C, scalars, flags, reduce):
+    """Cross-entropy over (R, C) rows; ``reduce`` and the buffers as in ce._launch."""
     flags = {k: v for k, v in flags.items() if k != "NEED_GRAD"}   # this path always writes it
-    _run(_ce_split_kernel, R, C, x.device,
-         ((x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g), scalars), flags)
+    rows_out = loss if reduce == 0 else lse
+
+    def args(part, ws, acc, groups):
+        return (x, sx_r, target, st_r, st_c, w, scale, scale_stride, rows_out, lse, g, part, ws, acc, loss,
+                R, C, groups, *scalars)
+    _run(_ce_split_kernel, R, C, x.device, args, dict(REDUCE=reduce, **flags))
 
 
 def softmax(x, y, log: bool):
     R, C = x.shape
-    _run(_softmax_split_kernel, R, C, x.device, ((x, y), ()), dict(LOG=log))
+    _run(_softmax_split_kernel, R, C, x.device, lambda part, ws, acc, groups: (x, y, part, ws, R, C, groups),
+         dict(LOG=log))
