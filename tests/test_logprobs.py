@@ -54,7 +54,7 @@ def backend(request, monkeypatch):
     monkeypatch.setenv("CROSSENT_BACKEND", request.param)
     monkeypatch.setattr(torch_chunked, "_CHUNK_BYTES", 2048)
     monkeypatch.setattr(torch_chunked, "_MIN_CHUNK_BYTES", 1024)
-    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", 4096)  # and the torch kernels' blocks: a row or two
     return request.param
 
 
