@@ -17,6 +17,10 @@ kernel's VmHWM, reset through /proc/self/clear_refs; on CUDA torch's
 max_memory_allocated over memory_allocated), i.e. what a step
 allocates on top of its inputs, gradients included (the script re-executes
 itself with MALLOC_MMAP_THRESHOLD_=1 MiB so that freed buffers leave the RSS).
+"beyond" is that minus what any implementation returns (the gradients and the
+outputs), also in units of crossent's CPU chunk budget (crossent.logprobs.
+_CPU_CHUNK_BYTES, 128 MiB: the fused head's promise is at most one, plus for
+bf16 over several chunks dW's fp32 accumulator, V x D x 4 bytes).
 
   PYTHONPATH=src python benchmarks/logprobs_bench.py [--op linear] [--shape 4096x512x32000]
       [--entropy 1] [--temperature 0.7] [--rounds 3] [--device cpu|cuda] [--json out.json]
@@ -142,19 +146,27 @@ def main(argv=None) -> int:
         r["ratio_vs_eager"] = r["ms"] / ref[0]["ms"] if ref else None
 
     out_mib = sum(q.numel() * q.element_size() for q in params) / 2 ** 20  # the gradients a step creates
+    ret_mib = out_mib + N * 4 * (2 if ent else 1) / 2 ** 20  # ... and the outputs (fp32 log-probs, entropy)
+    from crossent.logprobs import _CPU_CHUNK_BYTES
+    chunk_mib = _CPU_CHUNK_BYTES / 2 ** 20
+    for r in rows:
+        r["beyond_returned_mib"] = max(0.0, r["extra_peak_mib"] - ret_mib)
+        r["beyond_returned_chunks"] = r["beyond_returned_mib"] / chunk_mib
     print(f"crossent {stamp['crossent']} (commit {stamp['git_commit']}), torch {stamp['torch']}, {stamp['cpu']}, "
           f"{stamp['cores']} cores, {stamp['torch_threads']} threads, load {stamp['loadavg_1m']}; "
           f"op={a.op} shape={a.shape} {a.dtype} T={a.temperature} entropy={ent}; fwd+bwd; "
-          f"gradients = {out_mib:.1f} MiB; N x V fp32 = {N * V * 4 / 2 ** 20:.1f} MiB")
-    print(f"{'provider':10} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'extra MiB':>10} "
-          f"{'median vs eager':>16} {'per-round ratios':>20}")
+          f"gradients + outputs = {ret_mib:.1f} MiB; N x V fp32 = {N * V * 4 / 2 ** 20:.1f} MiB; "
+          f"chunk budget = {chunk_mib:.0f} MiB")
+    print(f"{'provider':10} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'extra MiB':>10} {'beyond MiB':>11} "
+          f"{'chunks':>7} {'median vs eager':>16} {'per-round ratios':>20}")
     for p in providers:
         mine = [r for r in rows if r["provider"] == p]
         ratios = [r["ratio_vs_eager"] for r in mine if r["ratio_vs_eager"] is not None]
         ms = sorted(r["ms"] for r in mine)
         med_ratio = H.median(ratios) if ratios else None
+        beyond = min(r["beyond_returned_mib"] for r in mine)
         print(f"{p:10} {H.median(ms):>10.1f} {ms[0]:>9.1f} {ms[-1]:>9.1f} "
-              f"{min(r['extra_peak_mib'] for r in mine):>10.1f} "
+              f"{min(r['extra_peak_mib'] for r in mine):>10.1f} {beyond:>11.1f} {beyond / chunk_mib:>7.2f} "
               f"{'-' if med_ratio is None else format(med_ratio, '.3f'):>16} "
               f"{' '.join(format(x, '.2f') for x in ratios):>20}")
     if a.json:

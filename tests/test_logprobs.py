@@ -54,7 +54,7 @@ def backend(request, monkeypatch):
     monkeypatch.setenv("CROSSENT_BACKEND", request.param)
     monkeypatch.setattr(torch_chunked, "_CHUNK_BYTES", 2048)
     monkeypatch.setattr(torch_chunked, "_MIN_CHUNK_BYTES", 1024)
-    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", 4096)  # and the torch kernels' blocks: a row or two
     return request.param
 
 
@@ -217,6 +217,50 @@ def test_linear_ignored_rows_and_bias_grads(backend):
     ref = eager(F.linear(h.detach(), W.detach()), t, 1.0, -100, torch.float32)
     torch.testing.assert_close(out.log_probs, ref[0])
     assert torch.all(h.grad[:12] == 0)
+
+
+@pytest.mark.parametrize("dtype,entropy,T", [(torch.float32, True, 1.0), (torch.float32, False, 0.7),
+                                             (torch.bfloat16, True, 0.7), (torch.bfloat16, False, 1.0)])
+def test_linear_memory_within_one_chunk(monkeypatch, dtype, entropy, T):
+    """The fused head's promise on CPU: beyond the gradients it returns, forward
+    + backward allocate at most one chunk budget (the logits, then their
+    gradient, and the kernels' blocks) + O(N) per-token vectors (outputs, lse,
+    coefficients) + for bf16 over several chunks dW's fp32 accumulator; from the
+    memory events of torch's profiler (every CPU allocation and free)."""
+    from test_linear import _profile_peak
+
+    from crossent import logprobs
+    budget = 8 << 20
+    monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", budget)
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    N, D, V = 1024, 64, 8192  # eager's fp32 logits: 32 MiB
+    rows = logprobs._cpu_chunk_rows(N, D, V, dtype)
+    assert rows < N  # several chunks
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()
+    W = (torch.randn(V, D, generator=g) / D ** 0.5).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::7] = -100  # dropped rows: the chunks gather their hidden rows
+    adv = torch.randn(N, generator=g)
+
+    def step(fn):
+        lp, ent = fn()
+        ((lp * adv).sum() + (ent.sum() if entropy else 0)).backward()
+        h.grad = W.grad = None
+
+    def ours():
+        return crossent.linear_log_probs(h, W, t, temperature=T, entropy=entropy)
+
+    def theirs():
+        return eager(F.linear(h, W), t, T, -100, torch.float32)
+
+    step(ours)  # warm-up: lazy imports, one-time buffers
+    grads = (N + V) * D * h.element_size()
+    acc = V * D * 4 if dtype != torch.float32 else 0
+    peak = _profile_peak(lambda: step(ours))
+    assert peak <= grads + acc + budget + 64 * N, (peak - grads - acc) / budget
+    assert peak > grads + rows * V * h.element_size()  # the measurement sees the chunk
+    assert _profile_peak(lambda: step(theirs)) > grads + N * V * 4  # ... and eager's logits
 
 
 @pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])

@@ -46,6 +46,8 @@ _LOWP = (torch.float16, torch.bfloat16)
 # torch release has it on CPU, so there its absence is by design, not news.
 _FP32_OUT_GEMM_DEVICES = ("cuda",)
 _fp32_out_gemm: dict = {}
+# _gemm's CPU path upcasts a low-precision operand in row blocks of this many bytes.
+_UPCAST_BYTES = 4 << 20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,11 +102,16 @@ def _gemm(acc: Tensor, a: Tensor, b: Tensor, first: bool, scratch: Optional[Tens
         else:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     elif exact or acc.device.type not in _FP32_OUT_GEMM_DEVICES:
-        a, b = a.to(acc.dtype), b.to(acc.dtype)
-        if first:
-            torch.mm(a, b, out=acc)
-        else:
-            acc.addmm_(a, b)
+        # a (the chunk's gradient, transposed) is upcast by blocks of rows: never an
+        # fp32 copy of the whole chunk next to it
+        b = b.to(acc.dtype)
+        step = max(1, a.shape[0] if exact else _UPCAST_BYTES // max(1, acc.element_size() * a.shape[1]))
+        for r in range(0, a.shape[0], step):
+            ar = a[r:r + step].to(acc.dtype)
+            if first:
+                torch.mm(ar, b, out=acc[r:r + step])
+            else:
+                acc[r:r + step].addmm_(ar, b)
     else:
         p = torch.mm(a, b) if scratch is None else torch.mm(a, b, out=scratch)
         if first:

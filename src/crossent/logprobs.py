@@ -29,18 +29,22 @@ from torch.library import custom_op
 
 from . import _validate as V
 from . import backends
-from ._linear_ops import _addmm_acc, _logits, _Rows, acc_dtype
+from ._linear_ops import _gemm, _logits, _Rows, acc_dtype
 
 __all__ = ["LogProbsOutput", "log_probs", "linear_log_probs"]
 
 # exp(-1024) is 0 in fp32 and fp64: clamping z - m there changes no probability
 # but turns a -inf logit's p * log p = 0 * -inf = NaN into 0 (0 log 0 = 0).
 _FLOOR = -1024.0
-# Fused head on CPU: chunk buffers of ~128 MiB (~500 tokens at V = 32k fp32).  The
-# backward's dW += dlogits.T @ x_chunk re-reads and re-writes all of dW per chunk,
-# so chunks of a few hundred tokens run the three GEMMs 20-30% faster than
-# linear_cross_entropy's 32 MiB ones (which fold the gradient into the forward
-# pass and are done after one sweep).
+# Fused head on CPU: the memory budget of one chunk, all it needs included.  Half
+# is the chunk's logits (in x's dtype; then, in place, their gradient) and its
+# hidden rows' copies (see _cpu_chunk_rows); half the torch kernels' fp32
+# temporaries, which cover blocks of rows (see _blocks): the entropy's
+# probabilities and, for logits that are not crossent's to overwrite or not in
+# fp32, an fp32 copy or log-softmax.  Few, large blocks: each op is a parallel
+# region, and on a loaded machine each region can wait a scheduler tick for its
+# second thread (1 MiB blocks ran 2x slower there).  Chunks of 512 tokens (V =
+# 32k fp32) run the GEMMs as fast as 1024 within this machine's noise.
 _CPU_CHUNK_BYTES = 128 << 20
 
 
@@ -66,44 +70,53 @@ def safe_index(target: Tensor, ignore_index: int, V: int) -> Tensor:
 
 
 def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
-    """z = xc * (1/T) in the accumulation dtype; in place when ``own`` and no cast
-    is needed.  Multiplying (within an ulp of xc / T) is what the backward's
-    recomputation does too, so both see the same z."""
+    """z = xc * (1/T) in the accumulation dtype; in place when ``own`` or when
+    the cast made a copy.  Multiplying (within an ulp of xc / T) is what the
+    backward's recomputation does too, so both see the same z."""
     z = xc.to(acc_dtype(xc.dtype))
     if temperature != 1.0:
         inv = 1.0 / temperature
-        z = z.mul_(inv) if own and z.data_ptr() == xc.data_ptr() else z * inv
+        z = z.mul_(inv) if own or z.data_ptr() != xc.data_ptr() else z * inv
     return z
 
 
-def stats(z: Tensor, ys: Optional[Tensor], entropy: bool) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
-    """(log_prob at ys or None, H or None, shift), of the rows of z; shift (r, 2)
+def _blocks(n: int, V: int, elt: int, temps: int):
+    """Row slices for kernels with ``temps`` temporaries of ``elt`` bytes per
+    element: together at most half a chunk's budget (at least one row)."""
+    step = max(1, _CPU_CHUNK_BYTES // (2 * temps) // (elt * max(1, V)))
+    return (slice(r, min(r + step, n)) for r in range(0, n, step))
+
+
+def stats(z: Tensor, ys: Optional[Tensor], entropy: bool,
+          inplace: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+    """(log_prob at ys or None, H or None, shift), of the rows of z (acc dtype); shift (r, 2)
     holds (max, log sum exp(z - max)), whose sum is the lse.  They are kept
     apart so the backward's z - max - log s rounds like log_softmax does (one
     fp32 lse would cost an ulp of |lse| in every p).
 
-    torch's fused (log_)softmax kernels do the exponentials: on CPU each is
-    faster than a bare torch.exp over the same chunk, let alone max, sub, exp
-    and sum as separate sweeps.  log s is read back at the row's argmax, where
-    log_softmax = -log s exactly.
+    torch's fused log_softmax kernel does the exponentials (on CPU faster than
+    max, sub, exp and sum as separate sweeps), into z itself when ``inplace``
+    (z is then overwritten; it reads each row before writing it).  log s is
+    read back at the row's argmax, where log_softmax = -log s exactly.  The
+    entropy's probabilities exist one block of rows at a time.
     """
     m, am = z.max(1, keepdim=True)
-    L = torch.log_softmax(z, 1)
+    L = torch.log_softmax(z, 1, out=z) if inplace else torch.log_softmax(z, 1)
     shift = torch.cat([torch.where(m.abs() == math.inf, 0.0, m), -L.gather(1, am)], 1)
     lp = None if ys is None else L.gather(1, ys.unsqueeze(1)).squeeze(1)
     if not entropy:
         return lp, None, shift
-    p = torch.softmax(z, 1)
-    if z.device.type != "cpu":
-        L.clamp_min_(_FLOOR)  # (no host sync to find the few rows that need it)
-    # -sum p*L in place (p is not needed again): torch's cascade sum; a bmm dot
-    # product is a sweep cheaper but measurably less accurate at 100k+ classes.
-    ent = p.mul_(L).sum(1).neg_()
-    bad = torch.isnan(ent)
-    if z.device.type == "cpu" and bool(bad.any()):  # a -inf logit: 0 * -inf; reading a CPU flag is free
-        Lb = L[bad].clamp_min_(_FLOOR)
-        ent[bad] = -(Lb.exp() * Lb).sum(1)
-    return lp, ent, shift
+    ent = L.new_empty(L.shape[0])
+    for r in _blocks(L.shape[0], L.shape[1], L.element_size(), 1):
+        Lr = L[r]
+        if z.device.type != "cpu":
+            Lr.clamp_min_(_FLOOR)  # (no host sync to find the few rows that need it)
+        # -sum p*L: torch's cascade sum; a bmm dot product is a sweep cheaper but
+        # measurably less accurate at 100k+ classes.
+        torch.sum(torch.exp(Lr).mul_(Lr), 1, out=ent[r])
+        if z.device.type == "cpu" and bool(torch.isnan(ent[r]).any()):  # a -inf logit: 0 * -inf
+            torch.sum(torch.exp(Lr.clamp_min_(_FLOOR)).mul_(Lr), 1, out=ent[r])  # (L is z or new: ours)
+    return lp, ent.neg_(), shift
 
 
 def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: Optional[Tensor], a: Tensor,
@@ -112,20 +125,42 @@ def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: 
     already divided by T (0 at ignored rows), from the saved H and shift (r, 2)
     (max, log-sum; for a vocab shard the global ones): L = (z - max) - log s.
     ``hot``: the one-hot coefficient (default a; vocab-parallel: a on the rank
-    owning the target).  Returns the gradient in the acc dtype: in ``out``
-    (any dtype; may be x itself) when given, else in a new buffer.
+    owning the target).  Returns the gradient in ``out`` (any dtype; may be x
+    itself), or in a new buffer of the acc dtype.
+
+    With ``out`` in the acc dtype the math runs in it, over all rows at once,
+    and only the entropy term's probabilities take a block-sized temporary;
+    otherwise block by block through an fp32 copy of each block.
     """
-    z = scaled(x, temperature, own=out is not None and out.data_ptr() == x.data_ptr())
-    dst = out if out is not None and out.dtype == z.dtype else None
-    L = torch.sub(z, shift[:, :1], out=dst).sub_(shift[:, 1:])
-    if b is None:
-        L.exp_().mul_(a.neg().unsqueeze(1))
-    else:
-        p = torch.exp(L.clamp_min_(_FLOOR))  # exp(L) is 0 below the floor anyway: no 0 * -inf below
-        # -p * (a + b * (L + H)) = p * (-(a + b * H) + L * -b): one addcmul sweep, one mul
-        torch.addcmul((a + b * ent).neg_().unsqueeze(1), L, b.neg().unsqueeze(1), out=L).mul_(p)
-    L.scatter_add_(1, ys.unsqueeze(1), (a if hot is None else hot).unsqueeze(1).to(L.dtype))
-    return L if out is None or L.data_ptr() == out.data_ptr() else out.copy_(L)
+    acc = acc_dtype(x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=acc, device=x.device)
+    hot = (a if hot is None else hot).unsqueeze(1).to(acc)
+    if b is not None:
+        c0 = (a + b * ent).neg_().unsqueeze(1)  # -(a + b * H)
+        nb = b.neg().unsqueeze(1)
+    spans = [slice(0, x.shape[0])] if out.dtype == acc else _blocks(x.shape[0], x.shape[1], acc.itemsize, 2)
+    for r in spans:
+        if out.dtype == acc:
+            L = out[r]
+            z = x[r] if temperature == 1.0 else torch.mul(x[r], 1.0 / temperature, out=L)  # as scaled() does
+            torch.sub(z, shift[r, :1], out=L)
+        else:
+            L = scaled(x[r], temperature, own=False).sub_(shift[r, :1])  # a copy
+        L.sub_(shift[r, 1:])
+        if b is None:
+            L.exp_().mul_(a[r].neg().unsqueeze(1))
+        else:
+            for q in _blocks(L.shape[0], L.shape[1], acc.itemsize, 1):
+                Lq = L[q].clamp_min_(_FLOOR)  # exp(L) is 0 below the floor anyway: no 0 * -inf below
+                p = torch.exp(Lq)
+                # -p * (a + b * (L + H)) = p * (-(a + b * H) + L * -b): one addcmul sweep, one mul
+                torch.addcmul(c0[r][q], Lq, nb[r][q], out=Lq).mul_(p)
+                del p  # freed before the next block's is allocated
+        L.scatter_add_(1, ys[r].unsqueeze(1), hot[r])
+        if L.data_ptr() != out[r].data_ptr():
+            out[r].copy_(L)
+    return out
 
 
 def _masked(v: Tensor, target: Tensor, ignore_index: int, V: int) -> Tensor:
@@ -136,11 +171,25 @@ def _masked(v: Tensor, target: Tensor, ignore_index: int, V: int) -> Tensor:
 
 
 class _TorchKernels:
-    """The portable kernels: ``rows_*`` work on one chunk, the others chunk a whole tensor."""
+    """The portable kernels.  ``rows_*`` work on one chunk, in place where it is
+    ours and in the acc dtype, else block by block (see _blocks), so the
+    whole-tensor ones are the same calls."""
 
     @staticmethod
     def rows_forward(x, ys, temperature, entropy, own):
-        return stats(scaled(x, temperature, own), ys, entropy)
+        acc = acc_dtype(x.dtype)
+        R = x.shape[0]
+        if own and x.dtype == acc:
+            lp, e, shift = stats(scaled(x, temperature, True), ys, entropy, inplace=True)
+            return lp, x.new_empty(0) if e is None else e, shift
+        lp, shift = x.new_empty(R, dtype=acc), x.new_empty((R, 2), dtype=acc)
+        ent = x.new_empty(R if entropy else 0, dtype=acc)
+        for r in _blocks(R, x.shape[1], acc.itemsize, 2):
+            z = scaled(x[r], temperature, own)
+            lp[r], e, shift[r] = stats(z, ys[r], entropy, inplace=own or z.data_ptr() != x[r].data_ptr())
+            if entropy:
+                ent[r] = e
+        return lp, ent, shift
 
     @staticmethod
     def rows_backward(x, out, ys, shift, ent, a, b, temperature):
@@ -148,26 +197,12 @@ class _TorchKernels:
 
     @classmethod
     def forward(cls, x, ys, temperature, entropy):
-        from .backends.torch_chunked import _chunks
-        acc = acc_dtype(x.dtype)
-        R = x.shape[0]
-        lp, lse = x.new_empty(R, dtype=acc), x.new_empty((R, 2), dtype=acc)
-        ent = x.new_empty(R if entropy else 0, dtype=acc)
-        for (ri,), _ in _chunks(x):
-            l, e, s = cls.rows_forward(x[ri], ys[ri], temperature, entropy, False)
-            lp[ri], lse[ri] = l, s
-            if entropy:
-                ent[ri] = e
-        return lp, ent, lse
+        return cls.rows_forward(x, ys, temperature, entropy, False)
 
     @classmethod
     def backward(cls, x, ys, lse, ent, a, b, temperature):
-        from .backends.torch_chunked import _chunks, empty_like_fast
-        dx = empty_like_fast(x)
-        for (ri,), _ in _chunks(x):
-            cls.rows_backward(x[ri], dx[ri], ys[ri], lse[ri], None if b is None else ent[ri], a[ri],
-                              None if b is None else b[ri], temperature)
-        return dx
+        from .backends.torch_chunked import empty_like_fast
+        return grad_rows(x, empty_like_fast(x), ys, lse, ent, a, b, temperature)
 
 
 def kernels(backend: str):
@@ -181,6 +216,18 @@ def kernels(backend: str):
 # ---------------------------------------------------------------------------
 # Fused head: token-chunked passes over x (N, D) @ w.T (V, D)
 # ---------------------------------------------------------------------------
+def _cpu_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk on CPU: half of _CPU_CHUNK_BYTES for, per token, its
+    logits (x's dtype), its hidden row gathered (when ignored tokens are
+    dropped) and, for low precision, that row in fp32 (the dW GEMM's operand);
+    the other half is the kernels' working space (see _blocks) or _gemm's
+    upcast block."""
+    from .linear import _TILE_ROWS, _chunk_rows
+    elt, acc_elt = dtype.itemsize, acc_dtype(dtype).itemsize
+    per_row = (V + D) * elt + (D * acc_elt if elt < acc_elt else 0)
+    return _chunk_rows(N, per_row, _CPU_CHUNK_BYTES // 2, _TILE_ROWS["cpu"])
+
+
 def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_rows, backend):
     """(log_probs, entropy or empty, shift (N, 2)), acc dtype, unmasked; dropped
     (ignored, CPU) rows are left 0."""
@@ -191,7 +238,7 @@ def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_ro
     lp, lse = x.new_zeros(N, dtype=acc), x.new_zeros((N, 2), dtype=acc)
     ent = x.new_zeros(N if entropy else 0, dtype=acc)
     ys = safe_index(target, ignore_index, V)
-    # The chunk's logits; the kernels add at most two chunk-sized temporaries.
+    # The chunk's logits, the only chunk-sized buffer (the kernels' temporaries are per block).
     zbuf = x.new_empty((max(1, min(chunk_rows, R.n)), V))
     for tok, xc in R.chunks(zbuf.shape[0]):
         z = _logits(xc, w, b, zbuf[:xc.shape[0]])
@@ -206,9 +253,11 @@ def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_ro
 
 def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature, need_dx, need_dw,
                     need_db, chunk_rows, backend):
-    """(dx, dw, db) of sum(a * log_prob + cb * H), a and cb divided by T; the
-    logits of each chunk are recomputed and turned into their gradient (in
-    place where the kernel allows)."""
+    """(dx, dw, db) of sum(a * log_prob + cb * H), a and cb divided by T.  Per
+    chunk: its logits are recomputed into a buffer crossent owns and turned into
+    their gradient in place (in x's dtype: computed in fp32, rounded once, as
+    eager rounds the logits' gradient to x's dtype before F.linear's backward),
+    then dW and dx take it through the GEMMs.  One (rows, V) buffer in all."""
     k = kernels(backend)
     R = _Rows(x, None, target, ignore_index, True)
     V = w.shape[0]
@@ -216,28 +265,30 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
     ys = safe_index(target, ignore_index, V)
     e = x.new_empty(0)
     dx = (torch.zeros_like(x) if R.sel is not None else torch.empty_like(x)) if need_dx else e
-    lowp = acc != x.dtype
-    # dW accumulates over chunks in fp32 and is rounded once (for fp32 it is dW itself).
-    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_dw else e
-    db = torch.zeros(V, dtype=acc, device=x.device) if need_db else e
     n = max(1, min(chunk_rows, R.n))
+    # One chunk: dW = g.T @ x is one GEMM, accumulated in fp32 inside and rounded
+    # once.  Several: an fp32 accumulator (dW itself for fp32/fp64) that the first
+    # chunk writes with beta=0, rounded once at the end.
+    dw = torch.empty(w.shape, dtype=w.dtype if n >= R.n else acc, device=w.device) if need_dw else e
+    db = torch.zeros(V, dtype=acc, device=x.device) if need_db else e
     zbuf = x.new_empty((n, V))
-    gbuf = x.new_empty((n, V), dtype=acc) if lowp else zbuf
+    first = True
     for tok, xc in R.chunks(n):
-        m = xc.shape[0]
-        z = _logits(xc, w, b, zbuf[:m])
+        z = _logits(xc, w, b, zbuf[:xc.shape[0]])
         rows = [None if t is None else R.take(t, tok) for t in (ys, lse, None if cb is None else ent, a, cb)]
-        g = k.rows_backward(z, gbuf[:m], *rows, temperature)
+        g = k.rows_backward(z, z, *rows, temperature)  # in place: the logits become their gradient
         if need_db:
-            db += g.sum(0)
+            db += g.sum(0, dtype=acc)
         if need_dw:
-            _addmm_acc(dw, g.t(), xc)
+            _gemm(dw, g.t(), xc, first)
         if need_dx:
-            gl = g if g.dtype == x.dtype else zbuf[:m].copy_(g)
             if isinstance(tok, slice):
-                torch.mm(gl, w, out=dx[tok])
+                torch.mm(g, w, out=dx[tok])
             else:
-                R.put(dx, tok, torch.mm(gl, w))
+                R.put(dx, tok, torch.mm(g, w))
+        first = False
+    if first and need_dw:  # every token was ignored and dropped: nothing ran
+        dw.zero_()
     return dx, dw.to(w.dtype) if need_dw else e, db.to((b if b is not None else x).dtype) if need_db else e
 
 
@@ -406,10 +457,11 @@ def linear_log_probs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
     _check_classes("linear_log_probs", V_, target, ii)
     t = target.reshape(-1)
     backend = backends.name_for(input.device.type)
-    budget = _CPU_CHUNK_BYTES if input.device.type == "cpu" else None
-    plan, _ = _plan(t.shape[0], D, V_, input.dtype, input.device,
-                    LinearCrossEntropyOptions(acc_policy="accurate", chunk_bytes=budget), backend)
-    opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy, backend=backend,
-                           chunk_rows=plan.chunk_size)
+    if input.device.type == "cpu":
+        rows = _cpu_chunk_rows(t.shape[0], D, V_, input.dtype)
+    else:  # as many rows as half the free memory allows
+        rows = _plan(t.shape[0], D, V_, input.dtype, input.device,
+                     LinearCrossEntropyOptions(acc_policy="accurate"), backend)[0].chunk_size
+    opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy, backend=backend, chunk_rows=rows)
     lp, ent = LinearLogProbsFunction.apply(input.reshape(-1, D), linear_weight, linear_bias, t, opts)
     return _output(lp, ent, target.shape, entropy)
