@@ -148,3 +148,23 @@ def test_lean_under_vmap_and_grad(auto):
     assert torch.equal(ours, torch.func.vmap(F.cross_entropy)(x, t))
     assert torch.equal(torch.func.grad(crossent.cross_entropy)(x[0], t[0]),
                        torch.func.grad(F.cross_entropy)(x[0], t[0]))
+
+
+def test_not_lean_under_compile(auto):
+    """torch.compile traces crossent's own ops (NaN for a bad target, not
+    torch's assert), once: _eager() is folded at trace time, never guarded on."""
+    frames, targets = [], set()
+
+    def backend(gm, example_inputs):
+        frames.append(gm)
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, t: crossent.cross_entropy(x, t) + crossent.nll_loss(x, t), backend=backend)
+    x, t = _xt()
+    for _ in range(3):
+        torch.testing.assert_close(f(x, t), F.cross_entropy(x, t) + F.nll_loss(x, t))
+    assert len(frames) == 1
+    assert any("crossent" in s for s in targets), targets
+    assert not any("cross_entropy_loss" in s or "nll_loss_nd" in s for s in targets), targets
+    assert _fast._eager()  # and eager calls after tracing are lean again
