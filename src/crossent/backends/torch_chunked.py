@@ -238,7 +238,7 @@ def _kdim_sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, lse:
         e = torch.sub(xt, m) if grad is None else torch.sub(xt, m, out=grad[b, :, s0:s1])
         s = _exp_(e).sum(0)
         ls = s.log()
-        torch.where(m == float("inf"), m, ls + m, out=lse[b, s0:s1])  # inf, as torch.logsumexp
+        torch.where(m.isinf(), m, ls + m, out=lse[b, s0:s1])  # +-inf where the max is, as torch.logsumexp
         wy = None if w is None else w.take(y)
         if loss is not None:
             nll = ls.sub_(zy) if wy is None else ls.sub_(zy).mul_(wy)
