@@ -297,10 +297,10 @@ def test_paths_cuda_graph(row_path):
         assert torch.equal(out["loss"], loss_ref) and torch.equal(g, g_ref)
 
 
-# ----------------------------------------------------------------------------- the fused forward (issue 10, item 2)
+# ----------------------------------------------------------------------------- one-launch forward (issue 10)
 
-FUSED_KW = {"plain": {}, "ignore": dict(ignore_index=0), "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-3),
-            "probs": dict(probs=True)}
+FUSED_KW = {"plain": {}, "ignore": dict(ignore_index=0),
+            "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-3), "probs": dict(probs=True)}
 
 
 def _fused_inputs(R, C, variant):
@@ -357,7 +357,8 @@ def test_fused_forward_launches_and_values(C, reduction, variant, monkeypatch):
                                  / F.cross_entropy(xr, yr, reduction="mean", **kr))
     ref_loss.backward(seed.double())
     torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=4e-3 * max(1.0, xr.grad.abs().max().item()))
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2,
+                               atol=4e-3 * max(1.0, xr.grad.abs().max().item()))
 
 
 def test_fused_forward_cuda_graph(monkeypatch):
