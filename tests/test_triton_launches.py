@@ -140,7 +140,8 @@ def _run(x, y, kw, reduction, log):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_launches_per_forward_backward(launches, path, reduction, variant):
     R, C = 6, 40 if path == "split" else 13
-    for dtype in (torch.float32, torch.bfloat16):
+    # bf16: the loss is written in it and the upstream gradient read in it, with no cast launched
+    for dtype in (torch.bfloat16, torch.float32) if variant == "plain" else (torch.bfloat16,):
         x, y, kw = _inputs(VARIANTS[variant], R, C, dtype)
         loss, (fwd_ops, fwd_launches) = _run(x, y, kw, reduction, launches)
         assert fwd_ops == [], f"torch ops in the forward: {fwd_ops}"
