@@ -217,3 +217,20 @@ def test_parity_edge_cases_through_the_one_launch_forward(monkeypatch):
             a.sum().backward()
             b.sum().backward()
             torch.testing.assert_close(xa.grad, xb.grad, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kdim_two_launches(launches, reduction):
+    """(B, C, S) logits, addressed through their own strides: the same count."""
+    torch.manual_seed(3)
+    x = torch.randn(3, 11, 5, requires_grad=True)
+    y = torch.randint(0, 11, (3, 5))
+    y[0, 0] = -100
+    loss, (fwd_ops, fwd_launches) = _run(x, y, dict(label_smoothing=0.1), reduction, launches)
+    assert fwd_ops == [] and fwd_launches == 1 and launches.torch_ops == [], launches.torch_ops
+    assert launches.production() <= 2, launches.triton
+    xr = x.detach().clone().requires_grad_()
+    ref = F.cross_entropy(xr, y, label_smoothing=0.1, reduction=reduction)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, xr.grad)
