@@ -400,7 +400,8 @@ def fmt(r):
         return f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['error'][:70]}"
     tgt, verdict = target(r)
     if "launches" in r:
-        return f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['launches']:9d} launches{'':36}{tgt:<13} {verdict}"
+        return (f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['launches']:9d} launches{'':36}"
+                f"{tgt:<13} {verdict}")
     return (f"{r['provider']:<20} {r['op']:<13} {r['shape']:<13} {r['median_ms']:9.3f} "
             f"({r['p10_ms']:.3f}-{r['p90_ms']:.3f}) {r['gbps']:8.1f} {r['x_floor']:7.2f} "
             f"{r['extra_mib']:10.1f}  {tgt:<13} {verdict}")

@@ -270,6 +270,19 @@ def test_paths_precision_offset(row_path):
     assert ours <= 4 * (torch.log_softmax(x, -1).double() - ref_ls).abs().max() + 1e-6
 
 
+def capture(step):
+    """(CUDA graph of step(), what the captured call returned), after a warm-up call on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
+
+
 def test_paths_cuda_graph(row_path):
     # the one-read path (a cooperative launch and a zeroed counter buffer) replays in a CUDA graph
     torch.manual_seed(10)
@@ -281,14 +294,7 @@ def test_paths_cuda_graph(row_path):
 
     def step():
         out["loss"] = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, s1, True, grad_into=g)[0]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture(step)
     loss_ref, _, g_ref = BE.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, one(), True)
     for _ in range(3):
         g.zero_()
@@ -297,10 +303,10 @@ def test_paths_cuda_graph(row_path):
         assert torch.equal(out["loss"], loss_ref) and torch.equal(g, g_ref)
 
 
-# ----------------------------------------------------------------------------- the fused forward (issue 10, item 2)
+# ----------------------------------------------------------------------------- one-launch forward (issue 10)
 
-FUSED_KW = {"plain": {}, "ignore": dict(ignore_index=0), "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-3),
-            "probs": dict(probs=True)}
+FUSED_KW = {"plain": {}, "ignore": dict(ignore_index=0),
+            "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-3), "probs": dict(probs=True)}
 
 
 def _fused_inputs(R, C, variant):
@@ -357,7 +363,8 @@ def test_fused_forward_launches_and_values(C, reduction, variant, monkeypatch):
                                  / F.cross_entropy(xr, yr, reduction="mean", **kr))
     ref_loss.backward(seed.double())
     torch.testing.assert_close(loss.double(), ref_loss.detach(), rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2, atol=4e-3 * max(1.0, xr.grad.abs().max().item()))
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=2e-2,
+                               atol=4e-3 * max(1.0, xr.grad.abs().max().item()))
 
 
 def test_fused_forward_cuda_graph(monkeypatch):
@@ -372,14 +379,7 @@ def test_fused_forward_cuda_graph(monkeypatch):
         loss = crossent.cross_entropy(x, y)
         loss.backward(seed)
         return loss
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     ref = step()
     for _ in range(3):
         graph.replay()

@@ -106,19 +106,6 @@ def _inverse(den):
 
 
 @triton.jit
-def _div64(a, b):
-    # a / b in fp64 for an fp32 b, without fp64's division, whose slow-path call makes
-    # ptxas reserve ~24 more registers for the whole kernel (half the CTAs per SM):
-    # an fp32 reciprocal, two Newton steps (-> ~1 ulp of fp64), one residual correction.
-    b = b.to(tl.float64)
-    r = tl.math.div_rn(tl.cast(1.0, tl.float32), b.to(tl.float32)).to(tl.float64)
-    r = r * (2.0 - b * r)
-    r = r * (2.0 - b * r)
-    q = a * r
-    return q + r * (a - q * b)
-
-
-@triton.jit
 def _finish(ws_ptr, part_ptr, out_ptr, den_ptr, partial, den, MEAN: tl.constexpr):
     # Publish this program's loss partial; the last program to take the ticket adds
     # them in program order and writes the reduced loss in out_ptr's dtype (the
@@ -132,7 +119,7 @@ def _finish(ws_ptr, part_ptr, out_ptr, den_ptr, partial, den, MEAN: tl.constexpr
     if t == n - 1:
         total = _total(part_ptr + n, n)
         if MEAN:
-            total = _div64(total, den)
+            total = total / den.to(tl.float64)
         tl.store(out_ptr, total.to(tl.float32).to(out_ptr.dtype.element_ty))
         tl.store(den_ptr, den)
         tl.atomic_xchg(ws_ptr + 2, 0, sem="relaxed")
@@ -141,6 +128,9 @@ def _finish(ws_ptr, part_ptr, out_ptr, den_ptr, partial, den, MEAN: tl.constexpr
 # ----------------------------------------------------------------------------- host side
 
 _WORKSPACES: dict = {}
+# The current stream's handle without building a torch.cuda.Stream (a few us per call).
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream",
+                      lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
 def workspace(device: torch.device, rows: int, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +142,7 @@ def workspace(device: torch.device, rows: int, programs: int) -> tuple[torch.Ten
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return (torch.zeros(n_cnt, device=device, dtype=torch.int32),
                 torch.empty(2 * programs, device=device, dtype=torch.float64))
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    key = (device, _raw_stream(device.index) if device.type == "cuda" else 0)
     cnt, part = _WORKSPACES.get(key, (None, None))
     if cnt is None or cnt.numel() < n_cnt:
         cnt = torch.zeros(max(n_cnt, 2 * (0 if cnt is None else cnt.numel())), device=device, dtype=torch.int32)

@@ -14,11 +14,12 @@ Each row is cut into NSPLIT slices of at most _SPLIT_BLOCK classes; program
      the output) from the registers of step 1.
 STAGE selects what one launch does: 0 = all four steps (CUDA, cooperative launch:
 every program is resident, so the wait cannot deadlock); 1 = steps 1-2 and
-2 = steps 1, 4.  A reduced cross-entropy also forms the mean's denominator
-(before the rows, behind a grid barrier) and the reduced loss (the last program)
-in the same launch: see ``_grid.py``.  The interpreter runs programs one after another, so there a
+2 = steps 1, 4.  The interpreter runs programs one after another, so there a
 waiting program would spin forever: it runs STAGE 1 then STAGE 2, which re-read
-the row but compute the same math, and that is what the CPU tests check.
+the row but compute the same math, and that is what the CPU tests check.  A
+reduced cross-entropy also forms the mean's denominator (before the rows, behind a
+grid barrier) and the reduced loss (the last program) in the same launch: see
+``_grid.py``.
 """
 from __future__ import annotations
 
@@ -182,7 +183,8 @@ def _ce_split_kernel(
                 if REDUCE == 0:
                     tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty))
                 tl.store(lse_ptr + r64, _lse(ms, logs, m, ssum))
-            partial += tl.where(split == 0, loss, 0.0).to(tl.float64)
+            if REDUCE != 0:
+                partial += tl.where(split == 0, loss, 0.0).to(tl.float64)
             if REDUCE == 0:
                 sc = tl.load(scale_ptr + r64 * scale_stride).to(tl.float32)
             else:
