@@ -143,7 +143,10 @@ def test_small_set_rows_and_table():
     for r in rows:
         assert r["median_us"] > 0 and r["rounds"] == 3
         if r["provider"] == "crossent":
-            assert r["ratio_min"] <= r["ratio_vs_torch"] <= r["ratio_max"]
+            assert r["ratio_min"] <= r["ratio_q1"] <= r["ratio_vs_torch"] <= r["ratio_q3"] <= r["ratio_max"]
+            torch_us = next(o["median_us"] for o in rows if o["provider"] == "torch"
+                            and (o["case"], o["mode"]) == (r["case"], r["mode"]))
+            assert r["ratio_of_medians"] == pytest.approx(r["median_us"] / torch_us)
     table = S.format_small(rows, noisy=False).splitlines()
     assert len(table) == 1 + 4 and "crossent/torch" in table[0]
 
@@ -154,6 +157,15 @@ def test_small_set_rows_and_table():
 def test_small_verdict_never_contradicts_the_median(ratio, lo, hi, noisy, word):
     from crossent._bench_small import verdict
     assert word in verdict(ratio, lo, hi, noisy)
+    assert word in verdict(ratio, lo, hi, noisy, of_medians=ratio)
+
+
+@pytest.mark.parametrize("ratio,of_medians", [(1.05, 1.12), (1.12, 1.05)])
+def test_small_verdict_withheld_when_medians_disagree(ratio, of_medians):
+    """The median round ratio and the ratio of the printed medians on either
+    side of the bound: no verdict (either would contradict a printed number)."""
+    from crossent._bench_small import verdict
+    assert "undecided" in verdict(ratio, ratio, ratio, noisy=False, of_medians=of_medians)
 
 
 def test_round_verdicts_follow_the_median():

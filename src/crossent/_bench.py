@@ -356,7 +356,7 @@ def worker_main(spec_json: str) -> int:
     try:
         if spec.get("kind") == "small":
             from crossent import _bench_small
-            res = {"rows": _bench_small.measure(rounds=spec.get("rounds", 7))}
+            res = {"rows": _bench_small.measure(rounds=spec.get("rounds", 21))}
         else:
             res = _measure_worker(spec)
     except Exception as e:
@@ -489,7 +489,7 @@ def _run_plan(args, plan, rounds, seconds, stamp, n_load) -> int:
     rows, small_rows = [], []
     if getattr(args, "small", False):
         print("[small] per-call cost, crossent and torch interleaved in one process ...", file=sys.stderr, flush=True)
-        res = _spawn({"kind": "small", "rounds": max(7, 2 * rounds + 1)}, args.timeout)
+        res = _spawn({"kind": "small", "rounds": 10 * rounds + 11}, args.timeout)
         if res.get("error"):
             rows.append({**stamp, "case": "small", "provider": "crossent", **res})
         else:
@@ -517,14 +517,15 @@ def _run_plan(args, plan, rounds, seconds, stamp, n_load) -> int:
           f"{stamp['cpu']}, {stamp['cores']} cores, {stamp['torch_threads']} threads"
           + (f", {n_load} competing CPU-bound process(es)" if n_load else ""))
     if small_rows:
-        spread = any(r["ratio_max"] > 1.3 * r["ratio_min"] for r in small_rows if r["provider"] == "crossent")
+        spread = any(r["ratio_q3"] > 1.15 * r["ratio_q1"] for r in small_rows if r["provider"] == "crossent")
         noisy = bool(noisy_load) or spread
-        print("\nsmall sizes, per call (us), median over interleaved rounds; fp32 CPU, int64 targets")
+        print("\nsmall sizes, per call (us): medians over interleaved rounds; crossent/torch: median of the "
+              "within-round ratios, middle half = their quartiles; fp32 CPU, int64 targets")
         from crossent._bench_small import format_small
         print(format_small(small_rows, noisy))
         if noisy:
             print("NOISY: " + (f"load average {noisy_load:.2f}; " if noisy_load else "")
-                  + ("some rounds' ratios differ by over 30%; " if spread else "")
+                  + ("the middle half of some rows' round ratios spans over 15%; " if spread else "")
                   + "verdicts are withheld where the rounds disagree")
     if plan:
         print(f"\ncopy bandwidth (roofline): {_fmt(copy_gbps, '.2f')} GB/s")

@@ -212,16 +212,19 @@ def _kdim_sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, lse:
                 loss: Tensor | None) -> None:
     """_sweep for _kdim_plain inputs, one (C, blk) tile of one batch entry at a time.
 
-    The row-chunked sweep treats a K-dim chunk as a whole (C, S) slice: several
-    MiB, so each of its passes goes to memory, and the per-position terms cost
-    a dozen ops over a (1, 1, S) view (gather along a strided class dim is
-    slow).  Here a tile fits in L2, the class-index terms are a few ops on
-    blk positions, and the target logit is a take() at flat offsets y * S + s
-    of the batch entry's contiguous (C, S) block: no permuted copy.
-    Same formulas as _Terms (backends/base.py) with eps = z_loss = 0.
+    The row-chunked sweep treats a K-dim chunk as a whole (C, S) slice (5.5 MiB
+    at (8, 21, 256, 256)), so each of its passes goes to memory, and the
+    per-position terms cost a dozen ops over a (1, 1, S) view, with a gather
+    along the strided class dim that reads the whole slice again.  Here a tile
+    is at most _KDIM_TILE_BYTES (mostly cache-resident), the class-index terms
+    are a few ops on blk positions, and the target logit is a take() at flat
+    offsets y * S + s of the batch entry's contiguous (C, S) block: no permuted
+    copy.  Same formulas as _Terms (backends/base.py) with eps = z_loss = 0.
+    Accelerators take _CHUNK_BYTES tiles (fewer kernel launches).
     """
     B, C, S = x.shape
-    n = -(-S * C * x.element_size() // _KDIM_TILE_BYTES)  # tiles per batch entry, of even widths
+    budget = _KDIM_TILE_BYTES if x.device.type == "cpu" else _CHUNK_BYTES
+    n = -(-S * C * x.element_size() // budget)  # tiles per batch entry, of even widths
     blk = -(-S // n)
     pos = torch.arange(S, device=x.device)
     w = None if k.w is None else k.w.reshape(-1)
