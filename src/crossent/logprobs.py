@@ -222,7 +222,8 @@ def _cpu_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype, entropy: bool) -
     dtype), its hidden row gathered (when ignored tokens are dropped) and, for
     low precision, that row in fp32 (the dW GEMM's operand).  fp32 log-probs
     alone need nothing else (the logits become log-probs, then gradients, in
-    place); otherwise the kernels' blocks take half the budget (see _blocks)."""
+    place); otherwise the kernels' blocks take half the budget (see _blocks), as
+    later does _gemm's fp32 upcast of a block of the gradient (16 MiB)."""
     from .linear import _TILE_ROWS, _chunk_rows
     elt, acc_elt = dtype.itemsize, acc_dtype(dtype).itemsize
     per_row = (V + D) * elt + (D * acc_elt if elt < acc_elt else 0)
