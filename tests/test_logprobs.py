@@ -234,7 +234,7 @@ def test_linear_memory_within_one_chunk(monkeypatch, dtype, entropy, T):
     monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", budget)
     monkeypatch.setenv("CROSSENT_BACKEND", "torch")
     N, D, V = 1024, 64, 8192  # eager's fp32 logits: 32 MiB
-    rows = logprobs._cpu_chunk_rows(N, D, V, dtype)
+    rows = logprobs._cpu_chunk_rows(N, D, V, dtype, entropy)
     assert rows < N  # several chunks
     g = torch.Generator().manual_seed(0)
     h = torch.randn(N, D, generator=g).to(dtype).requires_grad_()

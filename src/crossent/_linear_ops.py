@@ -47,7 +47,7 @@ _LOWP = (torch.float16, torch.bfloat16)
 _FP32_OUT_GEMM_DEVICES = ("cuda",)
 _fp32_out_gemm: dict = {}
 # _gemm's CPU path upcasts a low-precision operand in row blocks of this many bytes.
-_UPCAST_BYTES = 4 << 20
+_UPCAST_BYTES = 16 << 20
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
