@@ -80,15 +80,26 @@ def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
     return z
 
 
-def _blocks(n: int, V: int, elt: int, temps: int):
-    """Row slices for kernels with ``temps`` temporaries of ``elt`` bytes per
+def _block_rows(V: int, elt: int, temps: int) -> int:
+    """Rows per block for kernels with ``temps`` temporaries of ``elt`` bytes per
     element: together at most half a chunk's budget (at least one row)."""
-    step = max(1, _CPU_CHUNK_BYTES // (2 * temps) // (elt * max(1, V)))
+    return max(1, _CPU_CHUNK_BYTES // (2 * temps) // (elt * max(1, V)))
+
+
+def _blocks(n: int, V: int, elt: int, temps: int):
+    step = _block_rows(V, elt, temps)
     return (slice(r, min(r + step, n)) for r in range(0, n, step))
 
 
-def stats(z: Tensor, ys: Optional[Tensor], entropy: bool,
-          inplace: bool = False) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
+def _probs_buffer(like: Tensor, work: Optional[Tensor]) -> Tensor:
+    """Where a block's probabilities go: ``work`` (a flat buffer the caller
+    reuses across chunks: a fresh 64 MiB tensor costs more in page faults than
+    the exp that fills it) viewed like ``like``, else a new tensor."""
+    return torch.empty_like(like) if work is None else work[:like.numel()].view(like.shape)
+
+
+def stats(z: Tensor, ys: Optional[Tensor], entropy: bool, inplace: bool = False,
+          work: Optional[Tensor] = None) -> tuple[Optional[Tensor], Optional[Tensor], Tensor]:
     """(log_prob at ys or None, H or None, shift), of the rows of z (acc dtype); shift (r, 2)
     holds (max, log sum exp(z - max)), whose sum is the lse.  They are kept
     apart so the backward's z - max - log s rounds like log_softmax does (one
@@ -114,20 +125,22 @@ def stats(z: Tensor, ys: Optional[Tensor], entropy: bool,
         # -sum p*L: torch's cascade sum; a bmm dot product is a sweep cheaper but
         # measurably less accurate at 100k+ classes.  p = softmax(L) (L is normalised):
         # on CPU torch's softmax kernel is faster than a bare exp (~25%), as accurate.
-        torch.sum(torch.softmax(Lr, 1).mul_(Lr), 1, out=ent[r])
+        torch.sum(torch.softmax(Lr, 1, out=_probs_buffer(Lr, work)).mul_(Lr), 1, out=ent[r])
         if z.device.type == "cpu" and bool(torch.isnan(ent[r]).any()):  # a -inf logit: 0 * -inf
-            torch.sum(torch.softmax(Lr.clamp_min_(_FLOOR), 1).mul_(Lr), 1, out=ent[r])  # (L is ours)
+            Lr.clamp_min_(_FLOOR)  # (L is z or new: ours)
+            torch.sum(torch.softmax(Lr, 1, out=_probs_buffer(Lr, work)).mul_(Lr), 1, out=ent[r])
     return lp, ent.neg_(), shift
 
 
 def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: Optional[Tensor], a: Tensor,
-              b: Optional[Tensor], temperature: float, hot: Optional[Tensor] = None) -> Tensor:
+              b: Optional[Tensor], temperature: float, hot: Optional[Tensor] = None,
+              work: Optional[Tensor] = None) -> Tensor:
     """d(sum a*log_prob + b*H)/dx for logits rows x (any float dtype), a and b
     already divided by T (0 at ignored rows), from the saved H and shift (r, 2)
     (max, log-sum; for a vocab shard the global ones): L = (z - max) - log s.
     ``hot``: the one-hot coefficient (default a; vocab-parallel: a on the rank
     owning the target).  Returns the gradient in ``out`` (any dtype; may be x
-    itself), or in a new buffer of the acc dtype.
+    itself), or in a new buffer of the acc dtype.  ``work``: see _probs_buffer.
 
     With ``out`` in the acc dtype the math runs in it, over all rows at once,
     and only the entropy term's probabilities take a block-sized temporary;
@@ -154,7 +167,7 @@ def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: 
         else:
             for q in _blocks(L.shape[0], L.shape[1], acc.itemsize, 1):
                 Lq = L[q].clamp_min_(_FLOOR)  # exp(L) is 0 below the floor anyway: no 0 * -inf below
-                p = torch.exp(Lq)
+                p = torch.exp(Lq, out=_probs_buffer(Lq, work))
                 # -p * (a + b * (L + H)) = p * (-(a + b * H) + L * -b): one addcmul sweep, one mul
                 torch.addcmul(c0[r][q], Lq, nb[r][q], out=Lq).mul_(p)
                 del p  # freed before the next block's is allocated
@@ -177,24 +190,35 @@ class _TorchKernels:
     whole-tensor ones are the same calls."""
 
     @staticmethod
-    def rows_forward(x, ys, temperature, entropy, own):
+    def work_buffer(x: Tensor, rows: int, entropy: bool) -> Optional[Tensor]:
+        """One flat buffer for the probabilities' blocks of every chunk of ``rows``
+        rows of x's shape (see _probs_buffer); None where no kernel needs one."""
+        acc = acc_dtype(x.dtype)
+        if not entropy or x.device.type != "cpu":
+            return None
+        temps = 1 if x.dtype == acc else 2  # low precision: the blocks' fp32 copies take half
+        return x.new_empty(min(rows, _block_rows(x.shape[1], acc.itemsize, temps)) * x.shape[1], dtype=acc)
+
+    @staticmethod
+    def rows_forward(x, ys, temperature, entropy, own, work=None):
         acc = acc_dtype(x.dtype)
         R = x.shape[0]
         if own and x.dtype == acc:
-            lp, e, shift = stats(scaled(x, temperature, True), ys, entropy, inplace=True)
+            lp, e, shift = stats(scaled(x, temperature, True), ys, entropy, inplace=True, work=work)
             return lp, x.new_empty(0) if e is None else e, shift
         lp, shift = x.new_empty(R, dtype=acc), x.new_empty((R, 2), dtype=acc)
         ent = x.new_empty(R if entropy else 0, dtype=acc)
         for r in _blocks(R, x.shape[1], acc.itemsize, 2):
             z = scaled(x[r], temperature, own)
-            lp[r], e, shift[r] = stats(z, ys[r], entropy, inplace=own or z.data_ptr() != x[r].data_ptr())
+            lp[r], e, shift[r] = stats(z, ys[r], entropy, inplace=own or z.data_ptr() != x[r].data_ptr(),
+                                       work=work)
             if entropy:
                 ent[r] = e
         return lp, ent, shift
 
     @staticmethod
-    def rows_backward(x, out, ys, shift, ent, a, b, temperature):
-        return grad_rows(x, out, ys, shift, ent, a, b, temperature)
+    def rows_backward(x, out, ys, shift, ent, a, b, temperature, work=None):
+        return grad_rows(x, out, ys, shift, ent, a, b, temperature, work=work)
 
     @classmethod
     def forward(cls, x, ys, temperature, entropy):
@@ -219,8 +243,9 @@ def kernels(backend: str):
 # ---------------------------------------------------------------------------
 def _cpu_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype, entropy: bool) -> int:
     """Tokens per chunk on CPU, within _CPU_CHUNK_BYTES: per token its logits (x's
-    dtype), its hidden row gathered (when ignored tokens are dropped) and, for
-    low precision, that row in fp32 (the dW GEMM's operand).  fp32 log-probs
+    dtype), its hidden row gathered (when ignored tokens are dropped; later its
+    input-gradient row) and, for low precision, that row in fp32 (the dW GEMM's
+    operand).  fp32 log-probs
     alone need nothing else (the logits become log-probs, then gradients, in
     place); otherwise the kernels' blocks take half the budget (see _blocks), as
     later does _gemm's fp32 upcast of a block of the gradient (16 MiB)."""
@@ -229,6 +254,12 @@ def _cpu_chunk_rows(N: int, D: int, V: int, dtype: torch.dtype, entropy: bool) -
     per_row = (V + D) * elt + (D * acc_elt if elt < acc_elt else 0)
     alone = elt == acc_elt and not entropy
     return _chunk_rows(N, per_row, _CPU_CHUNK_BYTES if alone else _CPU_CHUNK_BYTES // 2, _TILE_ROWS["cpu"])
+
+
+def _work(k, zbuf: Tensor, entropy: bool) -> dict:
+    """The torch kernels' reusable probabilities buffer, as keyword arguments."""
+    buf = k.work_buffer(zbuf, zbuf.shape[0], entropy) if k is _TorchKernels else None
+    return {} if buf is None else {"work": buf}
 
 
 def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_rows, backend):
@@ -243,9 +274,10 @@ def linear_forward(x, w, b, target, ignore_index, temperature, entropy, chunk_ro
     ys = safe_index(target, ignore_index, V)
     # The chunk's logits, the only chunk-sized buffer (the kernels' temporaries are per block).
     zbuf = x.new_empty((max(1, min(chunk_rows, R.n)), V))
+    work = _work(k, zbuf, entropy)
     for tok, xc in R.chunks(zbuf.shape[0]):
         z = _logits(xc, w, b, zbuf[:xc.shape[0]])
-        l, e, s = k.rows_forward(z, R.take(ys, tok), temperature, entropy, True)
+        l, e, s = k.rows_forward(z, R.take(ys, tok), temperature, entropy, True, **work)
         for dst, src in ((lp, l), (lse, s)) + (((ent, e),) if entropy else ()):
             if isinstance(tok, slice):
                 dst[tok] = src
@@ -275,11 +307,12 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
     dw = torch.empty(w.shape, dtype=w.dtype if n >= R.n else acc, device=w.device) if need_dw else e
     db = torch.zeros(V, dtype=acc, device=x.device) if need_db else e
     zbuf = x.new_empty((n, V))
+    work = _work(k, zbuf, cb is not None)
     first = True
     for tok, xc in R.chunks(n):
         z = _logits(xc, w, b, zbuf[:xc.shape[0]])
         rows = [None if t is None else R.take(t, tok) for t in (ys, lse, None if cb is None else ent, a, cb)]
-        g = k.rows_backward(z, z, *rows, temperature)  # in place: the logits become their gradient
+        g = k.rows_backward(z, z, *rows, temperature, **work)  # in place: the logits become their gradient
         if need_db:
             db += g.sum(0, dtype=acc)
         if need_dw:
@@ -287,8 +320,8 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
         if need_dx:
             if isinstance(tok, slice):
                 torch.mm(g, w, out=dx[tok])
-            else:
-                R.put(dx, tok, torch.mm(g, w))
+            else:  # xc is a gathered copy, no longer needed: the product goes into it
+                R.put(dx, tok, torch.mm(g, w, out=xc))
         first = False
     if first and need_dw:  # every token was ignored and dropped: nothing ran
         dw.zero_()
