@@ -101,7 +101,13 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
         return loss
     cd = class_dim(x.dim())
     # fp64 where the loss is (fp64 input, or fp64 probability targets / weights): the docstring's dtype
-    lse = torch.logsumexp(xc.to(torch.float64 if torch.float64 in (x.dtype, loss.dtype) else torch.float32), cd)
+    xl = xc.to(torch.float64 if torch.float64 in (x.dtype, loss.dtype) else torch.float32)
+    # shifted by the (constant) row max: logsumexp's backward, exp(x - lse), loses
+    # |x| * eps of relative precision at large offsets, which in float64 (the
+    # reference) exceeds crossent's own error; non-finite rows unshifted
+    m = xl.detach().amax(cd, keepdim=True) if xl.numel() else xl.detach().sum(cd, keepdim=True)
+    m = torch.where(m.isfinite(), m, 0.0)
+    lse = torch.logsumexp(xl - m, cd) + m.squeeze(cd)
     prob = t.shape == x.shape
     valid = torch.ones_like(lse, dtype=torch.bool) if prob else (t.long() != ignore_index).reshape(lse.shape)
     # zeros when z_loss == 0 (crossent's docstring), even where lse is not finite
