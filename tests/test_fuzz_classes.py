@@ -145,3 +145,15 @@ def test_linear_fp64_prob_target_computes_in_fp64(reduction):
     ref = F.linear_cross_entropy(h.double(), W.double(), t, weight=w, reduction=reduction)
     assert ours.dtype == theirs.dtype == torch.float64
     assert_close_to_ref(ours, theirs, ref, dtype=torch.float64)
+
+
+def test_linear_batch_dims_target_fitting_neither_shape():
+    """Hidden states (*B, D): a class target must be (*B) and probabilities
+    (*B, C); anything else is crossent's own ValueError (README 7), where
+    torch's flattened call fails too."""
+    h, W = torch.randn(2, 3, 4), torch.randn(5, 4)
+    t = torch.zeros(2, 3, 6, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        F.linear_cross_entropy(h.flatten(0, 1), W, t.flatten(0, 1))
+    with pytest.raises(ValueError, match=r"Expected target of shape \[2, 3\]"):
+        crossent.linear_cross_entropy(h, W, t)

@@ -343,7 +343,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         batch = batch[:-1] + (batch[-1] - 1,)
         target = target[..., 1:, :] if prob else target[..., 1:]
     nd = len(batch)
-    if nd > 1 and tuple(target.shape[:nd]) != batch:
+    if nd > 1 and not prob and tuple(target.shape) != batch:  # (prob: target is (*batch, C) already)
         raise ValueError(f"Expected target of shape {list(batch)} (class indices) or {list(batch) + [C]} "
                          f"(probabilities), got {list(target.shape)}")
     # Under autocast torch's cross_entropy sees fp32 logits (an fp32 op), so a
