@@ -305,7 +305,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                              f"{list(batch) + [C]} (probabilities), got {list(target.shape)}")
     # The linear's dtype/device checks, with F.linear's own messages (on empty slices).
     bias0 = None if linear_bias is None else linear_bias.reshape(-1)[:0]
-    TF.linear(_matrix(input)[:0], _matrix(linear_weight)[:0], bias0)
+    # (a 1-D input whole: F.linear's vector path has messages of its own)
+    TF.linear(input if input.dim() == 1 else _matrix(input)[:0], _matrix(linear_weight)[:0], bias0)
     if out_features or any(V.func_transforms()) or (
             prob and torch.is_grad_enabled()
             and (target.requires_grad or (weight is not None and weight.requires_grad))):
