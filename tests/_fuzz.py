@@ -366,26 +366,30 @@ def _tensors(res: dict) -> dict:
 def _fp64_own_errors(s: dict, theirs: dict, fixes) -> dict:
     """Where torch's result is float64 it is its own reference.  Its error is
     estimated as that of the same case in float32 (against float64), scaled by
-    the ratio of the two unit roundoffs: same algorithm, same conditioning."""
+    the ratio of the two unit roundoffs: same algorithm, same conditioning.
+    One draw of rounding errors can cancel by luck (an fp64 sum of 400 rows:
+    torch's true error 5x its one-draw estimate), so the estimate is the
+    larger of two draws of the case's values."""
     if not any(t.dtype == torch.float64 for t in _tensors(theirs).values() if t is not None):
         return {}
     s32 = {**s, "dtype": "float32"}
     for k in ("target_dtype", "dtype_arg"):
         if s.get(k) == "float64":
             s32[k] = "float32"
-    t32, r32 = run(s32, "torch", fixes), run(s32, "ref", fixes)
-    if t32["error"] or r32["error"]:
-        return {}
     scale = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
     est = {}
-    for k, t in _tensors(t32).items():
-        r = _tensors(r32).get(k)
-        if t is not None and r is not None and t.shape == r.shape:
-            # over the elements finite in both: where fp32 overflows (or an inf
-            # upstream meets a 0) the fp64 run need not, and its error there
-            # says nothing of the rounding of the finite ones
-            both = torch.isfinite(t) & torch.isfinite(r.to(t.dtype))
-            est[k] = _tol._err(t[both], r[both]) * scale
+    for seed in (s["seed"], s["seed"] + 7919):
+        t32, r32 = run({**s32, "seed": seed}, "torch", fixes), run({**s32, "seed": seed}, "ref", fixes)
+        if t32["error"] or r32["error"]:
+            continue
+        for k, t in _tensors(t32).items():
+            r = _tensors(r32).get(k)
+            if t is not None and r is not None and t.shape == r.shape:
+                # over the elements finite in both: where fp32 overflows (or an inf
+                # upstream meets a 0) the fp64 run need not, and its error there
+                # says nothing of the rounding of the finite ones
+                both = torch.isfinite(t) & torch.isfinite(r.to(t.dtype))
+                est[k] = max(est.get(k, 0.0), _tol._err(t[both], r[both]) * scale)
     return est
 
 
