@@ -145,3 +145,27 @@ def test_linear_fp64_prob_target_computes_in_fp64(reduction):
     ref = F.linear_cross_entropy(h.double(), W.double(), t, weight=w, reduction=reduction)
     assert ours.dtype == theirs.dtype == torch.float64
     assert_close_to_ref(ours, theirs, ref, dtype=torch.float64)
+
+
+def test_linear_batch_dims_target_fitting_neither_shape():
+    """Hidden states (*B, D): a class target must be (*B) and probabilities
+    (*B, C); anything else is crossent's own ValueError (README 7), where
+    torch's flattened call fails too."""
+    h, W = torch.randn(2, 3, 4), torch.randn(5, 4)
+    t = torch.zeros(2, 3, 6, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        F.linear_cross_entropy(h.flatten(0, 1), W, t.flatten(0, 1))
+    with pytest.raises(ValueError, match=r"Expected target of shape \[2, 3\]"):
+        crossent.linear_cross_entropy(h, W, t)
+
+
+def test_linear_1d_input_dtype_error_is_torch_vector_path_message():
+    """F.linear's 1-D (vector) path has its own dtype message; crossent checks
+    a 1-D input on that path too."""
+    x, W, b = torch.zeros(1, dtype=torch.long).expand(13), torch.randn(7, 13), torch.randn(7)
+    t = torch.tensor(2)
+    with pytest.raises(RuntimeError) as theirs:
+        F.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.5)
+    with pytest.raises(RuntimeError) as ours:
+        crossent.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.5)
+    assert str(ours.value) == str(theirs.value)

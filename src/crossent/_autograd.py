@@ -496,7 +496,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         opts, sm = ctx.opts, ctx.sm
         g = g.to(lse.dtype)
         row_scale = g if opts.reduction == "none" else g * scale
-        if torch.is_grad_enabled():  # create_graph=True: a gradient that has a gradient
+        if torch.is_grad_enabled() or not _rescalable(g):  # create_graph=True, or torch's inf/NaN pattern
             grad = sm.grad_graph(x, row_scale, ctx.group, ctx.world).to(x.dtype)
             return grad, None, None, None, None, None
         grad = empty_like_fast(x)
@@ -560,7 +560,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g = g.to(lse.dtype)
         row_scale = g if opts.reduction == "none" else g * scale
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not _rescalable(g):
             return _vp_linear_grad_graph(ctx, x, w, b, row_scale) + (None,) * 6
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
         # dW accumulates across token chunks in fp32 and is rounded once (a

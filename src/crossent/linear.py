@@ -305,7 +305,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                              f"{list(batch) + [C]} (probabilities), got {list(target.shape)}")
     # The linear's dtype/device checks, with F.linear's own messages (on empty slices).
     bias0 = None if linear_bias is None else linear_bias.reshape(-1)[:0]
-    TF.linear(_matrix(input)[:0], _matrix(linear_weight)[:0], bias0)
+    # (a 1-D input whole: F.linear's vector path has messages of its own)
+    TF.linear(input if input.dim() == 1 else _matrix(input)[:0], _matrix(linear_weight)[:0], bias0)
     if out_features or any(V.func_transforms()) or (
             prob and torch.is_grad_enabled()
             and (target.requires_grad or (weight is not None and weight.requires_grad))):
@@ -343,7 +344,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         batch = batch[:-1] + (batch[-1] - 1,)
         target = target[..., 1:, :] if prob else target[..., 1:]
     nd = len(batch)
-    if nd > 1 and tuple(target.shape[:nd]) != batch:
+    if nd > 1 and not prob and tuple(target.shape) != batch:  # (prob: target is (*batch, C) already)
         raise ValueError(f"Expected target of shape {list(batch)} (class indices) or {list(batch) + [C]} "
                          f"(probabilities), got {list(target.shape)}")
     # Under autocast torch's cross_entropy sees fp32 logits (an fp32 op), so a

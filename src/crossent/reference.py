@@ -58,12 +58,14 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     if z_loss:
         class_dim = 0 if input.dim() == 1 else 1
         lse = torch.logsumexp(x, class_dim)
+        # z_loss as a tensor of lse's dtype: torch 2.13's forward AD gives a 0-d
+        # fp32 tensor times a Python float an fp64 tangent (1-D input's 0-d lse)
+        zt = lse * lse * lse.new_tensor(z_loss)
         if prob:
-            zt = z_loss * lse * lse
             denom = lse.new_tensor(float(lse.numel()))
         else:
             valid = target.long() != ignore_index  # exact: never in a narrower dtype
-            zt = torch.where(valid, z_loss * lse * lse, torch.zeros_like(lse))
+            zt = torch.where(valid, zt, torch.zeros_like(lse))
             if weight is not None:
                 wy = w.reshape(-1)[torch.where(valid, target.long(), 0)]
                 denom = torch.where(valid, wy, torch.zeros_like(wy)).sum()

@@ -398,9 +398,8 @@ class ShardMath:
         differentiable ops on this rank's (pre-softcap) logits x, so that it
         has a gradient itself.  The global log-sum-exp is recomputed from x
         through a differentiable all_reduce (its backward sums the ranks'
-        parts), so second derivatives carry the other shards' terms.  The
-        terms meet in the order of reference.cross_entropy_grad (torch's
-        chain rule: a non-finite upstream gives torch's NaN pattern)."""
+        parts), so second derivatives carry the other shards' terms.  Also the
+        backward of a non-finite upstream on CPU (torch's inf/NaN pattern)."""
         z = x.to(self.acc)
         if self.cap:
             z = torch.tanh(z / self.cap) * self.cap
@@ -412,30 +411,35 @@ class ShardMath:
         logS = _col(torch.log(s))
         p = torch.exp(z - M - logS)
         sc = scale if scale.dim() == 0 else _col(scale)
-        zterm = 2 * self.zl * (M + logS) * p if self.zl else None
         wl = None if self.w is None else self._wl()
+        # d loss / d log p per class, scaled before the classes meet, then
+        # log_softmax's backward gl - p * sum(gl) with the sum over every rank's
+        # classes: torch's chain rule term by term (reference.cross_entropy_grad),
+        # so an infinite upstream gives torch's inf/NaN pattern
         if self.o.prob:
             t = self.target.to(self.acc)
             if self.eps > 0:
                 t = t * (1 - self.eps) + self.eps_c
-            tw = t if wl is None else t * wl
-            dz = sc * p * _col(self.tw_sum) - (sc * tw - _nan_if_infinite(sc))
-            if zterm is not None:
-                dz = dz + sc * zterm
+            row_scale = sc
+            gl = -(sc * (t if wl is None else t * wl))
         else:
             m = _col(self.m)  # 1 counted, 0 ignored, NaN out of range
             # 0, not NaN, in ignored rows even for a non-finite upstream, also
             # in the graph of this gradient (a second derivative of 0 there).
-            sm = torch.where(m != 0, sc * m, 0.0)
+            row_scale = torch.where(m != 0, sc * m, 0.0)
             wy = _col(self.wy) if self.wy.dim() else self.wy
-            dz = sm * p * ((1 - self.eps) * wy + self.eps_c * self.sum_w)
-            if self.eps > 0:
-                dz = dz - sm * self.eps_c * (1.0 if wl is None else wl)
+            gl = torch.zeros_like(z)
             if self.lay.c_local > 0:  # the target's term only where it is (torch's nll_loss writes only there)
-                hot = torch.where(_col(self.owner), -(1 - self.eps) * sm * wy, 0.0)
-                dz = dz.scatter_add(1, _col(self.idx), hot.expand(_col(self.owner).shape))
-            if zterm is not None:
-                dz = dz + sm * zterm
+                hot = torch.where(_col(self.owner), -(1 - self.eps) * row_scale * wy, 0.0)
+                gl = gl.scatter(1, _col(self.idx), hot.expand(_col(self.owner).shape))
+            if self.eps > 0:
+                gl = gl - row_scale * self.eps_c * (1.0 if wl is None else wl)
+        S = gl.sum(1, keepdim=True)
+        if world > 1:
+            S = all_reduce(S, group=group)
+        dz = gl - p * S
+        if self.zl:
+            dz = dz + row_scale * (2 * self.zl * (M + logS)) * p
         if self.cap:
             dz = dz * (1 - (z / self.cap) ** 2)
         return dz
