@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, reference
+from .backends.base import acc_dtype
 from ._validate import _compiling, func_transforms, not_ignored
 
 
@@ -454,9 +455,6 @@ def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """(x_shard, target, weight, opts, group, vocab_start_index) -> loss.
@@ -472,7 +470,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         from .backends.torch_chunked import _chunks
         from .distributed import _core as K
         group, rank, world = K.resolve_group(group)
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         rows_shape = x.shape[:1] + x.shape[2:]
         n_rows = math.prod(rows_shape)
         c_local = x.shape[1]
@@ -528,7 +526,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
                 opts, group, vocab_start_index, chunk_size):
         from .distributed import _core as K
         group, rank, world = K.resolve_group(group)
-        acc = _acc_dtype(x.dtype)
+        acc = acc_dtype(x.dtype)
         n, v_local = x.shape[0], w.shape[0]
         sm = K.ShardMath(opts, target, weight, acc, (n,), 2, x.device)
         # Pass 1 reads each target logit out of its chunk, so the layout must be

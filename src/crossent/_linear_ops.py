@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends
+from .backends.base import acc_dtype
 
 _LOWP = (torch.float16, torch.bfloat16)
 # Devices where torch offers (or should offer: CUDA, since torch 2.8) a GEMM of
@@ -49,9 +50,6 @@ _fp32_out_gemm: dict = {}
 # _gemm's CPU path upcasts a low-precision operand in row blocks of this many bytes.
 _UPCAST_BYTES = 16 << 20
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:

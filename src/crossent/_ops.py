@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends
+from .backends.base import acc_dtype
 from ._fast import is_compiling
 
 
@@ -41,10 +42,6 @@ def _rows(x: Tensor) -> list[int]:
     return [x.shape[0], *x.shape[2:]]
 
 
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @_op("ce_forward")
 def ce_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                label_smoothing: float, z_loss: float, softcap: float, scale: Tensor,
@@ -58,7 +55,7 @@ def ce_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index
 def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, need_grad, backend):
     rows = _rows(x)
     grad = x.new_empty(x.shape) if need_grad else x.new_empty(0)
-    return x.new_empty(rows, dtype=_acc(x)), x.new_empty(rows, dtype=_acc(x)), grad
+    return x.new_empty(rows, dtype=acc_dtype(x.dtype)), x.new_empty(rows, dtype=acc_dtype(x.dtype)), grad
 
 
 @_op("ce_forward_inplace", mutates_args=("x",))
@@ -74,7 +71,7 @@ def ce_forward_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
 @ce_forward_inplace.op.register_fake
 def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, backend):
     rows = _rows(x)
-    return x.new_empty(rows, dtype=_acc(x)), x.new_empty(rows, dtype=_acc(x))
+    return x.new_empty(rows, dtype=acc_dtype(x.dtype)), x.new_empty(rows, dtype=acc_dtype(x.dtype))
 
 
 @_op("ce_backward")

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import _fast
 from . import _validate as V
 from . import backends, reference
+from .backends.base import acc_dtype
 from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, fuses_forward
 from ._autograd import softmax as _softmax_impl
 
@@ -83,10 +84,6 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3,
 # ---------------------------------------------------------------------------
 # nll_loss
 # ---------------------------------------------------------------------------
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _canonical(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """(N, C, d1..dk) -> (N, C, S) and (N, d1..dk) -> (N, S); (C,) -> (1, C)."""
     if input.dim() == 1:
@@ -146,7 +143,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     # 1-D input: the target is one class index (a (1,) target of a C = 1
     # input has input's shape but is not a probability target here).
     x, t = _canonical(input, target.reshape(()) if input.dim() == 1 else target)
-    acc = _acc(input.dtype)
+    acc = acc_dtype(input.dtype)
     valid, ok = V.target_masks(t, ignore_index, C)
     safe = torch.where(ok, t, 0).long()
     # C == 0: nothing to pick (every counted target is out of range: NaN below);
@@ -280,8 +277,8 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     x, t = _canonical(input, target)
     backend = backends.name_for(x.device.type)
     fused = not fwd and fuses_forward(backend, x)   # the kernel fills the denom buffer
-    denom = x.new_empty((), dtype=_acc(x.dtype)) if fused else \
-        _denominator(t, weight, ignore_index, x.shape[1], eps, prob, _acc(x.dtype))
+    denom = x.new_empty((), dtype=acc_dtype(x.dtype)) if fused else \
+        _denominator(t, weight, ignore_index, x.shape[1], eps, prob, acc_dtype(x.dtype))
     if inplace_backward and not (red != "none" and input.requires_grad and input.is_contiguous()):
         raise ValueError("inplace_backward=True needs reduction 'mean' or 'sum' and a contiguous "
                          "input that requires grad")

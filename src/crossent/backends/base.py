@@ -75,6 +75,11 @@ import torch
 from torch import Tensor
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the contract above: fp64 for fp64 input, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class Backend(Protocol):
     name: str
     # True when softmax_forward is a differentiable torch op: crossent then

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._validate import not_ignored, target_masks
+from .base import acc_dtype
 
 # One chunk is at most this many bytes of fp32 work, and at most 1/16 of the
 # whole input so chunk temporaries stay small beside the gradient.  Big
@@ -33,9 +34,6 @@ _MIN_CHUNK_BYTES = 1 << 20
 _HUGE = 2 << 20  # x86-64 transparent huge page size
 _POPULATE_MAX = 128 << 20
 
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------
@@ -368,7 +366,7 @@ class _Terms:
     constants here, per-chunk row terms from ``row_terms``."""
 
     def __init__(self, x, target, weight, ignore_index, eps, z_loss, softcap):
-        self.acc = _acc_dtype(x.dtype)
+        self.acc = acc_dtype(x.dtype)
         self.C, self.ndim = x.shape[1], x.dim()
         self.eps, self.z_loss, self.softcap = float(eps), float(z_loss), float(softcap or 0.0)
         self.prob = target.is_floating_point()
