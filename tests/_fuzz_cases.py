@@ -148,11 +148,21 @@ def _values(g: torch.Generator, shape, dtype: torch.dtype, kind: str) -> torch.T
             big = 1e30 if dtype == torch.float64 else torch.finfo(dtype).max / 4
             # random magnitudes: exact cancellations of +-big would make the float64
             # reference meaningless (its rounding then depends on summation order)
-            flat[idx] = big * torch.randn(idx.shape, generator=g, dtype=torch.float64).clamp(-3, 3) / 3
+            _put_last(flat, idx, big * torch.randn(idx.shape, generator=g, dtype=torch.float64).clamp(-3, 3) / 3)
         else:
             pool = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
-            flat[idx] = pool[torch.randint(0, 3, idx.shape, generator=g)]
+            _put_last(flat, idx, pool[torch.randint(0, 3, idx.shape, generator=g)])
     return x.to(dtype)
+
+
+def _put_last(flat: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """flat[idx] = vals where a repeated index keeps its last value.  A plain
+    index_put_ keeps an arbitrary one (threads race), and each side of a case
+    materializes its own input: ours, torch's and the float64 one would differ."""
+    order = torch.arange(idx.numel())
+    last = torch.zeros(flat.numel(), dtype=torch.long).scatter_reduce_(0, idx, order, "amax", include_self=False)
+    keep = last[idx] == order
+    flat[idx[keep]] = vals[keep]
 
 
 def _layout(leaf_fn, shape: list[int], layout: str, g: torch.Generator):

@@ -197,6 +197,29 @@ def _issue9_cases(ck: Checker, rank: int, world: int):
         bound = 4 * _err(g_theirs, g_ref) + floor(g_ref, torch.float32)
         ck.true(name + " grad", _err(g_ours, g_ref) <= bound, f"{_err(g_ours, g_ref):.3g} > {bound:.3g}")
         ck.cases += 1
+    # fp32 logits near fp32's range with label smoothing: the sums over classes
+    # of w_c (z_c - max) pass fp32's range (torch's fp32 class-target loss is
+    # inf) while the loss fits; ours is the float64 one, rounded, as the
+    # single-process loss, and the gradient is torch's.
+    x32 = ((torch.rand(6, C, generator=g, dtype=torch.float64) * 2 - 1) * 1e38).float().to(dev)
+    wt = (torch.rand(C, generator=g) + 0.5).to(dev)
+    for tk, w, red in itertools.product(["class", "prob"], [None, wt], ["none", "mean"]):
+        t = (torch.softmax(torch.randn(6, C, generator=g), 1) if tk == "prob"
+             else torch.randint(0, C, (6,), generator=g)).to(dev)
+        if tk == "class":
+            t[1] = -100
+        xs = x32[:, lo:hi].clone().requires_grad_(True)
+        out = vpce(xs, t[:, lo:hi] if tk == "prob" else t, weight=w, label_smoothing=0.3, reduction=red)
+        xt = x32.clone().requires_grad_(True)
+        theirs = F.cross_entropy(xt, t, weight=w, label_smoothing=0.3, reduction=red)
+        ref = F.cross_entropy(x32.double(), t.double() if tk == "prob" else t,
+                              weight=None if w is None else w.double(), label_smoothing=0.3, reduction=red)
+        name = f"huge logits {tk} weight={w is not None} {red}"
+        ck.close(name + " value", out, ref.float(), rtol=1e-5, atol=0)
+        (g_ours,) = torch.autograd.grad(out.sum(), xs)
+        (g_theirs,) = torch.autograd.grad(theirs.sum(), xt)
+        ck.close(name + " grad", g_ours, g_theirs[:, lo:hi], rtol=1e-5, atol=1e-6)
+        ck.cases += 1
 
 
 def _linear_cases(ck: Checker, rank: int, world: int):

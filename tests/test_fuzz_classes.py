@@ -105,6 +105,41 @@ def test_nll_loss_k_dim_no_classes_size_mismatch_before_dtype():
     assert str(ours.value) == str(theirs.value)
 
 
+def _outcome(fn):
+    """fn()'s result, or its exception as (type, message)."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - compared with torch's, whatever it is
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_vmap_nll_loss_integer_input(reduction):
+    """Under vmap torch's nll_loss is a decomposition that checks no dtype: it
+    computes for integer input (in the input's dtype, or the weight's; a
+    weight that requires grad is no error either), where eager torch raises.
+    int32 and uint8 targets count as int64 ones (README 1 and 4)."""
+    g = torch.Generator().manual_seed(5)
+    x2 = torch.randint(-50, 51, (4, 3), generator=g)
+    x4 = torch.randint(-50, 51, (3, 3, 2, 2), generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(3, generator=g, dtype=torch.float64).requires_grad_(True)
+    for x, ii, xdt, wt, tdt in [(x2, -100, torch.int64, None, torch.int64), (x2, 1, torch.int64, w, torch.int32),
+                                (x4, -100, torch.uint8, None, torch.uint8), (x4, 2, torch.int32, w, torch.int64),
+                                (x2, -100, torch.bool, None, torch.int64), (x4, -100, torch.bool, w, torch.int64)]:
+        x = x.to(xdt) if xdt is not torch.bool else x > 0
+        t = torch.randint(0, 3, x.shape[:1] + x.shape[2:], generator=g)
+        t.view(-1)[0] = ii if tdt is not torch.uint8 else 1
+        t = t.to(tdt)
+        xs = torch.stack([x, x.flip(0)])
+        outs = [_outcome(lambda: torch.func.vmap(lambda xi: fn(xi, tt, wt, ignore_index=ii, reduction=reduction))(xs))
+                for fn, tt in ((crossent.nll_loss, t), (F.nll_loss, t.long()))]
+        if isinstance(outs[1], tuple):
+            assert outs[0] == outs[1]
+        else:
+            assert outs[0].dtype == outs[1].dtype and outs[0].requires_grad == outs[1].requires_grad
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0, equal_nan=True)
+
+
 def test_jvp_ignored_rows_with_non_finite_logits():
     """Forward mode: an ignored row's tangent is 0 (torch masks nll's tangent),
     even where its logits are inf/NaN."""

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _ops, backends, reference
-from .backends.base import acc_dtype
+from .backends.base import acc_dtype, wide_dtype
 from ._validate import _compiling, func_transforms, not_ignored
 
 
@@ -56,8 +56,7 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     fp32 sum whose mean fits."""
     if reduction == "none":
         return rows
-    wide = torch.float64 if rows.device.type in ("cpu", "cuda") else rows.dtype  # (MPS has no fp64)
-    total = rows.sum(dtype=wide)
+    total = rows.sum(dtype=wide_dtype(rows.device))
     return (total / denom if reduction == "mean" else total).to(rows.dtype)
 
 

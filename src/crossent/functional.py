@@ -128,6 +128,16 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     out = _fast.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
     if out is not None:
         return out
+    if isinstance(input, Tensor) and not input.is_floating_point() and V.func_transforms()[0]:
+        # Under vmap torch's nll_loss is a decomposition (gather, mul, sum)
+        # that checks no dtype and so computes for integer input (in its
+        # dtype, or the weight's), where eager torch raises.  crossent has
+        # nothing of its own to compute there: torch's function decides, on
+        # int64 targets (int32 and uint8 ones are exact class indices here,
+        # README 1 and 4; vmap would wrap ignore_index to int32 or fail in gather).
+        if isinstance(target, Tensor) and target.dtype in (torch.int32, torch.uint8):
+            target = target.long()
+        return torch.nn.functional.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction)
     red = V.reduction(size_average, reduce, reduction)  # torch.nn.functional's, before the binding's
     V.tensor_arg(input, "nll_loss_nd", "input", 1)
     V.tensor_arg(target, "nll_loss_nd", "target", 2)

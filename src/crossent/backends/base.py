@@ -80,6 +80,13 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of sums over many terms near fp32's range (row losses, sums of
+    z - max over classes), whose mean fits where the fp32 sum overflows: fp64,
+    except on MPS, which has none."""
+    return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
+
+
 class Backend(Protocol):
     name: str
     # True when softmax_forward is a differentiable torch op: crossent then

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .._validate import not_ignored, target_masks
-from .base import acc_dtype
+from .base import acc_dtype, wide_dtype
 
 # One chunk is at most this many bytes of fp32 work, and at most 1/16 of the
 # whole input so chunk temporaries stay small beside the gradient.  Big
@@ -409,7 +409,7 @@ class _Terms:
         offset of the logits, which the softmax ignores, then costs no digits.
         Summed in fp64 for fp32 work: with logits near fp32's range the sum
         over C classes overflows while the loss itself (about the mean) fits."""
-        dt = torch.float64 if e.device.type in ("cpu", "cuda") else e.dtype  # (MPS has no fp64)
+        dt = wide_dtype(e.device)
         if self.prob:
             return (rt * e).sum(1, keepdim=True, dtype=dt)
         if self.eps > 0:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validate as V
+from ..backends.base import wide_dtype
 from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
 from ..functional import _ce_checks, _class_denominator, _weight_at
 
@@ -227,13 +228,18 @@ class ShardMath:
         self.s_r = torch.empty(rows_shape, dtype=acc, device=device)  # local sum exp(z - m_r)
         self.lay: Layout | None = None
         self.w_l = None
-        # Local sums that need class weights (or probabilities) per column.
+        # Local sums over classes of z - m_r (with class weights or
+        # probabilities), and the SUM all_reduce that carries them, in fp64 for
+        # fp32 work: with logits near fp32's range a sum over C classes
+        # overflows where the loss (about their mean) fits, as in the fused
+        # backend's shifted_sum.  Without such sums the stack stays in acc.
+        self.sdt = wide_dtype(device) if opts.prob or self.eps > 0 else acc
         if opts.prob:
-            self.A = torch.empty(rows_shape, dtype=acc, device=device)
-            self.T = torch.empty(rows_shape, dtype=acc, device=device)
-            self.B = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
+            self.A = torch.empty(rows_shape, dtype=self.sdt, device=device)
+            self.T = torch.empty(rows_shape, dtype=self.sdt, device=device)
+            self.B = torch.empty(rows_shape, dtype=self.sdt, device=device) if self.eps > 0 else None
         else:
-            self.D = torch.empty(rows_shape, dtype=acc, device=device) if self.eps > 0 else None
+            self.D = torch.empty(rows_shape, dtype=self.sdt, device=device) if self.eps > 0 else None
 
     # -- layout-dependent state ---------------------------------------------
     def needs_layout_early(self) -> bool:
@@ -303,12 +309,12 @@ class ShardMath:
         if self.o.prob:
             t = self.target[xi].to(self.acc)
             tw = t if self.w is None else t * self._wl()
-            self.A[ri] = (tw * zs).sum(1)
-            self.T[ri] = tw.sum(1)
+            self.A[ri] = (tw * zs).sum(1, dtype=self.sdt)
+            self.T[ri] = tw.sum(1, dtype=self.sdt)
             if self.B is not None:
-                self.B[ri] = (zs if self.w is None else zs * self._wl()).sum(1)
+                self.B[ri] = (zs if self.w is None else zs * self._wl()).sum(1, dtype=self.sdt)
         elif self.D is not None:
-            self.D[ri] = (zs if self.w is None else zs * self._wl()).sum(1)
+            self.D[ri] = (zs if self.w is None else zs * self._wl()).sum(1, dtype=self.sdt)
 
     def target_logit(self, x: Tensor) -> Tensor:
         """z[y] on the owning rank, 0 elsewhere (a gather: O(N))."""
@@ -321,8 +327,9 @@ class ShardMath:
         """The quantities of the SUM all_reduce, moved to the global max M, stacked (K, *rows)."""
         zero = torch.zeros((), dtype=self.acc, device=self.device)
         s = self.s_r * torch.exp(self.m_r - M)
-        # The local sums were taken relative to m_r (0 for an all -inf slice).
-        shift = torch.where(self.m_r == float("-inf"), zero, self.m_r) - M
+        # The local sums were taken relative to m_r (0 for an all -inf slice);
+        # the shift in sdt, as W_r * shift may pass fp32's range.
+        shift = torch.where(self.m_r == float("-inf"), zero, self.m_r).to(self.sdt) - M.to(self.sdt)
         if self.o.prob:
             parts = [s, self.A + self.T * shift, self.T]
             if self.B is not None:
@@ -331,13 +338,14 @@ class ShardMath:
             parts = [s, torch.where(self.owner, zy - M, zero)]
             if self.D is not None:
                 parts.append(self.D + self.W_r * shift)
-        return torch.stack(parts)
+        return torch.stack([p.to(self.sdt) for p in parts])
 
     def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
         """Global lse and per-row loss from the reduced stack; keeps M and log S
         for the backward, and the z-loss rows apart in ``zrows`` (None without
-        z_loss; 0 in ignored rows)."""
-        logS = torch.log(summed[0])
+        z_loss; 0 in ignored rows).  The sums over classes stay in sdt until
+        the loss rows, which are in acc."""
+        logS = torch.log(summed[0]).to(self.acc)
         self.M, self.logS = M, logS
         lse = M + logS
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
@@ -350,15 +358,16 @@ class ShardMath:
             A, T = summed[1], summed[2]  # A relative to M
             if self.eps > 0:
                 zdot = (1 - self.eps) * A + self.eps_c * summed[3]
-                self.tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
+                tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
-                zdot, self.tw_sum = A, T
+                zdot, tw_sum = A, T
+            self.tw_sum = tw_sum.to(self.acc)
             # No classes at all: torch's sums over an empty class dim are 0 (not -inf * 0).
-            return lse, torch.where(self.lay.C == 0, zero, logS * self.tw_sum - zdot)
-        zy = summed[1]  # z[y] - M
+            return lse, torch.where(self.lay.C == 0, zero, (logS * tw_sum - zdot).to(self.acc))
+        zy = summed[1].to(self.acc)  # z[y] - M
         out = (logS - zy) * self.wy * (1 - self.eps)
         if self.eps > 0:
-            out = out + self.eps_c * (self.sum_w * logS - summed[2])
+            out = (out + self.eps_c * (self.sum_w * logS - summed[2])).to(self.acc)
         return lse, torch.where(self.valid, out * self.m, zero)
 
     # -- backward --------------------------------------------------------------

@@ -55,8 +55,9 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
     full gradient (not multiplied by the world size); with create_graph=True
     it is differentiable again (double backward).  target and weight are not
     differentiable here.  Communication: forward, one MAX and one SUM
-    all_reduce of O(N) fp32 numbers; backward, none (create_graph=True: one
-    SUM all_reduce of O(N)).  Errors: cross_entropy's, for the same input.
+    all_reduce of O(N) fp32 numbers (the SUM in fp64 with label smoothing or
+    probability targets: sums over classes near fp32's range); backward, none
+    (create_graph=True: one SUM all_reduce of O(N)).  Errors: cross_entropy's, for the same input.
     """
     group, _, world = K.resolve_group(group)
     red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
