@@ -204,3 +204,27 @@ def test_linear_1d_input_dtype_error_is_torch_vector_path_message():
     with pytest.raises(RuntimeError) as ours:
         crossent.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.5)
     assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_k_dim_expanded_target_denominator(monkeypatch, weighted, reduction):
+    """The one-launch forward sums the mean's denominator over the targets: a K-dim
+    target expanded over the batch has batch stride 0, like (R, C) rows, but B > 1
+    positions per class column (it was read as R = B * S contiguous rows)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", "triton")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 13, 3, 2, generator=g)
+    t = torch.randint(0, 13, (1, 3, 2), generator=g)
+    t[0, 1, 0] = -100
+    t = t.expand(4, 3, 2)                                   # batch stride 0
+    w = torch.rand(13, generator=g) + 0.1 if weighted else None
+    outs = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        xx = x.clone().requires_grad_()
+        loss = fn(xx, t, w, reduction=reduction, label_smoothing=0.1)
+        loss.backward()
+        outs.append((loss.detach(), xx.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])

@@ -63,7 +63,9 @@ def _den_partial(part_ptr, t_ptr, st_b, st_s, w_ptr, S, N, C, ignore_index, HAS_
     acc = tl.zeros([_LANES], tl.float64)
     for i0 in range(lo, hi, _LANES):
         i = i0 + tl.arange(0, _LANES).to(tl.int64)
-        if st_b == 0:   # (R, C) rows: no (b, s) split of the position (an int64 division)
+        # One batch ((R, C) rows): no (b, s) split of the position (an int64 division).
+        # Not st_b == 0: an expanded K-dim target has batch stride 0 too.
+        if S == N:
             y = tl.load(t_ptr + i * st_s, mask=i < hi, other=0).to(tl.int64)
         else:
             b = i // S
