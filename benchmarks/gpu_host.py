@@ -38,7 +38,7 @@ def stub_launches() -> None:
             if type(getattr(mod, name)).__name__ in ("JITFunction", "InterpretedFunction"):
                 setattr(mod, name, Stub())
     _validate.check_target_bounds = lambda *a: None
-    _autograd._rescalable = lambda g: True
+    _autograd.ce._rescalable = lambda g: True
 
 
 def _best_us(fn, calls: int, rounds: int) -> float:

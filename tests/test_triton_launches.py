@@ -80,7 +80,7 @@ class _Recorder:
 def launches(monkeypatch):
     monkeypatch.setenv("CROSSENT_BACKEND", "triton")
     monkeypatch.setattr(_validate, "check_target_bounds", lambda *a: None)   # as on CUDA
-    monkeypatch.setattr(_autograd, "_rescalable", lambda g: True)           # as on CUDA
+    monkeypatch.setattr(_autograd.ce, "_rescalable", lambda g: True)        # as on CUDA
     log = Launches()
     for mod, name in ((ce, "_ce_kernel"), (ce, "_rescale_kernel"), (split, "_ce_split_kernel")):
         monkeypatch.setattr(mod, name, _Recorder(getattr(mod, name), log))

@@ -1,0 +1,291 @@
+"""Cross-entropy, (log_)softmax and nll_loss's pick: their autograd Functions."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import _ops, backends, reference
+from ..backends.base import wide_dtype
+from .._validate import _compiling, func_transforms, not_ignored
+
+
+@dataclass(frozen=True)
+class CEOptions:
+    """Everything about a cross-entropy call that is not a tensor."""
+
+    reduction: str = "mean"  # 'none' | 'mean' | 'sum'
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float = 0.0  # 0 = off
+    inplace_backward: bool = False
+    backend: str = "torch"
+    out_dtype: torch.dtype = torch.float32
+    # The backend forms the whole forward in its kernel (fuses_forward): the mean's
+    # denominator (written into the denom buffer), the reduction, the loss dtype.
+    fused: bool = False
+
+
+def fuses_forward(backend: str, x: Tensor) -> bool:
+    """Whether ``backend`` computes the forward of x in one launch (triton; eager only)."""
+    fuses = getattr(backends.load(backend), "fuses_forward", None)
+    return fuses is not None and not _compiling() and fuses(x)
+
+
+def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
+    """Per-row fp32 losses -> the reduction ('mean' divides by denom).  The
+    O(rows) sum runs in fp64: row losses near fp32's range would overflow an
+    fp32 sum whose mean fits."""
+    if reduction == "none":
+        return rows
+    total = rows.sum(dtype=wide_dtype(rows.device))
+    return (total / denom if reduction == "mean" else total).to(rows.dtype)
+
+
+# What torch's Function.apply does first: unwrap tensors of functorch transforms that have exited.
+_unwrap_dead = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", lambda args: args)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """(x, target, weight, denom, opts, need_grad) -> (loss, lse, grad).
+
+    x: (R, C) or (B, C, S) logits, class dim 1.  target: rows-shaped class
+    indices, or x-shaped probabilities.  denom: 0-d acc-dtype tensor, the mean's
+    denominator (ignored unless reduction == 'mean').  need_grad: the caller's
+    ``grad enabled and x.requires_grad`` (forward has no ctx to ask: the
+    setup_context form is what torch.func.grad and jvp need).  loss: 0-d for
+    mean/sum, rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32
+    (fp64 for fp64 input), not differentiable.  grad: the gradient baked into
+    the forward (or an empty tensor), not differentiable; callers drop it.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        # torch's Function.apply binds the arguments through inspect.signature on every
+        # call once setup_context is defined (~20 us of the eager call path, issue 10
+        # item 3).  Callers pass every argument positionally, so there is nothing to
+        # bind: outside tracing and functorch transforms, the C++ apply it ends in.
+        if _compiling() or torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
+
+    @staticmethod
+    def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
+                need_grad: bool):
+        precompute = need_grad and opts.reduction != "none"
+        if opts.fused:
+            return backends.load(opts.backend).ce_forward_fused(
+                x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                opts.reduction, opts.out_dtype, precompute, opts.inplace_backward)
+        # The gradient baked into the forward is that of loss * 1 upstream.
+        args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                _scale(denom, opts))
+        if precompute and opts.inplace_backward:
+            rows, lse = _ops.ce_forward_inplace(x, *args, opts.backend)
+            grad = x.new_empty(0)  # the gradient is x itself now (opt-in); setup_context takes it
+        else:
+            rows, lse, grad = _ops.ce_forward(x, *args, precompute, opts.backend)
+        return _reduce(rows, denom, opts.reduction).to(opts.out_dtype), lse, grad
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, weight, denom, opts, need_grad = inputs
+        _, lse, grad = output
+        ctx.opts = opts
+        ctx.acc = lse.dtype
+        ctx.grad = None
+        if need_grad and opts.reduction != "none":
+            # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
+            ctx.grad = x.detach() if opts.inplace_backward else grad
+        # With inplace_backward the logits are gone, so nothing can be recomputed.
+        saved = (None if opts.inplace_backward else x, target, weight, lse, denom)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.mark_non_differentiable(lse, grad)
+        # No zero-filled stand-ins for the unused lse and grad outputs: that
+        # would be an N x C zeros (a full write of the logits' size) per backward.
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, g: Tensor | None, _g_lse: Tensor | None, _g_grad: Tensor | None):
+        opts: CEOptions = ctx.opts
+        if g is None:  # only the non-differentiable outputs were used
+            return None, None, None, None, None, None
+        if torch.is_grad_enabled() or _batched(g) or not _rescalable(g):
+            # create_graph, a batched upstream (jacrev, is_grads_batched) or a
+            # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
+            return _differentiable_grad(ctx, g), None, None, None, None, None
+        if ctx.grad is not None:
+            # Hand the forward's buffer over (autograd can then adopt it as
+            # x.grad without a copy); rescale in place only if g != 1.  The
+            # saved tensors are not unpacked, so editing x after the forward
+            # is as harmless as it is for torch's own cross_entropy.
+            grad, ctx.grad = ctx.grad, None
+            _ops.rescale_(grad, g if opts.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
+            return grad, None, None, None, None, None
+        x, target, weight, lse, denom = ctx.saved_tensors
+        if not (opts.fused and opts.reduction == "none"):
+            g = g.to(lse.dtype)
+        if x is None:
+            raise RuntimeError(
+                "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
+                "it cannot be backpropagated a second time")
+        row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
+        grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
+                                opts.z_loss, opts.softcap, row_scale, opts.backend)
+        return grad, None, None, None, None, None
+
+
+class CrossEntropyJvpFunction(CrossEntropyFunction):
+    """CrossEntropyFunction plus forward-mode AD, used only while forward-mode
+    AD is active (torch.compile cannot trace a Function that defines jvp)."""
+
+    @staticmethod
+    def jvp(ctx, tx: Tensor, _t_target, _t_weight, _t_denom, _t_opts, _t_need):
+        """Forward mode: the loss's tangent is sum_c dloss/dx_c * tx_c per row,
+        with dloss/dx the backend's gradient for unit row scales.  Class
+        indices and weights have no derivative here (torch's nll_loss has none
+        for weights); probability targets take the reference path in forward mode."""
+        opts: CEOptions = ctx.opts
+        x, target, weight, lse, denom = ctx.saved_tensors
+        if x is None:
+            raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support forward-mode AD")
+        ones = torch.ones_like(lse)
+        dx = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
+                              opts.z_loss, opts.softcap, ones, opts.backend)
+        rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
+        if not target.is_floating_point():  # ignored rows: 0, as torch's masked nll tangent, even for NaN logits
+            rows = torch.where(not_ignored(target, opts.ignore_index), rows, 0.0)
+        loss_t = rows.sum() * _scale(denom, opts) if opts.reduction != "none" else rows
+        return loss_t.to(opts.out_dtype), None, None
+
+
+def _batched(g: Tensor) -> bool:
+    """Whether the backward runs under vmap: torch.func's, or the legacy one
+    behind autograd.grad(is_grads_batched=True)."""
+    if _compiling():
+        return False
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return func_transforms()[0] or (legacy is not None and legacy(g))
+
+
+def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
+    """The scale of the gradient of loss * 1 upstream: 1/denom for 'mean', else 1."""
+    return 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+
+
+def _rescalable(g: Tensor) -> bool:
+    """Whether g * (forward's gradient) is the gradient torch gives.  Not for a
+    non-finite upstream (also one row's, under 'none'): torch scales each
+    class's term before they meet, which is NaN where infinite terms of
+    opposite signs (or inf * 0) meet and 0 in ignored rows, so the backward
+    recomputes term by term (reference.cross_entropy_grad).  Checked only
+    where reading g is free (a CPU tensor in eager mode); elsewhere that would
+    be a host sync."""
+    if g.device.type != "cpu" or _compiling():
+        return True
+    return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
+
+
+def _differentiable_grad(ctx, g: Tensor) -> Tensor:
+    """backward(create_graph=True), as torch.func.grad always asks: the same
+    gradient in torch's differentiable ops, so double backward works."""
+    x, target, weight, lse, denom = ctx.saved_tensors
+    opts: CEOptions = ctx.opts
+    if x is None:
+        raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
+    g = g.to(lse.dtype)
+    row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
+    return reference.cross_entropy_grad(x, target, weight, opts.ignore_index, opts.label_smoothing,
+                                        opts.z_loss, opts.softcap or None, row_scale)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
+
+    @staticmethod
+    def forward(x: Tensor, dim: int, log: bool, backend: str):
+        return _ops.softmax_forward(x, dim, log, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dim, log, backend = inputs
+        ctx.save_for_backward(output)
+        ctx.meta = (dim, log, backend, x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (y,) = ctx.saved_tensors
+        dim, log, backend, dtype = ctx.meta
+        if torch.is_grad_enabled():
+            # create_graph=True: the same formulas in differentiable torch ops.
+            if log:
+                dx = g - torch.exp(y) * g.sum(dim, keepdim=True)
+            else:
+                dx = y * (g - (g * y).sum(dim, keepdim=True))
+            return dx.to(dtype), None, None, None
+        return _ops.softmax_backward(g.contiguous(), y, dim, log, dtype, backend), None, None, None
+
+
+def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
+    name = backends.name_for(x.device.type)
+    backend = backends.load(name)
+    if backend.softmax_native_autograd:
+        # torch's own fused kernels, with torch's autograd: double backward, jvp, vmap.
+        return backend.softmax_forward(x, dim, log)
+    if any(func_transforms()):
+        # vmap and forward mode: torch's own ops, which have batching and jvp rules.
+        return (reference.log_softmax if log else reference.softmax)(x, dim)
+    return SoftmaxFunction.apply(x, dim, log, name)
+
+
+class PickFunction(torch.autograd.Function):
+    """nll_loss's pick: (x (R, C[, S]), idx (R, 1[, S]) int64) -> x.gather(1, idx).
+
+    Its gradient, like aten's nll_loss_backward, is a function of x too (with
+    zero derivative): after backward(create_graph=True) the gradient requires
+    grad, so a second autograd.grad w.r.t. x gives zeros as torch's does.
+    Plain torch ops, so vmap batches them (jacrev vmaps the backward).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, idx: Tensor) -> Tensor:
+        return x.gather(1, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, idx = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return PickBackwardFunction.apply(g, x, idx), None
+        return torch.zeros_like(x).scatter(1, idx, g), None  # out of place: vmap batches it
+
+
+class PickBackwardFunction(torch.autograd.Function):
+    """(g, x, idx) -> zeros like x with g scattered at idx; d/dg = gather, d/dx = 0."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor, idx: Tensor) -> Tensor:
+        return torch.zeros_like(x).scatter(1, idx, g)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, x, idx = inputs
+        ctx.save_for_backward(idx)
+        ctx.x_like = (x.shape, x.dtype, x.device)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        (idx,) = ctx.saved_tensors
+        shape, dtype, device = ctx.x_like
+        return gg.gather(1, idx), torch.zeros(shape, dtype=dtype, device=device), None
