@@ -113,6 +113,11 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
     group, _, world = K.resolve_group(group)
     red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
         logits, t_chk, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world, dev)
+    if out_dtype == torch.float64 and x2.dtype != torch.float64:
+        # fp64 probability targets or class weights make the loss fp64: compute in it, as
+        # linear_cross_entropy does (autograd casts the gradients back)
+        x2, weight_shard = x2.double(), weight_shard.double()
+        linear_bias_shard = None if linear_bias_shard is None else linear_bias_shard.double()
     t2 = target.reshape(N, v_local) if prob else target.reshape(N)
     w = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
     opts = VPOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
