@@ -230,9 +230,9 @@ def _kdim_sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, lse:
 
     def tile(b: int, s0: int, s1: int) -> None:
         xb, xt, t = x[b].view(-1), x[b, :, s0:s1], k.target[b, s0:s1]
-        valid = not_ignored(t, k.ignore_index)
-        y = t.long().clamp(0, C - 1)  # a safe index; counted targets it moved are out of range
-        bad = valid & (y != t)        # -> NaN loss and gradient row, as _Terms
+        valid, ok = target_masks(t, k.ignore_index, C)
+        bad = valid & ~ok              # counted but out of range: NaN loss and gradient row, as _Terms
+        y = t.long().clamp(0, C - 1)  # a safe index (bad rows read a real class, then become NaN)
         flat = torch.add(pos[s0:s1], y, alpha=S)
         m = xt.amax(0)
         zy = xb.take(flat).sub_(m)    # before the sub below may overwrite x (grad_into=x)
