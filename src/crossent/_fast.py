@@ -57,9 +57,10 @@ is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch <
 # every os.environ assignment (monkeypatch.setenv included).
 _ENV = getattr(os.environ, "_data", None)
 if _ENV is not None:
-    _KEY, _env_get = os.environ.encodekey("CROSSENT_BACKEND"), _ENV.get
+    env_key, _env_get = os.environ.encodekey, _ENV.get
 else:
-    _KEY, _env_get = "CROSSENT_BACKEND", os.environ.get
+    env_key, _env_get = str, os.environ.get
+_KEY = env_key("CROSSENT_BACKEND")
 _AUTO = (b"auto", "auto")
 
 

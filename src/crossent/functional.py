@@ -6,6 +6,7 @@ extras (z_loss, softcap, inplace_backward) are off by default.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -245,8 +246,9 @@ def _ce_checks(input: Tensor, target: Tensor, weight: Tensor | None, ignore_inde
 def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                    label_smoothing, z_loss, softcap, inplace_backward, stats=True,
                    result_dtype=None) -> CrossEntropyOutput:
-    """The shared body; with stats=False the z-loss term is not formed
-    (CrossEntropyOutput.z_loss is then the loss itself, unused by callers).
+    """The shared body; with stats=False only ``.loss`` is meant to be used: the
+    z-loss term is not formed (``.z_loss`` is the loss itself) and a reduced
+    loss's ``.lse`` keeps the kernel's rows shape.
     result_dtype (class indices only): the loss's dtype instead of input.dtype
     (crossent.transformers returns fp32 losses for fp16/bf16 logits)."""
     red = V.reduction(size_average, reduce, reduction)  # torch.nn.functional's, before the binding's
@@ -292,22 +294,31 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     if inplace_backward and not (red != "none" and input.requires_grad and input.is_contiguous()):
         raise ValueError("inplace_backward=True needs reduction 'mean' or 'sum' and a contiguous "
                          "input that requires grad")
-    opts = CEOptions(reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
-                     softcap=cap, inplace_backward=bool(inplace_backward),
-                     backend=backend, out_dtype=out_dtype, fused=fused)
+    opts = _options(red, ignore_index, eps, z_loss, cap, bool(inplace_backward), backend, out_dtype, fused)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
     loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
+    if red == "sum" and eps > 0 and not prob and x.shape[1] == 0:
+        loss = loss + float("nan")  # torch's smoothing term: eps / C = inf times an empty sum
+    if red != "none" and not stats:   # cross_entropy: only the loss is used (no reshape to pay for)
+        return CrossEntropyOutput(loss, lse, loss)
     # 1-D input: a 0-d loss, also for a (1,) target (as torch)
     none_shape = (() if input.dim() == 1 else
                   target.shape if not prob else target.shape[:class_dim] + target.shape[class_dim + 1:])
     lse = lse.reshape(none_shape)
     if red == "none":
         loss = loss.reshape(none_shape)
-    elif red == "sum" and eps > 0 and not prob and x.shape[1] == 0:
-        loss = loss + float("nan")  # torch's smoothing term: eps / C = inf times an empty sum
     zt = _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(out_dtype) if stats else loss
     return CrossEntropyOutput(loss, lse, zt)
+
+
+@functools.lru_cache(maxsize=256)
+def _options(reduction, ignore_index, label_smoothing, z_loss, softcap, inplace_backward, backend, out_dtype,
+             fused) -> CEOptions:
+    """One frozen CEOptions per distinct call (its __init__ costs ~1.5 us a call)."""
+    return CEOptions(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                     z_loss=z_loss, softcap=softcap, inplace_backward=inplace_backward, backend=backend,
+                     out_dtype=out_dtype, fused=fused)
 
 
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from .. import _fast
 from .base import Backend
 
 # name -> "module:attribute"; imported lazily so `import crossent` never pulls in triton.
@@ -67,10 +68,22 @@ def select(device: torch.device | str, requested: str | None = None) -> Backend:
     return backend
 
 
+# name_for's answers, keyed on everything select reads that can change while a
+# process runs: the two environment variables (read raw: os.environ.get costs
+# ~0.7 us each).  Device availability and triton's import are fixed per process.
+_NAMES: dict = {}
+_ENV_KEYS = (_fast.env_key("CROSSENT_BACKEND"), _fast.env_key("TRITON_INTERPRET"))
+
+
 def name_for(device_type: str) -> str:
     """select(device_type).name; a constant to torch.compile, so tracing never
-    runs the registry (imports, environment lookups) inside a graph."""
-    return select(device_type).name
+    runs the registry (imports, environment lookups) inside a graph.  Memoized:
+    select costs ~2 us a call (an import lookup, CUDA's availability)."""
+    key = (device_type, *map(_fast._env_get, _ENV_KEYS))
+    name = _NAMES.get(key)
+    if name is None:   # select raises for a backend that cannot run: never stored
+        name = _NAMES[key] = select(device_type).name
+    return name
 
 
 # What torch.compiler.assume_constant_result does, without the import of

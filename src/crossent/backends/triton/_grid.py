@@ -154,6 +154,23 @@ def workspace(device: torch.device, rows: int, programs: int) -> tuple[torch.Ten
     return cnt, part
 
 
+_SCRATCH: dict = {}
+
+
+def scratch(device: torch.device, n: int) -> torch.Tensor:
+    """An fp32 buffer of >= n elements that one launch writes before it reads (the split
+    kernels' slice partials): cached per device and stream like ``workspace`` (launches on
+    one stream run in order), so a call allocates nothing; fresh while a graph is captured."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.empty(n, device=device, dtype=torch.float32)
+    key = (device, _raw_stream(device.index) if device.type == "cuda" else 0)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _SCRATCH[key] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel()), 4096),
+                                          device=device, dtype=torch.float32)
+    return buf
+
+
 
 _RESIDENT: dict = {}
 

@@ -257,42 +257,60 @@ def plan(R: int, C: int, device: torch.device) -> dict:
                 cooperative=device.type == "cuda")
 
 
-def _run(kernel, R, C, device, args, consts):
+_CONFIGS: dict = {}
+
+
+def _config(kernel, R, C, device, consts: tuple, args) -> tuple[int, int, int, bool, dict]:
+    """(programs, row groups, slice-partial floats, cooperative, launch kwargs) of kernel
+    over R rows of C classes, cached: ~10 us of Python per call otherwise (issue 10,
+    item 3).  The cooperative grid is what fits on the device at once (_grid.resident)."""
+    key = (kernel, R, C, device, consts)
+    cfg = _CONFIGS.get(key)
+    if cfg is not None:
+        return cfg
+    p = plan(R, C, device)
+    kw = dict(BLOCK=p["BLOCK"], NSPLIT=p["NSPLIT"], NSPLIT_P2=p["NSPLIT_P2"], PREFETCH=p["PREFETCH"],
+              num_warps=p["num_warps"], **dict(consts))
+    groups = min(R, _SPLIT_GROUPS)
+    if p["cooperative"]:
+        ws, acc = _grid.workspace(device, R, 0)
+        per_sm = _grid.resident(kernel, args(_grid.scratch(device, R * p["NSPLIT"] * 5), ws, acc, R),
+                                dict(STAGE=0, **kw), device, _SPLIT_CTAS)
+        groups = min(R, max(1, per_sm // p["NSPLIT"]))
+        kw.update(STAGE=0, launch_cooperative_grid=True)
+    if len(_CONFIGS) >= 1024:   # shapes vary (sequence lengths): keep the cache bounded
+        _CONFIGS.clear()
+    cfg = _CONFIGS[key] = (groups * p["NSPLIT"], groups, R * p["NSPLIT"] * 5, p["cooperative"], kw)
+    return cfg
+
+
+def _run(kernel, R, C, device, args, consts: tuple):
     """Launch kernel(*args(part, ws, acc, n_groups), ...): one cooperative launch on
     CUDA, two stages elsewhere.  ``args`` builds the argument list around the
-    slice partials ``part``, the workspace (``_grid.workspace``) and the group count."""
-    p = plan(R, C, device)
-    part = torch.empty(R * p["NSPLIT"] * 5, device=device, dtype=torch.float32)
-    tiles = dict(BLOCK=p["BLOCK"], NSPLIT=p["NSPLIT"], NSPLIT_P2=p["NSPLIT_P2"], PREFETCH=p["PREFETCH"],
-                 **consts)
-    ws, acc = _grid.workspace(device, R, 0)
-    if p["cooperative"]:
-        per_sm = _grid.resident(kernel, args(part, ws, acc, R), dict(STAGE=0, num_warps=p["num_warps"], **tiles),
-                                device, _SPLIT_CTAS)
-        groups = min(R, max(1, per_sm // p["NSPLIT"]))
-        ws, acc = _grid.workspace(device, R, groups * p["NSPLIT"])
-        kernel[(groups * p["NSPLIT"],)](*args(part, ws, acc, groups), STAGE=0, num_warps=p["num_warps"],
-                                        launch_cooperative_grid=True, **tiles)
+    slice partials ``part``, the workspace (``_grid.workspace``) and the group count;
+    ``consts``: the kernel's other constexprs as (name, value) pairs."""
+    n, groups, floats, cooperative, kw = _config(kernel, R, C, device, consts, args)
+    ws, acc = _grid.workspace(device, R, n)
+    a = args(_grid.scratch(device, floats), ws, acc, groups)
+    if cooperative:
+        kernel[(n,)](*a, **kw)
         return
-    groups = min(R, _SPLIT_GROUPS)
-    ws, acc = _grid.workspace(device, R, groups * p["NSPLIT"])
     for stage in (1, 2):
-        kernel[(groups * p["NSPLIT"],)](*args(part, ws, acc, groups), STAGE=stage, num_warps=p["num_warps"],
-                                        **tiles)
+        kernel[(n,)](*a, STAGE=stage, **kw)
 
 
 def ce(x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g, R, C, scalars, flags, reduce):
     """Cross-entropy over (R, C) rows; ``reduce`` and the buffers as in ce._launch."""
-    flags = {k: v for k, v in flags.items() if k != "NEED_GRAD"}   # this path always writes it
     rows_out = loss if reduce == 0 else lse
 
     def args(part, ws, acc, groups):
         return (x, sx_r, target, st_r, st_c, w, scale, scale_stride, rows_out, lse, g, part, ws, acc, loss,
                 R, C, groups, *scalars)
-    _run(_ce_split_kernel, R, C, x.device, args, dict(REDUCE=reduce, **flags))
+    # flags: (name, value) pairs; NEED_GRAD is not this kernel's (it always writes the gradient)
+    _run(_ce_split_kernel, R, C, x.device, args, (("REDUCE", reduce),) + flags[:-1])
 
 
 def softmax(x, y, log: bool):
     R, C = x.shape
     _run(_softmax_split_kernel, R, C, x.device, lambda part, ws, acc, groups: (x, y, part, ws, R, C, groups),
-         dict(LOG=log))
+         (("LOG", log),))
