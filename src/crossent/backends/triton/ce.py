@@ -281,26 +281,26 @@ def _rescale_kernel(g_ptr, s_ptr, n, BLOCK: tl.constexpr):
 
 def tile_shape(C: int, S: int, classes_contiguous: bool) -> tuple[int, int]:
     """(BLOCK_S, BLOCK_C) for a [positions x classes] tile (shared with softmax)."""
-    np2c = triton.next_power_of_2(C)
+    np2c = _device.next_pow2(C)
     if classes_contiguous:
         # the (R, C) case: wide class tiles, rows packed when C is small
         block_c = np2c if np2c <= _SINGLE_MAX else min(_LOOP_BLOCK, np2c)
-        return max(1, min(triton.next_power_of_2(S), _TILE_ELEMS // block_c)), block_c
+        return max(1, min(_device.next_pow2(S), _TILE_ELEMS // block_c)), block_c
     # positions contiguous (K-dim (B, C, S)): coalesce along S, loop over C
-    block_s = min(triton.next_power_of_2(S), _KDIM_BLOCK_S)
+    block_s = min(_device.next_pow2(S), _KDIM_BLOCK_S)
     return block_s, min(np2c, max(1, _TILE_ELEMS // block_s))
 
 
 def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
     """single | cluster | split | twopass for a launch (``rows``: an (R, C) layout
     with contiguous classes).  Shared with softmax (need_grad=True there: it writes y)."""
-    if triton.next_power_of_2(C) <= _SINGLE_MAX:
+    if _device.next_pow2(C) <= _SINGLE_MAX:
         return "single"
     if not rows or not need_grad:
         return "twopass"   # K-dim; or forward only, which reads once on this path anyway
     want = _ROW_PATH
     if want in ("auto", "cluster") and device.type == "cuda" \
-            and triton.next_power_of_2(C) <= _CLUSTER_CTAS * _CLUSTER_BLOCK \
+            and _device.next_pow2(C) <= _CLUSTER_CTAS * _CLUSTER_BLOCK \
             and _device.cluster_reductions(device):
         return "cluster"
     if want in ("auto", "split", "cluster") and _device.cooperative(device):
@@ -310,7 +310,7 @@ def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
 
 def cluster_config(C: int) -> dict:
     """Launch kwargs of one row per cluster (shared with softmax)."""
-    block_c = triton.next_power_of_2(C)
+    block_c = _device.next_pow2(C)
     return dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, KEEP_L2=False, num_warps=_CLUSTER_WARPS,
                 num_ctas=max(2, block_c // _CLUSTER_BLOCK))
 
@@ -333,7 +333,7 @@ def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, reduce:
     # 8 warps, ~100 registers, 2 CTAs per SM; at 16 warps ~80 registers fit one CTA).
     kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=single, KEEP_L2=_KEEP_L2 and need_grad,
               num_warps=max(4, min(16, block_s * block_c // (1024 if single else 512))))
-    return path, kw, triton.cdiv(S, block_s)
+    return path, kw, _device.cdiv(S, block_s)
 
 
 def _layout(x: torch.Tensor, target: torch.Tensor, prob: bool):
@@ -512,5 +512,5 @@ def rescale_(grad, g):
         grad.mul_(g)  # the kernel multiplies in fp32
         return
     block = 4096
-    grid = (min(triton.cdiv(grad.numel(), block), 4 * _device.num_sms(grad.device)),)
+    grid = (min(_device.cdiv(grad.numel(), block), 4 * _device.num_sms(grad.device)),)
     _rescale_kernel[grid](grad, g, grad.numel(), BLOCK=block, num_warps=8)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _device
 from .ce import _safe, tile_shape
 
 # As crossent.logprobs: exp(-1024) == 0, and p * L stays finite.  A compiled
@@ -99,7 +100,7 @@ def _lp_bwd_kernel(x_ptr, sx_r, sx_c, ys_ptr, shift_ptr, ent_ptr, a_ptr, b_ptr, 
 
 def _plan(R: int, V: int) -> dict:
     block_r, block_v = tile_shape(V, R, True)
-    return dict(grid=(triton.cdiv(R, block_r),), BLOCK_R=block_r, BLOCK_V=block_v,
+    return dict(grid=(_device.cdiv(R, block_r),), BLOCK_R=block_r, BLOCK_V=block_v,
                 num_warps=max(4, min(16, block_r * block_v // 512)))
 
 

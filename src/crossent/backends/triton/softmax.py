@@ -141,7 +141,7 @@ def _view(shape, dim):
 
 def _plan(B, C, S, ss, sc):
     block_s, block_c = ce.tile_shape(C, S, sc == 1)
-    n_sblk = triton.cdiv(S, block_s)
+    n_sblk = _device.cdiv(S, block_s)
     tile = block_s * block_c
     return dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=block_c >= C,
                 num_warps=max(4, min(16, tile // 512))), n_sblk

@@ -249,10 +249,10 @@ def _softmax_split_kernel(x_ptr, y_ptr, part_ptr, ws_ptr, R, C, n_groups,
 def plan(R: int, C: int, device: torch.device) -> dict:
     """Slices and grid for R rows of C classes (STAGE 0 needs the kernel's
     registers to size its cooperative grid: see _grid.resident)."""
-    nsplit = triton.cdiv(C, _SPLIT_BLOCK)
-    block = triton.next_power_of_2(triton.cdiv(C, nsplit))
-    nsplit = triton.cdiv(C, block)
-    return dict(BLOCK=block, NSPLIT=nsplit, NSPLIT_P2=triton.next_power_of_2(nsplit),
+    nsplit = _device.cdiv(C, _SPLIT_BLOCK)
+    block = _device.next_pow2(_device.cdiv(C, nsplit))
+    nsplit = _device.cdiv(C, block)
+    return dict(BLOCK=block, NSPLIT=nsplit, NSPLIT_P2=_device.next_pow2(nsplit),
                 num_warps=min(_SPLIT_WARPS, max(1, block // 256)), PREFETCH=_SPLIT_PREFETCH,
                 cooperative=device.type == "cuda")
 
