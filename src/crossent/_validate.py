@@ -8,11 +8,12 @@ unless CROSSENT_CHECK=1 asks for it.
 from __future__ import annotations
 
 import operator
-import os
 import warnings
 
 import torch
 from torch import Tensor
+
+from ._fast import _env_get, env_key
 
 # torch's C++ ScalarType names, as they appear in its error messages.
 _DTYPE_NAMES = {
@@ -277,6 +278,9 @@ def func_transforms() -> tuple[bool, bool]:
     return vmap, fwd
 
 
+_CHECK = env_key("CROSSENT_CHECK")
+
+
 def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> None:
     """IndexError for a non-ignored class index outside [0, C), like torch on CPU.
 
@@ -284,7 +288,7 @@ def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> No
     anywhere with CROSSENT_CHECK=1.  Elsewhere an out-of-range target gives a
     NaN loss (and NaN gradient row) instead of a device-side assert.
     """
-    forced = os.environ.get("CROSSENT_CHECK", "0") not in ("", "0")
+    forced = _env_get(_CHECK) not in (None, "", "0", b"", b"0")   # os.environ.get costs ~0.7 us
     if not forced and (target.device.type != "cpu" or _compiling()):
         return
     if target.numel() == 0:
