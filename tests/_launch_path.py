@@ -10,7 +10,8 @@ here against a fake sm_90 device: Triton's active driver is replaced by one whos
 kernels compile for real (this Triton, its ptxas), whose module loading reports
 the cubin's real register count (cuobjdump), and whose launcher records each
 launch instead of running it; torch.cuda's device queries answer as an H100 SXM.
-Checked for bf16 forward+backward at the benchmark shapes:
+Checked for bf16 cross-entropy forward+backward at the benchmark shapes and the
+softmax forward:
   1. the cluster-reduction probe, reached as a CUDA call reaches it (the active
      driver's target), routes the plan: 'cluster' only where this Triton compiles
      the reduction, 'split' otherwise;
@@ -20,6 +21,7 @@ Checked for bf16 forward+backward at the benchmark shapes:
   3. no launch needs Triton's runtime scratch allocator (none is set on the GPU).
 Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be
 unset when the kernels are imported).  Prints one line per launch, then ALL OK.
+``--sweep``: the same for every configuration of benchmarks/gpu_sweep.py instead.
 """
 import contextlib
 import itertools
@@ -91,8 +93,8 @@ def install_fake_device() -> FakeSm90Driver:
 def jit_args(fn, args: dict) -> tuple:
     """The AOT argument set as JIT call arguments: a small CPU tensor per pointer (the
     launcher is fake: nothing is read through it), ints and floats as they are."""
-    return tuple(torch.zeros(16, dtype=_DTYPES[v.dtype]) if isinstance(v, A.Ptr) else v
-                 for name, v in args.items() if name in fn.arg_names)
+    return tuple(torch.zeros(16, dtype=_DTYPES[args[n].dtype]) if isinstance(args[n], A.Ptr) else args[n]
+                 for n in fn.arg_names if n in args)
 
 
 def production(op: str, R: int, C: int, reduce: int, dev):
@@ -103,7 +105,7 @@ def production(op: str, R: int, C: int, reduce: int, dev):
     if op == "softmax":
         path, kw = ce.row_path(True, C, True, dev), {}
     else:
-        path, kw, _ = ce._plan(1, R, C, C, 1, True, reduce, dev)
+        path, kw, n_sblk = ce._plan(1, R, C, C, 1, True, reduce, dev)
     if path == "split":
         p = split.plan(R, C, dev)
         if op == "softmax":
@@ -116,18 +118,19 @@ def production(op: str, R: int, C: int, reduce: int, dev):
         groups = min(R, max(1, _grid.resident(fn, args, consts, dev, split._SPLIT_CTAS) // p["NSPLIT"]))
         return path, fn, args, consts, groups * p["NSPLIT"], True
     if op == "softmax":
-        cfg, _ = softmax._plan(1, C, R, C, 1)
+        cfg, n_sblk = softmax._plan(1, C, R, C, 1)
         if path == "cluster":
-            cfg = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}
+            cfg, n_sblk = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}, R
         fn = softmax._softmax_fwd_kernel
-        args = jit_args(fn, dict(x_ptr=A.Ptr("bf16"), y_ptr=A.Ptr("bf16"), S=R, C=C, sb=0, ss=C, sc=1, n_sblk=R))
-        return path, fn, args, dict(cfg, LOG=False), R, False
+        args = jit_args(fn, dict(x_ptr=A.Ptr("bf16"), y_ptr=A.Ptr("bf16"), S=R, C=C, sb=0, ss=C, sc=1,
+                                 n_sblk=n_sblk))
+        return path, fn, args, dict(cfg, LOG=False), n_sblk, False
     fn = ce._ce_kernel
-    args = jit_args(fn, A.fused_args("bf16", False, R, C))
+    args = jit_args(fn, dict(A.fused_args("bf16", False, R, C), n_sblk=n_sblk, n_tiles=n_sblk))   # one batch
     consts = dict(kw, REDUCE=reduce, STAGE=0, NEED_GRAD=True, **flags)
     if reduce == 3:   # W behind a grid barrier: a cooperative launch of what fits
-        return path, fn, args, consts, min(R, _grid.resident(fn, args, consts, dev)), True
-    return path, fn, args, consts, R, False
+        return path, fn, args, consts, min(n_sblk, _grid.resident(fn, args, consts, dev)), True
+    return path, fn, args, consts, n_sblk, False
 
 
 def launch(fake, op, R, C, reduce, dev, tag="") -> bool:
@@ -143,6 +146,7 @@ def launch(fake, op, R, C, reduce, dev, tag="") -> bool:
     what = "softmax" if op == "softmax" else "mean" if reduce else "none"
     print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {what:7} {path:8} {rec['name']:21} grid {grid:5} "
           f"(fits {fits:4}) cooperative={rec['cooperative']!s:5} num_ctas={rec['num_ctas']} regs {ck.n_regs:3} "
+          f"spills {ck.n_spills} "
           f"scratch {rec['scratch']}{tag}")
     return good
 
