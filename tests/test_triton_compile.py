@@ -28,11 +28,12 @@ def _has_cuda_tools() -> bool:
     return all((tools / t).exists() for t in ("ptxas", "cuobjdump", "nvdisasm"))
 
 
-needs_toolchain = pytest.mark.skipif(not _has_nvidia_backend() or not _has_cuda_tools(),
-                                     reason="this triton build has no NVIDIA backend or no ptxas / cuobjdump / nvdisasm")
+needs_toolchain = pytest.mark.skipif(
+    not _has_nvidia_backend() or not _has_cuda_tools(),
+    reason="this triton build has no NVIDIA backend or no ptxas / cuobjdump / nvdisasm")
 
 
-def _run(script: str, tmp_path, start: str) -> str:
+def _run(script: str, tmp_path, start: str) -> None:
     """Run tests/<script> without TRITON_INTERPRET; assert it printed ALL OK; its report from ``start`` on."""
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("TRITON_INTERPRET", None)
@@ -42,7 +43,6 @@ def _run(script: str, tmp_path, start: str) -> str:
     print(out.stdout[out.stdout.find(start):])   # the report (pytest -s)
     fails = "\n".join(line for line in out.stdout.splitlines() if line.startswith("FAIL"))
     assert out.returncode == 0 and "ALL OK" in out.stdout, fails[:4000] + out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
 
 
 @needs_toolchain
