@@ -85,18 +85,24 @@ def compile_one(fn, sig: dict, consts: dict, tag: str, num_warps: int = 8) -> bo
     return True
 
 
-def resources(ck) -> dict:
-    """registers, local memory (spills), shared memory, and the SASS of a compiled kernel."""
+def cubin_usage(cubin: bytes, sass: bool = False) -> dict:
+    """registers, stack, local memory (spills), shared memory of a cubin (cuobjdump), and
+    with ``sass`` its SASS listing (nvdisasm)."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
-            f.write(ck.asm["cubin"])
+            f.write(cubin)
         usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path],
-                              capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path],
+                                 capture_output=True, text=True, check=True).stdout if sass else ""
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    return dict(regs=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]), sass=sass)
+    return dict(regs=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]), sass=listing)
+
+
+def resources(ck) -> dict:
+    """cubin_usage of a compiled kernel, with its SASS."""
+    return cubin_usage(ck.asm["cubin"], sass=True)
 
 
 def loops(sass: str) -> list[int]:

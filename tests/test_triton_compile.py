@@ -1,7 +1,9 @@
 """The Triton kernels compile for sm_90 (H100/H200) with the real compiler,
-not only run in the CPU interpreter, and the production launch plans pass the
-static performance checks (see tests/_aot_compile.py).  No GPU needed: triton's wheel carries
-the NVIDIA toolchain (ptxas)."""
+not only run in the CPU interpreter, the production launch plans pass the
+static performance checks (see tests/_aot_compile.py), and their launches go
+through the installed Triton's JIT to a fake sm_90 launcher (tests/_launch_path.py).
+No GPU needed: triton's wheel carries the NVIDIA toolchain (ptxas).  Both checks
+take the path the installed Triton supports (clusters only where they compile)."""
 import os
 import subprocess
 import sys
@@ -26,17 +28,33 @@ def _has_cuda_tools() -> bool:
     return all((tools / t).exists() for t in ("ptxas", "cuobjdump", "nvdisasm"))
 
 
-@pytest.mark.skipif(not _has_nvidia_backend() or not _has_cuda_tools(),
-                    reason="this triton build has no NVIDIA backend or no ptxas / cuobjdump / nvdisasm")
+needs_toolchain = pytest.mark.skipif(
+    not _has_nvidia_backend() or not _has_cuda_tools(),
+    reason="this triton build has no NVIDIA backend or no ptxas / cuobjdump / nvdisasm")
+
+
+def _run(script: str, tmp_path, start: str) -> None:
+    """Run tests/<script> without TRITON_INTERPRET; assert it printed ALL OK; its report from ``start`` on."""
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("TRITON_INTERPRET", None)
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(here.parent / "src"), env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, str(here / script)], env=env, capture_output=True, text=True, timeout=900)
+    print(out.stdout[out.stdout.find(start):])   # the report (pytest -s)
+    fails = "\n".join(line for line in out.stdout.splitlines() if line.startswith("FAIL"))
+    assert out.returncode == 0 and "ALL OK" in out.stdout, fails[:4000] + out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@needs_toolchain
 def test_kernels_compile_for_sm90(tmp_path):
     """Every kernel variant compiles for sm_90, and the production plans at the benchmark
     shapes read the logits once, spill nothing and fit >= 2 CTAs per SM (tests/_aot_compile.py)."""
-    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    env.pop("TRITON_INTERPRET", None)
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root / "src"), env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, str(Path(__file__).with_name("_aot_compile.py"))], env=env,
-                         capture_output=True, text=True, timeout=900)
-    print(out.stdout[out.stdout.find("cluster reductions"):])   # the static-check table (pytest -s)
-    fails = "\n".join(line for line in out.stdout.splitlines() if line.startswith("FAIL"))
-    assert out.returncode == 0 and "ALL OK" in out.stdout, fails[:4000] + out.stdout[-3000:] + out.stderr[-3000:]
+    _run("_aot_compile.py", tmp_path, "cluster reductions")
+
+
+@needs_toolchain
+def test_launch_path_through_the_installed_triton(tmp_path):
+    """The production launches go through this Triton's JIT to a (fake) sm_90 launcher: the
+    cluster probe routes the plan, the cooperative grid fits, the flags reach the launcher
+    (tests/_launch_path.py)."""
+    _run("_launch_path.py", tmp_path, "cluster reductions")

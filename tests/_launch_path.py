@@ -1,0 +1,212 @@
+"""crossent's CUDA launches through the installed Triton's JIT, without a GPU.
+
+tests/_aot_compile.py compiles each kernel with ``triton.compile``; a CUDA call goes
+further: the JIT binds the arguments and keyword options (and refuses one it does
+not know), ``_grid.resident`` reads registers and shared memory off the compiled
+kernel to size a cooperative grid, and the launcher gets the cooperative flag and
+the cluster size from the kernel's metadata.  These are the APIs most likely to
+move between Triton releases (the GPU machine has 3.6, CI 3.9), so they are run
+here against a fake sm_90 device: Triton's active driver is replaced by one whose
+kernels compile for real (this Triton, its ptxas), whose module loading reports
+the cubin's real register count (cuobjdump), and whose launcher records each
+launch instead of running it; torch.cuda's device queries answer as an H100 SXM.
+Checked for bf16 cross-entropy forward+backward at the benchmark shapes and the
+softmax forward:
+  1. the cluster-reduction probe, reached as a CUDA call reaches it (the active
+     driver's target), routes the plan: 'cluster' only where this Triton compiles
+     the reduction, 'split' otherwise;
+  2. the cooperative grid is what fits on the device (<= 132 SMs x the CTAs per SM
+     that the cubin's registers and shared memory allow), and is launched with the
+     cooperative flag; a cluster plan reaches the launcher with its cluster size;
+  3. no launch needs Triton's runtime scratch allocator (none is set on the GPU).
+Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be
+unset when the kernels are imported).  Prints one line per launch, then ALL OK.
+``--sweep``: the same for every configuration of benchmarks/gpu_sweep.py instead.
+"""
+import contextlib
+import itertools
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import _aot_compile as A   # unsets TRITON_INTERPRET before triton is imported
+import torch
+import triton
+from triton.runtime import driver
+
+from crossent.backends.triton import _device, _grid, ce, softmax, split
+
+H100 = SimpleNamespace(name="fake H100 SXM (sm_90)", major=9, minor=0, multi_processor_count=A.SMS,
+                       regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=228 * 1024,
+                       max_threads_per_multi_processor=2048, total_memory=80 << 30)
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64, "i64": torch.int64,
+           "i32": torch.int32}
+
+
+class FakeSm90Driver:
+    """The parts of a Triton GPU driver that the JIT, CompiledKernel and crossent use."""
+
+    def __init__(self):
+        self.launches = []
+        self.utils = SimpleNamespace(load_binary=self._load_binary, unload_module=lambda module: None,
+                                     get_device_properties=lambda device: dict(
+                                         max_shared_mem=227 * 1024, multiprocessor_count=A.SMS))
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return A.TARGET
+
+    @staticmethod
+    def _load_binary(name, cubin, shared, device):
+        # (module, function, registers, spills, max threads per block), as cuModuleLoadData reports them
+        usage = A.cubin_usage(cubin)
+        return object(), object(), usage["regs"], usage["local"], 1024
+
+    def launcher_cls(self, src, metadata):
+        def launch(gx, gy, gz, stream, function, *args):
+            self.launches.append(dict(name=metadata.name, grid=(gx, gy, gz),
+                                      cooperative=metadata.launch_cooperative_grid, num_ctas=metadata.num_ctas,
+                                      scratch=getattr(metadata, "global_scratch_size", 0)
+                                      + getattr(metadata, "profile_scratch_size", 0)))
+        return launch
+
+
+def install_fake_device() -> FakeSm90Driver:
+    """Make the fake driver Triton's active one and torch.cuda's device queries answer as
+    an H100, for the rest of this process (a subprocess of the test: nothing to restore)."""
+    fake = FakeSm90Driver()
+    driver.set_active(fake)
+    torch.cuda.get_device_properties = lambda device=None: H100
+    torch.cuda.get_device_capability = lambda device=None: (H100.major, H100.minor)
+    torch.cuda.device = lambda device: contextlib.nullcontext()
+    for cache in (_device.num_sms, _device.cluster_reductions, _device.compiles_cluster_reduction):
+        cache.cache_clear()
+    ce.configure()   # fresh plans and resident counts
+    return fake
+
+
+def jit_args(fn, args: dict) -> tuple:
+    """The AOT argument set as JIT call arguments: a small CPU tensor per pointer (the
+    launcher is fake: nothing is read through it), ints and floats as they are."""
+    return tuple(torch.zeros(16, dtype=_DTYPES[args[n].dtype]) if isinstance(args[n], A.Ptr) else args[n]
+                 for n in fn.arg_names if n in args)
+
+
+def production(op: str, R: int, C: int, reduce: int, dev):
+    """(path, kernel, JIT args, constexprs and options, grid, cooperative) of bf16 (R, C)
+    cross-entropy forward+backward (``reduce`` as in ce._launch) or softmax forward, as
+    ce._launch, softmax.softmax_forward and split._run launch it on CUDA."""
+    flags = A.FLAG_SETS[0]
+    if op == "softmax":
+        path, kw = ce.row_path(True, C, True, dev), {}
+    else:
+        path, kw, n_sblk = ce._plan(1, R, C, C, 1, True, reduce, dev)
+    if path == "split":
+        p = split.plan(R, C, dev)
+        if op == "softmax":
+            fn, aot, extra = split._softmax_split_kernel, A.softmax_split_args(R, C), dict(LOG=False)
+        else:
+            fn, aot, extra = split._ce_split_kernel, A.split_args("bf16", False, R, C), dict(REDUCE=reduce, **flags)
+        args = jit_args(fn, aot)
+        consts = dict(BLOCK=p["BLOCK"], NSPLIT=p["NSPLIT"], NSPLIT_P2=p["NSPLIT_P2"], PREFETCH=p["PREFETCH"],
+                      STAGE=0, num_warps=p["num_warps"], **extra)
+        groups = min(R, max(1, _grid.resident(fn, args, consts, dev, split._SPLIT_CTAS) // p["NSPLIT"]))
+        return path, fn, args, consts, groups * p["NSPLIT"], True
+    if op == "softmax":
+        cfg, n_sblk = softmax._plan(1, C, R, C, 1)
+        if path == "cluster":
+            cfg, n_sblk = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}, R
+        fn = softmax._softmax_fwd_kernel
+        args = jit_args(fn, dict(x_ptr=A.Ptr("bf16"), y_ptr=A.Ptr("bf16"), S=R, C=C, sb=0, ss=C, sc=1,
+                                 n_sblk=n_sblk))
+        return path, fn, args, dict(cfg, LOG=False), n_sblk, False
+    fn = ce._ce_kernel
+    args = jit_args(fn, dict(A.fused_args("bf16", False, R, C), n_sblk=n_sblk, n_tiles=n_sblk))   # one batch
+    consts = dict(kw, REDUCE=reduce, STAGE=0, NEED_GRAD=True, **flags)
+    if reduce == 3:   # W behind a grid barrier: a cooperative launch of what fits
+        return path, fn, args, consts, min(n_sblk, _grid.resident(fn, args, consts, dev)), True
+    return path, fn, args, consts, n_sblk, False
+
+
+def launch(fake, op, R, C, reduce, dev, tag="") -> bool:
+    """Launch one production plan through the JIT; check what reached the launcher."""
+    path, fn, args, consts, grid, cooperative = production(op, R, C, reduce, dev)
+    fn[(grid,)](*args, launch_cooperative_grid=cooperative, **consts)
+    rec = fake.launches[-1]
+    ck = fn.warmup(*args, grid=(1,), launch_cooperative_grid=cooperative, **consts)
+    fits = A.SMS * A.ctas_per_sm(ck.n_regs, ck.metadata.shared, consts["num_warps"])
+    good = (rec["grid"] == (grid, 1, 1) and rec["cooperative"] == cooperative
+            and rec["num_ctas"] == consts.get("num_ctas", 1) and (path == "cluster") == (rec["num_ctas"] > 1)
+            and rec["scratch"] == 0 and (not cooperative or grid <= fits))
+    what = "softmax" if op == "softmax" else "mean" if reduce else "none"
+    print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {what:7} {path:8} {rec['name']:21} grid {grid:5} "
+          f"(fits {fits:4}) cooperative={rec['cooperative']!s:5} num_ctas={rec['num_ctas']} regs {ck.n_regs:3} "
+          f"spills {ck.n_spills} "
+          f"scratch {rec['scratch']}{tag}")
+    return good
+
+
+def expected_path(op, C, reduce, cluster) -> str:
+    """The design's route: one read; clusters only where they compile, and never for the mean's
+    forward (its W needs a grid barrier, which only a cooperative launch has)."""
+    np2 = triton.next_power_of_2(C)
+    if np2 <= ce._SINGLE_MAX:
+        return "single"
+    if cluster and (op == "softmax" or reduce == 0) and np2 <= ce._CLUSTER_CTAS * ce._CLUSTER_BLOCK:
+        return "cluster"
+    return "split"
+
+
+def sweep(fake, dev, cluster) -> bool:
+    """benchmarks/gpu_sweep.py's configurations, launched as the sweep launches them."""
+    from gpu_sweep import CE_SHAPES, SM_SHAPES, configs
+    ok = True
+    defaults = {k: getattr(split if hasattr(split, k) else ce, k) for _, kn in configs(True) for k in kn}
+    for label, knobs in configs(cluster):
+        ce.configure(**{**defaults, **knobs})
+        for op, (R, C) in [("cross_entropy", s) for s in CE_SHAPES] + [("softmax", s) for s in SM_SHAPES]:
+            try:
+                ok &= launch(fake, op, R, C, 0, dev, f"  [{label}]")
+            except Exception as e:  # noqa: BLE001 - the sweep reports a failing configuration and goes on
+                print(f"FAIL {R}x{C} {op} [{label}]: {type(e).__name__}: {str(e)[:300]}")
+                ok = False
+    ce.configure(**defaults)
+    return ok
+
+
+def main() -> int:
+    ok = True
+    dev = torch.device("cuda", 0)
+    fake = install_fake_device()
+    cluster = _device.cluster_reductions(dev)
+    here = _device.compiles_cluster_reduction(A.TARGET)
+    print(f"cluster reductions through the active driver: {cluster} (triton.compile for sm_90: {here})")
+    ok &= cluster == here
+    if not here:   # refused for the cluster, not for the probe itself: one CTA compiles
+        ok &= A.compile_one(_device._cluster_sum_probe, {"x_ptr": "*bf16", "out_ptr": "*fp32"}, {"BLOCK": 4096},
+                            "the cluster probe with num_ctas=1", num_warps=4)
+    if "--sweep" in sys.argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+        ok &= sweep(fake, dev, cluster)
+    else:
+        cases = [("cross_entropy", shape, reduce) for shape, reduce in
+                 itertools.product(A.BENCH_SHAPES + [(8192, 8192)], (3, 0))] + \
+                [("softmax", shape, 0) for shape in [(8192, 32000), (8192, 128256)]]
+        for op, (R, C), reduce in cases:
+            path = production(op, R, C, reduce, dev)[0]
+            if path != expected_path(op, C, reduce, cluster):
+                print(f"FAIL {R}x{C} {op} reduce={reduce}: path {path}, "
+                      f"expected {expected_path(op, C, reduce, cluster)}")
+                ok = False
+            ok &= launch(fake, op, R, C, reduce, dev)
+    print("ALL OK" if ok else "SOME FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
