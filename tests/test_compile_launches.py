@@ -124,3 +124,24 @@ def test_compiled_stats_and_second_backward(launches):
     x.grad = None
     out.loss.backward(torch.tensor(3.0))
     torch.testing.assert_close(x.grad, first * 1.5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_compiled_inplace_backward(launches, reduction):
+    """inplace_backward on the logits of a linear head: the forward writes the gradient into
+    them (crossent::ce_forward_fused_inplace), the backward's multiply reuses that buffer;
+    2 launches besides the head's two matmuls."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    h, w = torch.randn(6, 5, requires_grad=True), torch.randn(13, 5)
+    y = torch.randint(0, 13, (6,))
+    fn = torch.compile(lambda h, y: crossent.cross_entropy(h @ w.T, y, reduction=reduction, inplace_backward=True),
+                       fullgraph=True)
+    n, calls, loss = _count(fn, h, y, launches)
+    assert "torch.ops.crossent.ce_forward_fused_inplace" in calls
+    assert n - calls.count("extern_kernels.mm") <= 2, (calls, launches.triton)
+    hr = h.detach().requires_grad_()
+    ref = F.cross_entropy(hr @ w.T, y, reduction=reduction)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(h.grad, hr.grad)

@@ -43,11 +43,10 @@ def fuses_forward(backend: str, x: Tensor) -> bool:
 
 def _fused(opts: CEOptions, x: Tensor) -> bool:
     """Whether the forward runs the backend's one-launch forward: as the caller decided
-    in eager mode (opts.fused), and through the functional crossent::ce_forward_fused
-    while compiling.  There the caller's denom is formed by torch ops that the
-    compiler drops unless something reads it: the loss and gradient take the kernel's
-    own denominator.  (inplace_backward keeps the op that writes into x.)"""
-    return opts.fused or (_compiling() and not opts.inplace_backward and _backend_fuses(opts.backend, x))
+    in eager mode (opts.fused), and through crossent::ce_forward_fused(_inplace) while
+    compiling.  There the caller's denom is formed by torch ops that the compiler
+    drops unless something reads it: the loss and gradient take the kernel's own."""
+    return opts.fused or (_compiling() and _backend_fuses(opts.backend, x))
 
 
 def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
@@ -96,8 +95,11 @@ class CrossEntropyFunction(torch.autograd.Function):
                 x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                 opts.reduction, opts.out_dtype, precompute, opts.inplace_backward)
         if _fused(opts, x):
-            return _ops.ce_forward_fused(x, target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss,
-                                         opts.softcap, opts.reduction, opts.out_dtype, precompute, opts.backend)
+            args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                    opts.reduction, opts.out_dtype)
+            if precompute and opts.inplace_backward:
+                return (*_ops.ce_forward_fused_inplace(x, *args, opts.backend), x.new_empty(0))
+            return _ops.ce_forward_fused(x, *args, precompute, opts.backend)
         # The gradient baked into the forward is that of loss * 1 upstream.
         args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                 _scale(denom, opts))
@@ -143,10 +145,11 @@ class CrossEntropyFunction(torch.autograd.Function):
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            if _compiling() and not opts.inplace_backward:
+            if _compiling():
                 # The compiled backward is functional: rescaling the saved buffer in place
                 # would cost a copy of it first (inductor clones a mutated graph input it
-                # cannot write back), so one out-of-place multiply, fp32 as the kernel's.
+                # cannot write back), so one multiply, in fp32 as the kernel's, which
+                # inductor writes into that buffer when nothing else holds it.
                 return (grad.to(ctx.acc) * g.to(ctx.acc)).to(grad.dtype), None, None, None, None, None
             _ops.rescale_(grad, g if ctx.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
             return grad, None, None, None, None, None
