@@ -58,8 +58,8 @@ def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, 
     return x.new_empty(rows, dtype=acc_dtype(x.dtype)), x.new_empty(rows, dtype=acc_dtype(x.dtype)), grad
 
 
-def _fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype, need_grad,
-           backend, inplace):
+def _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
+                   need_grad, backend, inplace):
     denom = x.new_empty((), dtype=acc_dtype(x.dtype))   # the kernel's scratch for the mean's denominator
     return backends.load(backend).ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing,
                                                    z_loss, softcap, reduction, out_dtype, need_grad, inplace)
@@ -72,7 +72,7 @@ def ce_forward_fused(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore
     """(loss in out_dtype: 0-d, or rows for 'none'; lse rows; the gradient of loss * 1
     or empty): the whole forward in one launch, mean's denominator included, for
     backends whose fuses_forward(x) holds."""
-    return _fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
+    return _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
                   need_grad, backend, False)
 
 
@@ -89,8 +89,8 @@ def ce_forward_fused_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor]
                              label_smoothing: float, z_loss: float, softcap: float, reduction: str,
                              out_dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
     """Like ce_forward_fused for 'mean' / 'sum' with the gradient, which overwrites x (opt-in)."""
-    loss, lse, _ = _fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
-                          out_dtype, True, backend, True)
+    loss, lse, _ = _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                                  out_dtype, True, backend, True)
     return loss, lse
 
 
