@@ -148,3 +148,19 @@ def test_compiled_inplace_backward(launches, reduction):
     ref.backward()
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(h.grad, hr.grad)
+
+
+def test_compiled_under_autocast(launches):
+    """autocast around the compiled call: eager's values and gradient (cross_entropy runs in
+    fp32 under CPU autocast, as torch's; the cast is autocast's, outside the count)."""
+    torch._dynamo.reset()
+    x, y, kw = _inputs(VARIANTS["smooth"], 6, 13, torch.bfloat16)
+    fn = torch.compile(lambda x, y: crossent.cross_entropy(x, y, **kw), fullgraph=True)
+    out = []
+    for f in (fn, lambda x, y: crossent.cross_entropy(x, y, **kw)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = f(x, y)
+        loss.backward()
+        out.append((loss, x.grad))
+        x.grad = None
+    torch.testing.assert_close(out[0], out[1])
