@@ -13,7 +13,8 @@ counted as one here; the test checks that every STAGE 1 launch is followed by it
 STAGE 2.  The two checks crossent makes only on CPU tensors, where reading a value
 costs no host sync (the target bounds, a finite upstream gradient), are switched
 off as they are on CUDA.  The autograd engine's seed (``ones`` for ``loss.backward()``) is made by
-the test outside the count: it is torch's launch, not crossent's.
+the test outside the count: it is torch's launch, not crossent's.  The torch.compile path is
+counted in tests/test_compile_launches.py.
 """
 import os
 

@@ -58,6 +58,47 @@ def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, 
     return x.new_empty(rows, dtype=acc_dtype(x.dtype)), x.new_empty(rows, dtype=acc_dtype(x.dtype)), grad
 
 
+def _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
+                   need_grad, backend, inplace):
+    denom = x.new_empty((), dtype=acc_dtype(x.dtype))   # the kernel's scratch for the mean's denominator
+    return backends.load(backend).ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing,
+                                                   z_loss, softcap, reduction, out_dtype, need_grad, inplace)
+
+
+@_op("ce_forward_fused")
+def ce_forward_fused(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                     label_smoothing: float, z_loss: float, softcap: float, reduction: str,
+                     out_dtype: torch.dtype, need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss in out_dtype: 0-d, or rows for 'none'; lse rows; the gradient of loss * 1
+    or empty): the whole forward in one launch, mean's denominator included, for
+    backends whose fuses_forward(x) holds."""
+    return _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
+                  need_grad, backend, False)
+
+
+@ce_forward_fused.op.register_fake
+def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype, need_grad,
+      backend):
+    loss = x.new_empty(_rows(x) if reduction == "none" else (), dtype=out_dtype)
+    grad = x.new_empty(x.shape) if need_grad else x.new_empty(0)
+    return loss, x.new_empty(_rows(x), dtype=acc_dtype(x.dtype)), grad
+
+
+@_op("ce_forward_fused_inplace", mutates_args=("x",))
+def ce_forward_fused_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                             label_smoothing: float, z_loss: float, softcap: float, reduction: str,
+                             out_dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
+    """Like ce_forward_fused for 'mean' / 'sum' with the gradient, which overwrites x (opt-in)."""
+    loss, lse, _ = _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                                  out_dtype, True, backend, True)
+    return loss, lse
+
+
+@ce_forward_fused_inplace.op.register_fake
+def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype, backend):
+    return x.new_empty((), dtype=out_dtype), x.new_empty(_rows(x), dtype=acc_dtype(x.dtype))
+
+
 @_op("ce_forward_inplace", mutates_args=("x",))
 def ce_forward_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                        label_smoothing: float, z_loss: float, softcap: float, scale: Tensor,

@@ -29,10 +29,24 @@ class CEOptions:
     fused: bool = False
 
 
-def fuses_forward(backend: str, x: Tensor) -> bool:
-    """Whether ``backend`` computes the forward of x in one launch (triton; eager only)."""
+def _backend_fuses(backend: str, x: Tensor) -> bool:
     fuses = getattr(backends.load(backend), "fuses_forward", None)
-    return fuses is not None and not _compiling() and fuses(x)
+    return fuses is not None and fuses(x)
+
+
+def fuses_forward(backend: str, x: Tensor) -> bool:
+    """Whether ``backend`` computes the forward of x in one launch (triton) and fills
+    the caller's denom buffer: eager mode only, where a kernel may write into a
+    buffer.  While compiling, see _fused."""
+    return not _compiling() and _backend_fuses(backend, x)
+
+
+def _fused(opts: CEOptions, x: Tensor) -> bool:
+    """Whether the forward runs the backend's one-launch forward: as the caller decided
+    in eager mode (opts.fused), and through crossent::ce_forward_fused(_inplace) while
+    compiling.  There the caller's denom is formed by torch ops that the compiler
+    drops unless something reads it: the loss and gradient take the kernel's own."""
+    return opts.fused or (_compiling() and _backend_fuses(opts.backend, x))
 
 
 def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
@@ -80,6 +94,12 @@ class CrossEntropyFunction(torch.autograd.Function):
             return backends.load(opts.backend).ce_forward_fused(
                 x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                 opts.reduction, opts.out_dtype, precompute, opts.inplace_backward)
+        if _fused(opts, x):
+            args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
+                    opts.reduction, opts.out_dtype)
+            if precompute and opts.inplace_backward:
+                return (*_ops.ce_forward_fused_inplace(x, *args, opts.backend), x.new_empty(0))
+            return _ops.ce_forward_fused(x, *args, precompute, opts.backend)
         # The gradient baked into the forward is that of loss * 1 upstream.
         args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                 _scale(denom, opts))
@@ -96,6 +116,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         _, lse, grad = output
         ctx.opts = opts
         ctx.acc = lse.dtype
+        ctx.fused = _fused(opts, x)
         ctx.grad = None
         if need_grad and opts.reduction != "none":
             # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
@@ -124,10 +145,16 @@ class CrossEntropyFunction(torch.autograd.Function):
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            _ops.rescale_(grad, g if opts.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
+            if _compiling():
+                # The compiled backward is functional: rescaling the saved buffer in place
+                # would cost a copy of it first (inductor clones a mutated graph input it
+                # cannot write back), so one multiply, in fp32 as the kernel's, which
+                # inductor writes into that buffer when nothing else holds it.
+                return (grad.to(ctx.acc) * g.to(ctx.acc)).to(grad.dtype), None, None, None, None, None
+            _ops.rescale_(grad, g if ctx.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
             return grad, None, None, None, None, None
         x, target, weight, lse, denom = ctx.saved_tensors
-        if not (opts.fused and opts.reduction == "none"):
+        if not (ctx.fused and opts.reduction == "none"):
             g = g.to(lse.dtype)
         if x is None:
             raise RuntimeError(

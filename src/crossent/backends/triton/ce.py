@@ -474,8 +474,10 @@ def ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap
 
 
 def fuses_forward(x) -> bool:
-    """Whether ce_forward_fused runs x (what ce_forward leaves to the portable backend, it does not)."""
-    return x.dtype != torch.float64 and x.numel() > 0 and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    """Whether ce_forward_fused runs x (what ce_forward leaves to the portable backend, it does not).
+    While torch.compile traces, x is no functorch wrapper (and Dynamo cannot ask)."""
+    return x.dtype != torch.float64 and x.numel() > 0 and (
+        torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss, softcap,
