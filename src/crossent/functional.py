@@ -305,7 +305,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     if red == "none":
         loss = loss.reshape(none_shape)
     elif red == "sum" and eps > 0 and not prob and x.shape[1] == 0:
-        loss = loss + float("nan")  # torch's smoothing term: eps / C = inf times an empty sum
+        # torch's smoothing term: eps / C = inf times an empty sum.  A 0-d tensor, not a
+        # Python float: torch 2.13's forward AD gives 0-d + float an fp64 tangent
+        loss = loss + loss.new_tensor(float("nan"))
     zt = _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(out_dtype) if stats else loss
     return CrossEntropyOutput(loss, lse, zt)
 
