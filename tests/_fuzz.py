@@ -43,6 +43,10 @@ And for values:
      0..255 that some target equals after wrapping to uint8, where torch
      computes: its smoothing term compares in uint8 and drops that target;
      torch's side reruns with int64 targets, which compare exactly (README 11).
+  10. a linear loss of fp16/bf16 operands: torch rounds its logits to that
+     dtype before the loss, as crossent does; torch's own error in the loss is
+     at least that of the float64 loss of its rounded logits (its later
+     roundings can cancel that one by luck in a single draw).
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,
@@ -241,7 +245,7 @@ def _in_library(filename: str) -> bool:
 def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
     """Outcome of case ``s`` on one side: error, outputs, gradients, warnings.
     ``fixes``: the workarounds torch's side runs with (TORCH_FAILURES)."""
-    m = materialize(s, side)
+    m = materialize(s, "ref" if side == "logits" else side)
     leaves, views, kw = m["leaves"], m["views"], m["kw"]
     t = leaves.get("target")
     if "long_targets" in fixes and t is not None and t.dtype in (torch.int32, torch.uint8):
@@ -252,7 +256,7 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
         views["target"] = lambda x, v=views["target"]: v(x).reshape(())
     if "flat_weight" in fixes and "weight" in views:
         views["weight"] = lambda w, v=views["weight"]: v(w).reshape(-1)
-    mode = s["grad"]
+    mode = s["grad"] if side != "logits" else "no_grad"
     names = [] if mode in ("no_input_grad", *FUNC_MODES) else _grad_names(s, leaves)
     for n in names:
         leaves[n].requires_grad_(True)
@@ -269,7 +273,8 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
                 out = _func(s, side == "ours", leaves, views, kw, res)
             else:
                 with ctx():
-                    out = _call(s, side == "ours", {n: views[n](leaf) for n, leaf in leaves.items()}, kw)
+                    a = {n: views[n](leaf) for n, leaf in leaves.items()}
+                    out = _call(s, side == "ours", _rounded_logits(s, a) if side == "logits" else a, kw)
             outs = out if isinstance(out, tuple) else (out,)
             res["outs"] = [o.detach() for o in outs]
             res["requires_grad"] = [o.requires_grad for o in outs]
@@ -391,6 +396,40 @@ def _fp64_own_errors(s: dict, theirs: dict, fixes) -> dict:
                 both = torch.isfinite(t) & torch.isfinite(r.to(t.dtype))
                 est[k] = max(est.get(k, 0.0), _tol._err(t[both], r[both]) * scale)
     return est
+
+
+def _linear_family(s: dict) -> bool:
+    return s["fn"] == "linear" or s.get("module") == "LinearCrossEntropyLoss" or bool(s.get("linear"))
+
+
+def _rounded_logits(s: dict, a: dict) -> dict:
+    """The float64 call arguments ``a`` of a linear loss, with the logits torch
+    computes in the case's dtype (upcast) as hidden states and an identity
+    projection: the exact loss of torch's rounded logits."""
+    m = materialize(s, "torch")
+    h, W = (m["views"][n](m["leaves"][n]) for n in ("input", "linear_weight"))
+    b = m["views"]["linear_bias"](m["leaves"]["linear_bias"]) if "linear_bias" in m["leaves"] else None
+    z = F.linear(h, W, b).double()
+    rest = {n: v for n, v in a.items() if n != "linear_bias"}
+    return {**rest, "input": z, "linear_weight": torch.eye(W.shape[0], dtype=torch.float64)}
+
+
+def _logit_rounding_error(s: dict, ref: dict, fixes) -> dict:
+    """A linear loss of fp16/bf16 operands: torch rounds its logits to that
+    dtype before the loss, an error crossent shares (it computes the loss of
+    the same rounded logits).  Torch's later roundings can cancel it by luck in
+    one draw (seed 87616038, bf16 with fp32 targets: torch 0.0029, the loss of
+    its rounded logits 0.0385; over 300 draws crossent's median error 0.022,
+    torch's 0.026), so torch's own error in the loss is at least this one:
+    the float64 loss of torch's rounded logits against the reference."""
+    if not _linear_family(s) or s["dtype"] not in ("float16", "bfloat16") or \
+            s["grad"] in (*FUNC_MODES, "autocast"):
+        return {}
+    r = run(s, "logits", fixes)
+    if r["error"]:  # a mutation torch's F.linear rejects
+        return {}
+    err = _tol._err(r["outs"][0], ref["outs"][0])
+    return {"output 0": err} if err < float("inf") else {}
 
 
 def _batch_dims_shape_error(s: dict, ours: dict, theirs: dict) -> bool:
@@ -521,6 +560,9 @@ def check(s: dict) -> str | None:
     if ref is not None and ref["error"]:
         return f"fuzz harness: the float64 torch run failed: {ref['error']}"
     own_errors = _fp64_own_errors(s, theirs, fixes) if ref is not None else {}
+    if ref is not None:
+        for k, e in _logit_rounding_error(s, ref, fixes).items():
+            own_errors[k] = max(own_errors.get(k, 0.0), e)
     return compare(s, ours, theirs, ref, own_errors)
 
 
