@@ -374,3 +374,54 @@ def test_fuzz_linear_low_precision_logit_rounding_is_torchs_own_error(monkeypatc
     exact = crossent.linear_cross_entropy
     monkeypatch.setattr(crossent, "linear_cross_entropy", lambda *a, **kw: exact(*a, **kw) + 10 * err)
     assert "output 0: error" in _fuzz.check(_BF16_LINEAR_SPEC)
+
+
+@pytest.mark.parametrize("mutation, torch_first", [
+    ("weight_numel", "weight tensor should be defined either for all"),
+    ("prob_int", "Expected floating point type for target with class probabilities")])
+def test_linear_prob_target_checks_before_smoothing_range(mutation, torch_first):
+    """torch's cross_entropy checks a probability target (its dtype, the class
+    weight's size) before label_smoothing's range; linear_cross_entropy
+    checked the range first (class indices: the range first, as torch)."""
+    g = torch.Generator().manual_seed(9)
+    h, W = torch.randn(4, 5, generator=g), torch.randn(13, 5, generator=g)
+    t = torch.rand(4, 13, generator=g)
+    w = torch.rand(14 if mutation == "weight_numel" else 13, generator=g)
+    t = t.round().long() if mutation == "prob_int" else t
+    outcomes = [_outcome(lambda: fn(h, W, t, weight=w, label_smoothing=1.5))
+                for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy)]
+    assert outcomes[0] == outcomes[1] and torch_first in outcomes[1][1]
+    ti = torch.tensor([0, 3, 12, 1])
+    outcomes = [_outcome(lambda: fn(h, W, ti, weight=w, label_smoothing=1.5))
+                for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy)]
+    assert outcomes[0] == outcomes[1]
+
+
+def test_fuzz_uint8_smoothing_rule_after_scalar_target_rule():
+    """A (1,) uint8 target of a (C,) input with label smoothing: torch fails
+    until the judge makes it 0-d (rule 3), then computes with the uint8 target,
+    whose smoothing term drops a class equal to the wrapped ignore_index
+    (2**40 -> 0): rule 9 (its int64 rerun) must apply after rule 3 too."""
+    import _fuzz
+    spec = {"fn": "stats", "backend": "torch", "seed": 905287559, "dtype": "bfloat16", "shape": [13],
+            "layout": "contig", "values": "normal", "grad": "backward", "upstream": "randn", "target": "index",
+            "target_dtype": "uint8", "ignore": "big", "target_shape_1": True, "target_layout": "contig",
+            "weight": None, "reduction": "sum", "label_smoothing": 0.3, "softcap": 30.0}
+    assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fuzz_linear_autocast_floor_in_bf16_ulps(backend):
+    """Under autocast(bf16) a linear loss's gradients are bf16-rounded values in
+    fp32 leaves; torch's one-draw error can be a fraction of an ulp, and
+    crossent's (precomputed for a unit upstream, then rescaled) one more
+    rounding: the judge counts the floor in bf16 ulps (rule 11), not fp32's."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": backend, "seed": 1228529905, "dtype": "float32", "shape": [4, 11],
+            "classes": 3, "bias": True, "layout": "expanded", "values": "normal", "grad": "autocast",
+            "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "some",
+            "target_layout": "contig", "weight": "pos", "weight_layout": "contig", "reduction": "sum"}
+    if backend == "triton":
+        pytest.importorskip("triton")
+    assert _fuzz.check(spec) is None
+    assert _fuzz._autocast_rounding({**spec, "grad": "backward"}, torch.zeros(1)) is None
