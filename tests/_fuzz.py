@@ -47,8 +47,9 @@ And for values:
      dtype before the loss, as crossent does; torch's own error in the loss is
      at least that of the float64 loss of its rounded logits (its later
      roundings can cancel that one by luck in a single draw).
-  11. a linear loss under autocast(bf16): its matmuls round to bf16, so the
-     floor's few ulps are bf16's, as for bf16 operands.
+  11. a linear loss under autocast(bf16), or softmax with a narrower dtype
+     argument: its values are rounded to that dtype, so the floor's few ulps
+     are that dtype's, as for operands of it.
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,
@@ -436,14 +437,20 @@ def _logit_rounding_error(s: dict, ref: dict, fixes) -> dict:
     return {"output 0": err} if err < float("inf") else {}
 
 
-def _autocast_rounding(s: dict, t: torch.Tensor) -> torch.dtype | None:
-    """Rule 11: under autocast(bf16) a linear loss's matmuls run in bf16, so its
-    fp32/fp16 loss, gradients and hidden-state gradients are bf16-rounded values
-    (gradients rounded twice where crossent precomputes them for a unit upstream
-    and rescales).  torch's one-draw error there can be a fraction of a bf16 ulp
-    (seed 1228529905: 0.18 ulp), below what four times it allows."""
-    lowp = s["grad"] == "autocast" and _linear_family(s) and t.dtype in (torch.float32, torch.float16)
-    return torch.bfloat16 if lowp else None
+def _rounded_to(s: dict, t: torch.Tensor) -> torch.dtype | None:
+    """Rule 11: the narrower dtype that result ``t``'s values went through.
+    Under autocast(bf16) a linear loss's matmuls run in bf16, so its fp32/fp16
+    loss and gradients are bf16-rounded values (gradients rounded twice where
+    crossent precomputes them for a unit upstream and rescales); softmax's
+    dtype argument computes in that dtype, gradients too.  torch's one-draw
+    error there can be a fraction of an ulp of it (seed 1228529905: 0.18 ulp),
+    below what four times it allows."""
+    if s["grad"] == "autocast" and _linear_family(s) and t.dtype in (torch.float32, torch.float16):
+        return torch.bfloat16
+    narrow = getattr(torch, s.get("dtype_arg") or s["dtype"])
+    if s["fn"] in ("softmax", "log_softmax") and torch.finfo(narrow).eps > torch.finfo(t.dtype).eps:
+        return narrow
+    return None
 
 
 def _batch_dims_shape_error(s: dict, ours: dict, theirs: dict) -> bool:
@@ -511,7 +518,7 @@ def compare(s: dict, ours: dict, theirs: dict, ref: dict, own_errors: dict) -> s
             keep = torch.isnan(t) & torch.isfinite(o)  # rule 8
             t, r_all[k] = torch.where(keep, o, t), torch.where(keep, o.to(r.dtype), r)
         msg = t is not None and _close(o, t, r_all[k], k, own_errors.get(k, 0.0), theirs["terms"].get(k, 1),
-                                       _autocast_rounding(s, t))
+                                       _rounded_to(s, t))
         if msg:
             return msg
     return None
