@@ -431,7 +431,8 @@ def test_fuzz_softmax_dtype_argument_floor_in_its_ulps():
     """softmax(x64, dtype=float16): the gradient is fp64 but computed in fp16;
     the judge counts the floor in fp16 ulps (rule 11), not fp64's."""
     import _fuzz
-    spec = {"fn": "softmax", "backend": "torch", "seed": 1198306354, "dtype": "float64", "shape": [13],
+    pytest.importorskip("triton")
+    spec = {"fn": "softmax", "backend": "triton", "seed": 1198306354, "dtype": "float64", "shape": [13],
             "layout": "contig", "values": "normal", "grad": "double", "upstream": "randn", "dim": 0,
             "dtype_arg": "float16"}
     assert _fuzz._rounded_to(spec, torch.zeros(1, dtype=torch.float64)) is torch.float16
