@@ -438,3 +438,34 @@ def test_fuzz_softmax_dtype_argument_floor_in_its_ulps():
     assert _fuzz._rounded_to(spec, torch.zeros(1, dtype=torch.float64)) is torch.float16
     assert _fuzz._rounded_to({**spec, "dtype_arg": "float64"}, torch.zeros(1, dtype=torch.float64)) is None
     assert _fuzz.check(spec) is None
+
+
+def test_vocab_parallel_second_order_saturated_rows():
+    """The vocab-parallel double backward formed the softmax as exp(z - M - log s),
+    whose autograd graph splits softmax's backward into two branches that
+    cancel in a saturated row (logits ~300): with z_loss its fp32 second
+    derivatives were 10x torch's error.  The fuzz's case (seed 492532392), for
+    the linear head by the judge, and for its logits against torch's
+    composition (the z term from torch's ops, tests/_fuzz.py) and its float64 run."""
+    import _fuzz
+    from crossent import distributed as D
+    _fuzz.init_single_process()
+    spec = {"fn": "vocab_parallel", "backend": "torch", "seed": 492532392, "dtype": "float32", "linear": True,
+            "shape": [4, 97], "classes": 97, "bias": True, "layout": "contig", "values": "normal", "grad": "double",
+            "upstream": "randn", "target": "prob", "target_dtype": "float32", "prob_values": "rand",
+            "ignore_index": -100, "target_layout": "contig", "weight": None, "reduction": "none", "z_loss": 1e-4}
+    assert _fuzz.check(spec) is None
+    leaves = _fuzz.materialize(spec, "ref")["leaves"]
+    x = F.linear(leaves["input"], leaves["linear_weight"], leaves["linear_bias"])  # rows saturated: max ~300
+    t = leaves["target"]
+    g = torch.Generator().manual_seed(1)
+    u, v = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(x.shape, generator=g, dtype=torch.float64)
+
+    def second(fn, dt):
+        xx = x.to(dt).requires_grad_()
+        (gx,) = torch.autograd.grad(fn(xx, t.to(dt), reduction="none", z_loss=1e-4), xx, u.to(dt), create_graph=True)
+        return torch.autograd.grad(gx, xx, v.to(dt))[0]
+
+    ours = second(lambda *a, **kw: D.vocab_parallel_cross_entropy(*a, **kw), torch.float32)
+    theirs, ref = (second(_fuzz.torch_ce, dt) for dt in (torch.float32, torch.float64))
+    assert_close_to_ref(ours, theirs, ref)
