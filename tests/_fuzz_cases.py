@@ -321,7 +321,9 @@ def _mutate(m, leaves, views, kw, C, dtype, side, g) -> None:
     elif m == "target_int16" and index:
         leaves["target"] = t.to(torch.int16)
     elif m == "target_float" and index:
-        leaves["target"] = t.to(torch.float32)
+        # float64 on the reference side, as every float tensor there (after prob_int it is a valid
+        # probability target, whose smoothed form torch rounds to the target's dtype)
+        leaves["target"] = t.to(torch.float32 if side != "ref" else torch.float64)
     elif m in ("target_batch", "target_spatial") and t is not None and t.dim():
         d = t.dim() - 1 if m == "target_spatial" else 0
         leaves["target"] = torch.cat([t, t.narrow(d, 0, min(1, t.shape[d]))], d) if t.shape[d] else \

@@ -299,7 +299,9 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
     loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
     if red == "sum" and eps > 0 and not prob and x.shape[1] == 0:
-        loss = loss + float("nan")  # torch's smoothing term: eps / C = inf times an empty sum
+        # torch's smoothing term: eps / C = inf times an empty sum.  A 0-d tensor, not a
+        # Python float: torch 2.13's forward AD gives 0-d + float an fp64 tangent
+        loss = loss + loss.new_tensor(float("nan"))
     if red != "none" and not stats:   # cross_entropy: only the loss is used (no reshape to pay for)
         return CrossEntropyOutput(loss, lse, loss)
     # 1-D input: a 0-d loss, also for a (1,) target (as torch)

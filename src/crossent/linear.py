@@ -56,7 +56,7 @@ from . import _validate as V
 from . import backends, reference
 from ._autograd import LinearCEOptions, LinearCrossEntropyFunction
 from ._linear_ops import acc_dtype, vocab_tiles
-from .functional import (CrossEntropyOutput, _ce_options, _cross_entropy, _denominator,
+from .functional import (CrossEntropyOutput, _ce_options, _cross_entropy, _denominator, _smoothing_range,
                          _z_term)
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_stats", "linear_cross_entropy_plan",
@@ -338,7 +338,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     # cross_entropy's checks, on a meta tensor of the logits' shape.
     red = V.reduction(None, None, reduction)
     ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5)
-    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap)
+    eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap, check_range=False)  # in torch's order below
     if shift:
         input_x = input
         batch = batch[:-1] + (batch[-1] - 1,)
@@ -354,8 +354,11 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     t_chk = target if nd <= 1 else target.reshape(-1, C) if prob else target.reshape(-1)
     if prob:
         V.prob_target(meta, t_chk, weight, ignore_index)
+    else:
+        _smoothing_range(eps)
     V.floating_input(meta, V.softmax_kernel(True, 0 if meta.dim() == 1 else 1, meta.dim()))
     if prob:
+        _smoothing_range(eps)
         out_dtype = torch.result_type(meta, target)
         if weight is not None:
             out_dtype = torch.promote_types(out_dtype, weight.dtype)

@@ -19,9 +19,10 @@ from .ce import (CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickF
 from .linear import LinearCEOptions, LinearCrossEntropyFunction
 from .logprobs import (LinearLogProbsFunction, LogProbsFunction, LogProbsOptions, VocabParallelLinearLogProbsFunction,
                        VocabParallelLogProbsFunction, lp_coeffs)
-from .vocab_parallel import VocabParallelCrossEntropyFunction, VocabParallelLinearCrossEntropyFunction
+from .vocab_parallel import (GlobalSoftmaxFunction, VocabParallelCrossEntropyFunction,
+                             VocabParallelLinearCrossEntropyFunction)
 
-__all__ = ["CEOptions", "CrossEntropyFunction", "CrossEntropyJvpFunction", "LinearCEOptions",
+__all__ = ["CEOptions", "CrossEntropyFunction", "CrossEntropyJvpFunction", "GlobalSoftmaxFunction", "LinearCEOptions",
            "LinearCrossEntropyFunction", "LinearLogProbsFunction", "LogProbsFunction", "LogProbsOptions",
            "PickFunction", "SoftmaxFunction", "VocabParallelCrossEntropyFunction",
            "VocabParallelLinearCrossEntropyFunction", "VocabParallelLinearLogProbsFunction",

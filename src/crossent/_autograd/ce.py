@@ -186,6 +186,9 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         rows = (dx.to(lse.dtype) * tx.to(lse.dtype)).sum(1)
         if not target.is_floating_point():  # ignored rows: 0, as torch's masked nll tangent, even for NaN logits
             rows = torch.where(not_ignored(target, opts.ignore_index), rows, 0.0)
+            if opts.label_smoothing > 0 and x.shape[1] == 0:
+                # no classes: torch's eps / C = inf times the smoothing sum's tangent 0, in every row
+                rows = torch.full_like(rows, float("nan"))
         loss_t = rows.sum() * _scale(denom, opts) if opts.reduction != "none" else rows
         return loss_t.to(opts.out_dtype), None, None
 

@@ -20,6 +20,36 @@ def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
 
 
+class GlobalSoftmaxFunction(torch.autograd.Function):
+    """(z, shift, s, group, world) -> exp(z - shift) / s: the softmax over dim 1
+    of every rank's classes, s the all-reduced sum of exp(z - shift) (its path
+    is in this backward, so s gets no gradient), for ShardMath.grad_graph.
+
+    The backward is torch.softmax's, p * (g - sum(g * p)) with the sum over
+    every rank's classes: one subtraction, then the product.  Autograd's graph
+    of exp(z - shift - log s) adds two separately rounded branches instead,
+    p * g and -exp(z - shift) * sum(g * p) / s, which cancel in a saturated row
+    (fp32 second derivatives at 10x torch's error for logits ~300)."""
+
+    @staticmethod
+    def forward(z: Tensor, shift: Tensor, s: Tensor, group, world: int) -> Tensor:
+        return torch.exp(z - shift) / s
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.group, ctx.world = inputs[3], inputs[4]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (p,) = ctx.saved_tensors
+        dot = (g * p).sum(1, keepdim=True)
+        if ctx.world > 1:
+            from torch.distributed.nn.functional import all_reduce
+            dot = all_reduce(dot, group=ctx.group)
+        return p * (g - dot), None, None, None, None
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """(x_shard, target, weight, opts, group, vocab_start_index) -> loss.
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validate as V
+from .._autograd.vocab_parallel import GlobalSoftmaxFunction
 from ..backends.base import wide_dtype
 from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
 from ..functional import _ce_checks, _class_denominator, _weight_at
@@ -418,7 +419,7 @@ class ShardMath:
             from torch.distributed.nn.functional import all_reduce
             s = all_reduce(s, group=group)
         logS = _col(torch.log(s))
-        p = torch.exp(z - M - logS)
+        p = GlobalSoftmaxFunction.apply(z, M, _col(s), group, world)  # torch.softmax's backward
         sc = scale if scale.dim() == 0 else _col(scale)
         wl = None if self.w is None else self._wl()
         # d loss / d log p per class, scaled before the classes meet, then

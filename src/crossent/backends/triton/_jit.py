@@ -96,15 +96,13 @@ def _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
     # dz = scale*(p*A - B) as dz = p*a2 - [c == y]*b2 - wt*c2, with every row-uniform
     # factor folded into the three scalars, so a tile costs two multiplies per element.
     # A: sum_c w_c t'_c (probabilities), or (1-eps) w[y] + eps/C sum(w) (class index;
-    # p1 = sum(w) when smoothing); + 2 zl lse.
+    # p1 = sum(w) when smoothing); + 2 zl lse, scaled apart (below).
     if PROB:
         a = p1
     else:
         a = one_m_eps * wy
         if SMOOTH:
             a += eps_over_c * p1
-    if HAS_ZL:
-        a += 2.0 * z_loss * (ms + logs)
     if PROB:
         f = sc
         b2 = 0.0 * sc
@@ -115,7 +113,12 @@ def _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
         f = tl.where(valid, tl.where(inb, sc, float("nan")), 0.0)
         b2 = f * (one_m_eps * wy)
         c2 = f * eps_over_c
-    return f * a, b2, c2
+    a2 = f * a
+    if HAS_ZL:
+        # scaled apart, as torch's chain rule adds the two terms: an infinite scale
+        # (1/W for W == 0) times a zero cross-entropy part is NaN, not the z part's inf
+        a2 += f * (2.0 * z_loss * (ms + logs))
+    return a2, b2, c2
 
 
 @triton.jit
