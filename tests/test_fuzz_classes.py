@@ -469,3 +469,17 @@ def test_vocab_parallel_second_order_saturated_rows():
     ours = second(lambda *a, **kw: D.vocab_parallel_cross_entropy(*a, **kw), torch.float32)
     theirs, ref = (second(_fuzz.torch_ce, dt) for dt in (torch.float32, torch.float64))
     assert_close_to_ref(ours, theirs, ref)
+
+
+def test_fuzz_linear_logit_rounding_where_torch_overflows():
+    """fp16 logits near 1e4 (an ulp of 8): torch's loss overflows to inf where
+    float64's is finite (rule 5), and crossent's finite loss of the same rounded
+    logits is 48 off float64, beyond 8 ulps of it: the rounded logits' error
+    (rule 10) counts there too."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": 1327735806, "dtype": "float16", "shape": [6, 64, 1],
+            "classes": 31, "bias": True, "layout": "contig", "values": "offset1e4", "grad": "backward",
+            "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "big",
+            "target_layout": "contig", "weight": "zero_some", "weight_layout": "contig", "reduction": "sum",
+            "label_smoothing": 0.1}
+    assert _fuzz.check(spec) is None
