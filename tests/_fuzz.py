@@ -459,10 +459,16 @@ def _rounded_to(s: dict, t: torch.Tensor) -> torch.dtype | None:
 def _batch_dims_shape_error(s: dict, ours: dict, theirs: dict) -> bool:
     """Rule 6 for errors: a target that does not fit hidden states with batch
     dims gets crossent's own message where torch's flattened call fails (its
-    batch sizes differ, or a flattened class target has 2 dims)."""
-    return s["fn"] == "linear" and len(s["shape"]) == 3 and bool(ours["error"] and theirs["error"]) and \
-        ours["error"][:2] == ("forward", "ValueError") and theirs["error"][0] == "forward" and \
-        ours["error"][2].startswith("Expected target of shape")
+    batch sizes differ, or a flattened class target has 2 dims), or computes
+    on a target that fits neither (*B) nor (*B, C) (as many elements: none)."""
+    if not (s["fn"] == "linear" and len(s["shape"]) == 3 and ours["error"] and
+            ours["error"][:2] == ("forward", "ValueError") and ours["error"][2].startswith("Expected target of shape")):
+        return False
+    if theirs["error"]:
+        return theirs["error"][0] == "forward"
+    m = materialize(s, "torch")
+    batch = list(s["shape"][:-1])
+    return list(m["views"]["target"](m["leaves"]["target"]).shape) not in (batch, batch + [s["classes"]])
 
 
 def _vocab_parallel_grad_limit(s: dict, ours: dict, theirs: dict) -> bool:
