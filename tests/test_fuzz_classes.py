@@ -469,3 +469,34 @@ def test_vocab_parallel_second_order_saturated_rows():
     ours = second(lambda *a, **kw: D.vocab_parallel_cross_entropy(*a, **kw), torch.float32)
     theirs, ref = (second(_fuzz.torch_ce, dt) for dt in (torch.float32, torch.float64))
     assert_close_to_ref(ours, theirs, ref)
+
+
+def test_fuzz_linear_logit_rounding_where_torch_overflows():
+    """fp16 logits near 1e4 (an ulp of 8): torch's loss overflows to inf where
+    float64's is finite (rule 5), and crossent's finite loss of the same rounded
+    logits is 48 off float64, beyond 8 ulps of it: the rounded logits' error
+    (rule 10) counts there too."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": 1327735806, "dtype": "float16", "shape": [6, 64, 1],
+            "classes": 31, "bias": True, "layout": "contig", "values": "offset1e4", "grad": "backward",
+            "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "big",
+            "target_layout": "contig", "weight": "zero_some", "weight_layout": "contig", "reduction": "sum",
+            "label_smoothing": 0.1}
+    assert _fuzz.check(spec) is None
+
+
+def test_fuzz_linear_batch_dims_empty_target_that_fits_neither_shape():
+    """Hidden states (6, 0, D) and a (2, 0) class target: torch's flattened call
+    computes (both have no element), crossent raises its documented ValueError
+    (README 7): rule 6 excuses it only where the target fits neither shape."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": 1883822149, "dtype": "float32", "shape": [6, 0, 0],
+            "classes": 3, "bias": True, "layout": "contig", "values": "normal", "grad": "no_input_grad",
+            "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "some",
+            "target_layout": "expanded", "weight": None, "reduction": "sum", "label_smoothing": 0.1,
+            "mutations": ["prob_int", "target_batch"]}
+    assert _fuzz.check(spec) is None
+    ours = {"error": ("forward", "ValueError", "Expected target of shape [6, 0] (class indices) or ...")}
+    fitting = {k: v for k, v in spec.items() if k != "mutations"}  # a (6, 0) target: no excuse
+    assert not _fuzz._batch_dims_shape_error(fitting, ours, {"error": None})
+    assert _fuzz._batch_dims_shape_error(spec, ours, {"error": None})
