@@ -500,3 +500,21 @@ def test_fuzz_linear_batch_dims_empty_target_that_fits_neither_shape():
     fitting = {k: v for k, v in spec.items() if k != "mutations"}  # a (6, 0) target: no excuse
     assert not _fuzz._batch_dims_shape_error(fitting, ours, {"error": None})
     assert _fuzz._batch_dims_shape_error(spec, ours, {"error": None})
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_z_loss_mean_zero_denominator_reference_path(eps):
+    """vmap (and gradients w.r.t. targets or weights) take the reference path,
+    whose z-loss mean added the two means apart: at W == 0 NaN + inf, where
+    the fused path's one denominator gives inf (NaN under label smoothing,
+    as torch's smoothed mean): against torch's composition (tests/_fuzz.py)."""
+    import _fuzz
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(13)) * 3
+    t = torch.tensor([3, 1, -100])
+    w = torch.tensor([0.5, 0.0, 1.0, 0.0])  # W == 0: every counted target's weight is 0
+    fused = crossent.cross_entropy(x, t, w, z_loss=0.1, label_smoothing=eps)
+    vmapped = torch.func.vmap(lambda xi: crossent.cross_entropy(xi, t, w, z_loss=0.1, label_smoothing=eps))(
+        torch.stack([x, x]))
+    theirs = _fuzz.torch_ce(x, t, w, z_loss=0.1, label_smoothing=eps)
+    torch.testing.assert_close(fused, theirs, equal_nan=True)
+    torch.testing.assert_close(vmapped, torch.stack([theirs, theirs]), equal_nan=True)

@@ -61,21 +61,22 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     x = apply_softcap(_upcast(input), softcap)
     w = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
     prob = input.shape == target.shape
+    red = "sum" if z_loss and reduction == "mean" else reduction  # with z_loss: one denominator, below
     if prob:
         t = target if target.dtype == torch.float64 else target.to(x.dtype)
-        ce = F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=label_smoothing)
+        ce = F.cross_entropy(x, t, w, reduction=red, label_smoothing=label_smoothing)
         dtype = torch.promote_types(dtype, weight.dtype) if weight is not None else dtype
     else:
         ce = F.cross_entropy(x, target.long(), w, ignore_index=ignore_index,
-                             reduction=reduction, label_smoothing=label_smoothing)
+                             reduction=red, label_smoothing=label_smoothing)
     if z_loss:
         class_dim = 0 if input.dim() == 1 else 1
         lse = _shifted_logsumexp(x, class_dim)
         # z_loss as a tensor of lse's dtype: torch 2.13's forward AD gives a 0-d
         # fp32 tensor times a Python float an fp64 tangent (1-D input's 0-d lse)
         zt = lse * lse * lse.new_tensor(z_loss)
-        if prob:
-            denom = lse.new_tensor(float(lse.numel()))
+        if prob:  # torch's numel / C: NaN without classes
+            denom = lse.new_tensor(float(lse.numel()) if x.shape[class_dim] else float("nan"))
         else:
             valid = target.long() != ignore_index  # exact: never in a narrower dtype
             zt = torch.where(valid, zt, torch.zeros_like(lse))
@@ -89,7 +90,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
         elif reduction == "sum":
             ce = ce + zt.sum()
         else:
-            ce = ce + zt.sum() / denom
+            # (sum of losses + sum of z terms) / W, as the fused path: at W == 0 +-inf,
+            # where the two means apart would be NaN + inf; torch's smoothed mean is NaN
+            # there (each of its parts is 0 / 0)
+            if label_smoothing > 0 and not prob:
+                denom = torch.where(denom == 0, float("nan"), denom)
+            ce = (ce + zt.sum()) / denom
     return ce.to(dtype)
 
 
