@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _kernels import device_kernels
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = "cuda"
 
@@ -30,7 +32,6 @@ def _reference(x, y, reduction, kw):
 @pytest.mark.parametrize("reduction,probs", [("mean", False), ("sum", True), ("none", False)])
 def test_compiled_launches_and_values(reduction, probs, monkeypatch):
     import crossent
-    from torch.profiler import ProfilerActivity, profile
     monkeypatch.setenv("CROSSENT_BACKEND", "triton")
     torch._dynamo.reset()
     kw = dict(label_smoothing=0.1)
@@ -39,16 +40,12 @@ def test_compiled_launches_and_values(reduction, probs, monkeypatch):
     seed = torch.ones(300 if reduction == "none" else (), device=DEV, dtype=torch.bfloat16)
     fn(x, y).backward(seed)   # compile and warm
     x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            loss = fn(x, y)
-            loss.backward(seed)
-            torch.cuda.synchronize()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    device_events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def step():
+        loss = fn(x, y)
+        loss.backward(seed)
+        return loss
+    loss, device_events = device_kernels(step)
     assert len(device_events) <= 2, device_events
     ref, ref_grad = _reference(x, y, reduction, kw)
     torch.testing.assert_close(loss.float(), ref, rtol=2e-2, atol=2e-2)

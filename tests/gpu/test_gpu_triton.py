@@ -330,22 +330,18 @@ def test_fused_forward_launches_and_values(C, reduction, variant, monkeypatch):
     (torch.profiler's device events; the autograd seed made outside), no host sync,
     torch's loss and gradient (the z-loss variant against the fp64 reference)."""
     import crossent
-    from torch.profiler import ProfilerActivity, profile
+    from _kernels import device_kernels
     monkeypatch.setenv("CROSSENT_BACKEND", "triton")
     x, y, kw = _fused_inputs(300, C, variant)
     seed = torch.ones(300 if reduction == "none" else (), device=DEV, dtype=torch.bfloat16)
     crossent.cross_entropy(x, y, reduction=reduction, **kw).backward(seed)   # warm
     x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            loss = crossent.cross_entropy(x, y, reduction=reduction, **kw)
-            loss.backward(seed)
-            torch.cuda.synchronize()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    device_events = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def step():
+        loss = crossent.cross_entropy(x, y, reduction=reduction, **kw)
+        loss.backward(seed)
+        return loss
+    loss, device_events = device_kernels(step)
     assert len(device_events) <= 2, device_events
     zl = kw.pop("z_loss", 0.0)
     xr = x.detach().double().requires_grad_()
