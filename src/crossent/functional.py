@@ -314,13 +314,22 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     return CrossEntropyOutput(loss, lse, zt)
 
 
+_OPTION_FIELDS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "inplace_backward",
+                  "backend", "out_dtype", "fused")
+
+
+def _options(*fields) -> CEOptions:
+    """CEOptions of these values (in _OPTION_FIELDS' order): in eager mode one frozen
+    instance per distinct call (its __init__ costs ~1.5 us a call); built afresh while
+    Dynamo traces, which warns at every call of an lru_cache-wrapped function."""
+    if _fast._eager():
+        return _cached_options(fields)
+    return CEOptions(**dict(zip(_OPTION_FIELDS, fields)))
+
+
 @functools.lru_cache(maxsize=256)
-def _options(reduction, ignore_index, label_smoothing, z_loss, softcap, inplace_backward, backend, out_dtype,
-             fused) -> CEOptions:
-    """One frozen CEOptions per distinct call (its __init__ costs ~1.5 us a call)."""
-    return CEOptions(reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                     z_loss=z_loss, softcap=softcap, inplace_backward=inplace_backward, backend=backend,
-                     out_dtype=out_dtype, fused=fused)
+def _cached_options(fields: tuple) -> CEOptions:
+    return CEOptions(**dict(zip(_OPTION_FIELDS, fields)))
 
 
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,
