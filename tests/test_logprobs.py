@@ -301,26 +301,33 @@ def test_errors():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_compile_fullgraph(fused):
+@pytest.mark.parametrize("grads", ["hW", "h", "W", "hWb"])
+def test_compile_fullgraph(fused, grads):
+    """Compiled = eager, values and gradients, for each set of inputs that require grad
+    (the unused gradients of the backward op are distinct empties: a custom op's outputs
+    may not alias each other, which torch checks only when the op runs compiled)."""
     g = torch.Generator().manual_seed(0)
-    h, W = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g)
+    h, W, b = torch.randn(6, 8, generator=g), torch.randn(40, 8, generator=g), torch.randn(40, generator=g)
     t = torch.randint(0, 40, (6,), generator=g)
     t[1] = -100
+    bias = "b" in grads
 
-    def fn(h, W):
-        out = (crossent.linear_log_probs(h, W, t, temperature=0.8, entropy=True) if fused else
-               crossent.log_probs(h @ W.t(), t, temperature=0.8, entropy=True))
+    def fn(h, W, b):
+        out = (crossent.linear_log_probs(h, W, t, linear_bias=b if bias else None, temperature=0.8, entropy=True)
+               if fused else
+               crossent.log_probs(h @ W.t() + (b if bias else 0), t, temperature=0.8, entropy=True))
         return out.log_probs.sum() * 2 + out.entropy.sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     res = []
     for f in (fn, compiled):
-        hp, Wp = h.clone().requires_grad_(), W.clone().requires_grad_()
-        loss = f(hp, Wp)
-        res.append((loss.detach(), *torch.autograd.grad(loss, (hp, Wp))))
-    for a, b in zip(*res):
-        torch.testing.assert_close(a, b)
+        hp, Wp, bp = (v.clone().requires_grad_(k in grads) for k, v in zip("hWb", (h, W, b)))
+        loss = f(hp, Wp, bp)
+        res.append((loss.detach(), *torch.autograd.grad(loss, [v for k, v in zip("hWb", (hp, Wp, bp))
+                                                                if k in grads])))
+    for a, b_ in zip(*res):
+        torch.testing.assert_close(a, b_)
 
 
 def _has_nvidia_backend() -> bool:

@@ -406,10 +406,9 @@ def run(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale
 def _fake(x, rows, w, b, target, need_dx, need_dw, need_db):
     N = target.shape[0]
     acc = acc_dtype(x.dtype)
-    e = x.new_empty(0)
-    return (x.new_empty(N, dtype=acc), x.new_empty(N, dtype=acc),
-            x.new_empty(x.shape) if need_dx else e, w.new_empty(w.shape) if need_dw else e,
-            (b if b is not None else x).new_empty(w.shape[0]) if need_db else e)
+    return (x.new_empty(N, dtype=acc), x.new_empty(N, dtype=acc),   # outputs never alias: one empty each
+            x.new_empty(x.shape) if need_dx else x.new_empty(0), w.new_empty(w.shape) if need_dw else x.new_empty(0),
+            (b if b is not None else x).new_empty(w.shape[0]) if need_db else x.new_empty(0))
 
 
 @custom_op("crossent::linear_ce", mutates_args=())

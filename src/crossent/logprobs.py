@@ -298,14 +298,13 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
     V = w.shape[0]
     acc = acc_dtype(x.dtype)
     ys = safe_index(target, ignore_index, V)
-    e = x.new_empty(0)
-    dx = (torch.zeros_like(x) if R.sel is not None else torch.empty_like(x)) if need_dx else e
+    dx = (torch.zeros_like(x) if R.sel is not None else torch.empty_like(x)) if need_dx else x.new_empty(0)
     n = max(1, min(chunk_rows, R.n))
     # One chunk: dW = g.T @ x is one GEMM, accumulated in fp32 inside and rounded
     # once.  Several: an fp32 accumulator (dW itself for fp32/fp64) that the first
     # chunk writes with beta=0, rounded once at the end.
-    dw = torch.empty(w.shape, dtype=w.dtype if n >= R.n else acc, device=w.device) if need_dw else e
-    db = torch.zeros(V, dtype=acc, device=x.device) if need_db else e
+    dw = torch.empty(w.shape, dtype=w.dtype if n >= R.n else acc, device=w.device) if need_dw else None
+    db = torch.zeros(V, dtype=acc, device=x.device) if need_db else None
     zbuf = x.new_empty((n, V))
     work = _work(k, zbuf, cb is not None)
     first = True
@@ -325,7 +324,9 @@ def linear_backward(x, w, b, target, lse, ent, a, cb, ignore_index, temperature,
         first = False
     if first and need_dw:  # every token was ignored and dropped: nothing ran
         dw.zero_()
-    return dx, dw.to(w.dtype) if need_dw else e, db.to((b if b is not None else x).dtype) if need_db else e
+    # A fresh empty per unused gradient: the custom op's outputs may not alias each other.
+    return (dx, dw.to(w.dtype) if need_dw else x.new_empty(0),
+            db.to((b if b is not None else x).dtype) if need_db else x.new_empty(0))
 
 
 # ---------------------------------------------------------------------------
@@ -391,9 +392,8 @@ def linear_log_probs_bwd(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tens
 @linear_log_probs_bwd.register_fake
 def _(x, w, b, target, lse, ent, a, cb, ignore_index, temperature, need_dx, need_dw, need_db, chunk_rows,
       backend):
-    e = x.new_empty(0)
-    return (x.new_empty(x.shape) if need_dx else e, w.new_empty(w.shape) if need_dw else e,
-            (b if b is not None else x).new_empty(w.shape[0]) if need_db else e)
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0), w.new_empty(w.shape) if need_dw else x.new_empty(0),
+            (b if b is not None else x).new_empty(w.shape[0]) if need_db else x.new_empty(0))
 
 
 # ---------------------------------------------------------------------------
