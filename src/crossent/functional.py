@@ -294,7 +294,11 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     if inplace_backward and not (red != "none" and input.requires_grad and input.is_contiguous()):
         raise ValueError("inplace_backward=True needs reduction 'mean' or 'sum' and a contiguous "
                          "input that requires grad")
-    opts = _options(red, ignore_index, eps, z_loss, cap, bool(inplace_backward), backend, out_dtype, fused)
+    # One frozen CEOptions per distinct call in eager mode (its __init__ costs ~1.5 us); built
+    # afresh while Dynamo traces, which warns at every call of an lru_cache-wrapped function.
+    opts = (_cached_options if _fast._eager() else CEOptions)(
+        reduction=red, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss, softcap=cap,
+        inplace_backward=bool(inplace_backward), backend=backend, out_dtype=out_dtype, fused=fused)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
     loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
@@ -314,22 +318,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
     return CrossEntropyOutput(loss, lse, zt)
 
 
-_OPTION_FIELDS = ("reduction", "ignore_index", "label_smoothing", "z_loss", "softcap", "inplace_backward",
-                  "backend", "out_dtype", "fused")
-
-
-def _options(*fields) -> CEOptions:
-    """CEOptions of these values (in _OPTION_FIELDS' order): in eager mode one frozen
-    instance per distinct call (its __init__ costs ~1.5 us a call); built afresh while
-    Dynamo traces, which warns at every call of an lru_cache-wrapped function."""
-    if _fast._eager():
-        return _cached_options(fields)
-    return CEOptions(**dict(zip(_OPTION_FIELDS, fields)))
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_options(fields: tuple) -> CEOptions:
-    return CEOptions(**dict(zip(_OPTION_FIELDS, fields)))
+_cached_options = functools.lru_cache(maxsize=256)(CEOptions)
 
 
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,
