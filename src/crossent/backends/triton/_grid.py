@@ -135,16 +135,26 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream",
                       lambda index: torch.cuda.current_stream(index).cuda_stream)
 
 
+def _stream_key(device: torch.device):
+    """Key of the buffers cached for the current stream (launches on one stream run in
+    order, so they can share them); None while a CUDA graph is captured: fresh buffers
+    from the graph's pool then, so replays never share them with eager calls."""
+    if device.type != "cuda":
+        return device, 0
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    return device, _raw_stream(device.index)
+
+
 def workspace(device: torch.device, rows: int, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(int32 counters, fp64 partials) for a launch of ``programs`` programs over
     ``rows`` split rows: cached per device and stream, zeroed only when first made
-    or grown.  While a CUDA graph is captured, fresh zeroed buffers (a memset node)
-    from the graph's pool, so replays never share counters with eager calls."""
+    or grown (under graph capture: fresh, the counters zeroed by a memset node)."""
     n_cnt = 4 + 2 * rows
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    key = _stream_key(device)
+    if key is None:
         return (torch.zeros(n_cnt, device=device, dtype=torch.int32),
                 torch.empty(2 * programs, device=device, dtype=torch.float64))
-    key = (device, _raw_stream(device.index) if device.type == "cuda" else 0)
     cnt, part = _WORKSPACES.get(key, (None, None))
     if cnt is None or cnt.numel() < n_cnt:
         cnt = torch.zeros(max(n_cnt, 2 * (0 if cnt is None else cnt.numel())), device=device, dtype=torch.int32)
@@ -159,17 +169,16 @@ _SCRATCH: dict = {}
 
 def scratch(device: torch.device, n: int) -> torch.Tensor:
     """An fp32 buffer of >= n elements that one launch writes before it reads (the split
-    kernels' slice partials): cached per device and stream like ``workspace`` (launches on
-    one stream run in order), so a call allocates nothing; fresh while a graph is captured."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    kernels' slice partials): cached per device and stream like ``workspace``, so a call
+    allocates nothing."""
+    key = _stream_key(device)
+    if key is None:
         return torch.empty(n, device=device, dtype=torch.float32)
-    key = (device, _raw_stream(device.index) if device.type == "cuda" else 0)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n:
         buf = _SCRATCH[key] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel()), 4096),
                                           device=device, dtype=torch.float32)
     return buf
-
 
 
 _RESIDENT: dict = {}
