@@ -73,7 +73,7 @@ def ce_forward_fused(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore
     or empty): the whole forward in one launch, mean's denominator included, for
     backends whose fuses_forward(x) holds."""
     return _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
-                  need_grad, backend, False)
+                          need_grad, backend, False)
 
 
 @ce_forward_fused.op.register_fake
