@@ -4,7 +4,7 @@
     python benchmarks/cpu_bench.py --json bench-results/cpu.json
     python benchmarks/cpu_bench.py --cases 'ce-*' --providers crossent,torch
 
-Same options and output as ``crossent bench``; see crossent/_bench.py for what is measured.
+Same options and output as ``crossent bench``; see crossent/_bench_worker.py for what is measured.
 """
 import sys
 

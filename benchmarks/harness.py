@@ -15,9 +15,9 @@ try:
 except ImportError:  # running from a checkout: use its src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from crossent._bench import (BYTES_FACTOR, FULL_CASES, PROVIDERS, QUICK_CASES, add_ratios,  # noqa: E402
-                             env_stamp, format_table, gbps, median, parse_case, quantile, run,
-                             select_cases, summarize, write_json)
+from crossent._bench import (FULL_CASES, QUICK_CASES, add_ratios, env_stamp, format_table, run,  # noqa: E402
+                             select_cases, write_json)
+from crossent._bench_worker import BYTES_FACTOR, PROVIDERS, gbps, median, parse_case, quantile, summarize  # noqa: E402
 
 __all__ = ["BYTES_FACTOR", "FULL_CASES", "PROVIDERS", "QUICK_CASES", "add_ratios", "env_stamp",
            "format_table", "gbps", "median", "parse_case", "quantile", "run", "select_cases",

@@ -23,6 +23,8 @@ import contextlib
 import gc
 import time
 
+from ._bench_worker import median, quantile
+
 SMALL_SIZES = [(32, 10), (256, 100), (64, 1000), (1024, 1000), (4096, 10)]
 SMALL_OPS = ("cross_entropy", "nll_loss", "CrossEntropyLoss", "NLLLoss")
 MODES = ("fwd+bwd", "fwd")
@@ -36,18 +38,6 @@ def _fns(op: str):
     if op in ("cross_entropy", "nll_loss"):
         return getattr(crossent, op), getattr(F, op)
     return getattr(crossent.nn, op)(), getattr(torch.nn, op)()
-
-
-def _quantile(xs, q: float) -> float:
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def _median(xs):
-    return _quantile(xs, 0.5)
 
 
 def _batch(fn, x, t, n: int, fwd_only: bool, parts: int = 1) -> float:
@@ -101,14 +91,14 @@ def measure(ops=SMALL_OPS, sizes=SMALL_SIZES, rounds: int = 21, batch_s: float =
                     if gc_was:
                         gc.enable()
                 ratios = [a / b for a, b in zip(per_call["crossent"], per_call["torch"])]
-                med = {p: _median(v) for p, v in per_call.items()}
+                med = {p: median(v) for p, v in per_call.items()}
                 for prov in ("crossent", "torch"):
                     row = {"case": f"{op}-{N}x{C}", "op": op, "mode": mode, "provider": prov,
                            "shape": [N, C], "calls_per_round": n, "rounds": rounds,
                            "median_us": med[prov] * 1e6, "min_us": min(per_call[prov]) * 1e6}
                     if prov == "crossent":
-                        row.update(ratio_vs_torch=_median(ratios), ratio_q1=_quantile(ratios, 0.25),
-                                   ratio_q3=_quantile(ratios, 0.75), ratio_min=min(ratios),
+                        row.update(ratio_vs_torch=median(ratios), ratio_q1=quantile(ratios, 0.25),
+                                   ratio_q3=quantile(ratios, 0.75), ratio_min=min(ratios),
                                    ratio_max=max(ratios), ratio_of_medians=med["crossent"] / med["torch"])
                     rows.append(row)
     return rows
