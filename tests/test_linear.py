@@ -333,6 +333,30 @@ def test_nn_module_state_dict_round_trip():
     torch.testing.assert_close(m_c.linear.bias.grad, m_t.linear.bias.grad)
 
 
+
+@pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="compares with torch 2.13's module")
+def test_nn_module_on_older_torch_is_a_copy_of_213s():
+    """On torch < 2.13 crossent.nn.LinearCrossEntropyLoss subclasses crossent's copy of 2.13's
+    module: same constructor checks, state (initialised from the same random stream), repr."""
+    from crossent.nn import _LinearCrossEntropyLoss213 as Copy
+    for kw in (dict(), dict(bias=True, out_features=(2, 3), weight=torch.rand(7), label_smoothing=0.2,
+                            ignore_index=-1, reduction="sum", dtype=torch.float64)):
+        torch.manual_seed(1)
+        m_t = torch.nn.LinearCrossEntropyLoss(4, 7, **kw)
+        torch.manual_seed(1)
+        m_c = Copy(4, 7, **kw)
+        assert repr(m_c).replace(Copy.__name__, "LinearCrossEntropyLoss", 1) == repr(m_t)
+        assert m_c.__constants__ == m_t.__constants__
+        st, sc = m_t.state_dict(), m_c.state_dict()
+        assert list(sc) == list(st)
+        for k in st:
+            torch.testing.assert_close(sc[k], st[k], rtol=0, atol=0)
+    for bad in (dict(weight=torch.rand(6)), dict(label_smoothing=1.5), dict(label_smoothing=-0.1)):
+        with pytest.raises(RuntimeError) as want:
+            torch.nn.LinearCrossEntropyLoss(4, 7, **bad)
+        with pytest.raises(RuntimeError, match=re.escape(str(want.value))):
+            Copy(4, 7, **bad)
+
 # ----------------------------------------------------------------------------- chunking and memory
 @pytest.mark.parametrize("policy", POLICIES)
 def test_one_chunk_and_tile_multiple_chunks(policy):

@@ -70,7 +70,12 @@ def _auto() -> bool:
 
 
 _compiler = torch.compiler
-if hasattr(_compiler, "_is_compiling_flag") and hasattr(_compiler, "assume_constant_result"):
+# Dynamo sets the flag while it traces only where it has _compile_session_context (2.13 has it,
+# 2.11 does not).
+# Before that the flag stays False during tracing and only a call of is_compiling() itself is
+# folded to True (Dynamo special-cases that function): reading the flag there would take the
+# eager path inside a compiled graph.
+if hasattr(_compiler, "_compile_session_context") and hasattr(_compiler, "assume_constant_result"):
     @_compiler.assume_constant_result
     def _eager() -> bool:
         """not torch.compiler.is_compiling() at half its cost: the flag it

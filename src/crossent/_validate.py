@@ -8,12 +8,13 @@ unless CROSSENT_CHECK=1 asks for it.
 from __future__ import annotations
 
 import operator
+import os
 import warnings
 
 import torch
 from torch import Tensor
 
-from ._fast import _env_get, env_key
+from ._fast import _eager, _env_get, env_key
 
 # torch's C++ ScalarType names, as they appear in its error messages.
 _DTYPE_NAMES = {
@@ -288,9 +289,13 @@ def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> No
     anywhere with CROSSENT_CHECK=1.  Elsewhere an out-of-range target gives a
     NaN loss (and NaN gradient row) instead of a device-side assert.
     """
-    forced = _env_get(_CHECK) not in (None, "", "0", b"", b"0")   # os.environ.get costs ~0.7 us
-    if not forced and (target.device.type != "cpu" or _compiling()):
-        return
+    eager = _eager()
+    if not eager or target.device.type != "cpu":
+        # os.environ.get costs ~0.7 us in eager mode; Dynamo before torch 2.13 cannot trace the
+        # bound dict.get behind _env_get (and a graph reads the environment once anyway)
+        flag = _env_get(_CHECK) if eager else os.environ.get("CROSSENT_CHECK")
+        if flag in (None, "", "0", b"", b"0"):
+            return
     if target.numel() == 0:
         return
     t = target.long()

@@ -1,15 +1,18 @@
 """Module forms.  Each subclasses the matching torch.nn module, so the
 constructor, buffers, ``state_dict``, ``__constants__`` and repr are torch's
 own (a checkpoint moves across unchanged, and isinstance checks still pass);
-only ``forward`` runs crossent."""
+only ``forward`` runs crossent.  On torch < 2.13, which has no
+torch.nn.LinearCrossEntropyLoss, LinearCrossEntropyLoss subclasses a copy of 2.13's."""
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "NLLLoss", "CrossEntropyLoss"]
+__all__ = ["Softmax", "LogSoftmax", "NLLLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class Softmax(torch.nn.Softmax):
@@ -51,31 +54,61 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
                                z_loss=self.z_loss, softcap=self.softcap)
 
 
-# torch.nn.LinearCrossEntropyLoss is new in torch 2.13; on older torch the
-# module form is absent (crossent.linear_cross_entropy works on any torch >= 2.4).
-_TorchLinearCrossEntropyLoss = getattr(torch.nn, "LinearCrossEntropyLoss", None)
-if _TorchLinearCrossEntropyLoss is not None:
-    class LinearCrossEntropyLoss(_TorchLinearCrossEntropyLoss):
-        """crossent.linear_cross_entropy (same arguments and state_dict as
-        torch.nn.LinearCrossEntropyLoss; ``options`` may also be a
-        crossent.LinearCrossEntropyOptions), plus keyword-only ``z_loss`` and
-        ``softcap``."""
+class _LinearCrossEntropyLoss213(torch.nn.modules.loss._WeightedLoss):
+    """torch 2.13's torch.nn.LinearCrossEntropyLoss, its constructor, checks, state and
+    repr, for torch < 2.13 (which has no such module): a checkpoint moves across torch
+    versions unchanged (``weight`` buffer, ``linear.weight``, ``linear.bias``)."""
 
-        def __init__(self, in_features: int, num_classes: int, *, z_loss: float = 0.0,
-                     softcap: float | None = None, **kwargs) -> None:
-            super().__init__(in_features, num_classes, **kwargs)
-            self.z_loss = z_loss
-            self.softcap = softcap
+    __constants__ = ["num_classes", "out_features", "reduction", "ignore_index", "label_smoothing"]
 
-        def forward(self, input: Tensor, target: Tensor) -> Tensor:
-            from .linear import linear_cross_entropy
-            linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features,
-                                                        self.linear.in_features))
-            linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
-                           if self.linear.bias is not None else None)
-            return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
-                                        weight=self.weight, reduction=self.reduction,
-                                        ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-                                        options=self.options, z_loss=self.z_loss, softcap=self.softcap)
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Tensor | None = None, ignore_index: int | None = None,
+                 label_smoothing: float = 0.0, options=None) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        # stored flat, as torch stores it: Linear has no multi-dimensional weight
+        self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
+        self.options = options
 
-    __all__ += ["LinearCrossEntropyLoss"]
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes},"
+                f" out_features={self.out_features}, bias={self.linear.bias is not None},"
+                f" reduction={self.reduction}, ignore_index={self.ignore_index},"
+                f" label_smoothing={self.label_smoothing}, options={self.options}")
+
+
+# torch.nn.LinearCrossEntropyLoss is new in torch 2.13: subclass it where it exists (isinstance
+# checks pass), and its 2.13 form above on older torch.
+_LinearBase = getattr(torch.nn, "LinearCrossEntropyLoss", _LinearCrossEntropyLoss213)
+
+
+class LinearCrossEntropyLoss(_LinearBase):
+    """crossent.linear_cross_entropy (same arguments and state_dict as torch 2.13's
+    torch.nn.LinearCrossEntropyLoss, on any torch; ``options`` may also be a
+    crossent.LinearCrossEntropyOptions), plus keyword-only ``z_loss`` and ``softcap``."""
+
+    def __init__(self, in_features: int, num_classes: int, *, z_loss: float = 0.0,
+                 softcap: float | None = None, **kwargs) -> None:
+        super().__init__(in_features, num_classes, **kwargs)
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        from .linear import linear_cross_entropy
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features,
+                                                    self.linear.in_features))
+        linear_bias = (self.linear.bias.reshape((self.num_classes, *self.out_features))
+                       if self.linear.bias is not None else None)
+        return linear_cross_entropy(input, linear_weight, target, linear_bias=linear_bias,
+                                    weight=self.weight, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+                                    options=self.options, z_loss=self.z_loss, softcap=self.softcap)

@@ -49,14 +49,21 @@ def _fused(opts: CEOptions, x: Tensor) -> bool:
     return opts.fused or (_compiling() and _backend_fuses(opts.backend, x))
 
 
-def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
-    """Per-row fp32 losses -> the reduction ('mean' divides by denom).  The
-    O(rows) sum runs in fp64: row losses near fp32's range would overflow an
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t.to(dtype), but t itself where that is a no-op.  An autograd.Function whose forward
+    returns a no-op .to() gets zero gradients under torch.compile before torch 2.13 (2.11's
+    Dynamo traces it as an alias of an intermediate); the guard is free and static."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _reduce(rows: Tensor, denom: Tensor, reduction: str, out_dtype: torch.dtype) -> Tensor:
+    """Per-row fp32 losses -> the reduction ('mean' divides by denom), in out_dtype.
+    The O(rows) sum runs in fp64: row losses near fp32's range would overflow an
     fp32 sum whose mean fits."""
-    if reduction == "none":
-        return rows
-    total = rows.sum(dtype=wide_dtype(rows.device))
-    return (total / denom if reduction == "mean" else total).to(rows.dtype)
+    if reduction != "none":
+        total = rows.sum(dtype=wide_dtype(rows.device))
+        rows = _to(total / denom if reduction == "mean" else total, rows.dtype)
+    return _to(rows, out_dtype)
 
 
 # What torch's Function.apply does first: unwrap tensors of functorch transforms that have exited.
@@ -108,7 +115,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             grad = x.new_empty(0)  # the gradient is x itself now (opt-in); setup_context takes it
         else:
             rows, lse, grad = _ops.ce_forward(x, *args, precompute, opts.backend)
-        return _reduce(rows, denom, opts.reduction).to(opts.out_dtype), lse, grad
+        return _reduce(rows, denom, opts.reduction, opts.out_dtype), lse, grad
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -64,7 +64,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             rows_loss, lse, dx, dw, db = _linear_ops.linear_ce(
                 x, rows, w, b, *args, precompute and nx, precompute and nw, precompute and nb,
                 opts.policy, opts.chunk_rows, opts.budget, opts.drop_ignored, opts.backend)
-        return _reduce(rows_loss, denom, opts.reduction).to(opts.out_dtype), lse, dx, dw, db
+        return _reduce(rows_loss, denom, opts.reduction, opts.out_dtype), lse, dx, dw, db
 
     @staticmethod
     def setup_context(ctx, inputs, output):

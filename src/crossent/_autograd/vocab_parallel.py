@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..backends.base import acc_dtype
-from .ce import _reduce, _rescalable
+from .ce import _reduce, _rescalable, _to
 
 
 def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
@@ -16,7 +16,8 @@ def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     denominator (crossent's z-loss definition); with label smoothing and no
     classes at all NaN, as torch's eps / C."""
     from ..distributed._core import _nan_if_infinite
-    loss = _reduce(rows if sm.zrows is None else rows + sm.zrows, denom, reduction)
+    rows = rows if sm.zrows is None else rows + sm.zrows
+    loss = _reduce(rows, denom, reduction, rows.dtype)
     return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
 
 
@@ -79,7 +80,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.sm, ctx.group, ctx.world = opts, sm, group, world
         scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
         ctx.save_for_backward(x, lse, scale)  # sm holds O(N) state: masks, weights, the layout
-        return loss.to(opts.out_dtype)
+        return _to(loss, opts.out_dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -141,7 +142,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts, ctx.sm, ctx.group, ctx.world, ctx.chunk_size = opts, sm, group, world, chunk_size
         scale = 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
         ctx.save_for_backward(x, w, b, lse, scale)
-        return loss.to(opts.out_dtype)
+        return _to(loss, opts.out_dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
