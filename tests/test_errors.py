@@ -130,6 +130,26 @@ def test_check_mode_env(monkeypatch):
         crossent.cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1]))
 
 
+@pytest.mark.parametrize("check", ["1", "0", None])
+def test_check_mode_env_under_compile(monkeypatch, check):
+    """Compiled, the bounds check (a host sync) runs only with CROSSENT_CHECK set: then the
+    graph breaks and torch's IndexError comes; else the bad row's loss is NaN."""
+    if check is None:
+        monkeypatch.delenv("CROSSENT_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("CROSSENT_CHECK", check)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, t: crossent.cross_entropy(x, t, reduction="none"), backend="aot_eager")
+    x, t = torch.randn(3, 4), torch.tensor([0, 9, 1])
+    if check == "1":
+        with pytest.raises(IndexError, match="Target 9 is out of bounds."):
+            f(x, t)
+    else:
+        out = f(x, t)
+        assert out[1].isnan()
+        torch.testing.assert_close(out[::2], F.cross_entropy(x[::2], t[::2], reduction="none"))
+
+
 # ---------------------------------------------------------------------------
 # Two things wrong at once: the first error torch raises is the one we raise.
 # ---------------------------------------------------------------------------

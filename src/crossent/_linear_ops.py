@@ -29,8 +29,9 @@ Passes (N tokens, V classes, D features):
 Nothing is accumulated with atomics; each output element is produced by a
 fixed sequence of matmuls, so results are deterministic run to run.
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers its schema from
+# annotation objects, not strings.
 import warnings
 from typing import Optional
 

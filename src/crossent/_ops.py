@@ -12,8 +12,9 @@ two or three of them: more than a whole small cross_entropy takes in torch.
 So each name here is a plain function that calls the backend directly, and
 goes through its custom op (``<name>.op``) only while torch.compile traces.
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers its schema from
+# annotation objects, not strings.
 from typing import Optional
 
 import torch

@@ -17,8 +17,9 @@ passes -> torch custom ops (torch.compile sees one opaque node each) -> the
 public functions.  The autograd Functions live in crossent._autograd; the
 Triton kernels in crossent.backends.triton.logprobs.
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: torch 2.4's custom_op infers its schema from
+# annotation objects, not strings.
 import math
 from typing import NamedTuple, Optional
 
