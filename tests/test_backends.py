@@ -35,6 +35,22 @@ def test_override_triton_on_cpu_without_interpreter_fails_loudly():
     assert "RAISED CROSSENT_BACKEND=triton was requested" in out.stdout, out.stdout + out.stderr
 
 
+
+def test_triton_older_than_tested_is_refused(monkeypatch):
+    """A Triton older than crossent's kernels are tested with: 'auto' takes the torch backend,
+    an explicit request says why (CUDA is faked: the check comes first)."""
+    triton = pytest.importorskip("triton")
+    from crossent.backends import triton as tb
+    assert tb._version("3.6.0+git9f2c") == (3, 6) and tb._version("3.10.1") == (3, 10)
+    assert tb._version(triton.__version__) >= tb.MIN_TRITON   # what this run tests with
+    monkeypatch.setattr(triton, "__version__", "3.4.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_triton_importable", lambda: True)
+    assert backends.select("cuda", "auto").name == "torch"
+    with pytest.raises(RuntimeError, match=r"CROSSENT_BACKEND=triton was requested but cannot run on cuda: "
+                                           r"crossent's Triton kernels need Triton >= 3\.6 \(this is 3\.4\.0\)"):
+        backends.select("cuda", "triton")
+
 @pytest.mark.parametrize("shape", [(17, 11), (5, 11, 13), (3, 4099)])
 @pytest.mark.parametrize("chunk_bytes", [44, 4 * 11 * 3, 4 * 4099 + 4, 1 << 20])
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -7,11 +7,25 @@ which is how the kernels are tested without a GPU.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 from torch import Tensor
 
+import triton
+
 from . import ce, softmax
+
+# The oldest Triton the kernels are tested with (CI: 3.9; the GPU machines: 3.6).  Older ones
+# mis-compile them (3.4's broadcasting rejects the kernels' row tiles; 3.0, torch 2.4's, rejects
+# non-constexpr arange bounds), so "auto" takes the torch backend there instead.
+MIN_TRITON = (3, 6)
+
+
+def _version(v: str) -> tuple[int, int]:
+    """'3.6.0+git1234' -> (3, 6); (0, 0) where it does not parse."""
+    m = re.match(r"(\d+)\.(\d+)", v)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 class TritonBackend:
@@ -22,6 +36,9 @@ class TritonBackend:
 
     def available(self, device: torch.device) -> tuple[bool, str]:
         device = torch.device(device)
+        if _version(triton.__version__) < MIN_TRITON:
+            return False, (f"crossent's Triton kernels need Triton >= {'.'.join(map(str, MIN_TRITON))} "
+                           f"(this is {triton.__version__})")
         if device.type == "cuda":
             if torch.cuda.is_available():
                 return True, ""
