@@ -17,8 +17,8 @@ import triton
 from . import ce, softmax
 
 # The oldest Triton the kernels are tested with (CI: 3.9; the GPU machines: 3.6).  Older ones
-# mis-compile them (3.4's broadcasting rejects the kernels' row tiles; 3.0, torch 2.4's, rejects
-# non-constexpr arange bounds), so "auto" takes the torch backend there instead.
+# fail on them (3.4's interpreter rejects the row tiles' broadcasting; 3.0, torch 2.4's, non-constexpr
+# arange bounds), so "auto" takes the torch backend there instead.
 MIN_TRITON = (3, 6)
 
 
