@@ -8,7 +8,13 @@ off as on CUDA: what is timed is crossent's Python from ``crossent.cross_entropy
 to the launch calls and after them, plus the torch ops it runs (each of which is one more
 launch on CUDA).  The best of several rounds of this thread's CPU time is reported: a shared CPU only adds time.
 
-    PYTHONPATH=src python benchmarks/gpu_host.py [--rounds 7] [--calls 300]
+``--dispatch`` times one launch instead: Triton's JIT dispatch (``kernel[grid](...)``)
+against crossent's lean launch path (``backends/triton/_launch.py``) and against the bare
+launcher call, for the production launch plans at the benchmark shapes, on the fake sm_90
+driver of tests/_launch_path.py (the kernels compile for real; the launcher records and
+returns).  Same timing rule.
+
+    PYTHONPATH=src python benchmarks/gpu_host.py [--rounds 7] [--calls 300] [--dispatch]
 """
 from __future__ import annotations
 
@@ -16,8 +22,8 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported: CPU tensors
 os.environ["CROSSENT_BACKEND"] = "triton"
 
 import torch  # noqa: E402
@@ -55,11 +61,55 @@ def _best_us(fn, calls: int, rounds: int) -> float:
     return best
 
 
+def dispatch(calls: int, rounds: int) -> int:
+    """us per launch: Triton's JIT dispatch, crossent's lean path, the launcher alone."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:
+        import _launch_path as fake_gpu   # unsets TRITON_INTERPRET before triton is imported
+    except ImportError as e:
+        print(f"--dispatch needs tests/_launch_path.py and Triton's NVIDIA backend: {e}")
+        return 1
+    import triton
+    from crossent.backends.triton import _launch, ce
+    fake = fake_gpu.install_fake_device()
+    dev = torch.device("cuda", 0)
+    g = torch.zeros(16, dtype=torch.bfloat16)
+    plans = [(f"{op} {R}x{C}{(' none', ' mean')[reduce > 0] if op == 'cross_entropy' else ''}",
+              *fake_gpu.production(op, R, C, reduce, dev)[1:])
+             for op, (R, C), reduce in [("cross_entropy", (8192, 32000), 3), ("cross_entropy", (8192, 32000), 0),
+                                        ("cross_entropy", (8192, 128256), 3), ("softmax", (8192, 128256), 0)]]
+    plans.append(("rescale", ce._rescale_kernel, (g, torch.ones(()), 8192 * 32000), dict(BLOCK=4096, num_warps=8),
+                  528, False))
+    print(f"Triton {triton.__version__}, fake sm_90 driver: best of {rounds} rounds, us of CPU per launch "
+          f"(lean path enabled: {_launch.ENABLED})")
+    print(f"{'launch':34} {'kernel':22} {'args':>4} {'JIT':>6} {'lean':>6} {'launcher':>8}")
+    for label, fn, args, consts, grid, coop in plans:
+        consts = dict(consts, launch_cooperative_grid=coop)
+        lean = _launch.launcher(fn, **consts)
+        lean((grid,), *args)
+        run, function, packed, _ = next(iter(lean.cache.values()))
+
+        def timed(f):
+            def loop():
+                f()
+                fake.launches.clear()
+            return _best_us(loop, calls, rounds)
+        jit_us = timed(lambda: fn[(grid,)](*args, **consts))
+        lean_us = timed(lambda: lean((grid,), *args))
+        bare_us = timed(lambda: run(grid, 1, 1, 0, function, packed, None, None, None, *args, *lean.tail))
+        print(f"{label:34} {fn.__name__:22} {len(args):4} {jit_us:6.1f} {lean_us:6.1f} {bare_us:8.1f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--dispatch", action="store_true", help="time one launch: JIT vs lean path (fake sm_90)")
     args = ap.parse_args()
+    if args.dispatch:
+        return dispatch(args.calls, args.rounds)
+    os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported: CPU tensors
     import crossent
     torch.set_num_threads(1)
     stub_launches()
