@@ -97,19 +97,19 @@ def _key_function(args):
 
 class Launcher:
     """``kernel`` with fixed constexprs and options; ``launcher(grid, *args)`` launches it."""
-    __slots__ = ("kernel", "consts", "debug", "key", "tail", "cache")
+    __slots__ = ("kernel", "consts", "key", "tail", "cache")
 
     def __init__(self, kernel, consts: dict):
         self.kernel, self.consts = kernel, consts
-        self.debug = consts.get("debug", getattr(kernel, "debug", None))
         self.key = None if ENABLED and type(kernel) is JITFunction else False   # False: always the JIT
         self.tail = None
         self.cache = {}
 
-    def __call__(self, grid: tuple, *args):
+    def __call__(self, grid: tuple, *args) -> None:
         kernel = self.kernel
         if self.key is False:
-            return kernel[grid](*args, **self.consts)
+            kernel[grid](*args, **self.consts)
+            return
         rt = _knobs.runtime
         state = None
         if (not kernel.pre_run_hooks and _quiet(rt.launch_enter_hook) and _quiet(rt.launch_exit_hook)
@@ -117,28 +117,27 @@ class Launcher:
             drv = triton.runtime.driver.active
             device = drv.get_current_device()
             comp = _knobs.compilation
-            state = (device, self.debug or rt.debug, comp.instrumentation_mode,
+            # what enters the JIT's options besides self.consts ("debug" there too, fixed)
+            state = (device, kernel.debug, rt.debug, comp.instrumentation_mode,
                      comp.fpsan_homomorphic_casts if _FPSAN else None)
-            key = None
+            hit = None
             if self.key is not None:
                 try:
-                    key = self.key(state, args)
+                    hit = self.cache.get(self.key(state, args))
                 except (AttributeError, TypeError, ValueError):   # an argument of another kind
                     pass
-                hit = self.cache.get(key)
-                if hit is not None:
-                    run, function, packed, env = hit
-                    for scope, name, value in env:
-                        if scope.get(name, _MISSING) is not value:
-                            break   # rebound: the JIT compares the values (and raises if they differ)
-                    else:
-                        return run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-                                   drv.get_current_stream(device), function, packed, None, None, None,
-                                   *args, *self.tail)
+            if hit is not None:
+                run, function, packed, env = hit
+                for scope, name, value in env:
+                    if scope.get(name, _MISSING) is not value:
+                        break   # rebound: the JIT compares the values (and raises if they differ)
+                else:
+                    run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                        drv.get_current_stream(device), function, packed, None, None, None, *args, *self.tail)
+                    return
         ck = kernel[grid](*args, **self.consts)
         if state is not None:
             self._remember(state, args, ck)
-        return ck
 
     def _remember(self, state, args, ck) -> None:
         """Keep ``ck``, just launched by the JIT for ``args``, for later calls with their key."""
