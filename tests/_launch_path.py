@@ -22,6 +22,12 @@ softmax forward:
 Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be
 unset when the kernels are imported).  Prints one line per launch, then ALL OK.
 ``--sweep``: the same for every configuration of benchmarks/gpu_sweep.py instead.
+``--lean``: crossent's lean launch path (backends/triton/_launch.py) against JITFunction.run:
+every production launch skips the JIT from its second call on and hands the launcher exactly
+what the JIT hands it (grid, stream, function, packed metadata, every argument); argument
+variants that move Triton's specialisation (alignment, == 1, % 16, beyond 32 bits, dtype)
+reach the compiled kernel the JIT reaches; the current device and stream, launch hooks and
+rebound globals are honoured; crossent's own call sites take the path.
 """
 import contextlib
 import itertools

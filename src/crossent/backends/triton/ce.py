@@ -379,7 +379,7 @@ class _Spec:
     def launcher(self, stage: int, cooperative: bool = False):
         """_ce_kernel with these constexprs at ``stage``, kept here (looking it up costs ~3 us a call)."""
         launch = self.launchers.get((stage, cooperative))
-        if launch is None:
+        if launch is None or launch.kernel is not _ce_kernel:   # or a wrapper swapped in (tests' recorders)
             coop = dict(launch_cooperative_grid=True) if cooperative else {}
             launch = self.launchers[stage, cooperative] = _lean.launcher(_ce_kernel, STAGE=stage, **coop,
                                                                          **self.consts)
