@@ -8,7 +8,14 @@ off as on CUDA: what is timed is crossent's Python from ``crossent.cross_entropy
 to the launch calls and after them, plus the torch ops it runs (each of which is one more
 launch on CUDA).  The best of several rounds of this thread's CPU time is reported: a shared CPU only adds time.
 
-    PYTHONPATH=src python benchmarks/gpu_host.py [--rounds 7] [--calls 300]
+``--dispatch`` times launches instead: Triton's JIT dispatch (``kernel[grid](...)``)
+against crossent's lean launch path (``backends/triton/_launch.py``) and the bare launcher
+call, per launch of the production plans at the benchmark shapes, on the fake sm_90 driver
+of tests/_launch_path.py (the kernels compile for real; the launcher records and returns);
+then crossent's backend calls with the lean path off and on, on CPU tensors through that
+driver, or on CUDA tensors where there is a GPU (then only these).  Same timing rule.
+
+    PYTHONPATH=src python benchmarks/gpu_host.py [--rounds 7] [--calls 300] [--dispatch]
 """
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
-os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported: CPU tensors
 os.environ["CROSSENT_BACKEND"] = "triton"
 
 import torch  # noqa: E402
@@ -55,11 +62,99 @@ def _best_us(fn, calls: int, rounds: int) -> float:
     return best
 
 
+def _fake_launches(fake, fake_gpu, calls: int, rounds: int) -> None:
+    """us per launch of the production plans: Triton's JIT dispatch, the lean path, the launcher alone."""
+    from crossent.backends.triton import _launch, ce
+    dev = torch.device("cuda", 0)
+    g = torch.zeros(16, dtype=torch.bfloat16)
+    plans = [(f"{op} {R}x{C}{(' none', ' mean')[reduce > 0] if op == 'cross_entropy' else ''}",
+              *fake_gpu.production(op, R, C, reduce, dev)[1:])
+             for op, (R, C), reduce in [("cross_entropy", (8192, 32000), 3), ("cross_entropy", (8192, 32000), 0),
+                                        ("cross_entropy", (8192, 128256), 3), ("softmax", (8192, 128256), 0)]]
+    plans.append(("rescale", ce._rescale_kernel, (g, torch.ones(()), 8192 * 32000), dict(BLOCK=4096, num_warps=8),
+                  528, False))
+    print(f"{'launch':34} {'kernel':22} {'args':>4} {'JIT':>6} {'lean':>6} {'launcher':>8}")
+    for label, fn, args, consts, grid, coop in plans:
+        consts = dict(consts, launch_cooperative_grid=coop)
+        lean = _launch.launcher(fn, **consts)
+        lean((grid,), *args)
+        run, function, packed, _ = next(iter(lean.cache.values()))
+
+        def timed(f):
+            def loop():
+                f()
+                fake.launches.clear()
+            return _best_us(loop, calls, rounds)
+        jit_us = timed(lambda: fn[(grid,)](*args, **consts))
+        lean_us = timed(lambda: lean((grid,), *args))
+        bare_us = timed(lambda: run(grid, 1, 1, 0, function, packed, None, None, None, *args, *lean.tail))
+        print(f"{label:34} {fn.__name__:22} {len(args):4} {jit_us:6.1f} {lean_us:6.1f} {bare_us:8.1f}")
+
+
+def _backend_calls(device: torch.device, calls: int, rounds: int, tidy) -> None:
+    """us per call of crossent's triton backend functions (allocations, launch preparation and
+    launches) with the lean path off (every launch through Triton's JIT) and on."""
+    from crossent.backends.triton import _launch, ce, softmax
+    x = torch.randn(64, 1000, device=device, dtype=torch.bfloat16)
+    y = torch.randint(0, 1000, (64,), device=device)
+    denom, one, lse = torch.zeros((), device=device), torch.ones((), device=device), torch.zeros(64, device=device)
+    ops = {"cross_entropy mean, fwd + gradient": lambda: ce.ce_forward_fused(x, y, None, denom, -100, 0.0, 0.0, 0.0,
+                                                                            "mean", x.dtype, True, False),
+           "cross_entropy backward ('none')": lambda: ce.ce_backward(x, y, None, lse, -100, 0.0, 0.0, 0.0, lse),
+           "rescale_ (upstream gradient 1)": lambda: ce.rescale_(x, one),
+           "softmax forward": lambda: softmax.softmax_forward(x, -1, False)}
+    print(f"\ncrossent's backend calls on {device} tensors 64x1000 bf16: us of CPU per call")
+    print(f"{'call':36} {'JIT':>6} {'lean':>6} {'saved':>6}")
+    enabled = _launch.ENABLED
+    for label, op in ops.items():
+        us = []
+        for lean in (False, True):
+            _launch.ENABLED = lean
+            ce.configure()   # fresh plans and launchers, built with the path off / on
+
+            def call():
+                op()
+                tidy()
+            us.append(_best_us(call, calls, rounds))
+        print(f"{label:36} {us[0]:6.1f} {us[1]:6.1f} {us[0] - us[1]:6.1f}")
+    _launch.ENABLED = enabled
+    ce.configure()
+
+
+def dispatch(calls: int, rounds: int) -> int:
+    """Launch dispatch: on the fake sm_90 driver without a GPU (per launch, then per backend call
+    on CPU tensors), on the GPU itself where there is one (per backend call on CUDA tensors)."""
+    if torch.cuda.is_available():
+        import triton
+        print(f"Triton {triton.__version__}, {torch.cuda.get_device_name()}: best of {rounds} rounds")
+        _backend_calls(torch.device("cuda"), calls, rounds, lambda: None)
+        torch.cuda.synchronize()
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    try:
+        import _launch_path as fake_gpu   # unsets TRITON_INTERPRET before triton is imported
+    except ImportError as e:
+        print(f"--dispatch needs tests/_launch_path.py and Triton's NVIDIA backend: {e}")
+        return 1
+    import triton
+    from crossent.backends.triton import _launch
+    fake = fake_gpu.install_fake_device()
+    print(f"Triton {triton.__version__}, fake sm_90 driver: best of {rounds} rounds, us of CPU per launch "
+          f"(lean path enabled: {_launch.ENABLED})")
+    _fake_launches(fake, fake_gpu, calls, rounds)
+    _backend_calls(torch.device("cpu"), calls, rounds, fake.launches.clear)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--dispatch", action="store_true", help="time one launch: JIT vs lean path (fake sm_90)")
     args = ap.parse_args()
+    if args.dispatch:
+        return dispatch(args.calls, args.rounds)
+    os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported: CPU tensors
     import crossent
     torch.set_num_threads(1)
     stub_launches()

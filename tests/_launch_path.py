@@ -22,6 +22,12 @@ softmax forward:
 Run by tests/test_triton_compile.py in a subprocess (TRITON_INTERPRET must be
 unset when the kernels are imported).  Prints one line per launch, then ALL OK.
 ``--sweep``: the same for every configuration of benchmarks/gpu_sweep.py instead.
+``--lean``: crossent's lean launch path (backends/triton/_launch.py) against JITFunction.run:
+every production launch skips the JIT from its second call on and hands the launcher exactly
+what the JIT hands it (grid, stream, function, packed metadata, every argument); argument
+variants that move Triton's specialisation (alignment, == 1, % 16, beyond 32 bits, dtype)
+reach the compiled kernel the JIT reaches; the current device and stream, launch hooks and
+rebound globals are honoured; crossent's own call sites take the path.
 """
 import contextlib
 import itertools
@@ -34,7 +40,7 @@ import torch
 import triton
 from triton.runtime import driver
 
-from crossent.backends.triton import _device, _grid, ce, softmax, split
+from crossent.backends.triton import _device, _grid, _launch, ce, softmax, split
 
 H100 = SimpleNamespace(name="fake H100 SXM (sm_90)", major=9, minor=0, multi_processor_count=A.SMS,
                        regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=228 * 1024,
@@ -48,15 +54,16 @@ class FakeSm90Driver:
 
     def __init__(self):
         self.launches = []
+        self.device, self.stream = 0, 0   # what the current device and stream are (settable)
         self.utils = SimpleNamespace(load_binary=self._load_binary, unload_module=lambda module: None,
                                      get_device_properties=lambda device: dict(
                                          max_shared_mem=227 * 1024, multiprocessor_count=A.SMS))
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device=None):
-        return 0
+        return 1000 * device + self.stream
 
     def get_current_target(self):
         return A.TARGET
@@ -69,10 +76,18 @@ class FakeSm90Driver:
 
     def launcher_cls(self, src, metadata):
         def launch(gx, gy, gz, stream, function, *args):
+            # args: packed metadata, launch metadata, enter / exit hooks, kernel arguments; the hooks
+            # are called with the launch metadata, as Triton's launcher calls them
+            if args[2] is not None:
+                args[2](args[1])
+            # call: every positional argument
             self.launches.append(dict(name=metadata.name, grid=(gx, gy, gz),
+                                      call=(gx, gy, gz, stream, function) + args,
                                       cooperative=metadata.launch_cooperative_grid, num_ctas=metadata.num_ctas,
                                       scratch=getattr(metadata, "global_scratch_size", 0)
                                       + getattr(metadata, "profile_scratch_size", 0)))
+            if args[3] is not None:
+                args[3](args[1])
         return launch
 
 
@@ -178,6 +193,193 @@ def sweep(fake, dev, cluster) -> bool:
     ce.configure(**defaults)
     return ok
 
+# ----------------------------------------------------------------------------- lean launch path (_launch.py)
+
+class JitSpy:
+    """Counts the launches that go through JITFunction.run (warmups aside)."""
+
+    def __init__(self, kernels):
+        self.calls = 0
+        for fn in kernels:
+            fn.run = self._wrap(fn.run)
+
+    def _wrap(self, run):
+        def spy(*args, **kwargs):
+            self.calls += not kwargs.get("warmup")
+            return run(*args, **kwargs)
+        return spy
+
+
+def _same(a, b) -> bool:
+    return type(a) is type(b) and (a is b or (not isinstance(a, torch.Tensor) and a == b))
+
+
+def _differs(lean: tuple, jit: tuple) -> str:
+    """'' where the lean launch handed the launcher what JITFunction.run hands it: grid, stream,
+    function, packed metadata and every argument alike; launch metadata and hooks None where
+    the JIT's hooks are empty chains (the launcher passes the metadata only to the hooks)."""
+    if len(lean) != len(jit):
+        return f"{len(lean)} launcher arguments, the JIT {len(jit)}"
+    bad = [i for i in range(len(lean)) if i not in (6, 7, 8) and not _same(lean[i], jit[i])]
+    if bad:
+        return f"launcher arguments {bad} differ: {[lean[i] for i in bad]} vs the JIT's {[jit[i] for i in bad]}"
+    if lean[6:9] != (None, None, None) or not (_launch._quiet(jit[7]) and _launch._quiet(jit[8])):
+        return f"launch metadata / hooks {lean[6:9]} vs the JIT's {jit[6:9]}"
+    return ""
+
+
+def lean_check(fake, spy, fn, args, consts, grid, label) -> tuple[bool, object]:
+    """Launch twice through _launch, then once through the JIT: the second launch must skip
+    the JIT and hand the launcher what the JIT does.  Returns (ok, the function launched)."""
+    launch = _launch.launcher(fn, **consts)
+    launch(grid, *args)
+    calls, n = spy.calls, len(fake.launches)
+    launch(grid, *args)
+    lean_jit, lean = spy.calls - calls, fake.launches[-1]
+    fn[grid](*args, **consts)
+    jit = fake.launches[-1]
+    err = ("" if lean_jit == 0 and len(fake.launches) == n + 2 else
+           f"{lean_jit} JIT dispatches and {len(fake.launches) - n - 1} launches on the second call")
+    err = err or _differs(lean["call"], jit["call"])
+    print(f"{'FAIL' if err else 'OK  '} lean {label:50} {lean['name']:23} {len(lean['call']) - 9:2} arguments "
+          f"cooperative={lean['cooperative']!s:5} num_ctas={lean['num_ctas']} {err}")
+    return not err, lean["call"][4]
+
+
+def lean_variants(fake, spy, fn, args, consts, grid, label, variants) -> bool:
+    """Argument variants that may change Triton's specialisation: each must reach the compiled
+    kernel the JIT reaches for it (a new one exactly when the JIT compiles one)."""
+    ok, base = lean_check(fake, spy, fn, args, consts, grid, label)
+    functions = {id(base)}
+    for name, vargs in variants:
+        good, function = lean_check(fake, spy, fn, vargs, consts, grid, f"{label} {name}")
+        ok &= good
+        functions.add(id(function))
+    if len(functions) < 2:   # the variants must exercise the key, or this check could not fail
+        print(f"FAIL {label}: no variant reached another compiled kernel")
+        ok = False
+    return ok
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(t.numel() + 1, dtype=t.dtype)[1:]   # data_ptr % 16 != 0 for elements < 16 bytes
+
+
+def lean_state_checks(fake, spy, dev) -> bool:
+    """Device, stream, launch hooks and rebound globals, on the rescale and CE kernels."""
+    from triton import knobs
+    g, s = torch.zeros(64, dtype=torch.bfloat16), torch.ones((), dtype=torch.float32)
+    consts, grid = dict(BLOCK=4096, num_warps=8), (4,)
+    ok = True
+    fake.stream = 7                              # the current stream, read per launch
+    ok &= lean_check(fake, spy, ce._rescale_kernel, (g, s, 64), consts, grid, "rescale, stream 7")[0]
+    fake.device = 1                              # another device: its own compiled kernel
+    ok &= lean_check(fake, spy, ce._rescale_kernel, (g, s, 64), consts, grid, "rescale, device 1")[0]
+    fake.device = fake.stream = 0
+    seen = []
+    hook = seen.append
+    knobs.runtime.launch_enter_hook.add(hook)    # a profiler's hook: the JIT builds its launch metadata
+    calls = spy.calls
+    _launch.launcher(ce._rescale_kernel, **consts)(grid, g, s, 64)
+    knobs.runtime.launch_enter_hook.remove(hook)
+    names = [m.get()["name"] for m in seen]   # LazyDict: what the hook reads
+    good = spy.calls == calls + 1 and names == [fake.launches[-1]["name"]]
+    print(f"{'OK  ' if good else 'FAIL'} lean rescale with a launch hook: through the JIT, the hook saw "
+          f"{names}")
+    ok &= good
+    # A global the kernel reads, rebound: an equal value passes the JIT's check, another raises.
+    path, fn, args, consts, grid, coop = production("cross_entropy", 8192, 8192, 0, dev)
+    consts = dict(consts, launch_cooperative_grid=coop)
+    (name, _), (_, scope) = next(iter(fn.used_global_vals.items()))
+    old = scope[name]
+    launch = _launch.launcher(fn, **consts)
+    scope[name] = type(old)(old.value)
+    calls = spy.calls
+    launch((grid,), *args)
+    launch((grid,), *args)
+    good = spy.calls == calls + 1
+    scope[name] = type(old)(old.value + 1)
+    try:
+        launch((grid,), *args)
+        good = False
+    except RuntimeError as e:
+        good &= "has changed" in str(e)
+    scope[name] = old
+    print(f"{'OK  ' if good else 'FAIL'} lean {fn.__name__} with global {name} rebound: equal value through the "
+          f"JIT once, another value raises as the JIT does")
+    return ok & good
+
+
+def lean_call_sites(fake, spy) -> bool:
+    """crossent's own launchers (CPU tensors: the kernels compile for sm_90 and reach the fake
+    launcher, on the non-cooperative branches): a repeated call dispatches nothing through the JIT."""
+    from crossent.backends.triton import logprobs
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1000, dtype=torch.bfloat16), torch.randint(0, 1000, (64,))
+    wide = torch.randn(4, 3 * ce._SINGLE_MAX, dtype=torch.bfloat16)
+    denom, s, a = torch.zeros(()), torch.full((), 0.5), torch.ones(64)
+    lse = torch.zeros(64)
+    shift = torch.zeros(64, 2)
+    ops = {
+        "cross_entropy mean, gradient": lambda: ce.ce_forward_fused(x, y, None, denom, -100, 0.0, 0.0, 0.0, "mean",
+                                                                    x.dtype, True, False),
+        "cross_entropy none": lambda: ce.ce_forward_fused(x, y, None, denom, -100, 0.1, 0.0, 0.0, "none",
+                                                          torch.float32, False, False),
+        "cross_entropy backward": lambda: ce.ce_backward(x, y, None, lse, -100, 0.0, 0.0, 0.0, a),
+        "cross_entropy split rows": lambda: ce.ce_forward_fused(wide, y[:4], None, denom, -100, 0.0, 0.0, 0.0,
+                                                                "sum", wide.dtype, True, False),
+        "rescale": lambda: ce.rescale_(x, s),
+        "softmax forward": lambda: softmax.softmax_forward(x, -1, False),
+        "softmax split rows": lambda: softmax.softmax_forward(wide, -1, True),
+        "log_softmax backward": lambda: softmax.softmax_backward(x, x, -1, True, x.dtype),
+        "logprobs forward": lambda: logprobs.forward(x, y, 1.0, True),
+        "logprobs backward": lambda: logprobs.backward(x, y, shift, lse, a, a, 0.7),
+    }
+    ok = True
+    for label, op in ops.items():
+        op()
+        calls, n = spy.calls, len(fake.launches)
+        op()
+        names = sorted({r["name"] for r in fake.launches[n:]})
+        good = spy.calls == calls and len(fake.launches) > n
+        print(f"{'OK  ' if good else 'FAIL'} lean call site {label:30} {len(fake.launches) - n} launches "
+              f"{names}, {spy.calls - calls} through the JIT on the second call")
+        ok &= good
+    return ok
+
+
+def lean(fake, dev, cases) -> bool:
+    """The lean launch path against JITFunction.run, for every production launch plan."""
+    from crossent.backends.triton import logprobs
+    spy = JitSpy([ce._ce_kernel, ce._rescale_kernel, split._ce_split_kernel, split._softmax_split_kernel,
+                  softmax._softmax_fwd_kernel, softmax._softmax_bwd_kernel, logprobs._lp_fwd_kernel,
+                  logprobs._lp_bwd_kernel])
+    ok = _launch.ENABLED
+    print(f"lean launch path enabled: {ok}")
+    for op, (R, C), reduce in cases:
+        path, fn, args, consts, grid, coop = production(op, R, C, reduce, dev)
+        ok &= lean_check(fake, spy, fn, args, dict(consts, launch_cooperative_grid=coop), (grid,),
+                         f"{op} {R}x{C} reduce={reduce} {path}")[0]
+    # rescale: every int class Triton specialises on (== 1, % 16, beyond 32 bits) and pointer alignment
+    g, s = torch.zeros(64, dtype=torch.bfloat16), torch.ones((), dtype=torch.float32)
+    n = 8192 * 32000
+    ok &= lean_variants(fake, spy, ce._rescale_kernel, (g, s, n), dict(BLOCK=4096, num_warps=8), (528,), "rescale", [
+        ("n + 16", (g, s, n + 16)), ("n + 1", (g, s, n + 1)), ("n = 1", (g, s, 1)), ("n = 2**31 + 16", (g, s, 2**31 + 16)),
+        ("misaligned grad", (_misaligned(g), s, n)), ("fp32 grad", (g.float(), s, n))])
+    # cross-entropy: a misaligned target, ignore_index 1 / a multiple of 16 (-100 is neither)
+    path, fn, args, consts, grid, coop = production("cross_entropy", 8192, 8192, 0, dev)
+    consts = dict(consts, launch_cooperative_grid=coop)
+    i_t, i_ii = fn.arg_names.index("t_ptr"), fn.arg_names.index("ignore_index")
+
+    def variant(i, value):
+        return args[:i] + (value,) + args[i + 1:]
+    ok &= lean_variants(fake, spy, fn, args, consts, (grid,), f"cross_entropy 8192x8192 {path}", [
+        ("misaligned target", variant(i_t, _misaligned(args[i_t]))), ("ignore_index 1", variant(i_ii, 1)),
+        ("ignore_index 16", variant(i_ii, 16)), ("ignore_index -7", variant(i_ii, -7))])
+    ok &= lean_state_checks(fake, spy, dev)
+    ok &= lean_call_sites(fake, spy)
+    return ok
+
 
 def main() -> int:
     ok = True
@@ -190,13 +392,15 @@ def main() -> int:
     if not here:   # refused for the cluster, not for the probe itself: one CTA compiles
         ok &= A.compile_one(_device._cluster_sum_probe, {"x_ptr": "*bf16", "out_ptr": "*fp32"}, {"BLOCK": 4096},
                             "the cluster probe with num_ctas=1", num_warps=4)
+    cases = [("cross_entropy", shape, reduce) for shape, reduce in
+             itertools.product(A.BENCH_SHAPES + [(8192, 8192)], (3, 0))] + \
+            [("softmax", shape, 0) for shape in [(8192, 32000), (8192, 128256)]]
     if "--sweep" in sys.argv:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
         ok &= sweep(fake, dev, cluster)
+    elif "--lean" in sys.argv:
+        ok &= lean(fake, dev, cases)
     else:
-        cases = [("cross_entropy", shape, reduce) for shape, reduce in
-                 itertools.product(A.BENCH_SHAPES + [(8192, 8192)], (3, 0))] + \
-                [("softmax", shape, 0) for shape in [(8192, 32000), (8192, 128256)]]
         for op, (R, C), reduce in cases:
             path = production(op, R, C, reduce, dev)[0]
             if path != expected_path(op, C, reduce, cluster):

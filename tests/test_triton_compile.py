@@ -33,13 +33,19 @@ needs_toolchain = pytest.mark.skipif(
     reason="this triton build has no NVIDIA backend or no ptxas / cuobjdump / nvdisasm")
 
 
-def _run(script: str, tmp_path, start: str) -> None:
-    """Run tests/<script> without TRITON_INTERPRET; assert it printed ALL OK; its report from ``start`` on."""
+def _env(tmp_path) -> dict:
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("TRITON_INTERPRET", None)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _run(script: str, tmp_path, start: str, *args: str) -> None:
+    """Run tests/<script> without TRITON_INTERPRET; assert it printed ALL OK; its report from ``start`` on."""
     here = Path(__file__).resolve().parent
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(here.parent / "src"), env.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, str(here / script)], env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run([sys.executable, str(here / script), *args], env=_env(tmp_path), capture_output=True,
+                         text=True, timeout=900)
     print(out.stdout[out.stdout.find(start):])   # the report (pytest -s)
     fails = "\n".join(line for line in out.stdout.splitlines() if line.startswith("FAIL"))
     assert out.returncode == 0 and "ALL OK" in out.stdout, fails[:4000] + out.stdout[-3000:] + out.stderr[-3000:]
@@ -58,3 +64,20 @@ def test_launch_path_through_the_installed_triton(tmp_path):
     cluster probe routes the plan, the cooperative grid fits, the flags reach the launcher
     (tests/_launch_path.py)."""
     _run("_launch_path.py", tmp_path, "cluster reductions")
+
+
+@needs_toolchain
+def test_lean_launch_matches_the_jit(tmp_path):
+    """After the first call of a key, crossent's launches skip Triton's JIT dispatch and hand the
+    launcher what JITFunction.run hands it, for every production launch; argument variants reach
+    the compiled kernel the JIT reaches; device, stream, hooks and globals are honoured; crossent's
+    own call sites take the lean path (tests/_launch_path.py --lean)."""
+    _run("_launch_path.py", tmp_path, "lean launch", "--lean")
+
+
+def test_lean_launch_off_switch(tmp_path):
+    """CROSSENT_LEAN_LAUNCH=0 sends every launch through Triton's JIT."""
+    check = "from crossent.backends.triton import _launch; print(_launch.ENABLED)"
+    out = subprocess.run([sys.executable, "-c", check], env=dict(_env(tmp_path), CROSSENT_LEAN_LAUNCH="0"),
+                         capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]   # on (True) by default: _launch_path.py --lean

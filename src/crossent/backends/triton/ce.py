@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device, _grid, split
+from . import _device, _grid, _launch as _lean, split
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
 
@@ -61,6 +61,7 @@ def configure(**knobs) -> None:
     split.plan.cache_clear()
     split._CONFIGS.clear()
     _grid._RESIDENT.clear()
+    _lean.clear()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -368,11 +369,21 @@ def _scale_arg(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 class _Spec:
     """A launch of _ce_kernel prepared once per shape, strides and flags (see _spec)."""
-    __slots__ = ("path", "consts", "n_sblk", "programs")
+    __slots__ = ("path", "consts", "n_sblk", "programs", "launchers")
 
     def __init__(self, path, consts, n_sblk):
         self.path, self.consts, self.n_sblk = path, consts, n_sblk
         self.programs = None   # the cooperative grid, found at the first launch
+        self.launchers = {}
+
+    def launcher(self, stage: int, cooperative: bool = False):
+        """_ce_kernel with these constexprs at ``stage``, kept here (looking it up costs ~3 us a call)."""
+        launch = self.launchers.get((stage, cooperative))
+        if launch is None or launch.kernel is not _ce_kernel:   # or a wrapper swapped in (tests' recorders)
+            coop = dict(launch_cooperative_grid=True) if cooperative else {}
+            launch = self.launchers[stage, cooperative] = _lean.launcher(_ce_kernel, STAGE=stage, **coop,
+                                                                         **self.consts)
+        return launch
 
 
 @functools.lru_cache(maxsize=256)
@@ -424,14 +435,13 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     def args(part):
         return (x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w, scale, scale_stride, rows_out, lse,
                 g, gs[0], gs[1], gs[2], ws, part, loss, S, C, spec.n_sblk, tiles, *scalars)
-    consts = spec.consts
     if reduce == 3 and dev.type == "cuda" and _device.cooperative(dev):
         try:
             if spec.programs is None:
                 ws, part = _grid.workspace(dev, 0, 0)
-                spec.programs = min(tiles, _grid.resident(_ce_kernel, args(part), dict(consts, STAGE=0), dev))
+                spec.programs = min(tiles, _grid.resident(_ce_kernel, args(part), dict(spec.consts, STAGE=0), dev))
             ws, part = _grid.workspace(dev, 0, spec.programs)
-            _ce_kernel[(spec.programs,)](*args(part), STAGE=0, launch_cooperative_grid=True, **consts)
+            spec.launcher(0, cooperative=True)((spec.programs,), *args(part))
             return loss, lse
         except Exception as e:  # noqa: BLE001 - as above; W then takes a launch of its own
             if torch.cuda.is_current_stream_capturing():
@@ -442,7 +452,7 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     n = tiles if reduce == 0 else min(tiles, _PROGRAMS_PER_SM * _device.num_sms(dev))
     ws, part = _grid.workspace(dev, 0, n)
     for stage in ((1, 2) if reduce == 3 else (0,)):
-        _ce_kernel[(n,)](*args(part), STAGE=stage, **consts)
+        spec.launcher(stage)((n,), *args(part))
     return loss, lse
 
 
@@ -515,4 +525,4 @@ def rescale_(grad, g):
         return
     block = 4096
     grid = (min(_device.cdiv(grad.numel(), block), 4 * _device.num_sms(grad.device)),)
-    _rescale_kernel[grid](grad, g, grad.numel(), BLOCK=block, num_warps=8)
+    _lean.launcher(_rescale_kernel, BLOCK=block, num_warps=8)(grid, grad, g, grad.numel())

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device
+from . import _device, _launch
 from .ce import _safe, tile_shape
 
 # As crossent.logprobs: exp(-1024) == 0, and p * L stays finite.  A compiled
@@ -119,9 +119,9 @@ def forward(x, ys, temperature, entropy):
     ent = torch.empty(R if entropy else 0, dtype=torch.float32, device=x.device)
     if R:
         pl = _plan(R, V)
-        _lp_fwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, lp, ent if entropy else lp, shift, R, V,
-                                   1.0 / temperature, BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"],
-                                   ENTROPY=entropy, num_warps=pl["num_warps"])
+        _launch.launcher(_lp_fwd_kernel, BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"], ENTROPY=entropy,
+                         num_warps=pl["num_warps"])(pl["grid"], x, x.stride(0), x.stride(1), ys, lp,
+                                                    ent if entropy else lp, shift, R, V, 1.0 / temperature)
     return lp, ent, shift
 
 
@@ -138,11 +138,11 @@ def rows_backward(x, out, ys, shift, ent, a, b, temperature):
         pl = _plan(R, V)
         f32 = (lambda t: t.to(torch.float32).contiguous())
         a32 = f32(a)
-        _lp_bwd_kernel[pl["grid"]](x, x.stride(0), x.stride(1), ys, f32(shift), a32 if b is None else f32(ent),
-                                   a32, a32 if b is None else f32(b), out,
-                                   out.stride(0), out.stride(1), R, V, 1.0 / temperature,
-                                   BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"], HAS_B=b is not None,
-                                   num_warps=pl["num_warps"])
+        _launch.launcher(_lp_bwd_kernel, BLOCK_R=pl["BLOCK_R"], BLOCK_V=pl["BLOCK_V"], HAS_B=b is not None,
+                         num_warps=pl["num_warps"])(pl["grid"], x, x.stride(0), x.stride(1), ys, f32(shift),
+                                                    a32 if b is None else f32(ent), a32,
+                                                    a32 if b is None else f32(b), out, out.stride(0),
+                                                    out.stride(1), R, V, 1.0 / temperature)
     return out
 
 

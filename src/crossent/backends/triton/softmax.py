@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device, ce, split
+from . import _device, _launch, ce, split
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -177,7 +177,7 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     if path == "cluster":   # one row per cluster, held in registers across its CTAs
         cfg = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}
         n_sblk = S
-    _softmax_fwd_kernel[(B * n_sblk,)](xc, y, S, C, sb, ss, sc, n_sblk, LOG=log, **cfg)
+    _launch.launcher(_softmax_fwd_kernel, LOG=log, **cfg)((B * n_sblk,), xc, y, S, C, sb, ss, sc, n_sblk)
     return y.reshape(x.shape)
 
 
@@ -195,5 +195,5 @@ def softmax_backward(g: torch.Tensor, y: torch.Tensor, dim: int, log: bool,
         return dx.reshape(y.shape)
     B, C, S, (sb, ss, sc) = _view(gc.shape, d)
     cfg, n_sblk = _plan(B, C, S, ss, sc)
-    _softmax_bwd_kernel[(B * n_sblk,)](gc, yc, dx, S, C, sb, ss, sc, n_sblk, LOG=log, **cfg)
+    _launch.launcher(_softmax_bwd_kernel, LOG=log, **cfg)((B * n_sblk,), gc, yc, dx, S, C, sb, ss, sc, n_sblk)
     return dx.reshape(y.shape)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _device, _grid
+from . import _device, _grid, _launch
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
 
@@ -260,8 +260,8 @@ def plan(R: int, C: int, device: torch.device) -> dict:
 _CONFIGS: dict = {}
 
 
-def _config(kernel, R, C, device, consts: tuple, args) -> tuple[int, int, int, bool, dict]:
-    """(programs, row groups, slice-partial floats, cooperative, launch kwargs) of kernel
+def _config(kernel, R, C, device, consts: tuple, args) -> tuple[int, int, int, tuple]:
+    """(programs, row groups, slice-partial floats, launchers: one per stage) of kernel
     over R rows of C classes, cached: ~10 us of Python per call otherwise (issue 10,
     item 3).  The cooperative grid is what fits on the device at once (_grid.resident)."""
     key = (kernel, R, C, device, consts)
@@ -280,7 +280,9 @@ def _config(kernel, R, C, device, consts: tuple, args) -> tuple[int, int, int, b
         kw.update(STAGE=0, launch_cooperative_grid=True)
     if len(_CONFIGS) >= 1024:   # shapes vary (sequence lengths): keep the cache bounded
         _CONFIGS.clear()
-    cfg = _CONFIGS[key] = (groups * p["NSPLIT"], groups, R * p["NSPLIT"] * 5, p["cooperative"], kw)
+    stages = [kw] if p["cooperative"] else [dict(kw, STAGE=s) for s in (1, 2)]
+    cfg = _CONFIGS[key] = (groups * p["NSPLIT"], groups, R * p["NSPLIT"] * 5,
+                           tuple(_launch.launcher(kernel, **s) for s in stages))
     return cfg
 
 
@@ -289,14 +291,11 @@ def _run(kernel, R, C, device, args, consts: tuple):
     CUDA, two stages elsewhere.  ``args`` builds the argument list around the
     slice partials ``part``, the workspace (``_grid.workspace``) and the group count;
     ``consts``: the kernel's other constexprs as (name, value) pairs."""
-    n, groups, floats, cooperative, kw = _config(kernel, R, C, device, consts, args)
+    n, groups, floats, launchers = _config(kernel, R, C, device, consts, args)
     ws, acc = _grid.workspace(device, R, n)
     a = args(_grid.scratch(device, floats), ws, acc, groups)
-    if cooperative:
-        kernel[(n,)](*a, **kw)
-        return
-    for stage in (1, 2):
-        kernel[(n,)](*a, STAGE=stage, **kw)
+    for launch in launchers:
+        launch((n,), *a)
 
 
 def ce(x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g, R, C, scalars, flags, reduce):
