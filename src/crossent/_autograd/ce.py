@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _ops, backends, reference
 from ..backends.base import wide_dtype
+from .._fast import _eager
 from .._validate import _compiling, func_transforms, not_ignored
 
 
@@ -59,8 +60,10 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     return (total / denom if reduction == "mean" else total).to(rows.dtype)
 
 
-# What torch's Function.apply does first: unwrap tensors of functorch transforms that have exited.
-_unwrap_dead = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", lambda args: args)
+# What torch's Function.apply does first: unwrap tensors of functorch transforms that
+# have exited (torch.func's unwrap_dead_wrappers, tensor by tensor).
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -82,9 +85,13 @@ class CrossEntropyFunction(torch.autograd.Function):
         # call once setup_context is defined (~20 us of the eager call path, issue 10
         # item 3).  Callers pass every argument positionally, so there is nothing to
         # bind: outside tracing and functorch transforms, the C++ apply it ends in.
-        if _compiling() or torch._C._are_functorch_transforms_active():
+        if not _eager() or _transforms_active():
             return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
+        # unwrap_dead_wrappers(args) without its generator (~1 us): the four tensor arguments.
+        x, target, weight, denom, opts, need_grad = args
+        return super(torch.autograd.Function, cls).apply(
+            _unwrap_if_dead(x), _unwrap_if_dead(target), weight if weight is None else _unwrap_if_dead(weight),
+            _unwrap_if_dead(denom), opts, need_grad)
 
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
@@ -122,9 +129,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
             ctx.grad = x.detach() if opts.inplace_backward else grad
         # With inplace_backward the logits are gone, so nothing can be recomputed.
-        saved = (None if opts.inplace_backward else x, target, weight, lse, denom)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
+        ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, denom)
         ctx.mark_non_differentiable(lse, grad)
         # No zero-filled stand-ins for the unused lse and grad outputs: that
         # would be an N x C zeros (a full write of the logits' size) per backward.
@@ -169,6 +174,12 @@ class CrossEntropyFunction(torch.autograd.Function):
 class CrossEntropyJvpFunction(CrossEntropyFunction):
     """CrossEntropyFunction plus forward-mode AD, used only while forward-mode
     AD is active (torch.compile cannot trace a Function that defines jvp)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        CrossEntropyFunction.setup_context(ctx, inputs, output)
+        x, target, weight, denom, opts, _ = inputs
+        ctx.save_for_forward(None if opts.inplace_backward else x, target, weight, output[1], denom)
 
     @staticmethod
     def jvp(ctx, tx: Tensor, _t_target, _t_weight, _t_denom, _t_opts, _t_need):
