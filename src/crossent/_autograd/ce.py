@@ -137,20 +137,21 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor | None, _g_lse: Tensor | None, _g_grad: Tensor | None):
-        opts: CEOptions = ctx.opts
         if g is None:  # only the non-differentiable outputs were used
             return None, None, None, None, None, None
-        if torch.is_grad_enabled() or _batched(g) or not _rescalable(g):
+        eager = _eager()   # while compiling, g is neither batched nor read (_batched, _rescalable)
+        if torch.is_grad_enabled() or (eager and (_batched(g) or not _rescalable(g))):
             # create_graph, a batched upstream (jacrev, is_grads_batched) or a
             # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
             return _differentiable_grad(ctx, g), None, None, None, None, None
+        opts: CEOptions = ctx.opts
         if ctx.grad is not None:
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            if _compiling():
+            if not eager:
                 # The compiled backward is functional: rescaling the saved buffer in place
                 # would cost a copy of it first (inductor clones a mutated graph input it
                 # cannot write back), so one multiply, in fp32 as the kernel's, which
@@ -207,10 +208,14 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
 def _batched(g: Tensor) -> bool:
     """Whether the backward runs under vmap: torch.func's, or the legacy one
     behind autograd.grad(is_grads_batched=True)."""
-    if _compiling():
+    if not _eager():
         return False
-    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return func_transforms()[0] or (legacy is not None and legacy(g))
+    # func_transforms() only once some functorch transform is active
+    return (_functorch_level() is not None and func_transforms()[0]) or _legacy_batched(g)
+
+
+_functorch_level = torch._C._functorch.maybe_current_level
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
@@ -226,7 +231,7 @@ def _rescalable(g: Tensor) -> bool:
     recomputes term by term (reference.cross_entropy_grad).  Checked only
     where reading g is free (a CPU tensor in eager mode); elsewhere that would
     be a host sync."""
-    if g.device.type != "cpu" or _compiling():
+    if not g.is_cpu or not _eager():
         return True
     return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
 
