@@ -52,7 +52,7 @@ def _softmax(name: str, log: bool, input: Tensor, dim, stacklevel: int, dtype) -
         input = input.to(dtype)  # cast first, as torch does (autograd records the copy)
     if input.numel() == 0 and not input.is_floating_point():  # torch returns before its dtype dispatch
         return torch.empty_like(input, memory_format=torch.contiguous_format)
-    V.floating_input(input, V.softmax_kernel(log, dim, input.dim()))
+    V.softmax_input(input, log, dim)
     return _softmax_impl(input, dim, log)
 
 
@@ -228,7 +228,7 @@ def _ce_checks(input: Tensor, target: Tensor, weight: Tensor | None, ignore_inde
     if prob:
         V.prob_target(input, target, weight, ignore_index)
         if input.numel():
-            V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
+            V.softmax_input(input, True, class_dim)
         _smoothing_range(eps)
         out_dtype = torch.promote_types(input.dtype, target.dtype)  # same shapes: plain promotion
         if weight is not None:
@@ -238,7 +238,7 @@ def _ce_checks(input: Tensor, target: Tensor, weight: Tensor | None, ignore_inde
     if input.dim() == 0:
         raise IndexError("Dimension out of range (expected to be in range of [-1, 0], but got 1)")
     if input.numel():
-        V.floating_input(input, V.softmax_kernel(True, class_dim, input.dim()))
+        V.softmax_input(input, True, class_dim)
     V.class_target(input, target, weight, reduction)
     return eps, z_loss, cap, prob, class_dim, input.dtype
 
