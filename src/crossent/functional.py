@@ -285,7 +285,8 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         w = None if weight is None else weight.reshape(-1)
         denom = _denominator(t, w, ignore_index, input.shape[class_dim], eps, prob, lse.dtype)
         return CrossEntropyOutput(loss, lse, _z_term(lse, t, prob, ignore_index, z_loss, red, denom).to(loss.dtype))
-    weight = None if weight is None else weight.reshape(-1)  # any shape with C elements, as torch
+    # Any shape with C elements, as torch; a (C,) weight as it is (a reshape is a view op, ~1 us).
+    weight = weight if weight is None or weight.dim() == 1 else weight.reshape(-1)
     x, t = _canonical(input, target)
     backend = backends.name_for(x.device.type)
     # fused: the kernel fills the denom buffer (size=: ~0.5 us less than a positional ())
