@@ -224,8 +224,10 @@ _legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda
 
 
 def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
-    """The scale of the gradient of loss * 1 upstream: 1/denom for 'mean', else 1."""
-    return 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+    """The scale of the gradient of loss * 1 upstream: 1/denom for 'mean', else 1.
+    reciprocal: what 1.0 / denom computes (reciprocal() * 1.0), without the ~3 us of
+    Tensor.__rtruediv__'s Python wrapper."""
+    return denom.reciprocal() if opts.reduction == "mean" else torch.ones_like(denom)
 
 
 def _rescalable(g: Tensor) -> bool:
