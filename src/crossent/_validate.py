@@ -300,7 +300,7 @@ def check_target_bounds(target: Tensor, n_classes: int, ignore_index: int) -> No
     NaN loss (and NaN gradient row) instead of a device-side assert.
     """
     forced = _env_get(_CHECK) not in (None, "", "0", b"", b"0")   # os.environ.get costs ~0.7 us
-    if not forced and (not target.is_cpu or _compiling()):
+    if not forced and (target.device.type != "cpu" or _compiling()):
         return
     if target.numel() == 0:
         return
