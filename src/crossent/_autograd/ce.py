@@ -210,6 +210,10 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         return loss_t.to(opts.out_dtype), None, None
 
 
+_functorch_level = torch._C._functorch.maybe_current_level
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _batched(g: Tensor) -> bool:
     """Whether the backward runs under vmap: torch.func's, or the legacy one
     behind autograd.grad(is_grads_batched=True)."""
@@ -217,10 +221,6 @@ def _batched(g: Tensor) -> bool:
         return False
     # func_transforms() only once some functorch transform is active
     return (_functorch_level() is not None and func_transforms()[0]) or _legacy_batched(g)
-
-
-_functorch_level = torch._C._functorch.maybe_current_level
-_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
