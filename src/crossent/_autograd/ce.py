@@ -64,6 +64,22 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
 # have exited (torch.func's unwrap_dead_wrappers, tensor by tensor).
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 _transforms_active = torch._C._are_functorch_transforms_active
+_no_jvp = torch.autograd.Function.jvp
+
+
+def _eager_apply(cls, args: tuple):
+    """``cls.apply(*args)`` in eager mode outside functorch transforms, for Functions that
+    crossent calls with every argument positional (the callers unwrap dead wrappers).
+
+    torch's Function.apply binds the arguments through inspect.signature on every call
+    once setup_context is defined (~20 us of the eager call path, issue 10 item 3):
+    with nothing to bind, the C++ apply it ends in.  Under no_grad there is no graph
+    to record either, so the forward runs alone, without the C++ apply and
+    setup_context (~5 us), unless the Function has a jvp (no_grad leaves forward-mode
+    AD on)."""
+    if torch.is_grad_enabled() or cls.jvp is not _no_jvp:
+        return super(torch.autograd.Function, cls).apply(*args)
+    return cls.forward(*args)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -81,22 +97,13 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
-        # torch's Function.apply binds the arguments through inspect.signature on every
-        # call once setup_context is defined (~20 us of the eager call path, issue 10
-        # item 3).  Callers pass every argument positionally, so there is nothing to
-        # bind: outside tracing and functorch transforms, the C++ apply it ends in.
         if not _eager() or _transforms_active():
             return super().apply(*args)
         # unwrap_dead_wrappers(args) without its generator (~1 us): the four tensor arguments.
         x, target, weight, denom, opts, need_grad = args
-        args = (_unwrap_if_dead(x), _unwrap_if_dead(target), weight if weight is None else _unwrap_if_dead(weight),
-                _unwrap_if_dead(denom), opts, need_grad)
-        if torch.is_grad_enabled() or cls is not CrossEntropyFunction:
-            return super(torch.autograd.Function, cls).apply(*args)
-        # Under no_grad there is no graph to record (and forward-mode AD, which no_grad
-        # leaves on, takes CrossEntropyJvpFunction): the forward alone, without the
-        # C++ apply and setup_context (~5 us of a forward-only call).
-        return cls.forward(*args)
+        return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(target),
+                                  weight if weight is None else _unwrap_if_dead(weight), _unwrap_if_dead(denom),
+                                  opts, need_grad))
 
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
@@ -258,6 +265,12 @@ def _differentiable_grad(ctx, g: Tensor) -> Tensor:
 
 class SoftmaxFunction(torch.autograd.Function):
     """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
+
+    @classmethod
+    def apply(cls, x: Tensor, dim: int, log: bool, backend: str):
+        if not _eager() or _transforms_active():
+            return super().apply(x, dim, log, backend)
+        return _eager_apply(cls, (_unwrap_if_dead(x), dim, log, backend))
 
     @staticmethod
     def forward(x: Tensor, dim: int, log: bool, backend: str):
