@@ -319,6 +319,12 @@ class PickFunction(torch.autograd.Function):
 
     generate_vmap_rule = True
 
+    @classmethod
+    def apply(cls, x: Tensor, idx: Tensor):
+        if not _eager() or _transforms_active():
+            return super().apply(x, idx)
+        return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(idx)))
+
     @staticmethod
     def forward(x: Tensor, idx: Tensor) -> Tensor:
         return x.gather(1, idx)
