@@ -245,7 +245,7 @@ def _rescalable(g: Tensor) -> bool:
     recomputes term by term (reference.cross_entropy_grad).  Checked only
     where reading g is free (a CPU tensor in eager mode); elsewhere that would
     be a host sync."""
-    if not g.is_cpu or not _eager():
+    if not _eager() or not g.is_cpu:   # eager first: Dynamo before torch 2.13 cannot trace is_cpu
         return True
     return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
 
