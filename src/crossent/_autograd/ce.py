@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import _ops, backends, reference
 from ..backends.base import wide_dtype
+from .._fast import _eager
 from .._validate import _compiling, func_transforms, not_ignored
 
 
@@ -66,8 +67,26 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str, out_dtype: torch.dtype)
     return _to(rows, out_dtype)
 
 
-# What torch's Function.apply does first: unwrap tensors of functorch transforms that have exited.
-_unwrap_dead = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", lambda args: args)
+# What torch's Function.apply does first: unwrap tensors of functorch transforms that
+# have exited (torch.func's unwrap_dead_wrappers, tensor by tensor).
+_unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
+_transforms_active = torch._C._are_functorch_transforms_active
+_no_jvp = torch.autograd.Function.jvp
+
+
+def _eager_apply(cls, args: tuple):
+    """``cls.apply(*args)`` in eager mode outside functorch transforms, for Functions that
+    crossent calls with every argument positional (the callers unwrap dead wrappers).
+
+    torch's Function.apply binds the arguments through inspect.signature on every call
+    once setup_context is defined (~20 us of the eager call path, issue 10 item 3):
+    with nothing to bind, the C++ apply it ends in.  Under no_grad there is no graph
+    to record either, so the forward runs alone, without the C++ apply and
+    setup_context (~5 us), unless the Function has a jvp (no_grad leaves forward-mode
+    AD on)."""
+    if torch.is_grad_enabled() or cls.jvp is not _no_jvp:
+        return super(torch.autograd.Function, cls).apply(*args)
+    return cls.forward(*args)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -85,13 +104,13 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @classmethod
     def apply(cls, *args):
-        # torch's Function.apply binds the arguments through inspect.signature on every
-        # call once setup_context is defined (~20 us of the eager call path, issue 10
-        # item 3).  Callers pass every argument positionally, so there is nothing to
-        # bind: outside tracing and functorch transforms, the C++ apply it ends in.
-        if _compiling() or torch._C._are_functorch_transforms_active():
+        if not _eager() or _transforms_active():
             return super().apply(*args)
-        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
+        # unwrap_dead_wrappers(args) without its generator (~1 us): the four tensor arguments.
+        x, target, weight, denom, opts, need_grad = args
+        return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(target),
+                                  weight if weight is None else _unwrap_if_dead(weight), _unwrap_if_dead(denom),
+                                  opts, need_grad))
 
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
@@ -129,9 +148,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
             ctx.grad = x.detach() if opts.inplace_backward else grad
         # With inplace_backward the logits are gone, so nothing can be recomputed.
-        saved = (None if opts.inplace_backward else x, target, weight, lse, denom)
-        ctx.save_for_backward(*saved)
-        ctx.save_for_forward(*saved)
+        ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, denom)
         ctx.mark_non_differentiable(lse, grad)
         # No zero-filled stand-ins for the unused lse and grad outputs: that
         # would be an N x C zeros (a full write of the logits' size) per backward.
@@ -139,20 +156,21 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor | None, _g_lse: Tensor | None, _g_grad: Tensor | None):
-        opts: CEOptions = ctx.opts
         if g is None:  # only the non-differentiable outputs were used
             return None, None, None, None, None, None
-        if torch.is_grad_enabled() or _batched(g) or not _rescalable(g):
+        eager = _eager()   # while compiling, g is neither batched nor read (_batched, _rescalable)
+        if torch.is_grad_enabled() or (eager and (_batched(g) or not _rescalable(g))):
             # create_graph, a batched upstream (jacrev, is_grads_batched) or a
             # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
             return _differentiable_grad(ctx, g), None, None, None, None, None
+        opts: CEOptions = ctx.opts
         if ctx.grad is not None:
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            if _compiling():
+            if not eager:
                 # The compiled backward is functional: rescaling the saved buffer in place
                 # would cost a copy of it first (inductor clones a mutated graph input it
                 # cannot write back), so one multiply, in fp32 as the kernel's, which
@@ -178,6 +196,12 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
     AD is active (torch.compile cannot trace a Function that defines jvp)."""
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        CrossEntropyFunction.setup_context(ctx, inputs, output)
+        x, target, weight, denom, opts, _ = inputs
+        ctx.save_for_forward(None if opts.inplace_backward else x, target, weight, output[1], denom)
+
+    @staticmethod
     def jvp(ctx, tx: Tensor, _t_target, _t_weight, _t_denom, _t_opts, _t_need):
         """Forward mode: the loss's tangent is sum_c dloss/dx_c * tx_c per row,
         with dloss/dx the backend's gradient for unit row scales.  Class
@@ -200,18 +224,24 @@ class CrossEntropyJvpFunction(CrossEntropyFunction):
         return loss_t.to(opts.out_dtype), None, None
 
 
+_functorch_level = torch._C._functorch.maybe_current_level
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
+
+
 def _batched(g: Tensor) -> bool:
     """Whether the backward runs under vmap: torch.func's, or the legacy one
     behind autograd.grad(is_grads_batched=True)."""
-    if _compiling():
+    if not _eager():
         return False
-    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return func_transforms()[0] or (legacy is not None and legacy(g))
+    # func_transforms() only once some functorch transform is active
+    return (_functorch_level() is not None and func_transforms()[0]) or _legacy_batched(g)
 
 
 def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
-    """The scale of the gradient of loss * 1 upstream: 1/denom for 'mean', else 1."""
-    return 1.0 / denom if opts.reduction == "mean" else torch.ones_like(denom)
+    """The scale of the gradient of loss * 1 upstream: 1/denom for 'mean', else 1.
+    reciprocal: what 1.0 / denom computes (reciprocal() * 1.0), without the ~3 us of
+    Tensor.__rtruediv__'s Python wrapper."""
+    return denom.reciprocal() if opts.reduction == "mean" else torch.ones_like(denom)
 
 
 def _rescalable(g: Tensor) -> bool:
@@ -222,7 +252,7 @@ def _rescalable(g: Tensor) -> bool:
     recomputes term by term (reference.cross_entropy_grad).  Checked only
     where reading g is free (a CPU tensor in eager mode); elsewhere that would
     be a host sync."""
-    if g.device.type != "cpu" or _compiling():
+    if not _eager() or not g.is_cpu:   # eager first: Dynamo before torch 2.13 cannot trace is_cpu
         return True
     return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
 
@@ -242,6 +272,12 @@ def _differentiable_grad(ctx, g: Tensor) -> Tensor:
 
 class SoftmaxFunction(torch.autograd.Function):
     """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
+
+    @classmethod
+    def apply(cls, x: Tensor, dim: int, log: bool, backend: str):
+        if not _eager() or _transforms_active():
+            return super().apply(x, dim, log, backend)
+        return _eager_apply(cls, (_unwrap_if_dead(x), dim, log, backend))
 
     @staticmethod
     def forward(x: Tensor, dim: int, log: bool, backend: str):
@@ -289,6 +325,12 @@ class PickFunction(torch.autograd.Function):
     """
 
     generate_vmap_rule = True
+
+    @classmethod
+    def apply(cls, x: Tensor, idx: Tensor):
+        if not _eager() or _transforms_active():
+            return super().apply(x, idx)
+        return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(idx)))
 
     @staticmethod
     def forward(x: Tensor, idx: Tensor) -> Tensor:
