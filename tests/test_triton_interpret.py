@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-from crossent.backends.triton import TritonBackend, ce, softmax, split  # noqa: E402
+from crossent.backends.triton import TritonBackend, ce, split  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 

@@ -18,8 +18,12 @@ import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:   # annotations only: the CLI imports torch where a command needs it
+    import torch
 
 # The tutorial prints its random 3x4 input rounded to 4 decimals; we start from those
 # printed numbers, so the loss is 1.412474..., not the tutorial's exact 1.412470...

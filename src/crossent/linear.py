@@ -44,7 +44,6 @@ leading batch dims (input (*B, D), target (*B) or (*B, C); torch accepts only
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import NamedTuple
 
 import torch
