@@ -168,3 +168,111 @@ def test_not_lean_under_compile(auto):
     assert any("crossent" in s for s in targets), targets
     assert not any("cross_entropy_loss" in s or "nll_loss_nd" in s for s in targets), targets
     assert _fast._eager()  # and eager calls after tracing are lean again
+
+
+# ----------------------------------------------------------------------------- linear_cross_entropy
+@pytest.fixture
+def linear_calls(monkeypatch):
+    """Counts calls into crossent's own linear cross-entropy Function."""
+    from crossent import linear
+    calls = []
+    real = linear.LinearCrossEntropyFunction.apply
+
+    def spy(*a):
+        calls.append(a)
+        return real(*a)
+    monkeypatch.setattr(linear.LinearCrossEntropyFunction, "apply", spy)
+    return calls
+
+
+def _hwt(N=6, D=4, C=9, dtype=torch.float64, prob=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h, W, b = (torch.randn(*s, generator=g, dtype=dtype) for s in ((N, D), (C, D), (C,)))
+    t = torch.softmax(torch.randn(N, C, generator=g, dtype=dtype), 1) if prob else \
+        torch.randint(0, C, (N,), generator=g)
+    return h, W, b, t
+
+
+needs_torch_lce = pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch >= 2.13")
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("kw", [{}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.2},
+                                {"weight": torch.rand(9, dtype=torch.float64) + 0.1}, {"ignore_index": 3},
+                                {"prob": True}, {"prob": True, "label_smoothing": 0.1}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_linear_cross_entropy_is_torch_bitwise(auto, linear_calls, kw, dtype):
+    """Small CPU calls with nothing torch lacks: torch's own F.linear_cross_entropy, values and
+    the gradients of input, weight and bias bitwise."""
+    kw = dict(kw)
+    h, W, b, t = _hwt(dtype=dtype, prob=kw.pop("prob", False))
+    if kw.get("ignore_index") == 3:
+        t[t == 3] = 4   # an ignore_index that no position has
+    if "weight" in kw:
+        kw["weight"] = kw["weight"].to(dtype)
+    out = []
+    for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy):
+        hh, WW, bb = (a.clone().requires_grad_() for a in (h, W, b))
+        loss = fn(hh, WW, t, linear_bias=bb, **kw)
+        loss.sum().backward()
+        out.append((loss, hh.grad, WW.grad, bb.grad))
+    for a, e in zip(*out):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    assert not linear_calls
+    m = crossent.nn.LinearCrossEntropyLoss(4, 9, bias=True, dtype=dtype)
+    m(h, t if t.dtype == torch.int64 else t.to(dtype))
+    assert not linear_calls
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("case", ["ignored_position", "z_loss", "softcap", "shift", "options", "named_backend",
+                                  "bf16", "batch_dims", "too_many_logits", "int32_target"])
+def test_linear_not_lean(monkeypatch, linear_calls, case):
+    """Where crossent promises what torch does not (or torch lacks the call), its own path runs."""
+    monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
+    h, W, b, t = _hwt(dtype=torch.float32)
+    kw = {}
+    if case == "ignored_position":
+        t[1] = -100   # non-finite hidden states there get a 0 gradient from crossent, NaN from torch
+    elif case == "z_loss":
+        kw["z_loss"] = 1e-4
+    elif case == "softcap":
+        kw["softcap"] = 30.0
+    elif case == "shift":
+        h, t, kw["shift"] = h[None], t[None], True
+    elif case == "options":
+        kw["options"] = crossent.LinearCrossEntropyOptions()
+    elif case == "named_backend":
+        monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    elif case == "bf16":
+        h, W, b = h.bfloat16(), W.bfloat16(), b.bfloat16()
+    elif case == "batch_dims":
+        h, t = h.reshape(2, 3, 4), t.reshape(2, 3)
+    elif case == "too_many_logits":
+        h, t = torch.randn((_fast.CE_MAX_NUMEL // 9) + 1, 4), torch.randint(0, 9, ((_fast.CE_MAX_NUMEL // 9) + 1,))
+    elif case == "int32_target":
+        t = t.int()
+    crossent.linear_cross_entropy(h, W, t, linear_bias=b, **kw)
+    assert len(linear_calls) == 1
+
+
+@needs_torch_lce
+@pytest.mark.parametrize("bad", ["in_features", "target_shape", "smoothing", "reduction", "prob_ignore_index"])
+def test_lean_linear_errors_are_torch_errors(auto, bad):
+    h, W, b, t = _hwt(dtype=torch.float32)
+    kw = {}
+    if bad == "in_features":
+        W = W[:, :3]
+    elif bad == "target_shape":
+        t = t[:4]
+    elif bad == "smoothing":
+        kw["label_smoothing"] = 1.5
+    elif bad == "reduction":
+        kw["reduction"] = "avg"
+    elif bad == "prob_ignore_index":
+        t, kw["ignore_index"] = torch.softmax(torch.randn(6, 9), 1), 2
+    with pytest.raises(Exception) as want:
+        F.linear_cross_entropy(h, W, t, linear_bias=b, **kw)
+    with pytest.raises(type(want.value)) as got:
+        crossent.linear_cross_entropy(h, W, t, linear_bias=b, **kw)
+    assert str(got.value) == str(want.value)

@@ -109,6 +109,33 @@ def cross_entropy(input, target, weight, size_average, ignore_index, reduce, red
     return None
 
 
+
+_linear_ce = getattr(torch.nn.functional, "linear_cross_entropy", None)   # torch >= 2.13
+
+
+def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                         label_smoothing, options, z_loss, softcap, shift) -> Tensor | None:
+    """torch's F.linear_cross_entropy (its unchunked reference, options=None) where it is the
+    faster exact answer, else None: the cross_entropy conditions with the logits counted as
+    N x C, a 2-D input and weight, no extras, and no ignored position among int64 targets (where
+    hidden states there are non-finite crossent promises a 0 gradient and torch gives NaN;
+    reading a CPU target of <= CE_MAX_NUMEL / C rows costs no sync)."""
+    if (_linear_ce is not None and type(input) is Tensor and type(linear_weight) is Tensor
+            and type(target) is Tensor and options is None and not z_loss and softcap is None and not shift
+            and type(reduction) is str and input.is_cpu and input.dtype in _LEAN_DTYPES
+            and input.dim() == 2 and linear_weight.dim() == 2 and input.numel() and linear_weight.numel()
+            and input.shape[0] * linear_weight.shape[0] <= CE_MAX_NUMEL
+            and _eager() and not has_torch_function_variadic(input, linear_weight, target, linear_bias, weight)
+            and not torch.is_autocast_enabled("cpu") and _auto()):
+        if target.dtype is _INT64:
+            if not (target != (-100 if ignore_index is None else ignore_index)).all():
+                return None
+        elif not target.is_floating_point():
+            return None
+        return _linear_ce(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
+                          reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return None
+
 def nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction) -> Tensor | None:
     """torch's nll_loss (a gather and a reduction: nothing to fuse) where exact, else None."""
     if (type(input) is Tensor and type(target) is Tensor and size_average is None and reduce is None

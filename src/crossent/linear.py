@@ -458,6 +458,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                                             weight=weight, reduction=reduction, ignore_index=ignore_index,
                                             label_smoothing=label_smoothing, options=options,
                                             z_loss=z_loss, softcap=softcap, shift=shift)
+    lean = _fast.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                      ignore_index, label_smoothing, options, z_loss, softcap, shift)
+    if lean is not None:
+        return lean
     return _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                  ignore_index, label_smoothing, options, z_loss, softcap, shift,
                                  False).loss

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import _ops, reference
-from .ce import _batched, _reduce, _rescalable, _scale
+from .._fast import _eager
+from .ce import _batched, _eager_apply, _reduce, _rescalable, _scale, _transforms_active, _unwrap_if_dead
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     recompute in torch's differentiable ops on materialised logits, so double
     backward works.
     """
+
+    @classmethod
+    def apply(cls, *args):
+        if not _eager() or _transforms_active():
+            return super().apply(*args)
+        # torch's apply binds the arguments through inspect.signature per call (see _eager_apply)
+        return _eager_apply(cls, tuple(a if a is None or not isinstance(a, Tensor) else _unwrap_if_dead(a)
+                                       for a in args))
 
     @staticmethod
     def forward(x, rows, w, b, target, weight, denom, opts: LinearCEOptions, needs):
