@@ -276,3 +276,15 @@ def test_lean_linear_errors_are_torch_errors(auto, bad):
     with pytest.raises(type(want.value)) as got:
         crossent.linear_cross_entropy(h, W, t, linear_bias=b, **kw)
     assert str(got.value) == str(want.value)
+
+
+@needs_torch_lce
+def test_linear_under_vmap_and_grad(auto):
+    """Under torch.func the target is not read (vmap forbids it): crossent's own path."""
+    h, W, b, t = _hwt(N=6, dtype=torch.float64)
+    hs, ts = torch.stack([h, h.flip(0)]), torch.stack([t, t.flip(0)])
+    out = torch.func.vmap(lambda h, t: crossent.linear_cross_entropy(h, W, t, linear_bias=b))(hs, ts)
+    ref = torch.stack([F.linear_cross_entropy(hs[i], W, ts[i], linear_bias=b) for i in range(2)])
+    torch.testing.assert_close(out, ref)
+    g = torch.func.grad(lambda h: crossent.linear_cross_entropy(h, W, t, linear_bias=b))(h)
+    torch.testing.assert_close(g, torch.func.grad(lambda h: F.linear_cross_entropy(h, W, t, linear_bias=b))(h))

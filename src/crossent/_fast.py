@@ -111,6 +111,7 @@ def cross_entropy(input, target, weight, size_average, ignore_index, reduce, red
 
 
 _linear_ce = getattr(torch.nn.functional, "linear_cross_entropy", None)   # torch >= 2.13
+_transforms_active = torch._C._are_functorch_transforms_active   # vmap cannot read the target
 
 
 def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
@@ -126,7 +127,7 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, redu
             and input.dim() == 2 and linear_weight.dim() == 2 and input.numel() and linear_weight.numel()
             and input.shape[0] * linear_weight.shape[0] <= CE_MAX_NUMEL
             and _eager() and not has_torch_function_variadic(input, linear_weight, target, linear_bias, weight)
-            and not torch.is_autocast_enabled("cpu") and _auto()):
+            and not torch.is_autocast_enabled("cpu") and not _transforms_active() and _auto()):
         if target.dtype is _INT64:
             if not (target != (-100 if ignore_index is None else ignore_index)).all():
                 return None
