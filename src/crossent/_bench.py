@@ -22,7 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-from ._bench_worker import OPS, PROVIDERS, _copy_bandwidth, median, parse_case
+# The worker's helpers are re-exported: benchmarks/, examples/ and tests use crossent._bench as the
+# one home of the stats, RSS and case helpers.
+from ._bench_worker import (BYTES_FACTOR, OPS, PROVIDERS, _copy_bandwidth, _peak_kib, _reset_peak, _rss_kib,
+                            gbps, median, parse_case, quantile, summarize)
+
+__all__ = ["BYTES_FACTOR", "FULL_CASES", "OPS", "PROVIDERS", "QUICK_CASES", "_peak_kib", "_reset_peak", "_rss_kib",
+           "add_arguments", "add_ratios", "env_stamp", "format_table", "gbps", "main", "median", "median_rows",
+           "parse_case", "quantile", "run", "select_cases", "spawn_worker", "summarize", "write_json"]
 
 FULL_CASES = ["ce-4096x32000", "ce-8192x50257", "ce-8x21x256x256",
               "nll-4096x32000", "softmax-4096x32000", "log_softmax-4096x32000"]
