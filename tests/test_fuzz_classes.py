@@ -518,3 +518,38 @@ def test_z_loss_mean_zero_denominator_reference_path(eps):
     theirs = _fuzz.torch_ce(x, t, w, z_loss=0.1, label_smoothing=eps)
     torch.testing.assert_close(fused, theirs, equal_nan=True)
     torch.testing.assert_close(vmapped, torch.stack([theirs, theirs]), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_class_smoothing_gradient_is_exactly_torchs_zero(monkeypatch, backend, dtype, weighted):
+    """With one class log_softmax is 0 whatever the logits, so the gradient is
+    exactly 0; torch's g - p*sum(g) gets exact zeros.  The closed form
+    p*A - B rounded A and B's two terms apart (~1 ulp left over), which the
+    linear head then multiplied by the hidden states and weights (fuzz
+    seed 448418107: fp64, values offset by 1e4)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    from crossent.linear import LinearCrossEntropyOptions
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(6, 9, generator=g, dtype=dtype) + 1e4).requires_grad_()
+    W = torch.randn(1, 9, generator=g, dtype=dtype).requires_grad_()
+    bias = torch.randn(1, generator=g, dtype=dtype).requires_grad_()
+    t = torch.tensor([0, 0, -100, 0, 0, 0])
+    w = torch.rand(1, generator=g, dtype=dtype) * 3 if weighted else None
+    up = torch.randn(6, generator=g, dtype=dtype)
+    for eps in (0.1, 0.3, 0.7):
+        theirs = torch.autograd.grad(F.linear_cross_entropy(h, W, t, linear_bias=bias, weight=w, reduction="none",
+                                                            label_smoothing=eps), (h, W, bias), up)
+        for policy in ("accurate", "compact"):
+            ours = torch.autograd.grad(crossent.linear_cross_entropy(
+                h, W, t, linear_bias=bias, weight=w, reduction="none", label_smoothing=eps,
+                options=LinearCrossEntropyOptions(acc_policy=policy)), (h, W, bias), up)
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        x = h[:, :1].detach().requires_grad_()
+        ours = torch.autograd.grad(crossent.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
+        theirs = torch.autograd.grad(F.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
