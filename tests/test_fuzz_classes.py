@@ -528,11 +528,15 @@ def test_one_class_smoothing_gradient_is_exactly_torchs_zero(monkeypatch, backen
     exactly 0; torch's g - p*sum(g) gets exact zeros.  The closed form
     p*A - B rounded A and B's two terms apart (~1 ulp left over), which the
     linear head then multiplied by the hidden states and weights (fuzz
-    seed 448418107: fp64, values offset by 1e4)."""
+    seed 448418107: fp64, values offset by 1e4).  The vocab-parallel head (one
+    rank) shares the formula."""
     if backend == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    import _fuzz
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
     from crossent.linear import LinearCrossEntropyOptions
+    _fuzz.init_single_process()
     g = torch.Generator().manual_seed(5)
     h = (torch.randn(6, 9, generator=g, dtype=dtype) + 1e4).requires_grad_()
     W = torch.randn(1, 9, generator=g, dtype=dtype).requires_grad_()
@@ -549,6 +553,10 @@ def test_one_class_smoothing_gradient_is_exactly_torchs_zero(monkeypatch, backen
                 options=LinearCrossEntropyOptions(acc_policy=policy)), (h, W, bias), up)
             for a, b in zip(ours, theirs):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ours = torch.autograd.grad(vocab_parallel_linear_cross_entropy(
+            h, W, t, linear_bias_shard=bias, weight=w, reduction="none", label_smoothing=eps), (h, W, bias), up)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
         x = h[:, :1].detach().requires_grad_()
         ours = torch.autograd.grad(crossent.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
         theirs = torch.autograd.grad(F.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
