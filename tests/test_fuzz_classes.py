@@ -561,3 +561,27 @@ def test_one_class_smoothing_gradient_is_exactly_torchs_zero(monkeypatch, backen
         ours = torch.autograd.grad(crossent.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
         theirs = torch.autograd.grad(F.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_fuzz_second_order_floor_at_first_order_magnitude():
+    """Rule 12 (tests/_fuzz.py): fp64 double backward through a saturated
+    softmax (p_max = 1 - 2.8e-15): the second-order gradient (~6e-13) is a
+    cancellation of first-order-sized terms, where torch's own error against
+    a 60-digit value is 2.7e-14 and crossent's 2.0e-14; the floor counts ulps
+    of the first-order gradient.  Ten times crossent's deviation from torch
+    still fails."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": 1782320472, "dtype": "float64", "shape": [9],
+            "classes": 31, "bias": False, "layout": "channels_last", "values": "normal", "grad": "double",
+            "upstream": "randn", "target": "index", "target_dtype": "int32", "ignore": "default",
+            "target_layout": "contig", "weight": "zero_some", "weight_layout": "strided", "reduction": "mean"}
+    assert _fuzz.check(spec) is None
+    fixes = frozenset({"long_targets"})
+    theirs, ref = _fuzz.run(spec, "torch", fixes), _fuzz.run(spec, "ref", fixes)
+    ours = _fuzz.run(spec, "ours")
+    own = _fuzz._fp64_own_errors(spec, theirs, fixes)
+    off = ours["grad2"] - ref["grad2"]
+    assert off.abs().max() > 0  # a real deviation to magnify
+    assert _fuzz.compare(spec, ours, theirs, ref, own) is None
+    ours["grad2"] = ref["grad2"] + 10 * off
+    assert "second-order grad of input" in (_fuzz.compare(spec, ours, theirs, ref, own) or "")
