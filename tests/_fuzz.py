@@ -466,7 +466,8 @@ def _rounded_to(s: dict, t: torch.Tensor) -> torch.dtype | None:
     if s["grad"] == "autocast" and _linear_family(s) and t.dtype in (torch.float32, torch.float16):
         return torch.bfloat16
     narrow = getattr(torch, s.get("dtype_arg") or s["dtype"])
-    if s["fn"] in ("softmax", "log_softmax") and torch.finfo(narrow).eps > torch.finfo(t.dtype).eps:
+    if s["fn"] in ("softmax", "log_softmax") and t.dtype.is_floating_point and \
+            torch.finfo(narrow).eps > torch.finfo(t.dtype).eps:  # integer input: an empty integer result
         return narrow
     return None
 
