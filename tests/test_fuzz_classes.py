@@ -617,3 +617,17 @@ def test_fuzz_linear_logit_rounding_under_func_transforms(monkeypatch, grad):
     exact = crossent.linear_cross_entropy
     monkeypatch.setattr(crossent, "linear_cross_entropy", lambda *a, **kw: exact(*a, **kw) + 10 * err)
     assert "output 0: error" in _fuzz.check(spec)
+
+
+@pytest.mark.parametrize("grad", ["no_grad", "backward"])
+def test_vocab_parallel_full_smoothing_prob_target_minus_inf_logit(grad):
+    """label_smoothing = 1 makes every smoothed probability target 1/C, so a
+    -inf logit's loss is +inf (torch); the vocab-parallel loss scaled its
+    sum of t*(z - max) by 1 - eps = 0, and 0 * inf made the row NaN."""
+    import _fuzz
+    _fuzz.init_single_process()
+    spec = {"fn": "vocab_parallel", "backend": "torch", "seed": 524183559, "dtype": "float64", "shape": [4, 8],
+            "layout": "contig", "values": "nonfinite", "grad": grad, "upstream": "randn", "target": "prob",
+            "target_dtype": "float64", "prob_values": "signed", "ignore_index": -100, "target_layout": "contig",
+            "weight": None, "reduction": "none", "label_smoothing": 1.0, "z_loss": 0.1}
+    assert _fuzz.check(spec) is None

@@ -357,7 +357,11 @@ class ShardMath:
                 self.zrows = torch.where(self.valid, self.zrows, zero)
         if self.o.prob:
             A, T = summed[1], summed[2]  # A relative to M
-            if self.eps > 0:
+            if self.eps == 1:
+                # t' = 1/C: torch's t*(1-eps) is 0 per class, where 0 * A (A = +-inf
+                # for a -inf logit) would be NaN
+                zdot, tw_sum = self.eps_c * summed[3], torch.zeros_like(T) + self.eps_c * self.sum_w
+            elif self.eps > 0:
                 zdot = (1 - self.eps) * A + self.eps_c * summed[3]
                 tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
