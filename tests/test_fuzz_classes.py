@@ -631,3 +631,18 @@ def test_vocab_parallel_full_smoothing_prob_target_minus_inf_logit(grad):
             "target_dtype": "float64", "prob_values": "signed", "ignore_index": -100, "target_layout": "contig",
             "weight": None, "reduction": "none", "label_smoothing": 1.0, "z_loss": 0.1}
     assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_nll_loss_reduction_of_cancelling_rows(reduction):
+    """nll_loss on crossent's own path (int32 targets) summed its fp32 rows
+    (~3e3, negative weights: a result of ~99) and the weights of its mean's
+    denominator in fp32, in torch.sum's order: one ulp of the terms, where
+    torch's sequential fp32 sums happened to land within 9e-6.  The O(rows)
+    sums now run in fp64, as cross_entropy's (seed 1429870764)."""
+    import _fuzz
+    spec = {"fn": "nll_loss", "backend": "torch", "seed": 1429870764, "dtype": "float32", "shape": [5, 11],
+            "layout": "strided", "values": "offset1e4", "grad": "inference", "upstream": "randn",
+            "target": "index", "target_dtype": "int32", "ignore": "default", "target_layout": "contig",
+            "weight": "negative", "weight_layout": "contig", "reduction": reduction}
+    assert _fuzz.check(spec) is None
