@@ -646,3 +646,16 @@ def test_nll_loss_reduction_of_cancelling_rows(reduction):
             "target": "index", "target_dtype": "int32", "ignore": "default", "target_layout": "contig",
             "weight": "negative", "weight_layout": "contig", "reduction": reduction}
     assert _fuzz.check(spec) is None
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+def test_triton_softmax_create_graph_low_precision_in_fp32(fn):
+    """backward(create_graph=True) of the triton backend's (log_)softmax ran
+    its formula in fp16, where exp(y) of a far-off class is 0 and an infinite
+    upstream gave 0 * inf = NaN; torch's kernels compute in fp32 (-inf)."""
+    pytest.importorskip("triton")
+    import _fuzz
+    spec = {"fn": fn, "backend": "triton", "seed": 1861025315, "dtype": "float16", "shape": [3, 5],
+            "layout": "contig", "values": "wide", "grad": "double", "upstream": "inf", "dim": 0}
+    assert _fuzz.check(spec) is None
