@@ -283,13 +283,27 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
         sum_w = float(V) if weight is None else weight.to(acc).sum()
         mcol = mrow.unsqueeze(1)
         sm = torch.where(mcol != 0, sc * mcol, zero)  # (n, 1); ignored rows exactly 0
-        p.mul_(sm * ((1 - eps) * wy.unsqueeze(1) + (eps / V) * sum_w + zterm))
+        wy = wy.unsqueeze(1)
+        hot = (1 - eps) * sm * wy  # B's [c == y] term
+        coef = hot
         if eps > 0:
-            p.sub_(sm * (eps / V) * (1.0 if w is None else w))
+            b = sm * (eps / V)  # B_c = b * w_c off the target class
+            coef = hot + b * sum_w
+        if z_loss:
+            coef = coef + sm * zterm
         local = ysafe - v0
-        hit = (local >= 0) & (local < Vb)
-        hot = torch.where(hit, -(1 - eps) * sm.squeeze(1) * wy, zero)
-        p.scatter_add_(1, local.clamp(0, Vb - 1).unsqueeze(1), hot.unsqueeze(1))
+        hit = ((local >= 0) & (local < Vb)).unsqueeze(1)
+        col = local.clamp(0, Vb - 1).unsqueeze(1)
+        if eps > 0:
+            py = p.gather(1, col)
+        p.mul_(coef)
+        if eps > 0:
+            p.sub_(b * (1.0 if w is None else w))
+            # The target entry as p_y*A - (b*w_y + hot), B_y summed first as A is
+            # (as torch_chunked's _Terms.grad_): exactly 0 for one class.
+            p.scatter_(1, col, torch.where(hit, py * coef - (b * wy + hot), p.gather(1, col)))
+        else:
+            p.scatter_add_(1, col, torch.where(hit, -hot, zero))
     if softcap:
         p.mul_(dcap)
     return p

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import _fast
 from . import _validate as V
 from . import backends, reference
-from .backends.base import acc_dtype
+from .backends.base import acc_dtype, wide_dtype
 from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, fuses_forward
 from ._autograd import softmax as _softmax_impl
 
@@ -170,10 +170,11 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     rows = torch.where(valid ^ ok, float("nan"), rows)  # out-of-range target: NaN, never OOB memory
     if red == "none":
         out = rows.reshape(target.shape) if input.dim() > 1 else rows.reshape(())
-    elif red == "sum":
-        out = rows.sum()
-    else:
-        out = rows.sum() / _class_denominator(t, weight, ignore_index, C, acc)
+    else:  # the O(rows) sums in fp64, as cross_entropy's (_autograd/ce.py _reduce)
+        wide = wide_dtype(rows.device)
+        out = rows.sum(dtype=wide)
+        if red == "mean":
+            out = out / _class_denominator(t, weight, ignore_index, C, wide)
     return out.to(_fast.autocast_out_dtype(input, input.dtype))
 
 

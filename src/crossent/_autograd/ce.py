@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops, backends, reference
-from ..backends.base import wide_dtype
+from ..backends.base import acc_dtype, wide_dtype
 from .._fast import _eager
 from .._validate import _compiling, func_transforms, not_ignored
 
@@ -294,7 +294,9 @@ class SoftmaxFunction(torch.autograd.Function):
         (y,) = ctx.saved_tensors
         dim, log, backend, dtype = ctx.meta
         if torch.is_grad_enabled():
-            # create_graph=True: the same formulas in differentiable torch ops.
+            # create_graph=True: the same formulas in differentiable torch ops, in
+            # fp32 for fp16/bf16 as torch's kernels (exp(y) underflows in fp16: 0 * inf)
+            g, y = g.to(acc_dtype(dtype)), y.to(acc_dtype(dtype))
             if log:
                 dx = g - torch.exp(y) * g.sum(dim, keepdim=True)
             else:

@@ -460,15 +460,26 @@ class _Terms:
             y, wy, m = rt
             # sm = s*m per row; where() keeps ignored rows exactly 0 even when s is inf.
             sm = torch.where(m != 0, sc * m, 0.0)
-            coef = sm * ((1 - self.eps) * wy + (self.eps / self.C) * self.sum_w)
+            hot = (1 - self.eps) * sm * wy  # B's [c == y] term
+            coef = hot
+            if self.eps > 0:
+                b = sm * (self.eps / self.C)  # B_c = b * w_c off the target class
+                coef = hot + b * self.sum_w
             if self.z_loss:
                 # scaled apart, as torch's chain rule adds the two terms: an
                 # infinite scale and terms of opposite signs give NaN, not inf
                 coef = coef + sm * zterm
+            if self.eps > 0:
+                py = e.gather(1, y)  # exp(z_y - max), before e becomes the gradient
             e.mul_(coef * inv_s)
             if self.eps > 0:
-                e.sub_(sm * (self.eps / self.C) * (1.0 if self.w is None else self.w))
-            e.scatter_add_(1, y, (-(1 - self.eps) * sm * wy).expand(y.shape).to(e.dtype))
+                e.sub_(b * (1.0 if self.w is None else self.w))
+                # The target entry as p_y*A - B_y with B_y = b*w_y + hot summed first,
+                # as A is (torch's g - p*sum(g) likewise): with one class, where
+                # p == 1 and A == B_y bitwise, the gradient is exactly 0.
+                e.scatter_(1, y, (py * (coef * inv_s) - (b * wy + hot)).to(e.dtype))
+            else:
+                e.scatter_add_(1, y, (-hot).expand(y.shape).to(e.dtype))
         if self.softcap:
             # d softcap(x)/dx = 1 - tanh^2 = 1 - (z/cap)^2
             e.mul_(1 - (z / self.softcap).square_())

@@ -357,7 +357,11 @@ class ShardMath:
                 self.zrows = torch.where(self.valid, self.zrows, zero)
         if self.o.prob:
             A, T = summed[1], summed[2]  # A relative to M
-            if self.eps > 0:
+            if self.eps == 1:
+                # t' = 1/C: torch's t*(1-eps) is 0 per class, where 0 * A (A = +-inf
+                # for a -inf logit) would be NaN
+                zdot, tw_sum = self.eps_c * summed[3], torch.zeros_like(T) + self.eps_c * self.sum_w
+            elif self.eps > 0:
                 zdot = (1 - self.eps) * A + self.eps_c * summed[3]
                 tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
             else:
@@ -390,15 +394,28 @@ class ShardMath:
             # The z-loss term is added, not folded into the factor of p: an
             # infinite upstream then gives torch's NaN where the two meet.
             zt = e * (sm * zterm) if self.zl else None
-            e.mul_(sm * ((1 - self.eps) * wy + self.eps_c * self.sum_w))
+            hot = (1 - self.eps) * sm * wy  # B's [c == y] term
+            coef = hot
+            if self.eps > 0:
+                b = sm * self.eps_c  # B_c = b * w_c off the target class
+                coef = hot + b * self.sum_w
+            own, idx = _col(self.owner[ri]), _col(self.idx[ri])
+            py = e.gather(1, idx) if self.eps > 0 and self.lay.c_local > 0 else None  # p_y
+            e.mul_(coef)
             if zt is not None:
                 e.add_(zt)
             if self.eps > 0:
-                e.sub_(sm * self.eps_c * (1.0 if self.w is None else self._wl()))
-            if self.lay.c_local > 0:
-                own = _col(self.owner[ri])
-                hot = torch.where(own, -(1 - self.eps) * sm * wy, torch.zeros((), dtype=e.dtype, device=e.device))
-                e.scatter_add_(1, _col(self.idx[ri]), hot.expand(own.shape).to(e.dtype))
+                e.sub_(b * (1.0 if self.w is None else self._wl()))
+            if py is not None:
+                # The target entry as p_y*A - (b*w_y + hot), B_y summed first as A is
+                # (torch's g - p*sum(g) likewise): exactly 0 for one class.
+                gy = py * coef - (b * wy + hot)
+                if zt is not None:
+                    gy = gy + zt.gather(1, idx)
+                e.scatter_(1, idx, torch.where(own, gy, e.gather(1, idx)).to(e.dtype))
+            elif self.lay.c_local > 0:
+                zero = torch.zeros((), dtype=e.dtype, device=e.device)
+                e.scatter_add_(1, idx, torch.where(own, -hot, zero).expand(own.shape).to(e.dtype))
         if self.cap:
             e.mul_(1 - (z / self.cap).square_())
         return e

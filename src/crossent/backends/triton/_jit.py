@@ -98,22 +98,20 @@ def _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
     # A: sum_c w_c t'_c (probabilities), or (1-eps) w[y] + eps/C sum(w) (class index;
     # p1 = sum(w) when smoothing); + 2 zl lse, scaled apart (below).
     if PROB:
-        a = p1
-    else:
-        a = one_m_eps * wy
-        if SMOOTH:
-            a += eps_over_c * p1
-    if PROB:
         f = sc
         b2 = 0.0 * sc
         c2 = sc
+        a2 = f * p1
     else:
         # Ignored rows: 0 whatever the scale (inf too); NaN logits stay NaN (p * 0).
         # A target outside [0, C) that is not ignored: NaN.
         f = tl.where(valid, tl.where(inb, sc, float("nan")), 0.0)
         b2 = f * (one_m_eps * wy)
         c2 = f * eps_over_c
-    a2 = f * a
+        a2 = b2
+        if SMOOTH:
+            # summed as _grad sums the target's B (b2 + w_y*c2): the same bits for one class
+            a2 += c2 * p1
     if HAS_ZL:
         # scaled apart, as torch's chain rule adds the two terms: an infinite scale
         # (1/W for W == 0) times a zero cross-entropy part is NaN, not the z part's inf
@@ -124,9 +122,13 @@ def _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
 @triton.jit
 def _grad(p, wt, is_y, a2, b2, c2, z, cap, NEED_P: tl.constexpr, HAS_CAP: tl.constexpr):
     # p = softmax (fp32), so the true-class p - 1 is formed before rounding.
-    dz = p * a2 - tl.where(is_y, b2, 0.0)
     if NEED_P:
-        dz = dz - wt * c2
+        # the target's B = b2 + w_y*c2 summed before it is subtracted, as a2 was:
+        # exactly 0 for one class (p == 1), as torch's g - p*sum(g)
+        bc = wt * c2
+        dz = p * a2 - tl.where(is_y, b2 + bc, bc)
+    else:
+        dz = p * a2 - tl.where(is_y, b2, 0.0)
     if HAS_CAP:
         r = z / cap
         dz = dz * (1.0 - r * r)
