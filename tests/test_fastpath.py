@@ -18,17 +18,22 @@ def auto(monkeypatch):
     monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts calls into crossent's own cross-entropy Function."""
+def _spy_apply(monkeypatch, function) -> list:
+    """The calls of ``function.apply`` from now on (it still runs)."""
     calls = []
-    real = _autograd.CrossEntropyFunction.apply
+    real = function.apply
 
     def spy(*a):
         calls.append(a)
         return real(*a)
-    monkeypatch.setattr(_autograd.CrossEntropyFunction, "apply", spy)
+    monkeypatch.setattr(function, "apply", spy)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into crossent's own cross-entropy Function."""
+    return _spy_apply(monkeypatch, _autograd.CrossEntropyFunction)
 
 
 def _xt(N=8, C=5, dtype=torch.float32, tdtype=torch.int64, seed=0):
@@ -175,14 +180,7 @@ def test_not_lean_under_compile(auto):
 def linear_calls(monkeypatch):
     """Counts calls into crossent's own linear cross-entropy Function."""
     from crossent import linear
-    calls = []
-    real = linear.LinearCrossEntropyFunction.apply
-
-    def spy(*a):
-        calls.append(a)
-        return real(*a)
-    monkeypatch.setattr(linear.LinearCrossEntropyFunction, "apply", spy)
-    return calls
+    return _spy_apply(monkeypatch, linear.LinearCrossEntropyFunction)
 
 
 def _hwt(N=6, D=4, C=9, dtype=torch.float64, prob=False, seed=0):
