@@ -20,10 +20,15 @@ already deliver (README, "Deliberate differences"):
   * not while torch.compile traces (crossent's custom ops then give NaN, not
     an assert, for an out-of-range target); Dynamo evaluates the type and
     attribute tests to constants and stops at _eager();
-  * cross_entropy only: at most ``CE_MAX_NUMEL`` logits, the measured
+  * cross_entropy: at most ``CE_MAX_NUMEL`` logits, the measured
     crossover below which torch's kernel beats the fused sweep.
+  * linear_cross_entropy (torch >= 2.13, its F.linear_cross_entropy): the
+    same, with the N x C logits counted, a 2-D input and weight, no options,
+    and no ignored position (crossent's 0 gradient for non-finite hidden states
+    there is a deliberate difference).
 
 Every test is O(1) Python; the whole check costs ~0.25 us (timeit, quiet 2-core EPYC).
+linear_cross_entropy also reads its CPU target once (O(N), no device to sync with).
 """
 from __future__ import annotations
 
@@ -109,9 +114,8 @@ def cross_entropy(input, target, weight, size_average, ignore_index, reduce, red
     return None
 
 
-
 _linear_ce = getattr(torch.nn.functional, "linear_cross_entropy", None)   # torch >= 2.13
-_transforms_active = torch._C._are_functorch_transforms_active   # vmap cannot read the target
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
@@ -127,7 +131,8 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, redu
             and input.dim() == 2 and linear_weight.dim() == 2 and input.numel() and linear_weight.numel()
             and input.shape[0] * linear_weight.shape[0] <= CE_MAX_NUMEL
             and _eager() and not has_torch_function_variadic(input, linear_weight, target, linear_bias, weight)
-            and not torch.is_autocast_enabled("cpu") and not _transforms_active() and _auto()):
+            and not torch.is_autocast_enabled("cpu") and not _transforms_active()   # vmap: t cannot be read
+            and _auto()):
         if target.dtype is _INT64:
             if not (target != (-100 if ignore_index is None else ignore_index)).all():
                 return None
@@ -136,6 +141,7 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, redu
         return _linear_ce(input, linear_weight, target, linear_bias=linear_bias, weight=weight,
                           reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing)
     return None
+
 
 def nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction) -> Tensor | None:
     """torch's nll_loss (a gather and a reduction: nothing to fuse) where exact, else None."""

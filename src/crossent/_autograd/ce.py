@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _ops, backends, reference
 from ..backends.base import acc_dtype, wide_dtype
-from .._fast import _eager
+from .._fast import _eager, _transforms_active
 from .._validate import _compiling, func_transforms, not_ignored
 
 
@@ -70,7 +70,6 @@ def _reduce(rows: Tensor, denom: Tensor, reduction: str, out_dtype: torch.dtype)
 # What torch's Function.apply does first: unwrap tensors of functorch transforms that
 # have exited (torch.func's unwrap_dead_wrappers, tensor by tensor).
 _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
-_transforms_active = torch._C._are_functorch_transforms_active
 _no_jvp = torch.autograd.Function.jvp
 
 

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from .. import _ops, reference
-from .._fast import _eager
-from .ce import _batched, _eager_apply, _reduce, _rescalable, _scale, _transforms_active, _unwrap_if_dead
+from .._fast import _eager, _transforms_active
+from .ce import _batched, _eager_apply, _reduce, _rescalable, _scale, _unwrap_if_dead
 
 
 @dataclass(frozen=True)
