@@ -20,13 +20,21 @@ from a CUDA graph: kernel time without host overhead) and the parts timed apart
 and with g != 1), and the host overhead of tiny eager calls (op ``overhead``:
 crossent <= torch + 20 us).  ``--profile`` prints a torch.profiler table of one crossent
 step per shape.  ``--tuning gpu_sweep.json`` applies the sweep's best knobs per
-shape before measuring crossent.
+shape before measuring crossent; ``--knobs K=V,...`` sets launch knobs for the whole run
+(benchmarks/gpu_window.py passes ``_ROW_PATH=twopass`` when its smoke stage found the
+split path hanging or wrong).
+
+Order, for a short GPU window: every shape with crossent, torch eager and Liger first,
+then torch.compile (``DEFERRED``: it spends tens of seconds compiling per shape) in a
+second pass while the budget lasts; an error at one shape (out of memory at the largest)
+is a row, and the next shape runs.
 
     python3 benchmarks/gpu_bench.py --json bench-results/gpu_bench.json
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -44,6 +52,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 CE_SHAPES = [(8192, 32000), (8192, 128256), (16384, 256000)]
 SM_SHAPES = [(8192, 128256)]
+DEFERRED = ("compile",)   # providers run in a second pass, after every shape's others
 GiB = 1 << 30
 DEADLINE = [float("inf")]   # time.time() after which remaining providers are skipped
 OUT_PATH = [None]
@@ -155,13 +164,12 @@ def _liger_ce():
 
 
 def ce_providers():
-    compiled = torch.compile(F.cross_entropy, dynamic=False)
     return {
         # name: (factory, overwrites its logits?, eager-like memory?)
         "crossent": (lambda: _crossent_ce(False), False, False),
         "crossent-inplace": (lambda: _crossent_ce(True), True, False),
         "torch": (lambda: F.cross_entropy, False, True),
-        "compile": (lambda: compiled, False, True),
+        "compile": (lambda: torch.compile(F.cross_entropy, dynamic=False), False, True),
         "liger": (_liger_ce, True, False),
     }
 
@@ -190,6 +198,27 @@ def tuned(op, shape):
     saved = {k: getattr(split if hasattr(split, k) else ce, k) for k in knobs}
     ce.configure(**knobs)
     return lambda: ce.configure(**saved)
+
+
+def parse_knobs(spec: str) -> dict:
+    """"_ROW_PATH=twopass,_SPLIT_WARPS=8" -> {"_ROW_PATH": "twopass", "_SPLIT_WARPS": 8}."""
+    knobs = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"knob {item!r}: expected NAME=VALUE")
+        try:
+            knobs[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            knobs[name.strip()] = value.strip()   # a bare word: a string (twopass)
+    return knobs
+
+
+def apply_knobs(knobs: dict) -> None:
+    """Set launch knobs of the triton backend for the rest of the run (ce.configure checks the names)."""
+    if knobs:
+        from crossent.backends.triton import ce
+        ce.configure(**knobs)
 
 
 def target(row):
@@ -310,6 +339,16 @@ def run_ce(N, V, iters, rows, copy_bw, skip, profile=False):
     y = torch.randint(0, V, (N,), device="cuda")
     nbytes = 2 * x0.numel() * x0.element_size()
     restore = tuned("cross_entropy", f"{N}x{V}")
+    try:
+        _run_ce(x0, y, nbytes, iters, rows, copy_bw, skip, profile)
+    finally:
+        restore()
+    del x0, y
+    torch.cuda.empty_cache()
+
+
+def _run_ce(x0, y, nbytes, iters, rows, copy_bw, skip, profile):
+    N, V = x0.shape
     if "crossent" not in skip:
         run_parts(x0, y, rows, copy_bw)
         if profile:
@@ -351,15 +390,22 @@ def run_ce(N, V, iters, rows, copy_bw, skip, profile=False):
         flush(rows, META)
         x = None
         torch.cuda.empty_cache()
-    restore()
-    del x0, y
-    torch.cuda.empty_cache()
 
 
 def run_softmax(N, V, iters, rows, copy_bw, skip):
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
     nbytes = 2 * x.nbytes
     restore = tuned("softmax", f"{N}x{V}")
+    try:
+        _run_softmax(x, nbytes, iters, rows, copy_bw, skip)
+    finally:
+        restore()
+    del x
+    torch.cuda.empty_cache()
+
+
+def _run_softmax(x, nbytes, iters, rows, copy_bw, skip):
+    N, V = x.shape
     for log in (False, True):
         op = "log_softmax" if log else "softmax"
         tfn = torch.log_softmax if log else torch.softmax
@@ -388,9 +434,19 @@ def run_softmax(N, V, iters, rows, copy_bw, skip):
             rows.append(row)
             print(fmt(row), flush=True)
             flush(rows, META)
-    restore()
-    del x
-    torch.cuda.empty_cache()
+
+
+def guarded(run, op, shape, rows, *args):
+    """run(*args, rows, ...) with an error of the shape itself (out of memory allocating its
+    inputs, a CUDA error) recorded as a row instead of ending the benchmark."""
+    try:
+        run(*args)
+    except Exception as e:  # noqa: BLE001
+        row = dict(op=op, provider="(shape)", shape=shape, dtype="bfloat16", error=f"{type(e).__name__}: {e}")
+        rows.append(row)
+        print(fmt(row), flush=True)
+        flush(rows, META)
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- output
@@ -411,11 +467,27 @@ HEADER = (f"{'provider':<20} {'op':<13} {'shape':<13} {'median ms':>9} (p10-p90)
           f"{'GB/s':>8} {'x floor':>7} {'extra MiB':>10}  {'target':<13} verdict")
 
 
-def print_table(rows, title="cross-entropy / softmax (bf16)"):
-    """The rows (as written to the JSON) as one table."""
+def grouped(rows, key=lambda r: (r["op"], r["shape"])):
+    """rows ordered by their group's first appearance (a second pass appends to earlier shapes)."""
+    first: dict = {}
+    for i, r in enumerate(rows):
+        first.setdefault(key(r), i)
+    return sorted(rows, key=lambda r: first[key(r)])
+
+
+def print_table(rows, title="cross-entropy / softmax (bf16)", targets_only=False):
+    """The rows (as written to the JSON) as one table; targets_only: the rows with a
+    target (PASS/FAIL) and crossent's errors."""
+    if targets_only:
+        rows = [r for r in rows if target(r)[1] or ("error" in r and r["provider"].startswith(("crossent", "(")))]
+        title += ": targets (issue 10)"
     print(f"== {title} ==")
+    if rows and rows[0].get("device"):
+        r = rows[0]
+        print(f"{r['device']}  torch {r.get('torch')}  triton {r.get('triton')}  commit "
+              f"{str(r.get('git_commit'))[:12]}  copy {r.get('copy_gbps', float('nan')):.0f} GB/s  {r.get('date')}")
     print(HEADER)
-    for r in rows:
+    for r in grouped(rows):
         print(fmt(r))
 
 
@@ -425,6 +497,8 @@ def stamp():
                                 text=True, timeout=10).stdout.strip() or None
     except Exception:
         commit = None
+    # the device machine gets a copy of the tree, maybe without .git: the caller names the commit
+    commit = commit or os.environ.get("GPU_CHECK_COMMIT")
     try:
         import triton
         tv = triton.__version__
@@ -446,7 +520,27 @@ def common_args(doc: str, iters: int, budget_s: float, quick_help: str) -> argpa
                     help="skip providers not started within this many seconds (rows say so)")
     ap.add_argument("--print-table", metavar="JSON", default=None,
                     help="only print the table of a JSON written earlier (no GPU needed)")
+    ap.add_argument("--targets-only", action="store_true", help="with --print-table: only the target rows")
+    ap.add_argument("--knobs", default="", help="K=V,... triton launch knobs for the whole run")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: print the plan, write an empty JSON")
     return ap
+
+
+def passes(skip: set, names, deferred=DEFERRED) -> list:
+    """The providers' skip sets of the two passes: every provider but ``deferred``, then those."""
+    names = set(names)
+    out = [skip | set(deferred), skip | (names - set(deferred))]
+    return [s for s in out if names - s]
+
+
+def dry_run(args, out, skip, names, shapes, deferred=DEFERRED) -> int:
+    """The run's plan, without a GPU: what each pass would run; the JSON path is written (empty)."""
+    for i, s in enumerate(passes(skip, names, deferred)):
+        print(f"pass {i + 1}: {', '.join(n for n in names if n not in s)} at {', '.join(shapes)}")
+    print(f"budget {args.budget_s:.0f} s, iters {args.iters}, knobs {parse_knobs(args.knobs) or 'defaults'}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("[]\n")
+    return 0
 
 
 def main(argv=None):
@@ -454,17 +548,24 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per CE shape")
     ap.add_argument("--tuning", default=None, help="gpu_sweep.py's JSON: its best knobs per shape")
     args = ap.parse_args(argv)
-    if args.tuning and Path(args.tuning).exists():
-        for b in json.loads(Path(args.tuning).read_text())["best"]:
-            TUNING[(b["op"], b["shape"])] = b["knobs"]
     if args.print_table:
-        print_table(json.loads(Path(args.print_table).read_text()))
+        print_table(json.loads(Path(args.print_table).read_text()), targets_only=args.targets_only)
         return 0
+    out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_bench.json")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    ce_shapes = CE_SHAPES[:1] if args.quick else CE_SHAPES
+    sm_shapes = [] if args.quick else SM_SHAPES
+    names = list(ce_providers()) + ["overhead"]
+    if args.dry_run:
+        return dry_run(args, out, skip, names, [f"{n}x{v}" for n, v in ce_shapes] +
+                       [f"softmax {n}x{v}" for n, v in sm_shapes])
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
         return 1
-    out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_bench.json")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    apply_knobs(parse_knobs(args.knobs))
+    if args.tuning and Path(args.tuning).exists():   # absent when the sweep did not run
+        for b in json.loads(Path(args.tuning).read_text()).get("best", []):
+            TUNING[(b["op"], b["shape"])] = b["knobs"]
     t0 = time.time()
     DEADLINE[0] = t0 + args.budget_s
     OUT_PATH[0] = out
@@ -475,13 +576,14 @@ def main(argv=None):
           f"copy bandwidth {copy_bw:.0f} GB/s (read+write)")
     print(HEADER)
     rows = []
-    if "crossent" not in skip:
-        run_overhead(rows)
-    for N, V in CE_SHAPES[:1] if args.quick else CE_SHAPES:
-        run_ce(N, V, args.iters, rows, copy_bw, skip, args.profile)
-    if not args.quick:
-        for N, V in SM_SHAPES:
-            run_softmax(N, V, args.iters, rows, copy_bw, skip)
+    if "crossent" not in skip and "overhead" not in skip:
+        guarded(run_overhead, "overhead", "64x1000", rows, rows)
+    for pass_skip in passes(skip | {"overhead"}, names):
+        for N, V in ce_shapes:
+            guarded(run_ce, "cross_entropy", f"{N}x{V}", rows, N, V, args.iters, rows, copy_bw, pass_skip,
+                    args.profile)
+        for N, V in sm_shapes:
+            guarded(run_softmax, "softmax", f"{N}x{V}", rows, N, V, args.iters, rows, copy_bw, pass_skip)
     flush(rows, META)
     print(f"wrote {len(rows)} rows to {out} in {time.time() - t0:.0f} s")
     return 0

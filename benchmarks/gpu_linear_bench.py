@@ -36,6 +36,13 @@ gradients + 256 MiB; at 16384 x 2304 x 256000 accurate ahead of Liger and CCE
 bf16's.  Liger and CCE come as wheels installed with --no-deps
 (benchmarks/gpu_check.sh); without them their rows say "not installed".
 
+Order, for a short GPU window: every shape with the matmuls, crossent, torch eager,
+torch's chunked path, Liger and CCE first (what the targets need), then the
+torch.compile providers (``DEFERRED``: tens of seconds of compiling each) in a
+second pass while the budget lasts, timed against the first pass's matmuls and
+without the accuracy columns.  An error at one shape (out of memory) is a row.
+``--knobs K=V,...`` sets triton launch knobs for the run (see gpu_bench.py).
+
 Timing, the env stamp and JSON writing come from benchmarks/gpu_bench.py.
 
     python3 benchmarks/gpu_linear_bench.py --json bench-results/gpu_linear_bench.json
@@ -65,6 +72,7 @@ COMPACT_BYTES = 256 * 2 ** 20   # compact's promise: extra <= gradients + this
 SLACK_GIB = 1 / 16              # per-token vectors (loss, lse, int64 target) and allocator rounding
 COMPILE_LEFT_S = 60.0   # only start a torch.compile provider with this much budget left
 REF_LEFT_S = 15.0       # only compute the fp32 reference with this much budget left
+DEFERRED = ("torch-compile", "cce-compile")   # second pass (see the module docstring)
 
 
 class Skip(Exception):
@@ -270,15 +278,20 @@ def run_matmuls(N, D, V, h, W, iters, warmup, rows):
     return ms
 
 
-def run_shape(N, D, V, args, rows, skip):
+def run_shape(N, D, V, args, rows, skip, accuracy=True):
+    """Every provider not in ``skip`` at one shape (the 3-matmul baseline only if it is not
+    in skip either; else x3mm uses this shape's baseline row from an earlier pass)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
     W = (torch.randn(V, D, device="cuda", generator=g) * (2 / D ** 0.5)).to(torch.bfloat16).requires_grad_()
     t = torch.randint(0, V, (N,), device="cuda", generator=g)
     torch.cuda.empty_cache()
     shape = f"{N}x{D}x{V}"
-    base_ms = None if "3-matmul" in skip else run_matmuls(N, D, V, h.detach(), W.detach(), args.iters,
-                                                          args.warmup, rows)
+    if "3-matmul" in skip:
+        base_ms = next((r["median_ms"] for r in rows if r["shape"] == shape and r["provider"] == "3-matmul"
+                        and "median_ms" in r), None)
+    else:
+        base_ms = run_matmuls(N, D, V, h.detach(), W.detach(), args.iters, args.warmup, rows)
     ref = None
     grads_gib = _grads_bytes(N, D, V) / GiB
     for name, (factory, need, compiles) in providers().items():
@@ -314,7 +327,7 @@ def run_shape(N, D, V, args, rows, skip):
                 row["x3mm"] = ms / base_ms
             # accuracy: one more call, against the fp32 reference (computed once per shape)
             try:
-                if ref is None and not args.no_accuracy and _left() > REF_LEFT_S:
+                if ref is None and accuracy and not args.no_accuracy and _left() > REF_LEFT_S:
                     prep()
                     torch.cuda.empty_cache()
                     ref = reference(h.detach(), W.detach(), t)
@@ -404,9 +417,14 @@ def targets(rows):
     return out
 
 
-def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)"):
-    rows = [r for r in rows if r.get("op") != "target"]
-    print(f"== {title} ==")
+def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_only=False):
+    rows = gb.grouped([r for r in rows if r.get("op") != "target"], key=lambda r: r["shape"])
+    if targets_only:   # the targets and what they are judged from
+        print(f"== {title}: targets (issue 11) ==")
+        keep = ("3-matmul", "crossent-accurate", "crossent-compact", "liger-flce", "cce")
+        rows = [r for r in rows if r["provider"] in keep or r["provider"] == "(shape)"]
+    else:
+        print(f"== {title} ==")
     if rows and rows[0].get("device"):
         r = rows[0]
         print(f"{r.get('device')}  torch {r.get('torch')}  triton {r.get('triton')}  "
@@ -416,7 +434,7 @@ def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)"):
         print(fmt(r))
     print("x3mm: median / three bare bf16 matmuls (same shape, same run). chunks: crossent's token "
           "chunks. extra GiB includes dh+dW; >grads excludes them. err: max|g-ref|/max|ref| vs fp32.")
-    for r in rows:
+    for r in rows if not targets_only else []:
         if r.get("provider") == "3-matmul" and "mm_logits_ms" in r:
             print(f"3 matmuls {r['shape']}: logits {r['mm_logits_ms']:.2f} ms, dh {r['mm_dh_ms']:.2f} ms, "
                   f"dW {r['mm_dW_ms']:.2f} ms")
@@ -439,16 +457,21 @@ def main(argv=None):
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp32 reference and error columns")
     args = ap.parse_args(argv)
     if args.print_table:
-        print_table(json.loads(Path(args.print_table).read_text()))
+        print_table(json.loads(Path(args.print_table).read_text()), targets_only=args.targets_only)
         return 0
-    if not torch.cuda.is_available():
-        print("gpu_linear_bench: no CUDA device", file=sys.stderr)
-        return 1
     out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_linear_bench.json")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     shapes = _shapes(args.shapes) if args.shapes else SHAPES
     if args.quick:
         shapes = shapes[:1]
+    names = ["3-matmul", *providers()]
+    if args.dry_run:
+        return gb.dry_run(args, out, skip, names, [f"{N}x{D}x{V}" for N, D, V in shapes],
+                          deferred=DEFERRED)
+    if not torch.cuda.is_available():
+        print("gpu_linear_bench: no CUDA device", file=sys.stderr)
+        return 1
+    gb.apply_knobs(gb.parse_knobs(args.knobs))
     t0 = time.time()
     gb.DEADLINE[0] = t0 + args.budget_s
     gb.OUT_PATH[0] = out
@@ -459,8 +482,10 @@ def main(argv=None):
           f"{gb.META['total_gib']:.0f} GiB")
     print(HEADER)
     rows: list = []
-    for N, D, V in shapes:
-        run_shape(N, D, V, args, rows, skip)
+    for i, pass_skip in enumerate(gb.passes(skip, names, DEFERRED)):
+        for N, D, V in shapes:
+            gb.guarded(run_shape, "linear_cross_entropy", f"{N}x{D}x{V}", rows, N, D, V, args, rows, pass_skip,
+                       i == 0)
     judged = targets(rows)
     gb.flush(rows + judged, gb.META)
     print(f"wrote {len(rows) + len(judged)} rows to {out} in {time.time() - t0:.0f} s")
