@@ -1,7 +1,10 @@
 """Unit tests of the benchmark helpers (crossent._bench, re-exported by benchmarks/harness.py)."""
+import importlib
 import importlib.util
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,122 @@ def test_busy_loops_are_cpu_bound_processes():
     finally:
         procs[0].kill()
         procs[0].wait()
+
+
+# ----------------------------------------------------------------------------- the GPU window (no GPU)
+
+def _bench_module(name):
+    """benchmarks/<name>.py as a module (benchmarks/ is no package)."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _stage(name, code, cap=30, min_s=1, **kw):
+    """A window stage running ``python -c code``."""
+    import sys
+    G = _bench_module("gpu_window")
+    return G.Stage(name, cap, min_s, lambda c, b: [sys.executable, "-c", code.format(out=c.out, budget=b,
+                                                                                      knobs=c.knobs)],
+                   G.DRY_RUN, **kw)
+
+
+def test_window_stage_past_its_limit_is_stopped_and_the_next_one_runs(tmp_path):
+    """A hanging stage (and the child it started) ends at its limit; what it printed
+    before is in the log, its row says timeout, and the later stages still run."""
+    G = _bench_module("gpu_window")
+    hang = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            "print('before the hang', flush=True); time.sleep(60)")
+    stages = [_stage("hang", hang, cap=2), _stage("after", "print('after ran')"),
+              _stage("fails", "raise SystemExit(3)")]
+    ctx = G.Ctx(out=tmp_path, python="unused")
+    t0 = time.time()
+    rows = G.run_plan(stages, ctx, budget_s=60)
+    assert time.time() - t0 < 30   # the sleeping child did not hold the stage (or the pipe) open
+    assert [(r["stage"], r["status"]) for r in rows] == [("hang", "timeout"), ("after", "ok"), ("fails", "failed")]
+    assert rows[2]["rc"] == 3
+    log = (tmp_path / "window.log").read_text()
+    assert "before the hang" in log and "after ran" in log
+    assert json.loads((tmp_path / "window.json").read_text())["stages"] == json.loads(json.dumps(rows))
+
+
+def test_window_limits_adapt_to_what_is_left(tmp_path):
+    G = _bench_module("gpu_window")
+    st = [G.Stage(n, cap, mn, None, []) for n, cap, mn in [("a", 100, 30), ("b", 200, 60), ("c", 50, 40)]]
+    assert G.limit(st, 0, 1000) == 100                   # plenty: the cap
+    assert G.limit(st, 0, 150) == 50                     # the later stages' minimums kept back
+    assert G.limit(st, 0, 60) == 30                      # an earlier stage keeps its own minimum first
+    assert G.limit(st, 0, 20) == 0                       # below its minimum: skipped
+    assert G.limit(st, 2, 45) == 45 and G.limit(st, 2, 39) == 0
+    stages = [_stage("first", "print(1)", min_s=5), _stage("second", "print(2)", min_s=1000)]
+    rows = G.run_plan(stages, G.Ctx(out=tmp_path, python="unused"), budget_s=60)
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+
+
+def test_window_smoke_fallback_reaches_the_later_stages(tmp_path):
+    """The split path wrong in the smoke stage: the later benchmarks get the two-pass knobs."""
+    G = _bench_module("gpu_window")
+    smoke = ("import json, pathlib; pathlib.Path(r'{out}/gpu_smoke.json').write_text(json.dumps(dict(rows=["
+             "dict(check='ce split mean', path='split', ok=False, error='wrong'),"
+             "dict(check='ce twopass mean', path='twopass', ok=True)])))")
+    stages = [_stage("smoke", smoke), _stage("bench", "print('knobs=' + '{knobs}')")]
+    ctx = G.Ctx(out=tmp_path, python="unused")
+    G.run_plan(stages, ctx, budget_s=60)
+    assert ctx.knobs == G.FALLBACK_KNOBS
+    assert f"knobs={G.FALLBACK_KNOBS}" in (tmp_path / "window.log").read_text()
+    assert "ce split mean: wrong" in ctx.notes[0]
+
+
+def test_window_dry_run_parses_every_stage(tmp_path):
+    """bash benchmarks/gpu_check.sh --dry-run: every stage's real command line with its dry-run
+    flag (benchmarks print their plans, pytest collects the GPU tiers), no GPU needed."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    G = _bench_module("gpu_window")
+    doc = json.loads((tmp_path / "window.json").read_text())
+    assert [r["stage"] for r in doc["stages"]] == [s.name for s in G.STAGES]
+    assert all(r["status"] == "ok" for r in doc["stages"]), doc["stages"]
+    argv = {r["stage"]: r["argv"] for r in doc["stages"]}
+    assert "--tuning" in argv["ce"] and "--dry-run" in argv["ce"]
+    for name in ("sweep", "ce", "linear"):   # each told how long it may plan for, inside its limit
+        row = next(r for r in doc["stages"] if r["stage"] == name)
+        assert 0 < int(argv[name][argv[name].index("--budget-s") + 1]) < row["limit_s"]
+    assert json.loads((tmp_path / "gpu_bench.json").read_text()) == []
+    assert json.loads((tmp_path / "gpu_sweep.json").read_text())["meta"]["dry_run"] is True
+    assert "sweep plan:" in res.stdout and "pass 2: compile" in res.stdout and "window summary" in res.stdout
+
+
+def test_bench_knobs_and_passes():
+    gb = _bench_module("gpu_bench")
+    assert gb.parse_knobs("_ROW_PATH=twopass, _SPLIT_WARPS=8,_KEEP_L2=False") == dict(
+        _ROW_PATH="twopass", _SPLIT_WARPS=8, _KEEP_L2=False)
+    assert gb.parse_knobs("") == {}
+    with pytest.raises(ValueError):
+        gb.parse_knobs("_ROW_PATH")
+    first, second = gb.passes({"liger"}, ["crossent", "torch", "compile", "liger"])
+    assert first == {"liger", "compile"} and second == {"liger", "crossent", "torch"}
+    assert gb.passes({"compile"}, ["crossent", "compile"]) == [{"compile"}]   # nothing left for pass 2
+
+
+def test_sweep_plan_and_compile_count():
+    """The sweep's kernels: one per distinct (slice width, slices, warps, prefetch) or two-pass
+    tile; the resident-CTA knob only sizes the grid.  A forced row path keeps its configurations."""
+    pytest.importorskip("triton")
+    sw = _bench_module("gpu_sweep")
+    todo = dict(sw.plan({}, cluster_ok=False))
+    work = [("cross_entropy", (8192, 32000)), ("cross_entropy", (8192, 128256))]
+    default = sw.kernel_keys([("default", todo["default"])], work)
+    assert len(default) == 2                             # one kernel per class count (slices per row)
+    assert sw.kernel_keys([("c2", todo["split b4096 w4 pf0 c2"])], work) == default   # the defaults but 2 CTAs/SM
+    assert len(sw.kernel_keys([("default", {}), ("pf", todo["split b4096 w4 pf1 c8"])], work)) == 4
+    tp = [(k, v) for k, v in todo.items() if v.get("_ROW_PATH") == "twopass"]
+    assert len(sw.kernel_keys(tp[:1], work)) == 1         # the two-pass tile does not depend on C
+    forced = sw.plan({"_ROW_PATH": "twopass"}, cluster_ok=True)
+    assert forced and all(kn.get("_ROW_PATH", "twopass") == "twopass" for _, kn in forced)
