@@ -264,10 +264,12 @@ def main(argv=None) -> int:
     forced = parse_knobs(args.knobs)
     work = [("cross_entropy", s) for s in CE_SHAPES] + [("softmax", s) for s in SM_SHAPES]
     if args.dry_run:
+        apply_knobs(forced)   # on the CPU too: the plans the compile count reads
         todo = plan(forced, cluster_ok=False)
+        clusters = len(plan(forced, cluster_ok=True)) - len(todo)
         print(f"sweep plan: {len(todo)} configurations x {len(work)} shapes, "
-              f"{len(kernel_keys(todo, work))} kernels to compile (+3 cluster configurations where clusters "
-              f"compile); budget {args.budget_s:.0f} s; knobs {forced or 'defaults'}")
+              f"{len(kernel_keys(todo, work))} kernels to compile (+{clusters} cluster configurations where "
+              f"clusters compile); budget {args.budget_s:.0f} s; knobs {forced or 'defaults'}")
         for label, kn in todo:
             print(f"  {label:28} {kn}")
         _write(out, dict(meta=dict(dry_run=True, knobs=forced), rows=[], best=[]))
