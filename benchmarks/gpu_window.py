@@ -162,6 +162,10 @@ def run(argv: list, timeout_s: float, log, env: dict) -> tuple[str, int | None]:
     try:
         rc = proc.wait(timeout=timeout_s)
         status = "ok" if rc == 0 else "failed"
+        try:   # what it left running (a worker, a rank) must not hold the GPU in the next stage
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     except subprocess.TimeoutExpired:
         for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
             try:
