@@ -467,6 +467,15 @@ HEADER = (f"{'provider':<20} {'op':<13} {'shape':<13} {'median ms':>9} (p10-p90)
           f"{'GB/s':>8} {'x floor':>7} {'extra MiB':>10}  {'target':<13} verdict")
 
 
+def print_stamp(rows) -> None:
+    """Card, versions, commit, date (and copy bandwidth) of a run, from its first row's stamp."""
+    r = rows[0] if rows else {}
+    if r.get("device"):
+        bw = f"  copy {r['copy_gbps']:.0f} GB/s" if "copy_gbps" in r else ""
+        print(f"{r['device']}  torch {r.get('torch')}  triton {r.get('triton')}  "
+              f"commit {str(r.get('git_commit'))[:12]}  {r.get('date')}{bw}")
+
+
 def grouped(rows, key=lambda r: (r["op"], r["shape"])):
     """rows ordered by their group's first appearance (a second pass appends to earlier shapes)."""
     first: dict = {}
@@ -482,10 +491,7 @@ def print_table(rows, title="cross-entropy / softmax (bf16)", targets_only=False
         rows = [r for r in rows if target(r)[1] or ("error" in r and r["provider"].startswith(("crossent", "(")))]
         title += ": targets (issue 10)"
     print(f"== {title} ==")
-    if rows and rows[0].get("device"):
-        r = rows[0]
-        print(f"{r['device']}  torch {r.get('torch')}  triton {r.get('triton')}  commit "
-              f"{str(r.get('git_commit'))[:12]}  copy {r.get('copy_gbps', float('nan')):.0f} GB/s  {r.get('date')}")
+    print_stamp(rows)
     print(HEADER)
     for r in grouped(rows):
         print(fmt(r))

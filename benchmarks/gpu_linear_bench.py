@@ -425,10 +425,7 @@ def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_on
         rows = [r for r in rows if r["provider"] in keep or r["provider"] == "(shape)"]
     else:
         print(f"== {title} ==")
-    if rows and rows[0].get("device"):
-        r = rows[0]
-        print(f"{r.get('device')}  torch {r.get('torch')}  triton {r.get('triton')}  "
-              f"commit {str(r.get('git_commit'))[:12]}")
+    gb.print_stamp(rows)
     print(HEADER)
     for r in rows:
         print(fmt(r))
