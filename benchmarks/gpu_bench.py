@@ -33,124 +33,26 @@ is a row, and the next shape runs.
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import datetime
-import json
-import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _gpu_common import (CE_SHAPES, META, SM_SHAPES, GiB, bench, common_args, copy_bandwidth,  # noqa: E402
+                         dry_run, failed, finish, grouped, guarded, kernel_ms, knob_values, over_budget, parse,
+                         passes, print_stamp, read_json, record, require_free, require_triton, start)
 
-CE_SHAPES = [(8192, 32000), (8192, 128256), (16384, 256000)]
-SM_SHAPES = [(8192, 128256)]
 DEFERRED = ("compile",)   # providers run in a second pass, after every shape's others
-GiB = 1 << 30
-DEADLINE = [float("inf")]   # time.time() after which remaining providers are skipped
-OUT_PATH = [None]
-META: dict = {}
-
-
-# ----------------------------------------------------------------------------- timing
-
-def _q(xs, q):
-    s = sorted(xs)
-    pos = (len(s) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
-def bench(fn, prep=None, iters=20, warmup=3):
-    """fn(state) timed with CUDA events; prep() -> state runs outside the timed region."""
-    for _ in range(warmup):
-        fn(prep() if prep else None)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        st = prep() if prep else None
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(st)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-        del st
-    st = prep() if prep else None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn(st)
-    torch.cuda.synchronize()
-    extra = (torch.cuda.max_memory_allocated() - base) / (1 << 20)
-    del st
-    return dict(median_ms=_q(times, 0.5), p10_ms=_q(times, 0.1), p90_ms=_q(times, 0.9),
-                extra_mib=extra)
-
-
-def graph_ms(fn, iters=20, warmup=3):
-    """Mean ms of fn() replayed from a CUDA graph (kernel time, no host overhead)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):   # warm-up off the capture: compiles, caches, allocator pools
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        g.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / iters
-
-
-def kernel_ms(fn, iters=20):
-    """(ms, how): graph_ms, or, where fn cannot be captured in a CUDA graph, the mean over a
-    burst of eager calls between two events (asynchronous launches: kernel time dominates
-    at the benchmark shapes)."""
-    try:
-        return graph_ms(fn, iters), "graph"
-    except Exception:  # noqa: BLE001 - e.g. a launch kind that stream capture refuses
-        torch.cuda.synchronize()
-        fn()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) / iters, "events"
-
-
-def copy_bandwidth(nbytes=4 * GiB):
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    r = bench(lambda _: dst.copy_(src), iters=10, warmup=2)
-    del src, dst
-    return 2 * nbytes / (r["median_ms"] * 1e-3) / 1e9   # GB/s, read + write
 
 
 # ----------------------------------------------------------------------------- providers
 
 def _crossent_ce(inplace=False):
     import crossent
-    from crossent import backends
-    if backends.select("cuda").name != "triton":
-        raise RuntimeError("crossent does not select the triton backend on this device")
+    require_triton()
     return lambda x, y: crossent.cross_entropy(x, y, inplace_backward=inplace)
 
 
@@ -174,18 +76,6 @@ def ce_providers():
     }
 
 
-def over_budget(name):
-    left = DEADLINE[0] - time.time()
-    # torch.compile spends tens of seconds compiling: only start it with time to spare
-    return left < (60 if name == "compile" else 0)
-
-
-def flush(rows, meta):
-    if OUT_PATH[0]:
-        Path(OUT_PATH[0]).parent.mkdir(parents=True, exist_ok=True)
-        Path(OUT_PATH[0]).write_text(json.dumps([{**r, **meta} for r in rows], indent=1) + "\n")
-
-
 TUNING: dict = {}   # (op, shape) -> knobs, from gpu_sweep.py's JSON (--tuning)
 
 
@@ -194,31 +84,10 @@ def tuned(op, shape):
     knobs = TUNING.get((op, shape))
     if not knobs:
         return lambda: None
-    from crossent.backends.triton import ce, split
-    saved = {k: getattr(split if hasattr(split, k) else ce, k) for k in knobs}
+    from crossent.backends.triton import ce
+    saved = knob_values(knobs)
     ce.configure(**knobs)
     return lambda: ce.configure(**saved)
-
-
-def parse_knobs(spec: str) -> dict:
-    """"_ROW_PATH=twopass,_SPLIT_WARPS=8" -> {"_ROW_PATH": "twopass", "_SPLIT_WARPS": 8}."""
-    knobs = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"knob {item!r}: expected NAME=VALUE")
-        try:
-            knobs[name.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            knobs[name.strip()] = value.strip()   # a bare word: a string (twopass)
-    return knobs
-
-
-def apply_knobs(knobs: dict) -> None:
-    """Set launch knobs of the triton backend for the rest of the run (ce.configure checks the names)."""
-    if knobs:
-        from crossent.backends.triton import ce
-        ce.configure(**knobs)
 
 
 def target(row):
@@ -263,8 +132,7 @@ def run_parts(x0, y, rows, copy_bw):
                        gbps=2 * x0.nbytes / (ms * 1e-3) / 1e9, x_floor=ms / floor_ms)
         except Exception as e:  # noqa: BLE001
             row["error"] = f"{type(e).__name__}: {e}"
-        rows.append(row)
-        print(fmt(row), flush=True)
+        record(rows, row, fmt)
     x.grad = None
 
 
@@ -290,8 +158,7 @@ def run_overhead(rows, n=200):
         if name == "crossent":
             row["target"] = "<=torch+20us"
             row["verdict"] = "PASS" if per_call["crossent"] <= per_call["torch"] + 0.020 else "FAIL"
-        rows.append(row)
-        print(fmt(row), flush=True)
+        record(rows, row, fmt)
 
 
 def _device_events(prof) -> int:
@@ -323,8 +190,7 @@ def profile_step(x0, y, rows):
         n = _device_events(prof)
         row = dict(op="launches", provider=f"crossent {name}", shape=f"{N}x{V}", dtype="bfloat16",
                    launches=n, target="<=2 per fwd+bwd", verdict="PASS" if n <= 2 else "FAIL")
-        rows.append(row)
-        print(fmt(row), flush=True)
+        record(rows, row, fmt)
         x.grad = None
         if name == "mean":
             avg = prof.key_averages()
@@ -358,12 +224,9 @@ def _run_ce(x0, y, nbytes, iters, rows, copy_bw, skip, profile):
             continue
         row = dict(op="cross_entropy", provider=name, shape=f"{N}x{V}", dtype="bfloat16")
         try:
-            if over_budget(name):
+            if over_budget(name in DEFERRED):
                 raise RuntimeError("skipped: time budget")
-            free = torch.cuda.mem_get_info()[0]
-            need = x0.nbytes * (4 if heavy else 2) + GiB
-            if free < need:
-                raise RuntimeError(f"skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} GiB free")
+            require_free(x0.nbytes * (4 if heavy else 2) + GiB, RuntimeError)
             fn = factory()
             if clobbers:   # the logits are overwritten: a fresh leaf per iteration, untimed
                 def prep():
@@ -381,13 +244,8 @@ def _run_ce(x0, y, nbytes, iters, rows, copy_bw, skip, profile):
             row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
             row["x_floor"] = row["median_ms"] / (nbytes / (copy_bw * 1e9) * 1e3)
         except Exception as e:  # keep going: one provider failing must not hide the others
-            row["error"] = f"{type(e).__name__}: {e}"
-            print(f"[{name} {N}x{V}] {row['error']}", file=sys.stderr)
-            if os.environ.get("GPU_BENCH_TRACE"):
-                traceback.print_exc()
-        rows.append(row)
-        print(fmt(row), flush=True)
-        flush(rows, META)
+            failed(row, e, f"{name} {N}x{V}")
+        record(rows, row, fmt)
         x = None
         torch.cuda.empty_cache()
 
@@ -422,31 +280,15 @@ def _run_softmax(x, nbytes, iters, rows, copy_bw, skip):
                 continue
             row = dict(op=op, provider=name, shape=f"{N}x{V}", dtype="bfloat16")
             try:
-                if over_budget(name):
+                if over_budget(name in DEFERRED):
                     raise RuntimeError("skipped: time budget")
                 fn = factory()
                 row.update(bench(lambda _: fn(x), iters=iters))
                 row["gbps"] = nbytes / (row["median_ms"] * 1e-3) / 1e9
                 row["x_floor"] = row["median_ms"] / (nbytes / (copy_bw * 1e9) * 1e3)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {e}"
-                print(f"[{name} {op}] {row['error']}", file=sys.stderr)
-            rows.append(row)
-            print(fmt(row), flush=True)
-            flush(rows, META)
-
-
-def guarded(run, op, shape, rows, *args):
-    """run(*args, rows, ...) with an error of the shape itself (out of memory allocating its
-    inputs, a CUDA error) recorded as a row instead of ending the benchmark."""
-    try:
-        run(*args)
-    except Exception as e:  # noqa: BLE001
-        row = dict(op=op, provider="(shape)", shape=shape, dtype="bfloat16", error=f"{type(e).__name__}: {e}")
-        rows.append(row)
-        print(fmt(row), flush=True)
-        flush(rows, META)
-        torch.cuda.empty_cache()
+            except Exception as e:  # noqa: BLE001
+                failed(row, e, f"{name} {op}")
+            record(rows, row, fmt)
 
 
 # ----------------------------------------------------------------------------- output
@@ -467,23 +309,6 @@ HEADER = (f"{'provider':<20} {'op':<13} {'shape':<13} {'median ms':>9} (p10-p90)
           f"{'GB/s':>8} {'x floor':>7} {'extra MiB':>10}  {'target':<13} verdict")
 
 
-def print_stamp(rows) -> None:
-    """Card, versions, commit, date (and copy bandwidth) of a run, from its first row's stamp."""
-    r = rows[0] if rows else {}
-    if r.get("device"):
-        bw = f"  copy {r['copy_gbps']:.0f} GB/s" if "copy_gbps" in r else ""
-        print(f"{r['device']}  torch {r.get('torch')}  triton {r.get('triton')}  "
-              f"commit {str(r.get('git_commit'))[:12]}  {r.get('date')}{bw}")
-
-
-def grouped(rows, key=lambda r: (r["op"], r["shape"])):
-    """rows ordered by their group's first appearance (a second pass appends to earlier shapes)."""
-    first: dict = {}
-    for i, r in enumerate(rows):
-        first.setdefault(key(r), i)
-    return sorted(rows, key=lambda r: first[key(r)])
-
-
 def print_table(rows, title="cross-entropy / softmax (bf16)", targets_only=False):
     """The rows (as written to the JSON) as one table; targets_only: the rows with a
     target (PASS/FAIL) and crossent's errors."""
@@ -497,101 +322,43 @@ def print_table(rows, title="cross-entropy / softmax (bf16)", targets_only=False
         print(fmt(r))
 
 
-def stamp():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        commit = None
-    # the device machine gets a copy of the tree, maybe without .git: the caller names the commit
-    commit = commit or os.environ.get("GPU_CHECK_COMMIT")
-    try:
-        import triton
-        tv = triton.__version__
-    except Exception:
-        tv = None
-    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=tv,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                git_commit=commit)
-
-
-def common_args(doc: str, iters: int, budget_s: float, quick_help: str) -> argparse.ArgumentParser:
-    """The options both GPU benchmarks take (this one and gpu_linear_bench.py)."""
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--json", default=None, help="write rows here (default: $OUT or ./bench-results)")
-    ap.add_argument("--iters", type=int, default=iters)
-    ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument("--skip", default="", help="comma-separated providers to skip")
-    ap.add_argument("--budget-s", type=float, default=budget_s,
-                    help="skip providers not started within this many seconds (rows say so)")
-    ap.add_argument("--print-table", metavar="JSON", default=None,
-                    help="only print the table of a JSON written earlier (no GPU needed)")
-    ap.add_argument("--targets-only", action="store_true", help="with --print-table: only the target rows")
-    ap.add_argument("--knobs", default="", help="K=V,... triton launch knobs for the whole run")
-    ap.add_argument("--dry-run", action="store_true", help="no GPU: print the plan, write an empty JSON")
-    return ap
-
-
-def passes(skip: set, names, deferred=DEFERRED) -> list:
-    """The providers' skip sets of the two passes: every provider but ``deferred``, then those."""
-    names = set(names)
-    out = [skip | set(deferred), skip | (names - set(deferred))]
-    return [s for s in out if names - s]
-
-
-def dry_run(args, out, skip, names, shapes, deferred=DEFERRED) -> int:
-    """The run's plan, without a GPU: what each pass would run; the JSON path is written (empty)."""
-    for i, s in enumerate(passes(skip, names, deferred)):
-        print(f"pass {i + 1}: {', '.join(n for n in names if n not in s)} at {', '.join(shapes)}")
-    print(f"budget {args.budget_s:.0f} s, iters {args.iters}, knobs {parse_knobs(args.knobs) or 'defaults'}")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text("[]\n")
-    return 0
-
-
 def main(argv=None):
     ap = common_args(__doc__, 20, 240.0, "only the smallest CE shape")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per CE shape")
     ap.add_argument("--tuning", default=None, help="gpu_sweep.py's JSON: its best knobs per shape")
-    args = ap.parse_args(argv)
+    args, out, skip = parse(ap, argv, "gpu_bench")
     if args.print_table:
-        print_table(json.loads(Path(args.print_table).read_text()), targets_only=args.targets_only)
+        print_table(read_json(args.print_table), targets_only=args.targets_only)
         return 0
-    out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_bench.json")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     ce_shapes = CE_SHAPES[:1] if args.quick else CE_SHAPES
     sm_shapes = [] if args.quick else SM_SHAPES
     names = list(ce_providers()) + ["overhead"]
     if args.dry_run:
         return dry_run(args, out, skip, names, [f"{n}x{v}" for n, v in ce_shapes] +
-                       [f"softmax {n}x{v}" for n, v in sm_shapes])
+                       [f"softmax {n}x{v}" for n, v in sm_shapes], DEFERRED)
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
         return 1
-    apply_knobs(parse_knobs(args.knobs))
+    t0 = start(args, out)
     if args.tuning and Path(args.tuning).exists():   # absent when the sweep did not run
-        for b in json.loads(Path(args.tuning).read_text()).get("best", []):
+        for b in read_json(args.tuning).get("best", []):
             TUNING[(b["op"], b["shape"])] = b["knobs"]
-    t0 = time.time()
-    DEADLINE[0] = t0 + args.budget_s
-    OUT_PATH[0] = out
-    meta = stamp()
     copy_bw = copy_bandwidth()
-    META.update(meta, copy_gbps=copy_bw)
-    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+    META.update(copy_gbps=copy_bw)
+    print(f"{META['device']}  torch {META['torch']}  triton {META['triton']}  "
           f"copy bandwidth {copy_bw:.0f} GB/s (read+write)")
     print(HEADER)
     rows = []
     if "crossent" not in skip and "overhead" not in skip:
-        guarded(run_overhead, "overhead", "64x1000", rows, rows)
-    for pass_skip in passes(skip | {"overhead"}, names):
+        guarded(run_overhead, "overhead", "64x1000", rows, rows, fmt=fmt)
+    for pass_skip in passes(skip | {"overhead"}, names, DEFERRED):
         for N, V in ce_shapes:
             guarded(run_ce, "cross_entropy", f"{N}x{V}", rows, N, V, args.iters, rows, copy_bw, pass_skip,
-                    args.profile)
+                    args.profile, fmt=fmt)
         for N, V in sm_shapes:
-            guarded(run_softmax, "softmax", f"{N}x{V}", rows, N, V, args.iters, rows, copy_bw, pass_skip)
-    flush(rows, META)
-    print(f"wrote {len(rows)} rows to {out} in {time.time() - t0:.0f} s")
+            guarded(run_softmax, "softmax", f"{N}x{V}", rows, N, V, args.iters, rows, copy_bw, pass_skip,
+                    fmt=fmt)
+    finish(rows, out, t0)
     return 0
 
 

@@ -43,40 +43,31 @@ second pass while the budget lasts, timed against the first pass's matmuls and
 without the accuracy columns.  An error at one shape (out of memory) is a row.
 ``--knobs K=V,...`` sets triton launch knobs for the run (see gpu_bench.py).
 
-Timing, the env stamp and JSON writing come from benchmarks/gpu_bench.py.
+Timing, the env stamp, JSON writing and the options come from benchmarks/_gpu_common.py.
 
     python3 benchmarks/gpu_linear_bench.py --json bench-results/gpu_linear_bench.json
     python3 benchmarks/gpu_linear_bench.py --print-table bench-results/gpu_linear_bench.json
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_bench as gb  # noqa: E402  (bench(), stamp(), flush(), DEADLINE, OUT_PATH, META; adds src/ to the path)
+from _gpu_common import (META, GiB, Skip, bench, common_args, dry_run, failed, finish, grouped,  # noqa: E402
+                         guarded, left, over_budget, parse, passes, print_stamp, read_json, record,
+                         require_free, require_triton, start)
 
-ROOT = gb.ROOT
-GiB = gb.GiB
 # The anchor shape first (--quick runs only it); all three are issue 11's.
 SHAPES = [(8192, 4096, 128256), (16384, 2304, 256000), (4096, 4096, 128256)]
 BIG_VOCAB = "16384x2304x256000"
 COMPACT_BYTES = 256 * 2 ** 20   # compact's promise: extra <= gradients + this
 SLACK_GIB = 1 / 16              # per-token vectors (loss, lse, int64 target) and allocator rounding
-COMPILE_LEFT_S = 60.0   # only start a torch.compile provider with this much budget left
 REF_LEFT_S = 15.0       # only compute the fp32 reference with this much budget left
 DEFERRED = ("torch-compile", "cce-compile")   # second pass (see the module docstring)
-
-
-class Skip(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------- providers
@@ -95,9 +86,7 @@ def _est(f):
 def _crossent(policy):
     def factory(h, W, t):
         import crossent
-        from crossent import backends
-        if backends.select("cuda").name != "triton":
-            raise RuntimeError("crossent does not select the triton backend on this device")
+        require_triton()
         opts = crossent.LinearCrossEntropyOptions(acc_policy=policy)
         return lambda: crossent.linear_cross_entropy(h, W, t, options=opts)
 
@@ -231,14 +220,24 @@ def rel_err(a, ref, rows=1 << 15):
 
 # ----------------------------------------------------------------------------- running
 
-def _left():
-    return gb.DEADLINE[0] - time.time()
+def _time_matmuls(h, W, iters, warmup) -> dict:
+    """bench() of the three matmuls together, then each one's median (mm_*_ms); their
+    outputs (the N x V one too) are freed on return."""
+    L = torch.empty(h.shape[0], W.shape[0], dtype=h.dtype, device="cuda")
+    dh = torch.empty_like(h)
+    dW = torch.empty_like(W)
+    torch.mm(h, W.t(), out=L)           # values for g: the logits themselves
 
-
-def _record(rows, row):
-    rows.append(row)
-    print(fmt(row), flush=True)
-    gb.flush(rows, gb.META)
+    def step(_):
+        torch.mm(h, W.t(), out=L)
+        torch.mm(L, W, out=dh)
+        torch.mm(L.t(), h, out=dW)
+    times = bench(step, iters=iters, warmup=warmup)
+    for name, one in (("logits", lambda _: torch.mm(h, W.t(), out=L)),
+                      ("dh", lambda _: torch.mm(L, W, out=dh)),
+                      ("dW", lambda _: torch.mm(L.t(), h, out=dW))):
+        times[f"mm_{name}_ms"] = bench(one, iters=iters, warmup=1)["median_ms"]
+    return times
 
 
 def run_matmuls(N, D, V, h, W, iters, warmup, rows):
@@ -247,33 +246,15 @@ def run_matmuls(N, D, V, h, W, iters, warmup, rows):
     ms = None
     try:
         torch.cuda.empty_cache()
-        need = N * V * 2 + _grads_bytes(N, D, V) + GiB
-        free = torch.cuda.mem_get_info()[0]
-        if free < need:
-            raise Skip(f"skipped: needs ~{need / GiB:.0f} GiB, {free / GiB:.0f} GiB free")
-        L = torch.empty(N, V, dtype=h.dtype, device="cuda")
-        dh = torch.empty_like(h)
-        dW = torch.empty_like(W)
-        torch.mm(h, W.t(), out=L)           # values for g: the logits themselves
-
-        def step(_):
-            torch.mm(h, W.t(), out=L)
-            torch.mm(L, W, out=dh)
-            torch.mm(L.t(), h, out=dW)
-        row.update(gb.bench(step, iters=iters, warmup=warmup))
+        require_free(N * V * 2 + _grads_bytes(N, D, V) + GiB)
+        row.update(_time_matmuls(h, W, iters, warmup))
         ms = row["median_ms"]
-        for name, one in (("logits", lambda _: torch.mm(h, W.t(), out=L)),
-                          ("dh", lambda _: torch.mm(L, W, out=dh)),
-                          ("dW", lambda _: torch.mm(L.t(), h, out=dW))):
-            row[f"mm_{name}_ms"] = gb.bench(one, iters=iters, warmup=1)["median_ms"]
         row["x3mm"] = 1.0
         row["tflops"] = 6 * N * D * V / (ms * 1e-3) / 1e12
         row["extra_gib"] = row.pop("extra_mib") / 1024
-        del L, dh, dW
-    except Exception as e:
-        row["error"] = f"{type(e).__name__}: {e}" if not isinstance(e, Skip) else str(e)
-        print(f"[3-matmul {N}x{D}x{V}] {row['error']}", file=sys.stderr)
-    _record(rows, row)
+    except Exception as e:  # noqa: BLE001
+        failed(row, e, f"3-matmul {N}x{D}x{V}")
+    record(rows, row, fmt)
     torch.cuda.empty_cache()
     return ms
 
@@ -286,6 +267,13 @@ def run_shape(N, D, V, args, rows, skip, accuracy=True):
     W = (torch.randn(V, D, device="cuda", generator=g) * (2 / D ** 0.5)).to(torch.bfloat16).requires_grad_()
     t = torch.randint(0, V, (N,), device="cuda", generator=g)
     torch.cuda.empty_cache()
+    _run_shape(h, W, t, args, rows, skip, accuracy)
+    del h, W, t
+    torch.cuda.empty_cache()
+
+
+def _run_shape(h, W, t, args, rows, skip, accuracy):
+    (N, D), V = h.shape, W.shape[0]
     shape = f"{N}x{D}x{V}"
     if "3-matmul" in skip:
         base_ms = next((r["median_ms"] for r in rows if r["shape"] == shape and r["provider"] == "3-matmul"
@@ -299,13 +287,10 @@ def run_shape(N, D, V, args, rows, skip, accuracy=True):
             continue
         row = dict(op="linear_cross_entropy", provider=name, shape=shape, dtype="bfloat16")
         try:
-            if _left() < (COMPILE_LEFT_S if compiles else 0):
+            if over_budget(compiles):
                 raise Skip("skipped: time budget")
             torch.cuda.empty_cache()
-            est = need(h, W) + GiB
-            free = torch.cuda.mem_get_info()[0]
-            if free < est:
-                raise Skip(f"skipped: needs ~{est / GiB:.0f} GiB, {free / GiB:.0f} GiB free")
+            require_free(need(h, W) + GiB)
             fn = factory(h, W, t)
             if name.startswith("crossent"):   # what it will run, read before the timed calls
                 plan = _plan(name, h, W)
@@ -318,7 +303,7 @@ def run_shape(N, D, V, args, rows, skip, accuracy=True):
 
             def step(_):
                 fn().backward()
-            row.update(gb.bench(step, prep, iters=args.iters, warmup=args.warmup))
+            row.update(bench(step, prep, iters=args.iters, warmup=args.warmup))
             ms = row["median_ms"]
             row["tflops"] = 6 * N * D * V / (ms * 1e-3) / 1e12
             row["extra_gib"] = row.pop("extra_mib") / 1024
@@ -327,7 +312,7 @@ def run_shape(N, D, V, args, rows, skip, accuracy=True):
                 row["x3mm"] = ms / base_ms
             # accuracy: one more call, against the fp32 reference (computed once per shape)
             try:
-                if ref is None and accuracy and not args.no_accuracy and _left() > REF_LEFT_S:
+                if ref is None and accuracy and not args.no_accuracy and left() > REF_LEFT_S:
                     prep()
                     torch.cuda.empty_cache()
                     ref = reference(h.detach(), W.detach(), t)
@@ -343,17 +328,12 @@ def run_shape(N, D, V, args, rows, skip, accuracy=True):
                 row["accuracy_error"] = f"{type(e).__name__}: {e}"
                 print(f"[{name} {shape}] accuracy: {row['accuracy_error']}", file=sys.stderr)
         except Exception as e:  # one provider failing must not hide the others
-            row["error"] = str(e) if isinstance(e, Skip) else f"{type(e).__name__}: {e}"
-            print(f"[{name} {shape}] {row['error']}", file=sys.stderr)
-            if os.environ.get("GPU_BENCH_TRACE") and not isinstance(e, Skip):
-                traceback.print_exc()
+            failed(row, e, f"{name} {shape}")
         h.grad = None
         W.grad = None
         fn = None
-        _record(rows, row)
+        record(rows, row, fmt)
         torch.cuda.empty_cache()
-    del h, W, t, ref
-    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- output
@@ -418,14 +398,14 @@ def targets(rows):
 
 
 def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_only=False):
-    rows = gb.grouped([r for r in rows if r.get("op") != "target"], key=lambda r: r["shape"])
+    rows = grouped([r for r in rows if r.get("op") != "target"], key=lambda r: r["shape"])
     if targets_only:   # the targets and what they are judged from
         print(f"== {title}: targets (issue 11) ==")
         keep = ("3-matmul", "crossent-accurate", "crossent-compact", "liger-flce", "cce")
         rows = [r for r in rows if r["provider"] in keep or r["provider"] == "(shape)"]
     else:
         print(f"== {title} ==")
-    gb.print_stamp(rows)
+    print_stamp(rows)
     print(HEADER)
     for r in rows:
         print(fmt(r))
@@ -448,45 +428,34 @@ def _shapes(spec):
 
 
 def main(argv=None):
-    ap = gb.common_args(__doc__, 10, 170.0, "only the first shape")
+    ap = common_args(__doc__, 10, 170.0, "only the first shape")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...] instead of the two default shapes")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp32 reference and error columns")
-    args = ap.parse_args(argv)
+    args, out, skip = parse(ap, argv, "gpu_linear_bench")
     if args.print_table:
-        print_table(json.loads(Path(args.print_table).read_text()), targets_only=args.targets_only)
+        print_table(read_json(args.print_table), targets_only=args.targets_only)
         return 0
-    out = args.json or str(Path(os.environ.get("OUT") or ROOT / "bench-results") / "gpu_linear_bench.json")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     shapes = _shapes(args.shapes) if args.shapes else SHAPES
     if args.quick:
         shapes = shapes[:1]
     names = ["3-matmul", *providers()]
     if args.dry_run:
-        return gb.dry_run(args, out, skip, names, [f"{N}x{D}x{V}" for N, D, V in shapes],
-                          deferred=DEFERRED)
+        return dry_run(args, out, skip, names, [f"{N}x{D}x{V}" for N, D, V in shapes], DEFERRED)
     if not torch.cuda.is_available():
         print("gpu_linear_bench: no CUDA device", file=sys.stderr)
         return 1
-    gb.apply_knobs(gb.parse_knobs(args.knobs))
-    t0 = time.time()
-    gb.DEADLINE[0] = t0 + args.budget_s
-    gb.OUT_PATH[0] = out
-    meta = gb.stamp()
-    gb.META.update(meta, free_gib_at_start=torch.cuda.mem_get_info()[0] / GiB,
-                   total_gib=torch.cuda.mem_get_info()[1] / GiB)
-    print(f"{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
-          f"{gb.META['total_gib']:.0f} GiB")
+    t0 = start(args, out)
+    META.update(free_gib_at_start=torch.cuda.mem_get_info()[0] / GiB, total_gib=torch.cuda.mem_get_info()[1] / GiB)
+    print(f"{META['device']}  torch {META['torch']}  triton {META['triton']}  {META['total_gib']:.0f} GiB")
     print(HEADER)
     rows: list = []
-    for i, pass_skip in enumerate(gb.passes(skip, names, DEFERRED)):
+    for i, pass_skip in enumerate(passes(skip, names, DEFERRED)):
         for N, D, V in shapes:
-            gb.guarded(run_shape, "linear_cross_entropy", f"{N}x{D}x{V}", rows, N, D, V, args, rows, pass_skip,
-                       i == 0)
-    judged = targets(rows)
-    gb.flush(rows + judged, gb.META)
-    print(f"wrote {len(rows) + len(judged)} rows to {out} in {time.time() - t0:.0f} s")
-    print_table([{**r, **gb.META} for r in rows])
+            guarded(run_shape, "linear_cross_entropy", f"{N}x{D}x{V}", rows, N, D, V, args, rows, pass_skip,
+                    i == 0, fmt=fmt)
+    finish(rows + targets(rows), out, t0)
+    print_table([{**r, **META} for r in rows])
     return 0
 
 

@@ -38,10 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import (CE_SHAPES, ROOT, SM_SHAPES, apply_knobs, copy_bandwidth, kernel_ms,  # noqa: E402
-                       parse_knobs, stamp)
-
-sys.path.insert(0, str(ROOT / "src"))
+from _gpu_common import (CE_SHAPES, ROOT, SM_SHAPES, apply_knobs, copy_bandwidth, kernel_ms,  # noqa: E402
+                         knob_values, parse_knobs, read_json, stamp, write_json)
 
 
 def configs(cluster_ok: bool):
@@ -63,8 +61,7 @@ def configs(cluster_ok: bool):
 
 def _knob_values():
     """The current value of every knob a configuration moves."""
-    from crossent.backends.triton import ce, split
-    return {k: getattr(split if hasattr(split, k) else ce, k) for _, kn in configs(True) for k in kn}
+    return knob_values(k for _, kn in configs(True) for k in kn)
 
 
 def plan(forced: dict, cluster_ok: bool) -> list:
@@ -98,11 +95,6 @@ def kernel_keys(todo: list, work: list) -> set:
     finally:
         ce.configure(**saved)
     return keys
-
-
-def _write(path: Path, doc: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------- smoke
@@ -143,7 +135,7 @@ def smoke(out: Path, dry_run: bool) -> int:
     if dry_run:
         for check, path, op, C, red in SMOKE:
             print(f"smoke check {check}: {op} {SMOKE_R}x{C} reduction={red} row path {path}")
-        _write(out, dict(meta=dict(dry_run=True), rows=[]))
+        write_json(out, dict(meta=dict(dry_run=True), rows=[]))
         return 0
     if not torch.cuda.is_available():
         print("gpu_sweep --smoke: no CUDA device", file=sys.stderr)
@@ -158,7 +150,7 @@ def smoke(out: Path, dry_run: bool) -> int:
     def record(row):
         if not rows or rows[-1] is not row:
             rows.append(row)
-        _write(out, dict(meta=meta, rows=rows))
+        write_json(out, dict(meta=meta, rows=rows))
         print(json.dumps(row), flush=True)
     t0 = time.time()
     record(dict(check="cluster reductions compile", ok=True, value=_device.cluster_reductions(dev),
@@ -257,7 +249,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.json)
     if args.print_table:
-        print_table(json.loads(Path(args.print_table).read_text()))
+        print_table(read_json(args.print_table))
         return 0
     if args.smoke:
         return smoke(out, args.dry_run)
@@ -272,7 +264,7 @@ def main(argv=None) -> int:
               f"clusters compile); budget {args.budget_s:.0f} s; knobs {forced or 'defaults'}")
         for label, kn in todo:
             print(f"  {label:28} {kn}")
-        _write(out, dict(meta=dict(dry_run=True, knobs=forced), rows=[], best=[]))
+        write_json(out, dict(meta=dict(dry_run=True, knobs=forced), rows=[], best=[]))
         return 0
     if not torch.cuda.is_available():
         print("gpu_sweep: no CUDA device", file=sys.stderr)
@@ -292,7 +284,7 @@ def main(argv=None) -> int:
 
     def emit(row):
         rows.append(row)
-        _write(out, dict(meta=meta, rows=rows, best=[{"op": k[0], "shape": k[1], **v} for k, v in best.items()]))
+        write_json(out, dict(meta=meta, rows=rows, best=[{"op": k[0], "shape": k[1], **v} for k, v in best.items()]))
     for i, (op, (N, V)) in enumerate(work):
         shape_end = time.time() + (t_end - time.time()) / (len(work) - i)   # a fair share each
         try:

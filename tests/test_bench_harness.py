@@ -280,15 +280,39 @@ def test_window_dry_run_parses_every_stage(tmp_path):
 
 
 def test_bench_knobs_and_passes():
-    gb = _bench_module("gpu_bench")
-    assert gb.parse_knobs("_ROW_PATH=twopass, _SPLIT_WARPS=8,_KEEP_L2=False") == dict(
+    common = _bench_module("_gpu_common")
+    assert common.parse_knobs("_ROW_PATH=twopass, _SPLIT_WARPS=8,_KEEP_L2=False") == dict(
         _ROW_PATH="twopass", _SPLIT_WARPS=8, _KEEP_L2=False)
-    assert gb.parse_knobs("") == {}
+    assert common.parse_knobs("") == {}
     with pytest.raises(ValueError):
-        gb.parse_knobs("_ROW_PATH")
-    first, second = gb.passes({"liger"}, ["crossent", "torch", "compile", "liger"])
+        common.parse_knobs("_ROW_PATH")
+    first, second = common.passes({"liger"}, ["crossent", "torch", "compile", "liger"], ("compile",))
     assert first == {"liger", "compile"} and second == {"liger", "crossent", "torch"}
-    assert gb.passes({"compile"}, ["crossent", "compile"]) == [{"compile"}]   # nothing left for pass 2
+    assert common.passes({"compile"}, ["crossent", "compile"], ("compile",)) == [{"compile"}]   # nothing for pass 2
+
+
+def test_bench_rows_survive_a_failing_shape(tmp_path, monkeypatch, capsys):
+    """guarded(): an error of the shape itself is a "(shape)" row, printed in the calling
+    benchmark's columns and written to the JSON with the run's stamp; failed(): a Skip is
+    its message alone, any other error its type and message."""
+    common = _bench_module("_gpu_common")
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(common, "OUT_PATH", [str(out)])
+    monkeypatch.setattr(common, "META", {"device": "card"})
+    rows = []
+
+    def run(n):
+        raise MemoryError(f"{n} bytes")
+    common.guarded(run, "cross_entropy", "4x5", rows, 7, fmt=lambda r: f"ROW {r['provider']} {r['error']}")
+    assert rows == [dict(op="cross_entropy", provider="(shape)", shape="4x5", dtype="bfloat16",
+                         error="MemoryError: 7 bytes")]
+    assert "ROW (shape) MemoryError: 7 bytes" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == [{**rows[0], "device": "card"}]
+    for exc, error in ((common.Skip("skipped: time budget"), "skipped: time budget"),
+                       (RuntimeError("boom"), "RuntimeError: boom")):
+        row = {}
+        common.failed(row, exc, "where")
+        assert row == {"error": error} and f"[where] {error}" in capsys.readouterr().err
 
 
 def test_sweep_plan_and_compile_count():
