@@ -169,14 +169,8 @@ class CrossEntropyFunction(torch.autograd.Function):
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            if not eager:
-                # The compiled backward is functional: rescaling the saved buffer in place
-                # would cost a copy of it first (inductor clones a mutated graph input it
-                # cannot write back), so one multiply, in fp32 as the kernel's, which
-                # inductor writes into that buffer when nothing else holds it.
-                return (grad.to(ctx.acc) * g.to(ctx.acc)).to(grad.dtype), None, None, None, None, None
-            _ops.rescale_(grad, g if ctx.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
-            return grad, None, None, None, None, None
+            # fused: the kernel casts g
+            return _rescaled(grad, g if ctx.fused else g.to(ctx.acc), opts.backend), None, None, None, None, None
         x, target, weight, lse, denom = ctx.saved_tensors
         if not (ctx.fused and opts.reduction == "none"):
             g = g.to(lse.dtype)
@@ -254,6 +248,26 @@ def _rescalable(g: Tensor) -> bool:
     if not _eager() or not g.is_cpu:   # eager first: Dynamo before torch 2.13 cannot trace is_cpu
         return True
     return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
+
+
+def _rescaled(grad: Tensor, g: Tensor, backend: str) -> Tensor:
+    """grad * g (g 0-d): a gradient the forward formed for loss * 1, scaled by the
+    upstream gradient, in grad's buffer.
+
+    Eager: the backend's rescale_ in place, which reads g on the device and skips
+    the pass when g == 1.  Compiled: one multiply in the accumulation dtype (as the
+    kernel's), which inductor fuses into one kernel writing into grad's buffer (a
+    saved tensor nothing else holds: a donated buffer), so one read and one write of
+    grad at any g.  The skip cannot be compiled: grad is an input of the backward
+    graph, AOT autograd functionalizes its mutation (no copy back into a saved
+    tensor), inductor reinplaces only graph inputs that are copied back and clones
+    the others, and a custom op may not return its input; so rescale_ there would
+    be a full copy of grad, plus the multiply when g != 1."""
+    if _eager():
+        _ops.rescale_(grad, g, backend)
+        return grad
+    acc = acc_dtype(grad.dtype)
+    return (grad.to(acc) * g.to(acc)).to(grad.dtype)
 
 
 def _differentiable_grad(ctx, g: Tensor) -> Tensor:
