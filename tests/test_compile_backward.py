@@ -32,18 +32,15 @@ _ALLOC = re.compile(r"= empty_strided_\w+\(\(([\d, ]*)\)")
 _REUSE = re.compile(r"^\s+(\w+) = (?:reinterpret_tensor\()?(\w+)\b.*# reuse$", re.M)
 
 
-def graphs(step) -> tuple[str, str]:
-    """(forward, backward) wrapper code of the graphs that step() compiles, each cut to
-    the body of its call(): the backward is the one whose inputs are tangents."""
+def graphs(step) -> list[str]:
+    """The wrapper code of the graphs that step() compiles, each cut to the body of its
+    call(), forward graphs first (a backward graph's inputs are tangents)."""
     _, codes = run_and_get_code(step)
     bodies = []
     for code in codes:
         start = code.index("def call(")
         bodies.append(code[start:code.index("\n", code.index("        return (", start))])
-    bw = [b for b in bodies if "tangents_" in b]
-    fw = [b for b in bodies if "tangents_" not in b]
-    assert len(fw) == len(bw) == 1, codes
-    return fw[0], bw[0]
+    return sorted(bodies, key=lambda body: "tangents_" in body)
 
 
 def allocations(code: str, numel: int) -> list[str]:

@@ -10,7 +10,6 @@ interpreter, so what would launch on CUDA is counted from two sources:
     test_triton_launches.py (an interpreter STAGE 1 + STAGE 2 pair is one cooperative launch).
 """
 import os
-import re
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the triton import
 
@@ -23,28 +22,24 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("counts launches under the Triton interpreter (CPU tensors)", allow_module_level=True)
 
 import crossent  # noqa: E402
-from torch._inductor.utils import run_and_get_code  # noqa: E402
+from test_compile_backward import CALL, assert_scaled_in_place, graphs  # noqa: E402
 from test_triton_launches import VARIANTS, _inputs, launches, path  # noqa: E402,F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 
-# A call in inductor's wrapper code that launches work: its kernels (cpp_fused_* on CPU,
-# triton_* on CUDA), extern kernels, aten fallbacks, and custom ops (crossent's own).
-_CALL = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run|extern_kernels\.\w+|"
-                   r"(?:torch\.ops\.)?aten\.\w+|torch\.ops\.\w+\.\w+)[.(]", re.M)
-
 
 def _count(fn, x, y, log):
-    """(launches of one compiled forward+backward, calls in the generated code, loss)."""
+    """(launches of one compiled forward+backward, calls in the generated code, loss,
+    the code of the graphs it compiled)."""
     seed = torch.ones_like(fn(x, y))
-    _, codes = run_and_get_code(lambda: fn(x, y).backward(seed))   # compiles the forward and backward
-    calls = [c for code in codes for c in _CALL.findall(code)]
+    codes = graphs(lambda: fn(x, y).backward(seed))   # compiles the forward and backward
+    calls = [c for code in codes for c in CALL.findall(code)]
     ours = [c for c in calls if c.startswith("torch.ops.crossent.")]
     x.grad = None
     log.triton.clear()
     loss = fn(x, y)
     loss.backward(seed)
-    return log.production() + len(calls) - len(ours), calls, loss
+    return log.production() + len(calls) - len(ours), calls, loss, codes
 
 
 def _reference(x, y, kw, reduction):
@@ -71,12 +66,14 @@ def test_compiled_two_launches(launches, reduction, variant):
     torch._dynamo.reset()
     x, y, kw = _inputs(VARIANTS[variant], 6, 13, torch.bfloat16)
     fn = torch.compile(lambda x, y: crossent.cross_entropy(x, y, reduction=reduction, **kw), fullgraph=True)
-    n, calls, loss = _count(fn, x, y, launches)
+    n, calls, loss, codes = _count(fn, x, y, launches)
     assert n <= 2, (calls, launches.triton)
     # what the count read: the forward's op, then the backward's multiply or kernel rerun
     backward = "torch.ops.crossent.ce_backward" if reduction == "none" else "cpp_fused_"
     assert len(calls) == 2 and calls[0] == "torch.ops.crossent.ce_forward_fused", calls
     assert calls[1].startswith(backward), calls
+    if reduction != "none":   # the multiply reads and writes the forward's gradient in place
+        assert_scaled_in_place(codes[1], 1, (x.numel(),))
     _check(loss, x, *_reference(x, y, kw, reduction))
 
 
@@ -86,7 +83,7 @@ def test_compiled_two_launches_paths(launches, path, reduction):
     torch._dynamo.reset()
     x, y, kw = _inputs(VARIANTS["all"], 6, 40, torch.float32)
     fn = torch.compile(lambda x, y: crossent.cross_entropy(x, y, reduction=reduction, **kw), fullgraph=True)
-    n, calls, loss = _count(fn, x, y, launches)
+    n, calls, loss, codes = _count(fn, x, y, launches)
     assert n <= 2, (calls, launches.triton)
     xr = x.detach().requires_grad_()
     ref = crossent.reference.cross_entropy(xr, y, kw["weight"], kw["ignore_index"], reduction,
@@ -106,7 +103,7 @@ def test_compiled_kdim_dynamic_shapes(launches):
         x = torch.randn(B, C, S, requires_grad=True)
         y = torch.randint(0, C, (B, S))
         y[0, 0] = -100
-        n, calls, loss = _count(fn, x, y, launches)
+        n, calls, loss, codes = _count(fn, x, y, launches)
         assert n <= 2, (calls, launches.triton)
         _check(loss, x, *_reference(x, y, dict(label_smoothing=0.1), "mean"))
 
@@ -140,7 +137,7 @@ def test_compiled_inplace_backward(launches, reduction):
     y = torch.randint(0, 13, (6,))
     fn = torch.compile(lambda h, y: crossent.cross_entropy(h @ w.T, y, reduction=reduction, inplace_backward=True),
                        fullgraph=True)
-    n, calls, loss = _count(fn, h, y, launches)
+    n, calls, loss, codes = _count(fn, h, y, launches)
     assert "torch.ops.crossent.ce_forward_fused_inplace" in calls
     assert n - calls.count("extern_kernels.mm") <= 2, (calls, launches.triton)
     hr = h.detach().requires_grad_()
