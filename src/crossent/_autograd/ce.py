@@ -114,7 +114,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
                 need_grad: bool):
-        precompute = need_grad and opts.reduction != "none"
+        precompute = need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x)
         if opts.fused:
             return backends.load(opts.backend).ce_forward_fused(
                 x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
@@ -143,7 +143,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.acc = lse.dtype
         ctx.fused = _fused(opts, x)
         ctx.grad = None
-        if need_grad and opts.reduction != "none":
+        if need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x):
             # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
             ctx.grad = x.detach() if opts.inplace_backward else grad
         # With inplace_backward the logits are gone, so nothing can be recomputed.
@@ -172,13 +172,14 @@ class CrossEntropyFunction(torch.autograd.Function):
             # fused: the kernel casts g
             return _rescaled(grad, g if ctx.fused else g.to(ctx.acc), opts.backend), None, None, None, None, None
         x, target, weight, lse, denom = ctx.saved_tensors
-        if not (ctx.fused and opts.reduction == "none"):
-            g = g.to(lse.dtype)
         if x is None:
             raise RuntimeError(
                 "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
                 "it cannot be backpropagated a second time")
-        row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
+        if opts.reduction == "mean":
+            row_scale = g.to(lse.dtype) * _scale(denom, opts)
+        else:  # g itself; a fused kernel casts it (no launch)
+            row_scale = g if ctx.fused else g.to(lse.dtype)
         grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                                 opts.z_loss, opts.softcap, row_scale, opts.backend)
         return grad, None, None, None, None, None
@@ -248,6 +249,23 @@ def _rescalable(g: Tensor) -> bool:
     if not _eager() or not g.is_cpu:   # eager first: Dynamo before torch 2.13 cannot trace is_cpu
         return True
     return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
+
+
+def _reruns_kernel(opts: CEOptions, x: Tensor) -> bool:
+    """Whether a 'mean' / 'sum' backward reruns the kernel with the upstream gradient
+    (as 'none' does) instead of scaling a gradient that the forward formed: while
+    compiling, for backends that form the forward in one kernel (triton).
+
+    A compiled backward cannot skip the pass at g == 1 (see _rescaled), so forming
+    the gradient in the forward would cost a read of the logits there, a write of
+    the gradient, and a read and write of it in the backward: four passes over
+    N x C.  The rerun costs three: the forward reads the logits once and writes
+    nothing, the backward reads them once more and writes the gradient (on the
+    looped two-pass path, each kernel reads them twice: still no more than before).
+    The price is one O(N) kernel in the backward, forming g / W.  Not for the
+    chunked torch backend, whose rerun recomputes exp on the CPU, nor with
+    inplace_backward, whose point is the memory of the logits."""
+    return not opts.inplace_backward and not _eager() and _backend_fuses(opts.backend, x)
 
 
 def _rescaled(grad: Tensor, g: Tensor, backend: str) -> Tensor:
