@@ -1,14 +1,16 @@
 """What the compiled backward does when the forward formed the gradient (issue 10, item 2).
 
 With reduction 'mean' / 'sum' the forward writes the gradient of loss * 1 into a buffer of
-its own (cross_entropy: N x C; linear_cross_entropy: dx and dw), and the backward only
-scales it by the upstream gradient g.  Eager mode does that in place and skips the pass on
-the device when g == 1.  A compiled backward cannot skip it (_autograd.ce._rescaled says
-why); it must do the least a functional backward can: one kernel that reads the saved
-buffer once and writes the result into that same buffer.  These tests read the code
-inductor generates (C++ kernels here; the wrapper is the same on CUDA) and count, in the
-backward graph, the calls that launch work and the buffers of the gradient's size, then
-compare the gradients with torch's for g == 1, g != 1 and a loss inside a larger graph.
+its own (cross_entropy on the torch backend: N x C; linear_cross_entropy: dx and dw), and
+the backward only scales it by the upstream gradient g.  Eager mode does that in place and
+skips the pass on the device when g == 1.  A compiled backward cannot skip it
+(_autograd.ce._rescaled says why); it must do the least a functional backward can: one
+kernel that reads the saved buffer once and writes the result into that same buffer.
+(Compiled, the triton backend forms no gradient in the forward and reruns its kernel in the
+backward instead: tests/test_compile_launches.py.)  These tests read the code inductor
+generates (C++ kernels here; the wrapper is the same on CUDA) and count, in the backward
+graph, the calls that launch work and the buffers of the gradient's size, then compare the
+gradients with torch's for g == 1, g != 1 and a loss inside a larger graph.
 """
 from __future__ import annotations
 
