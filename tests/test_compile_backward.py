@@ -124,16 +124,19 @@ def test_compiled_backward_none_reruns_kernel():
     _ref_close(x.grad, x, y, dict(label_smoothing=0.1), "none", g)
 
 
+def _head(N: int, C: int, D: int = 16):
+    """(hidden states (N, D), head weight (C, D), targets) for a fresh compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(N + C)
+    return torch.randn(N, D, requires_grad=True), torch.randn(C, D, requires_grad=True), torch.randint(0, C, (N,))
+
+
 def test_compiled_backward_in_a_larger_graph():
     """A linear head, the loss times 3 plus another term: crossent's share of the
     backward is still one multiply into the saved gradient (the 3 folded into it),
     which the head's matmuls then read; torch's gradients."""
-    torch._dynamo.reset()
-    torch.manual_seed(2)
-    N, D, C = 8, 16, 1031
-    h = torch.randn(N, D, requires_grad=True)
-    w = torch.randn(C, D, requires_grad=True)
-    y = torch.randint(0, C, (N,))
+    N, C = 8, 1031
+    h, w, y = _head(N, C)
 
     def model(ce):
         return lambda h, w, y: ce(h @ w.T, y, label_smoothing=0.1) * 3 + h.square().mean()
@@ -151,15 +154,11 @@ def test_compiled_backward_in_a_larger_graph():
 def test_compiled_linear_backward_one_pass_in_place():
     """linear_cross_entropy: dx and dw, formed in the forward, are scaled in one kernel
     that writes each into its saved buffer (before: a copy of each, then the op)."""
-    torch._dynamo.reset()
-    torch.manual_seed(3)
-    N, D, V = 8, 16, 1031
-    h = torch.randn(N, D, requires_grad=True)
-    w = torch.randn(V, D, requires_grad=True)
-    y = torch.randint(0, V, (N,))
+    N, V = 8, 1031
+    h, w, y = _head(N, V)
     fn = torch.compile(lambda h, w, y: crossent.linear_cross_entropy(h, w, y), fullgraph=True)
     _, bw = graphs(lambda: fn(h, w, y).backward())
-    assert_scaled_in_place(bw, 2, (N * D, V * D))
+    assert_scaled_in_place(bw, 2, (h.numel(), w.numel()))
     for g in (1.0, 3.0):
         ours = torch.autograd.grad(fn(h, w, y), (h, w), torch.tensor(g))
         hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
