@@ -262,7 +262,7 @@ def _reruns_kernel(opts: CEOptions, x: Tensor) -> bool:
     N x C.  The rerun costs three: the forward reads the logits once and writes
     nothing, the backward reads them once more and writes the gradient (on the
     looped two-pass path, each kernel reads them twice: still no more than before).
-    The price is one O(N) kernel in the backward, forming g / W.  Not for the
+    The price, for 'mean', is one O(N) kernel in the backward forming g / W.  Not for the
     chunked torch backend, whose rerun recomputes exp on the CPU, nor with
     inplace_backward, whose point is the memory of the logits."""
     return not opts.inplace_backward and not _eager() and _backend_fuses(opts.backend, x)
