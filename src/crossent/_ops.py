@@ -129,14 +129,12 @@ def _(x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, sc
     return x.new_empty(x.shape)
 
 
-@_op("rescale_", mutates_args=("grad",))
 def rescale_(grad: Tensor, g: Tensor, backend: str) -> None:
+    """grad *= g in place, skipped on the device when g == 1: eager mode only, so no
+    custom op.  A compiled backward cannot use it: the buffer is a saved tensor, an
+    input of the backward graph, and AOT autograd turns its mutation into a copy of
+    it first (see _autograd.ce._rescaled)."""
     backends.load(backend).rescale_(grad, g)
-
-
-@rescale_.op.register_fake
-def _(grad, g, backend):
-    return None
 
 
 @_op("softmax_forward")

@@ -114,7 +114,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
                 need_grad: bool):
-        precompute = need_grad and opts.reduction != "none"
+        precompute = need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x)
         if opts.fused:
             return backends.load(opts.backend).ce_forward_fused(
                 x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
@@ -143,7 +143,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.acc = lse.dtype
         ctx.fused = _fused(opts, x)
         ctx.grad = None
-        if need_grad and opts.reduction != "none":
+        if need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x):
             # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
             ctx.grad = x.detach() if opts.inplace_backward else grad
         # With inplace_backward the logits are gone, so nothing can be recomputed.
@@ -169,22 +169,17 @@ class CrossEntropyFunction(torch.autograd.Function):
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
             grad, ctx.grad = ctx.grad, None
-            if not eager:
-                # The compiled backward is functional: rescaling the saved buffer in place
-                # would cost a copy of it first (inductor clones a mutated graph input it
-                # cannot write back), so one multiply, in fp32 as the kernel's, which
-                # inductor writes into that buffer when nothing else holds it.
-                return (grad.to(ctx.acc) * g.to(ctx.acc)).to(grad.dtype), None, None, None, None, None
-            _ops.rescale_(grad, g if ctx.fused else g.to(ctx.acc), opts.backend)  # fused: cast in-kernel
-            return grad, None, None, None, None, None
+            # fused: the kernel casts g
+            return _rescaled(grad, g if ctx.fused else g.to(ctx.acc), opts.backend), None, None, None, None, None
         x, target, weight, lse, denom = ctx.saved_tensors
-        if not (ctx.fused and opts.reduction == "none"):
-            g = g.to(lse.dtype)
         if x is None:
             raise RuntimeError(
                 "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
                 "it cannot be backpropagated a second time")
-        row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
+        if opts.reduction == "mean":
+            row_scale = g.to(lse.dtype) * _scale(denom, opts)
+        else:  # g itself; a fused kernel casts it (no launch)
+            row_scale = g if ctx.fused else g.to(lse.dtype)
         grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                                 opts.z_loss, opts.softcap, row_scale, opts.backend)
         return grad, None, None, None, None, None
@@ -254,6 +249,43 @@ def _rescalable(g: Tensor) -> bool:
     if not _eager() or not g.is_cpu:   # eager first: Dynamo before torch 2.13 cannot trace is_cpu
         return True
     return math.isfinite(float(g)) if g.dim() == 0 else bool(torch.isfinite(g).all())
+
+
+def _reruns_kernel(opts: CEOptions, x: Tensor) -> bool:
+    """Whether a 'mean' / 'sum' backward reruns the kernel with the upstream gradient
+    (as 'none' does) instead of scaling a gradient that the forward formed: while
+    compiling, for backends that form the forward in one kernel (triton).
+
+    A compiled backward cannot skip the pass at g == 1 (see _rescaled), so forming
+    the gradient in the forward would cost a read of the logits there, a write of
+    the gradient, and a read and write of it in the backward: four passes over
+    N x C.  The rerun costs three: the forward reads the logits once and writes
+    nothing, the backward reads them once more and writes the gradient (on the
+    looped two-pass path, each kernel reads them twice: still no more than before).
+    The price, for 'mean', is one O(N) kernel in the backward forming g / W.  Not for the
+    chunked torch backend, whose rerun recomputes exp on the CPU, nor with
+    inplace_backward, whose point is the memory of the logits."""
+    return not opts.inplace_backward and not _eager() and _backend_fuses(opts.backend, x)
+
+
+def _rescaled(grad: Tensor, g: Tensor, backend: str) -> Tensor:
+    """grad * g (g 0-d): a gradient the forward formed for loss * 1, scaled by the
+    upstream gradient, in grad's buffer.
+
+    Eager: the backend's rescale_ in place, which reads g on the device and skips
+    the pass when g == 1.  Compiled: one multiply in the accumulation dtype (as the
+    kernel's), which inductor fuses into one kernel writing into grad's buffer (a
+    saved tensor nothing else holds: a donated buffer), so one read and one write of
+    grad at any g.  The skip cannot be compiled: grad is an input of the backward
+    graph, AOT autograd functionalizes its mutation (no copy back into a saved
+    tensor), inductor reinplaces only graph inputs that are copied back and clones
+    the others, and a custom op may not return its input; so rescale_ there would
+    be a full copy of grad, plus the multiply when g != 1."""
+    if _eager():
+        _ops.rescale_(grad, g, backend)
+        return grad
+    acc = acc_dtype(grad.dtype)
+    return (grad.to(acc) * g.to(acc)).to(grad.dtype)
 
 
 def _differentiable_grad(ctx, g: Tensor) -> Tensor:

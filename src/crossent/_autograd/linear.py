@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import _ops, reference
+from .. import reference
 from .._fast import _eager, _transforms_active
-from .ce import _batched, _eager_apply, _reduce, _rescalable, _scale, _unwrap_if_dead
+from .ce import _batched, _eager_apply, _reduce, _rescalable, _rescaled, _scale, _unwrap_if_dead
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.grads is not None:
             grads, ctx.grads = ctx.grads, None
             gf = g.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
-            for need, t in zip((nx, nw, nb), grads):
-                if need:
-                    _ops.rescale_(t, gf, opts.backend)
-            dx, dw, db = grads
+            dx, dw, db = (_rescaled(t, gf, opts.backend) if need else t for need, t in zip((nx, nw, nb), grads))
         else:
             x, rows, w, b, target, weight, lse, scale = ctx.saved_tensors
             if x is None:
