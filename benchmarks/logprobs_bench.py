@@ -18,7 +18,7 @@ max_memory_allocated over memory_allocated), i.e. what a step
 allocates on top of its inputs, gradients included (the script re-executes
 itself with MALLOC_MMAP_THRESHOLD_=1 MiB so that freed buffers leave the RSS).
 "beyond" is that minus what any implementation returns (the gradients and the
-outputs), also in units of crossent's CPU chunk budget (crossent.logprobs.
+outputs), also in units of crossent's CPU chunk budget (crossent._logprobs_ops.
 _CPU_CHUNK_BYTES, 128 MiB: the fused head's promise is at most one, plus for
 bf16 over several chunks dW's fp32 accumulator, V x D x 4 bytes).
 
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
 
     out_mib = sum(q.numel() * q.element_size() for q in params) / 2 ** 20  # the gradients a step creates
     ret_mib = out_mib + N * 4 * (2 if ent else 1) / 2 ** 20  # ... and the outputs (fp32 log-probs, entropy)
-    from crossent.logprobs import _CPU_CHUNK_BYTES
+    from crossent._logprobs_ops import _CPU_CHUNK_BYTES
     chunk_mib = _CPU_CHUNK_BYTES / 2 ** 20
     for r in rows:
         r["beyond_returned_mib"] = max(0.0, r["extra_peak_mib"] - ret_mib)

@@ -41,7 +41,7 @@ def _has_triton() -> bool:
 def backend(request, monkeypatch):
     """Select a backend; shrink chunk and tile sizes so small shapes take the
     multi-chunk / multi-tile paths."""
-    from crossent import logprobs
+    from crossent import _logprobs_ops as logprobs
     from crossent.backends import torch_chunked
     if request.param == "triton":
         if not _has_triton():
@@ -228,7 +228,7 @@ def test_linear_memory_within_one_chunk(monkeypatch, dtype, entropy, T):
     memory events of torch's profiler (every CPU allocation and free)."""
     from test_linear import _profile_peak
 
-    from crossent import logprobs
+    from crossent import _logprobs_ops as logprobs
     budget = 8 << 20
     monkeypatch.setattr(logprobs, "_CPU_CHUNK_BYTES", budget)
     monkeypatch.setenv("CROSSENT_BACKEND", "torch")

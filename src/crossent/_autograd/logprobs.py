@@ -1,5 +1,5 @@
 """Token log-probabilities and entropy (crossent.log_probs / linear_log_probs and their
-vocab-parallel variants): their autograd Functions (kernels: crossent/logprobs.py)."""
+vocab-parallel variants): their autograd Functions (kernels: crossent/_logprobs_ops.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ class LogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, target: Tensor, opts: LogProbsOptions):
-        from .. import logprobs as L
+        from .. import _logprobs_ops as L
         lp, ent, lse = L.log_probs_fwd(x, target, opts.ignore_index, opts.temperature, opts.entropy,
                                        opts.backend)
         ctx.opts = opts
@@ -48,7 +48,7 @@ class LogProbsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
-        from .. import logprobs as L
+        from .. import _logprobs_ops as L
         x, target, lse, ent = ctx.saved_tensors
         o: LogProbsOptions = ctx.opts
         a, b = lp_coeffs(target, o, x.shape[1], g_lp, g_ent, lse.dtype)
@@ -62,7 +62,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: LogProbsOptions):
-        from .. import logprobs as L
+        from .. import _logprobs_ops as L
         lp, ent, lse = L.linear_log_probs_fwd(x, w, b, target, opts.ignore_index, opts.temperature,
                                               opts.entropy, opts.chunk_rows, opts.backend)
         ctx.opts = opts
@@ -73,7 +73,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
-        from .. import logprobs as L
+        from .. import _logprobs_ops as L
         x, w, b, target, lse, ent = ctx.saved_tensors
         o: LogProbsOptions = ctx.opts
         nx, nw = ctx.needs_input_grad[:2]

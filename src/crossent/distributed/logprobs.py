@@ -24,7 +24,8 @@ from .. import _validate as V
 from .._autograd import (LogProbsOptions, VocabParallelLinearLogProbsFunction, VocabParallelLogProbsFunction,
                          lp_coeffs)
 from .._linear_ops import acc_dtype
-from ..logprobs import LogProbsOutput, check_args, grad_rows, scaled, stats
+from .._logprobs_ops import grad_rows, scaled, stats
+from ..logprobs import LogProbsOutput, check_args
 from . import _core as K
 from .linear_parallel import check_head
 
@@ -74,7 +75,7 @@ class ShardLogProbs:
         parts = [w, zy] + ([torch.where(w > 0, w * (lse_r - Ms - h_r), zero)] if o.entropy else [])
         summed = K.all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, self.group, self.world)
         logS = summed[0].log()
-        self.shift = torch.stack([Ms, logS], 1)  # lse = Ms + logS, kept apart (see logprobs.stats)
+        self.shift = torch.stack([Ms, logS], 1)  # lse = Ms + logS, kept apart (see _logprobs_ops.stats)
 
         def mask(v):
             return torch.where(valid, torch.where(inb, v, math.nan), zero)

@@ -1,4 +1,4 @@
-"""Triton kernels for crossent.log_probs / linear_log_probs (math: ``crossent/logprobs.py``).
+"""Triton kernels for crossent.log_probs / linear_log_probs (math: ``crossent/_logprobs_ops.py``).
 
 Logits are (R, V) rows (any row stride, classes contiguous or strided).  A
 program owns BLOCK_R rows and walks their classes in [BLOCK_R, BLOCK_V] tiles.
@@ -27,7 +27,7 @@ import triton.language as tl
 from . import _device, _launch
 from .ce import _safe, tile_shape
 
-# As crossent.logprobs: exp(-1024) == 0, and p * L stays finite.  A compiled
+# As crossent._logprobs_ops: exp(-1024) == 0, and p * L stays finite.  A compiled
 # kernel may only read module globals that are tl.constexpr.
 _FLOOR = tl.constexpr(-1024.0)
 
@@ -105,7 +105,7 @@ def _plan(R: int, V: int) -> dict:
 
 
 def _torch():
-    from crossent.logprobs import _TorchKernels
+    from crossent._logprobs_ops import _TorchKernels
     return _TorchKernels
 
 
