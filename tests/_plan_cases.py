@@ -45,7 +45,7 @@ def cases(dtype=torch.bfloat16) -> dict:
     case("mean over positions", "probabilities", reduction="mean")
     case("per position", reduction="none")
     case("gradient buffer stride", "per position", grad_into="transposed")
-    case("gradient into the logits", inplace=True)
+    case("gradient into the logits", "no gradient", need_grad=True, inplace=True)   # x: the dummy g of both
     return out
 
 

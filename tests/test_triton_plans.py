@@ -132,3 +132,12 @@ def test_rescale_plan_per_size(path):
         grad = torch.arange(n, dtype=torch.float32)
         ce.rescale_(grad, g)
         torch.testing.assert_close(grad, torch.arange(n, dtype=torch.float32) * 0.5, rtol=0, atol=0)
+
+
+def test_plans_through_the_fake_sm90_driver(tmp_path):
+    """The same cases compiled for sm_90 and launched through the installed Triton's JIT to a
+    fake launcher (tests/_launch_path.py --plans): each launches what a cold start launches."""
+    from test_triton_compile import _has_cuda_tools, _has_nvidia_backend, _run
+    if not (_has_nvidia_backend() and _has_cuda_tools()):
+        pytest.skip("this triton build has no NVIDIA backend or no ptxas / cuobjdump / nvdisasm")
+    _run("_launch_path.py", tmp_path, "plan ", "--plans")

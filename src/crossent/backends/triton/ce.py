@@ -416,15 +416,16 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     of loss * 1; one launch on CUDA (see _grid.py).  discard_rows (reduce 0, fp32 losses), for
     a caller that reads neither: both go to one scratch buffer, nothing allocated, and
     the pair returned is that buffer, not results."""
-    prob = target.is_floating_point()
     dev = x.device
     g = x if grad is None else grad   # x: a dummy pointer when there is no gradient
-    # The plan's key: every input of _Plan (x's shape fixes target's and g's; their strides
-    # are their own).  A dtype is no part of it: each launcher keys its compiled kernels on it.
-    key = (x.shape, x.stride(), target.stride(), None if g is x else g.stride(), dev, prob, weight is not None,
+    # The plan's key: every input of _Plan.  x's shape fixes target's and g's, their strides
+    # are their own, and the number of target's strides tells probabilities (x's rank) from
+    # class indices.  No dtype: each launcher keys its compiled kernels on the dtypes.
+    key = (x.shape, x.stride(), target.stride(), None if g is x else g.stride(), dev, weight is not None,
            eps > 0.0, z_loss != 0.0, softcap != 0.0, need_grad, reduce)
     plan = _PLANS.get(key)
     if plan is None:
+        prob = target.is_floating_point()
         flags = (("HAS_W", weight is not None), ("PROB", prob), ("SMOOTH", eps > 0.0), ("HAS_ZL", z_loss != 0.0),
                  ("HAS_CAP", softcap != 0.0), ("NEED_GRAD", need_grad))
         if len(_PLANS) >= _MAX_PLANS:
