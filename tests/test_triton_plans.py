@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 import _plan_cases as P  # noqa: E402
 from crossent import reference  # noqa: E402
-from crossent.backends.triton import _device, ce, split  # noqa: E402
+from crossent.backends.triton import _device, _grid, ce, split  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 CASES = P.cases()
@@ -96,6 +96,7 @@ def test_device_is_part_of_the_key(monkeypatch):
     P.call(ce, **kw)
     before = set(ce._PLANS)
     monkeypatch.setattr(ce, "_ce_kernel", Recorder())
+    monkeypatch.setattr(_grid, "_WORKSPACES", {})   # the meta workspace: this test's own
     ce.ce_forward_fused(kw["x"].to("meta"), kw["t"].to("meta"), None, torch.zeros((), device="meta"), -100,
                         0.0, 0.0, 0.0, "sum", kw["x"].dtype, True, False)
     (key,) = set(ce._PLANS) - before
