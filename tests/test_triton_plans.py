@@ -21,19 +21,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 import _plan_cases as P  # noqa: E402
 from crossent import reference  # noqa: E402
 from crossent.backends.triton import _device, _grid, ce, split  # noqa: E402
+import test_triton_launches  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter
 CASES = P.cases()
-
-
-@pytest.fixture(params=["single", "split"])
-def path(request):
-    """The single-tile kernel, or the split-row kernel (tiles shrunk to 16 classes)."""
-    knobs = dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16) if request.param == "split" else {}
-    defaults = {k: getattr(split if hasattr(split, k) else ce, k) for k in knobs}
-    ce.configure(**knobs)
-    yield request.param
-    ce.configure(**defaults)
+path = test_triton_launches.path   # the fixture: the single-tile kernel, or the split-row kernel
 
 
 def _reference(x, t, w=None, eps=0.0, z=0.0, cap=0.0, reduction="sum", need_grad=True, **_):
@@ -55,8 +47,9 @@ def _check(ours, ref, label):
                                        msg=lambda m: f"{label}: {name}: {m}")
 
 
+@pytest.mark.usefixtures("path")
 @pytest.mark.parametrize("label", [k for k in CASES if k != "base"])
-def test_one_key_component_changed_misses_the_cache(path, label):
+def test_one_key_component_changed_misses_the_cache(label):
     parent, kw = CASES[label]
     P.call(ce, **CASES[parent][1])
     before = set(ce._PLANS)
@@ -69,7 +62,8 @@ def test_one_key_component_changed_misses_the_cache(path, label):
     _check(warm, _reference(**kw), label)
 
 
-def test_repeated_call_hits_and_dtype_is_the_launchers_key(path):
+@pytest.mark.usefixtures("path")
+def test_repeated_call_hits_and_dtype_is_the_launchers_key():
     """The same call again reuses its plan; other logit dtypes share it (the lean launcher keys
     its compiled kernels on dtypes), with each dtype's results."""
     kw = CASES["weight"][1]
@@ -126,7 +120,7 @@ def test_knobs_and_a_failed_cooperative_launch_forget_the_plans(recwarn):
         ce.configure(**defaults)
 
 
-def test_rescale_plan_per_size(path):
+def test_rescale_plan_per_size():
     """rescale_'s grid is kept per element count and device: each size scales all of its gradient."""
     g = torch.full((), 0.5)
     for n in (4096 * 17 + 3, 8, 4096 * 17 + 3):
