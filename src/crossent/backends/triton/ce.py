@@ -19,7 +19,9 @@ The backward (reduction='none', or a second backward) reruns the forward kernel
 with the per-row scale: the same path, so the same reads and bitwise the same math.
 
 The logits are addressed as ``x[b, c, s] = x_ptr + b*sx_b + c*sx_c + s*sx_s``:
-(R, C) is B=1, S=R; a K-dim (B, C, S) input uses its own strides.
+(R, C) is B=1, S=R; a K-dim (B, C, S) input uses its own strides.  The tile kernel's
+body is ``ce_tile.py``.  On the host each launch is decided once per key (shapes,
+strides, flags, device: ``_Plan``); later calls with the key only allocate and launch.
 """
 from __future__ import annotations
 
