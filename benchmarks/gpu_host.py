@@ -15,12 +15,17 @@ of tests/_launch_path.py (the kernels compile for real; the launcher records and
 then crossent's backend calls with the lean path off and on, on CPU tensors through that
 driver, or on CUDA tensors where there is a GPU (then only these).  Same timing rule.
 
-    PYTHONPATH=src python benchmarks/gpu_host.py [--rounds 7] [--calls 300] [--dispatch]
+``--against OTHER/src`` compares this tree with another (e.g. ``git archive REV src | tar -x -C
+/tmp/base``) in alternating subprocesses, best of each, with crossent's excess over torch.
+
+    PYTHONPATH=src python benchmarks/gpu_host.py [--rounds 7] [--calls 300] [--dispatch | --against SRC]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,14 +151,14 @@ def dispatch(calls: int, rounds: int) -> int:
     return 0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--dispatch", action="store_true", help="time one launch: JIT vs lean path (fake sm_90)")
-    args = ap.parse_args()
-    if args.dispatch:
-        return dispatch(args.calls, args.rounds)
+CASES = {"mean": {}, "sum": dict(reduction="sum"), "none": dict(reduction="none"),
+         "mean+w+smooth": dict(weight=True, label_smoothing=0.1)}
+
+
+def host_times(calls: int, rounds: int) -> dict:
+    """case -> us per (crossent fwd+bwd, crossent forward without grad, torch fwd+bwd, torch
+    forward), crossent's launches stubbed; torch's own call path with its CPU kernels (tiny:
+    mostly host work) beside it, with the same arguments."""
     os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported: CPU tensors
     import crossent
     torch.set_num_threads(1)
@@ -165,33 +170,71 @@ def main() -> int:
     R, C = 4, 40
     x = torch.randn(R, C, requires_grad=True)
     y = torch.randint(0, C, (R,))
-    cases = {"mean": {}, "sum": dict(reduction="sum"), "none": dict(reduction="none"),
-             "mean+w+smooth": dict(weight=torch.rand(C), label_smoothing=0.1)}
-    print(f"launches stubbed, CPU tensors {R}x{C}: best of {args.rounds} rounds, us per call")
-    print(f"{'case':16} {'fwd+bwd':>8} {'fwd (no grad)':>14}")
-    for name, kw in cases.items():
+    out = {}
+    for name, kw in CASES.items():
+        kw = dict(kw, weight=torch.rand(C)) if kw.get("weight") else kw
         seed = torch.ones(R if kw.get("reduction") == "none" else ())
+        us = []
+        for f in (crossent.cross_entropy, torch.nn.functional.cross_entropy):
+            def step():
+                x.grad = None
+                f(x, y, **kw).backward(seed)
 
-        def step():
-            x.grad = None
-            crossent.cross_entropy(x, y, **kw).backward(seed)
+            def forward():
+                with torch.no_grad():
+                    f(x, y, **kw)
+            us += [_best_us(step, calls, rounds), _best_us(forward, calls, rounds)]
+        out[name] = tuple(us)
+    return out
 
-        def forward():
-            with torch.no_grad():
-                crossent.cross_entropy(x, y, **kw)
-        print(f"{name:16} {_best_us(step, args.calls, args.rounds):8.1f} "
-              f"{_best_us(forward, args.calls, args.rounds):14.1f}")
-    # For scale: torch's own call path with its CPU kernels (tiny: mostly host work).
 
-    def torch_step():
-        x.grad = None
-        torch.nn.functional.cross_entropy(x, y).backward(torch.ones(()))
+def compare(against: str, calls: int, rounds: int) -> int:
+    """This tree against another tree's sources (``against``: its src folder), in alternating
+    subprocesses (crossent registers torch custom ops: one copy per process): the best of
+    each, and crossent's excess over torch's call path (best over all runs)."""
+    trees = {"before": str(Path(against).resolve()), "after": str(Path(__file__).resolve().parents[1] / "src")}
+    best = {}
+    for _ in range(rounds):
+        for label, src in trees.items():
+            env = dict(os.environ, PYTHONPATH=src)
+            env.pop("TRITON_INTERPRET", None)
+            res = subprocess.run([sys.executable, __file__, "--json", "--rounds", "1", "--calls", str(calls)],
+                                 env=env, capture_output=True, text=True, check=True)
+            for case, us in json.loads(res.stdout.splitlines()[-1]).items():
+                old = best.setdefault(label, {}).get(case, (float("inf"),) * 4)
+                best[label][case] = tuple(map(min, old, us))
+    print(f"launches stubbed, CPU tensors 4x40: best of {rounds} alternating runs of {calls} calls, us per call")
+    print(f"{'':16} {'fwd+bwd':^33}   {'forward (no grad)':^33}")
+    print(f"{'case':16}" + f" {'before':>7} {'after':>7} {'torch':>7} {'excess':>8}  " * 2)
+    for case in CASES:
+        b, a = best["before"][case], best["after"][case]
+        t = tuple(min(b[i], a[i]) for i in (2, 3))
+        print(f"{case:16} {b[0]:7.1f} {a[0]:7.1f} {t[0]:7.1f} {a[0] - t[0]:+8.1f}   "
+              f"{b[1]:7.1f} {a[1]:7.1f} {t[1]:7.1f} {a[1] - t[1]:+8.1f}")
+    return 0
 
-    def torch_forward():
-        with torch.no_grad():
-            torch.nn.functional.cross_entropy(x, y)
-    print(f"{'torch (CPU) mean':16} {_best_us(torch_step, args.calls, args.rounds):8.1f} "
-          f"{_best_us(torch_forward, args.calls, args.rounds):14.1f}")
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--dispatch", action="store_true", help="time one launch: JIT vs lean path (fake sm_90)")
+    ap.add_argument("--against", metavar="SRC", help="compare with another tree's src folder (alternating runs)")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)   # compare()'s worker
+    args = ap.parse_args()
+    if args.dispatch:
+        return dispatch(args.calls, args.rounds)
+    if args.against:
+        return compare(args.against, args.calls, args.rounds)
+    times = host_times(args.calls, args.rounds)
+    if args.json:
+        print(json.dumps(times))
+        return 0
+    print(f"launches stubbed, CPU tensors 4x40: best of {args.rounds} rounds, us per call")
+    print(f"{'case':16} {'fwd+bwd':>8} {'torch':>7} {'excess':>7}   {'fwd (no grad)':>13} {'torch':>7} {'excess':>7}")
+    for name, (step, forward, t_step, t_forward) in times.items():
+        print(f"{name:16} {step:8.1f} {t_step:7.1f} {step - t_step:+7.1f}   {forward:13.1f} {t_forward:7.1f} "
+              f"{forward - t_forward:+7.1f}")
     return 0
 
 

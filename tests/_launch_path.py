@@ -28,6 +28,8 @@ what the JIT hands it (grid, stream, function, packed metadata, every argument);
 variants that move Triton's specialisation (alignment, == 1, % 16, beyond 32 bits, dtype)
 reach the compiled kernel the JIT reaches; the current device and stream, launch hooks and
 rebound globals are honoured; crossent's own call sites take the path.
+``--plans``: the triton backend's launch plans (ce._launch) are never stale: a call that differs
+from the one before in one component of their key launches what it launches from a cold start.
 """
 import contextlib
 import itertools
@@ -381,6 +383,48 @@ def lean(fake, dev, cases) -> bool:
     return ok
 
 
+# ----------------------------------------------------------------------------- launch plans (ce._launch)
+
+def _signature(rec: dict, roles: dict) -> tuple:
+    """A recorded launch, comparable across calls: grid, cooperative flag, the compiled kernel
+    (constexprs and Triton's specialisation) and every argument, a tensor named by the input
+    it is (``roles``: data_ptr -> name) or, one of crossent's own buffers, by its dtype."""
+    return (rec["name"], rec["grid"], rec["cooperative"], rec["call"][4],
+            tuple(roles.get(a.data_ptr(), a.dtype) if isinstance(a, torch.Tensor) else a for a in rec["call"][9:]))
+
+
+def plans(fake) -> bool:
+    """tests/_plan_cases.py through the fake driver, on the single-tile and split-row paths:
+    each case, run after the case it differs from in one component of the plans' key, builds
+    a new plan and launches exactly what it launches from a cold start (every cache cleared)."""
+    import _plan_cases as P
+    ok = True
+    defaults = dict(_SINGLE_MAX=ce._SINGLE_MAX, _SPLIT_BLOCK=split._SPLIT_BLOCK)
+    for knobs in ({}, dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16)):
+        ce.configure(**{**defaults, **knobs})
+        for label, (parent, kw) in P.cases().items():
+            if parent is None:
+                continue
+            roles = {t.data_ptr(): name for name, t in kw.items() if isinstance(t, torch.Tensor)}
+
+            def launched():
+                n = len(fake.launches)
+                P.call(ce, **kw)
+                return [_signature(r, roles) for r in fake.launches[n:]]
+            P.call(ce, **P.cases()[parent][1])
+            before = set(ce._PLANS)
+            warm = launched()
+            new = [ce._PLANS[k].path for k in set(ce._PLANS) - before]
+            ce.configure()
+            cold = launched()
+            good = len(new) == 1 and warm == cold and len(warm) > 0
+            print(f"{'OK  ' if good else 'FAIL'} plan {label:26} after {parent:15} new plans {new} "
+                  f"{len(warm)} launches{'' if warm == cold else ', not those of a cold start'}")
+            ok &= good
+    ce.configure(**defaults)
+    return ok
+
+
 def main() -> int:
     ok = True
     dev = torch.device("cuda", 0)
@@ -400,6 +444,8 @@ def main() -> int:
         ok &= sweep(fake, dev, cluster)
     elif "--lean" in sys.argv:
         ok &= lean(fake, dev, cases)
+    elif "--plans" in sys.argv:
+        ok &= plans(fake)
     else:
         for op, (R, C), reduce in cases:
             path = production(op, R, C, reduce, dev)[0]

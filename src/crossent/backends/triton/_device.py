@@ -64,6 +64,12 @@ def cluster_reductions(device: torch.device) -> bool:
 
 
 _NO_COOPERATIVE: set = set()   # devices where a cooperative launch failed
+_ON_PATH_CHANGE: list = []     # forget() of each cache of paths chosen with cooperative()
+
+
+def on_path_change(forget) -> None:
+    """Have ``forget()`` called whenever cooperative() changes its answer (ce's launch plans)."""
+    _ON_PATH_CHANGE.append(forget)
 
 
 def cooperative(device: torch.device) -> bool:
@@ -75,6 +81,8 @@ def cooperative_failed(device: torch.device, err: Exception) -> None:
     warnings.warn(f"crossent: cooperative launch failed on {device} ({type(err).__name__}: {err}); "
                   "using the two-pass kernels there from now on", RuntimeWarning, stacklevel=3)
     _NO_COOPERATIVE.add(device)
+    for forget in _ON_PATH_CHANGE:
+        forget()
 
 
 def resident_ctas(n_regs: int, shared: int, num_warps: int, device: torch.device) -> int:

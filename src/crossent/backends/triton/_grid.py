@@ -167,13 +167,15 @@ def workspace(device: torch.device, rows: int, programs: int) -> tuple[torch.Ten
 _SCRATCH: dict = {}
 
 
-def scratch(device: torch.device, n: int) -> torch.Tensor:
-    """An fp32 buffer of >= n elements that one launch writes before it reads (the split
-    kernels' slice partials): cached per device and stream like ``workspace``, so a call
-    allocates nothing."""
+def scratch(device: torch.device, n: int, slot: int = 0) -> torch.Tensor:
+    """An fp32 buffer of >= n elements that one launch writes before it reads (slot 0: the
+    split kernels' slice partials) or never reads (slot 1: per-position outputs that the
+    backward's rerun of the forward kernel writes and nobody wants): cached per device,
+    stream and slot like ``workspace``, so a call allocates nothing."""
     key = _stream_key(device)
     if key is None:
         return torch.empty(n, device=device, dtype=torch.float32)
+    key = (key, slot)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n:
         buf = _SCRATCH[key] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel()), 4096),

@@ -19,7 +19,9 @@ The backward (reduction='none', or a second backward) reruns the forward kernel
 with the per-row scale: the same path, so the same reads and bitwise the same math.
 
 The logits are addressed as ``x[b, c, s] = x_ptr + b*sx_b + c*sx_c + s*sx_s``:
-(R, C) is B=1, S=R; a K-dim (B, C, S) input uses its own strides.
+(R, C) is B=1, S=R; a K-dim (B, C, S) input uses its own strides.  The tile kernel's
+body is ``ce_tile.py``.  On the host each launch is decided once per key (shapes,
+strides, flags, device: ``_Plan``); later calls with the key only allocate and launch.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._fast import _eager
 from . import _device, _grid, _launch as _lean, split
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
-from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
+from .ce_tile import _ce_tiles
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
 # move them; change them through configure(), which drops the cached plans.
@@ -56,8 +59,8 @@ def configure(**knobs) -> None:
             globals()[k] = v
         else:
             raise KeyError(f"unknown launch knob {k!r}")
-    _plan.cache_clear()
-    _spec.cache_clear()
+    _forget_plans()
+    _RESCALE.clear()
     split.plan.cache_clear()
     split._CONFIGS.clear()
     _grid._RESIDENT.clear()
@@ -106,161 +109,6 @@ def _ce_kernel(
                             HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
         if REDUCE != 0:
             _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, partial, den, REDUCE >= 2)
-
-
-@triton.jit
-def _ce_tiles(
-    x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, S, C, n_sblk, n_tiles,
-    ignore_index, one_m_eps, eps_over_c, z_loss, cap,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-    HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
-    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr,
-):
-    # This program's tiles of BLOCK_S positions; returns the sum of their losses (fp64).
-    # Per-position losses: one tile per program (a loop, even of one trip, costs
-    # registers: 64 -> 114 for the cluster path).
-    if REDUCE == 0:
-        return tl.sum(_ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-                               loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den,
-                               tl.program_id(0).to(tl.int64), S, C, n_sblk, ignore_index, one_m_eps,
-                               eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL,
-                               HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE), 0)
-    partial = tl.zeros([BLOCK_S], tl.float64)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        partial += _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-                            loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.cast(tile, tl.int64), S, C,
-                            n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE,
-                            HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
-    return tl.sum(partial, 0)
-
-
-@triton.jit
-def _ce_tile(
-    x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tile, S, C, n_sblk,
-    ignore_index, one_m_eps, eps_over_c, z_loss, cap,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-    HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
-    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr,
-):
-    sblk = tile % n_sblk
-    b = tile // n_sblk
-    s = sblk * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)          # [BLOCK_S]
-    smask = s < S
-    pos = b * S + s
-    x_row = b * sx_b + s[:, None] * sx_s                              # [BLOCK_S, 1] int64
-    t_row = b * st_b + s[:, None] * st_s
-    NEED_P: tl.constexpr = PROB or SMOOTH
-
-    # --- per-position target terms (class index): validity, w[y], z[y]
-    if PROB:
-        valid = smask
-        inb = smask
-        y_s = tl.full([BLOCK_S], -1, tl.int64)                       # matches no class
-        wy = tl.zeros([BLOCK_S], tl.float32)
-        zy = tl.zeros([BLOCK_S], tl.float32)
-    else:
-        # int64 compare: a uint8 target 156 is class 156 whatever ignore_index is
-        y = tl.load(t_ptr + b * st_b + s * st_s, mask=smask, other=0).to(tl.int64)
-        valid = y != ignore_index
-        inb = (y >= 0) & (y < C)
-        y_s = tl.where(valid & inb, y, 0)                             # never out of bounds
-        wy = tl.full([BLOCK_S], 1.0, tl.float32)
-        if HAS_W:
-            wy = tl.load(w_ptr + y_s, mask=smask, other=0.0).to(tl.float32)
-        # read before anything is written, so grad_into=x is safe
-        zy = tl.load(x_ptr + b * sx_b + s * sx_s + y_s * sx_c, mask=smask & valid & inb,
-                     other=0.0).to(tl.float32)
-        if HAS_CAP:
-            zy = _softcap(zy, cap)
-
-    # --- statistics relative to the row max: (max, sumexp, P1, P2), see split.py
-    p1 = tl.zeros([BLOCK_S], tl.float32)
-    p2 = tl.zeros([BLOCK_S], tl.float32)
-    if SINGLE:
-        cols = tl.arange(0, BLOCK_C)[None, :]                         # int32: fewer registers
-        cmask = smask[:, None] & (cols < C)
-        z1 = _as_logits(tl.load(x_ptr + x_row + cols.to(tl.int64) * sx_c, mask=cmask, other=0.0,
-                                eviction_policy="evict_first"), cmask, cap, HAS_CAP)
-        m = tl.max(z1, 1)
-        ms = _safe(m)
-        e1 = tl.exp(z1 - ms[:, None])                                 # kept for the gradient
-        ssum = tl.sum(e1, 1)
-        wt1 = z1
-        if NEED_P:
-            wt1 = _class_terms(w_ptr, t_ptr, t_row + cols.to(tl.int64) * st_c, cols, cmask, C,
-                               one_m_eps, eps_over_c, HAS_W, PROB)
-            p1 = tl.sum(wt1, 1)
-            p2 = tl.sum(tl.where(cmask, wt1 * (z1 - ms[:, None]), 0.0), 1)
-    else:
-        m = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        ssum = tl.zeros([BLOCK_S], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
-            cmask = smask[:, None] & (cols < C)
-            # evict_last: the gradient pass re-reads this tile, from L2 if it stayed
-            if KEEP_L2:
-                raw = tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0,
-                              eviction_policy="evict_last")
-            else:
-                raw = tl.load(x_ptr + x_row + cols * sx_c, mask=cmask, other=0.0)
-            z = _as_logits(raw, cmask, cap, HAS_CAP)
-            m_new = tl.maximum(m, tl.max(z, 1))
-            mns = _safe(m_new)
-            ssum = ssum * tl.exp(m - mns) + tl.sum(tl.exp(z - mns[:, None]), 1)
-            if NEED_P:
-                wt = _class_terms(w_ptr, t_ptr, t_row + cols * st_c, cols, cmask, C,
-                                  one_m_eps, eps_over_c, HAS_W, PROB)
-                p2 = p2 + p1 * (_safe(m) - mns) \
-                    + tl.sum(tl.where(cmask, wt * (z - mns[:, None]), 0.0), 1)
-                p1 = p1 + tl.sum(wt, 1)
-            m = m_new
-        ms = _safe(m)
-
-    logs = _log_sum(tl.where(smask, ssum, 1.0), m)   # padded positions: no log(0)
-    loss = _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
-                 PROB, SMOOTH, HAS_ZL)
-    if REDUCE == 0:
-        tl.store(loss_ptr + pos, loss.to(loss_ptr.dtype.element_ty), mask=smask)
-    tl.store(lse_ptr + pos, _lse(ms, logs, m, ssum), mask=smask)
-
-    if NEED_GRAD:
-        g_row = b * sg_b + s[:, None] * sg_s
-        if REDUCE == 0:
-            sc = tl.load(scale_ptr + pos * scale_stride, mask=smask, other=0.0).to(tl.float32)
-        else:
-            sc = inv_den + tl.zeros([BLOCK_S], tl.float32)
-        a2, b2, c2 = _row_coefs(wy, p1, ms, logs, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
-                                PROB, SMOOTH, HAS_ZL)
-        a2 = a2 + tl.zeros([BLOCK_S], tl.float32)
-        b2 = b2 + tl.zeros([BLOCK_S], tl.float32)
-        c2 = c2 + tl.zeros([BLOCK_S], tl.float32)
-        y_loc = y_s.to(tl.int32)[:, None]                             # y_s < C < 2**31
-        if SINGLE:
-            p = e1 * _inv_sum(ssum, m)[:, None]
-            dz = _grad(p, wt1, cols == y_loc, a2[:, None], b2[:, None], c2[:, None], z1, cap,
-                       NEED_P, HAS_CAP)
-            tl.store(g_ptr + g_row + cols.to(tl.int64) * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
-                     eviction_policy="evict_first")
-        else:
-            for c0 in range(0, C, BLOCK_C):
-                cols = c0 + tl.arange(0, BLOCK_C)[None, :]
-                cmask = smask[:, None] & (cols < C)
-                z = _as_logits(tl.load(x_ptr + x_row + cols.to(tl.int64) * sx_c, mask=cmask, other=0.0,
-                                       eviction_policy="evict_first"), cmask, cap, HAS_CAP)
-                wt = z
-                if NEED_P:
-                    wt = _class_terms(w_ptr, t_ptr, t_row + cols.to(tl.int64) * st_c, cols, cmask, C,
-                                      one_m_eps, eps_over_c, HAS_W, PROB)
-                p = tl.exp((z - ms[:, None]) - logs[:, None])
-                dz = _grad(p, wt, cols == y_loc, a2[:, None], b2[:, None], c2[:, None], z, cap,
-                           NEED_P, HAS_CAP)
-                tl.store(g_ptr + g_row + cols.to(tl.int64) * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
-                         eviction_policy="evict_first")
-    return tl.where(smask, loss, 0.0).to(tl.float64)
 
 
 @triton.jit
@@ -337,26 +185,6 @@ def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, reduce:
     return path, kw, _device.cdiv(S, block_s)
 
 
-def _layout(x: torch.Tensor, target: torch.Tensor, prob: bool):
-    """(B, S, C) and strides of x / target as the kernel addresses them."""
-    if x.dim() == 3 and x.shape[2] != 1:
-        B, C, S = x.shape
-        xs = (x.stride(0), x.stride(2), x.stride(1))
-        ts = (target.stride(0), target.stride(2), target.stride(1)) if prob else \
-             (target.stride(0), target.stride(1), 0)
-    else:  # (R, C) or (B, C, 1): one batch of S = R positions
-        B, C, S = 1, x.shape[1], x.shape[0]
-        xs = (0, x.stride(0), x.stride(1))
-        ts = (0, target.stride(0), target.stride(1)) if prob else (0, target.stride(0), 0)
-    return B, S, C, xs, ts
-
-
-def _grad_strides(g: torch.Tensor):
-    if g.dim() == 3 and g.shape[2] != 1:
-        return g.stride(0), g.stride(2), g.stride(1)
-    return 0, g.stride(0), g.stride(1)
-
-
 def _scale_arg(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(tensor, stride per position) of a 0-d or per-position scale, any float dtype
     (the kernel converts): no cast or copy launched for the usual upstream gradients."""
@@ -367,17 +195,46 @@ def _scale_arg(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
     return scale.contiguous(), 1
 
 
-class _Spec:
-    """A launch of _ce_kernel prepared once per shape, strides and flags (see _spec)."""
-    __slots__ = ("path", "consts", "n_sblk", "programs", "launchers")
+class _Plan:
+    """Everything about a launch that follows from a call's metadata (shapes, strides,
+    flags, device): the path, constexprs, strides as the kernel addresses them, grid and
+    launchers.  Built once per key (``_launch``), so a repeated call decides nothing again
+    (~10 us of Python a call otherwise; issue 10, item 3)."""
+    __slots__ = ("path", "consts", "S", "C", "xs", "ts", "gs", "rows", "positions", "n_sblk", "tiles", "grid", "stages",
+                 "programs", "launchers", "split_consts")
 
-    def __init__(self, path, consts, n_sblk):
-        self.path, self.consts, self.n_sblk = path, consts, n_sblk
-        self.programs = None   # the cooperative grid, found at the first launch
+    def __init__(self, x, target, g, prob: bool, flags: tuple, reduce: int, device: torch.device):
+        # x[b, c, s] = x_ptr + b*sx_b + c*sx_c + s*sx_s: (R, C) and (B, C, 1) are one
+        # batch of S = R positions; a K-dim (B, C, S) input keeps its own strides.
+        if x.dim() == 3 and x.shape[2] != 1:
+            B, C, S = x.shape
+            self.xs = (x.stride(0), x.stride(2), x.stride(1))
+            self.ts = (target.stride(0), target.stride(2), target.stride(1)) if prob else \
+                (target.stride(0), target.stride(1), 0)
+            self.gs = (g.stride(0), g.stride(2), g.stride(1))
+        else:
+            B, C, S = 1, x.shape[1], x.shape[0]
+            self.xs = (0, x.stride(0), x.stride(1))
+            self.ts = (0, target.stride(0), target.stride(1)) if prob else (0, target.stride(0), 0)
+            self.gs = (0, g.stride(0), g.stride(1))
+        self.S, self.C, self.rows, self.positions = S, C, (x.shape[0],) + tuple(x.shape[2:]), B * S
+        self.path, kw, self.n_sblk = _plan(B, S, C, self.xs[1], self.xs[2], flags[-1][1], reduce, device)
+        if self.path == "split" and self.gs[1:] != (C, 1):
+            # the split kernel writes the gradient as contiguous rows, which crossent's own
+            # buffers are; a caller's grad_into of another layout takes the tile kernel
+            self.path = "twopass"
+        self.consts = dict(**kw, **dict(flags), REDUCE=reduce)
+        self.split_consts = (("REDUCE", reduce),) + flags[:-1]   # NEED_GRAD: not the split kernel's
+        self.tiles = B * self.n_sblk
+        # Without a grid barrier: every tile its own program for per-position losses; a
+        # bounded persistent grid when the last program adds up one partial per program.
+        self.grid = self.tiles if reduce == 0 else min(self.tiles, _PROGRAMS_PER_SM * _device.num_sms(device))
+        self.stages = (1, 2) if reduce == 3 else (0,)
+        self.programs = None   # the cooperative grid, found at the first cooperative launch
         self.launchers = {}
 
     def launcher(self, stage: int, cooperative: bool = False):
-        """_ce_kernel with these constexprs at ``stage``, kept here (looking it up costs ~3 us a call)."""
+        """_ce_kernel with these constexprs at ``stage`` (looking it up costs ~3 us a call)."""
         launch = self.launchers.get((stage, cooperative))
         if launch is None or launch.kernel is not _ce_kernel:   # or a wrapper swapped in (tests' recorders)
             coop = dict(launch_cooperative_grid=True) if cooperative else {}
@@ -386,74 +243,85 @@ class _Spec:
         return launch
 
 
-@functools.lru_cache(maxsize=256)
-def _spec(B: int, S: int, C: int, sx_s: int, sx_c: int, reduce: int, device: torch.device, flags: tuple) -> _Spec:
-    """_plan's choice with the kernel's constexprs merged in (flags: (name, value) pairs,
-    NEED_GRAD last): a dict built once, not ~3 us of Python per call (issue 10, item 3)."""
-    path, kw, n_sblk = _plan(B, S, C, sx_s, sx_c, flags[-1][1], reduce, device)
-    return _Spec(path, dict(**kw, **dict(flags), REDUCE=reduce), n_sblk)
+_PLANS: dict = {}
+_MAX_PLANS = 1024   # new shapes keep coming (sequence lengths): bounded
+
+
+def _forget_plans() -> None:
+    _PLANS.clear()
+    _plan.cache_clear()
+
+
+_device.on_path_change(_forget_plans)   # a failed cooperative launch changes the paths
 
 
 def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-            reduce=0, loss_dtype=torch.float32):
+            reduce=0, loss_dtype=torch.float32, discard_rows=False):
     """One sweep over the logits.  reduce 0: (per-position losses in loss_dtype, lse),
     the gradient scaled per position by ``scale``; reduce 1 / 2 / 3 (sum, mean over
     positions, mean over W): (the 0-d reduced loss in loss_dtype, lse), the gradient
-    of loss * 1; one launch on CUDA (see _grid.py)."""
-    prob = target.is_floating_point()
-    B, S, C, xs, ts = _layout(x, target, prob)
+    of loss * 1; one launch on CUDA (see _grid.py).  discard_rows (reduce 0, fp32 losses), for
+    a caller that reads neither: both go to one scratch buffer, nothing allocated, and
+    the pair returned is that buffer, not results."""
     dev = x.device
-    flags = (("HAS_W", weight is not None), ("PROB", prob), ("SMOOTH", eps > 0.0), ("HAS_ZL", z_loss != 0.0),
-             ("HAS_CAP", softcap != 0.0), ("NEED_GRAD", need_grad))
-    spec = _spec(B, S, C, xs[1], xs[2], reduce, dev, flags)
-    rows_shape = (x.shape[0],) + tuple(x.shape[2:])
-    # size=: a positional shape tuple costs ~0.5 us more in torch's argument parser
-    lse = torch.empty(size=rows_shape, device=dev, dtype=torch.float32)
-    loss = torch.empty(size=rows_shape if reduce == 0 else (), device=dev, dtype=loss_dtype)
+    g = x if grad is None else grad   # x: a dummy pointer when there is no gradient
+    # The plan's key: every input of _Plan.  x's shape fixes target's and g's, their strides
+    # are their own, and the number of target's strides tells probabilities (x's rank) from
+    # class indices.  No dtype: each launcher keys its compiled kernels on the dtypes.
+    key = (x.shape, x.stride(), target.stride(), None if g is x else g.stride(), dev, weight is not None,
+           eps > 0.0, z_loss != 0.0, softcap != 0.0, need_grad, reduce)
+    plan = _PLANS.get(key)
+    if plan is None:
+        prob = target.is_floating_point()
+        flags = (("HAS_W", weight is not None), ("PROB", prob), ("SMOOTH", eps > 0.0), ("HAS_ZL", z_loss != 0.0),
+                 ("HAS_CAP", softcap != 0.0), ("NEED_GRAD", need_grad))
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(x, target, g, prob, flags, reduce, dev)
+    if discard_rows:   # each position's loss, then its lse, into the same slot of a scratch buffer
+        loss = lse = _grid.scratch(dev, plan.positions, 1)
+    else:   # size=: a positional shape tuple costs ~0.5 us more in torch's argument parser
+        lse = torch.empty(size=plan.rows, device=dev, dtype=torch.float32)
+        loss = torch.empty(size=plan.rows if reduce == 0 else (), device=dev, dtype=loss_dtype)
     # reduce > 0: scale_ptr is an output, the mean's denominator (1 for 'sum')
     scale, scale_stride = _scale_arg(scale) if reduce == 0 else (scale, 0)
     # Kernels index the weight as w_ptr + c: a strided weight costs an O(C) copy.
     w = x if weight is None else weight.contiguous()   # x: a dummy pointer, never read
-    g = grad if grad is not None else x                # dummy pointer when no gradient
+    S, C, xs, ts = plan.S, plan.C, plan.xs, plan.ts
     scalars = (ignore_index, 1.0 - eps, eps / C, z_loss, softcap if softcap else 1.0)
-    if spec.path == "split":
+    if plan.path == "split":
         try:
             split.ce(x, xs[1], target, ts[1], ts[2], w, scale, scale_stride, loss, lse, g, S, C,
-                     scalars, flags, reduce)
+                     scalars, plan.split_consts, reduce)
             return loss, lse
         except Exception as e:  # noqa: BLE001 - no cooperative launch here (MPS, some MIG setups),
             # or a Triton that cannot build the handshake: warn once, use the two-pass kernels
             if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
                 raise
-            _device.cooperative_failed(dev, e)
-            _plan.cache_clear()
-            _spec.cache_clear()
-            spec = _spec(B, S, C, xs[1], xs[2], reduce, dev, flags)
-    gs = _grad_strides(g)
-    tiles = B * spec.n_sblk
+            _device.cooperative_failed(dev, e)   # forgets the plans
+            return _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
+                           reduce, loss_dtype, discard_rows)
+    gs, tiles = plan.gs, plan.tiles
     rows_out = loss if reduce == 0 else lse            # reduce > 0: per-position losses not stored
 
     def args(part):
         return (x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w, scale, scale_stride, rows_out, lse,
-                g, gs[0], gs[1], gs[2], ws, part, loss, S, C, spec.n_sblk, tiles, *scalars)
+                g, gs[0], gs[1], gs[2], ws, part, loss, S, C, plan.n_sblk, tiles, *scalars)
     if reduce == 3 and dev.type == "cuda" and _device.cooperative(dev):
         try:
-            if spec.programs is None:
+            if plan.programs is None:
                 ws, part = _grid.workspace(dev, 0, 0)
-                spec.programs = min(tiles, _grid.resident(_ce_kernel, args(part), dict(spec.consts, STAGE=0), dev))
-            ws, part = _grid.workspace(dev, 0, spec.programs)
-            spec.launcher(0, cooperative=True)((spec.programs,), *args(part))
+                plan.programs = min(tiles, _grid.resident(_ce_kernel, args(part), dict(plan.consts, STAGE=0), dev))
+            ws, part = _grid.workspace(dev, 0, plan.programs)
+            plan.launcher(0, cooperative=True)((plan.programs,), *args(part))
             return loss, lse
         except Exception as e:  # noqa: BLE001 - as above; W then takes a launch of its own
             if torch.cuda.is_current_stream_capturing():
                 raise
             _device.cooperative_failed(dev, e)
-    # Without a barrier: every tile its own program for per-position losses; a
-    # bounded persistent grid when the last program adds up one partial per program.
-    n = tiles if reduce == 0 else min(tiles, _PROGRAMS_PER_SM * _device.num_sms(dev))
-    ws, part = _grid.workspace(dev, 0, n)
-    for stage in ((1, 2) if reduce == 3 else (0,)):
-        spec.launcher(stage)((n,), *args(part))
+    ws, part = _grid.workspace(dev, 0, plan.grid)
+    for stage in plan.stages:
+        plan.launcher(stage)((plan.grid,), *args(part))
     return loss, lse
 
 
@@ -485,7 +353,7 @@ def fuses_forward(x) -> bool:
     """Whether ce_forward_fused runs x (what ce_forward leaves to the portable backend, it does not).
     While torch.compile traces, x is no functorch wrapper (and Dynamo cannot ask)."""
     return x.dtype != torch.float64 and x.numel() > 0 and (
-        torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(x))
+        not _eager() or not torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss, softcap,
@@ -511,16 +379,30 @@ def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, s
     # The forward kernel again, with the per-row scale: it reads the logits as
     # often as the forward does (once on the single / cluster / split paths) and
     # forms p relative to the row max, which a saved, rounded lse would not allow.
-    return ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                      scale, True)[2]
+    if x.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(x):   # as ce_forward
+        return ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, True)[2]
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _launch(x, target, weight, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
+            scale, True, grad, discard_rows=True)
+    return grad
+
+
+_RESCALE: dict = {}   # (numel, device) -> (grid, launcher): ~1 us a call to form
 
 
 def rescale_(grad, g):
-    if grad.numel() == 0:
+    n = grad.numel()
+    if n == 0:
         return
     if not grad.is_contiguous() or grad.dtype == torch.float64:
         grad.mul_(g)  # the kernel multiplies in fp32
         return
-    block = 4096
-    grid = (min(_device.cdiv(grad.numel(), block), 4 * _device.num_sms(grad.device)),)
-    _lean.launcher(_rescale_kernel, BLOCK=block, num_warps=8)(grid, grad, g, grad.numel())
+    dev = grad.device
+    plan = _RESCALE.get((n, dev))
+    if plan is None or plan[1].kernel is not _rescale_kernel:   # or a wrapper swapped in (tests)
+        if len(_RESCALE) >= _MAX_PLANS:
+            _RESCALE.clear()
+        block = 4096
+        plan = _RESCALE[n, dev] = ((min(_device.cdiv(n, block), 4 * _device.num_sms(dev)),),
+                                   _lean.launcher(_rescale_kernel, BLOCK=block, num_warps=8))
+    plan[1](plan[0], grad, g, n)

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from . import _device, _launch
-from .ce import _safe, tile_shape
+from ._jit import _safe
+from .ce import tile_shape
 
 # As crossent._logprobs_ops: exp(-1024) == 0, and p * L stays finite.  A compiled
 # kernel may only read module globals that are tl.constexpr.

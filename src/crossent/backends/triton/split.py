@@ -298,15 +298,15 @@ def _run(kernel, R, C, device, args, consts: tuple):
         launch((n,), *a)
 
 
-def ce(x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g, R, C, scalars, flags, reduce):
-    """Cross-entropy over (R, C) rows; ``reduce`` and the buffers as in ce._launch."""
+def ce(x, sx_r, target, st_r, st_c, w, scale, scale_stride, loss, lse, g, R, C, scalars, consts, reduce):
+    """Cross-entropy over (R, C) rows; ``reduce`` and the buffers as in ce._launch, ``consts``
+    the kernel's REDUCE and flags as (name, value) pairs."""
     rows_out = loss if reduce == 0 else lse
 
     def args(part, ws, acc, groups):
         return (x, sx_r, target, st_r, st_c, w, scale, scale_stride, rows_out, lse, g, part, ws, acc, loss,
                 R, C, groups, *scalars)
-    # flags: (name, value) pairs; NEED_GRAD is not this kernel's (it always writes the gradient)
-    _run(_ce_split_kernel, R, C, x.device, args, (("REDUCE", reduce),) + flags[:-1])
+    _run(_ce_split_kernel, R, C, x.device, args, consts)
 
 
 def softmax(x, y, log: bool):
