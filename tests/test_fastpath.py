@@ -19,14 +19,14 @@ def auto(monkeypatch):
 
 
 def _spy_apply(monkeypatch, function) -> list:
-    """The calls of ``function.apply`` from now on (it still runs)."""
+    """The calls of ``function.call`` (crossent's apply) from now on (it still runs)."""
     calls = []
-    real = function.apply
+    real = function.call
 
     def spy(*a):
         calls.append(a)
         return real(*a)
-    monkeypatch.setattr(function, "apply", spy)
+    monkeypatch.setattr(function, "call", spy)
     return calls
 
 
