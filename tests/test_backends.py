@@ -3,6 +3,7 @@ chunk boundaries, no mutation of user tensors, buffer hand-over, retain_graph,
 non-unit upstream gradients, and the opt-in in-place gradient."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -42,7 +43,8 @@ def test_triton_older_than_tested_is_refused(monkeypatch):
     triton = pytest.importorskip("triton")
     from crossent.backends import triton as tb
     assert tb._version("3.6.0+git9f2c") == (3, 6) and tb._version("3.10.1") == (3, 10)
-    assert tb._version(triton.__version__) >= tb.MIN_TRITON   # what this run tests with
+    if os.environ.get("CI"):   # CI installs a Triton its kernels run on (elsewhere their tests skip)
+        assert tb._version(triton.__version__) >= tb.MIN_TRITON
     monkeypatch.setattr(triton, "__version__", "3.4.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends, "_triton_importable", lambda: True)

@@ -79,3 +79,28 @@ def test_compile_emits_no_warning(fn):
         compiled(x, y).backward()
     ours = [str(c.message) for c in caught if c.category is UserWarning]
     assert not ours, ours
+
+
+_INFERENCE = {
+    "cross_entropy": lambda x, h, w, t: crossent.cross_entropy(x, t, label_smoothing=0.1),
+    "cross_entropy_none": lambda x, h, w, t: crossent.cross_entropy(x, t, reduction="none", z_loss=1e-3),
+    "cross_entropy_probs": lambda x, h, w, t: crossent.cross_entropy(x, torch.softmax(2 * x, 1)),
+    "cross_entropy_with_stats": lambda x, h, w, t: crossent.cross_entropy_with_stats(x, t, z_loss=1e-3).lse,
+    "linear_cross_entropy": lambda x, h, w, t: crossent.linear_cross_entropy(h, w, t),
+    "nll_loss": lambda x, h, w, t: crossent.nll_loss(crossent.log_softmax(x, 1), t),
+    "softmax": lambda x, h, w, t: crossent.softmax(x, 1),
+}
+
+
+@pytest.mark.parametrize("no_grad", [False, True], ids=["no-requires-grad", "no_grad"])
+@pytest.mark.parametrize("name", list(_INFERENCE))
+def test_compiled_inference_fullgraph(name, no_grad):
+    """Compiled inference (no input requires grad, or grad mode off) traces whole and
+    gives eager's values.  Regression: torch 2.4's Dynamo calls a setup_context-style
+    Function's forward with a ctx when nothing needs grad (ArgsMismatchError)."""
+    g = torch.Generator().manual_seed(0)
+    x, h, w = torch.randn(8, 5, generator=g), torch.randn(8, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = torch.randint(0, 5, (8,), generator=g)
+    eager, compiled = _both(_INFERENCE[name])
+    with torch.set_grad_enabled(not no_grad):
+        torch.testing.assert_close(compiled(x, h, w, t), eager(x, h, w, t))

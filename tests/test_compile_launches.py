@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.6")  # backends.triton.MIN_TRITON
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("counts launches under the Triton interpreter (CPU tensors)", allow_module_level=True)
 

@@ -76,8 +76,10 @@ def test_int32_target_with_out_of_range_ignore_index(fn, shape, ignore_index):
 def test_ignore_index_beyond_int64_raises_like_torch(fn):
     x, t = torch.randn(2, 3), torch.zeros(2, dtype=torch.long)
     for v in (2**63, -2**63 - 1):
-        with pytest.raises(ValueError) as theirs:
+        with pytest.raises(Exception) as theirs:
             getattr(F, fn)(x, t, ignore_index=v)
+        if theirs.type is not ValueError:
+            pytest.skip(f"this torch raises {theirs.type.__name__} (torch 2.13 and crossent: ValueError)")
         with pytest.raises(ValueError) as ours:
             getattr(crossent, fn)(x, t, ignore_index=v)
         assert str(ours.value) == str(theirs.value)
@@ -117,6 +119,18 @@ DEGENERATE = {
 }
 
 
+def _forward_ok(fn, *args) -> bool:
+    try:
+        fn(*args)
+    except RuntimeError:
+        return False
+    return True
+
+
+# torch 2.13 takes a 1-D input with a (1,) target (as a 0-d one); torch 2.4-2.8 raise "size mismatch"
+_TORCH_1D_INPUT_1_TARGET = _forward_ok(F.cross_entropy, torch.randn(5), torch.tensor([2]))
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("name", list(DEGENERATE))
 def test_degenerate_shapes_match_torch(name, reduction):
@@ -125,6 +139,8 @@ def test_degenerate_shapes_match_torch(name, reduction):
     # not, for mean/sum), as does its backward of a 1-D input with a (1,)
     # target ("size mismatch"); crossent returns the gradient.
     backward = "uint8" not in name and "(1,) target" not in name
+    if fn == "cross_entropy" and "(1,) target" in name and not _TORCH_1D_INPUT_1_TARGET:
+        pytest.skip("this torch's forward raises 'size mismatch' (torch 2.13 and crossent compute the loss)")
     _same(getattr(crossent, fn), getattr(F, fn), x, t, reduction=reduction, backward=backward, **kw)
 
 
@@ -268,6 +284,8 @@ def test_deprecation_warning_location_matches_torch(fn, kw):
         (w,) = rec
         where.append((str(w.message), w.filename))
     (msg_t, file_t), (msg_o, file_o) = where
+    if os.path.basename(file_t) != "functional.py":
+        pytest.skip("this torch warns from torch/nn/_reduction.py (torch 2.13 and crossent: functional.py)")
     assert msg_o == msg_t
     assert os.path.basename(file_t) == os.path.basename(file_o) == "functional.py"
     assert os.path.dirname(file_o) == os.path.dirname(crossent.functional.__file__)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", minversion="3.6")  # backends.triton.MIN_TRITON
 
 
 def _has_nvidia_backend() -> bool:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", minversion="3.6")  # backends.triton.MIN_TRITON
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("triton needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)

@@ -161,7 +161,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     # an empty index, so the gradient still comes from PickFunction, a function of x as torch's
     idx = safe.unsqueeze(1).narrow(1, 0, min(C, 1))
     if torch.is_grad_enabled() and x.requires_grad:
-        picked = PickFunction.apply(x, idx)
+        picked = PickFunction.call(x, idx)
     else:
         picked = x.gather(1, idx)
     picked = (picked.squeeze(1) if C else picked.sum(1)).to(acc)
@@ -304,7 +304,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         inplace_backward=bool(inplace_backward), backend=backend, out_dtype=out_dtype, fused=fused)
     need_grad = torch.is_grad_enabled() and x.requires_grad
     fn = CrossEntropyJvpFunction if fwd else CrossEntropyFunction
-    loss, lse, _ = fn.apply(x, t, weight, denom, opts, need_grad)
+    loss, lse, _ = fn.call(x, t, weight, denom, opts, need_grad)
     if red == "sum" and eps > 0 and not prob and x.shape[1] == 0:
         # torch's smoothing term: eps / C = inf times an empty sum.  A 0-d tensor, not a
         # Python float: torch 2.13's forward AD gives 0-d + float an fp64 tangent

@@ -406,8 +406,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         grad_on = torch.is_grad_enabled()
         needs = (grad_on and x.requires_grad, grad_on and linear_weight.requires_grad,
                  grad_on and linear_bias is not None and linear_bias.requires_grad)
-        loss, lse, *_ = LinearCrossEntropyFunction.apply(x, rows, linear_weight, linear_bias, t, weight,
-                                                         denom, opts, needs)
+        loss, lse, *_ = LinearCrossEntropyFunction.call(x, rows, linear_weight, linear_bias, t, weight,
+                                                        denom, opts, needs)
     lse = lse.reshape(batch)
     if red == "none":
         loss = loss.reshape(batch)

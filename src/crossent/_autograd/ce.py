@@ -73,6 +73,25 @@ _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 _no_jvp = torch.autograd.Function.jvp
 
 
+# crossent calls its Functions as ``F.call(*args)``, not ``F.apply``: Dynamo intercepts every
+# ``F.apply(...)`` it traces (an override of apply never runs there), while it inlines a
+# classmethod of another name.  ``call`` picks what runs:
+#   * eager mode: _eager_apply, the positional apply (torch's binds its arguments per call);
+#   * compiling, with a graph to record: F.apply, Dynamo's autograd.Function support;
+#   * compiling, nothing to record (inference, see _records_nothing): F.forward as plain code.
+#     The result is apply's, and torch 2.4's Dynamo cannot take apply there: it calls a
+#     setup_context-style forward with a ctx (ArgsMismatchError; fatal under fullgraph=True).
+def _records_nothing(args: tuple) -> bool:
+    """Whether Function.apply(*args) would record no graph: grad mode is off or no tensor
+    argument requires grad.  Dynamo folds it to a constant (it guards on both)."""
+    if not torch.is_grad_enabled():
+        return True
+    for a in args:
+        if isinstance(a, Tensor) and a.requires_grad:
+            return False
+    return True
+
+
 def _eager_apply(cls, args: tuple):
     """``cls.apply(*args)`` in eager mode outside functorch transforms, for Functions that
     crossent calls with every argument positional (the callers unwrap dead wrappers).
@@ -102,9 +121,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     """
 
     @classmethod
-    def apply(cls, *args):
-        if not _eager() or _transforms_active():
-            return super().apply(*args)
+    def call(cls, *args):
+        """cls.apply(*args) (see _records_nothing above for the three ways it runs)."""
+        if not _eager():
+            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
+        if _transforms_active():
+            return cls.apply(*args)
         # unwrap_dead_wrappers(args) without its generator (~1 us): the four tensor arguments.
         x, target, weight, denom, opts, need_grad = args
         return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(target),
@@ -305,9 +327,12 @@ class SoftmaxFunction(torch.autograd.Function):
     """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
 
     @classmethod
-    def apply(cls, x: Tensor, dim: int, log: bool, backend: str):
-        if not _eager() or _transforms_active():
-            return super().apply(x, dim, log, backend)
+    def call(cls, x: Tensor, dim: int, log: bool, backend: str):
+        if not _eager():
+            args = (x, dim, log, backend)
+            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
+        if _transforms_active():
+            return cls.apply(x, dim, log, backend)
         return _eager_apply(cls, (_unwrap_if_dead(x), dim, log, backend))
 
     @staticmethod
@@ -345,7 +370,7 @@ def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
     if any(func_transforms()):
         # vmap and forward mode: torch's own ops, which have batching and jvp rules.
         return (reference.log_softmax if log else reference.softmax)(x, dim)
-    return SoftmaxFunction.apply(x, dim, log, name)
+    return SoftmaxFunction.call(x, dim, log, name)
 
 
 class PickFunction(torch.autograd.Function):
@@ -360,9 +385,11 @@ class PickFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @classmethod
-    def apply(cls, x: Tensor, idx: Tensor):
-        if not _eager() or _transforms_active():
-            return super().apply(x, idx)
+    def call(cls, x: Tensor, idx: Tensor):
+        if not _eager():
+            return cls.forward(x, idx) if _records_nothing((x, idx)) else cls.apply(x, idx)
+        if _transforms_active():
+            return cls.apply(x, idx)
         return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(idx)))
 
     @staticmethod

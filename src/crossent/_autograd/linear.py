@@ -8,7 +8,8 @@ from torch import Tensor
 
 from .. import reference
 from .._fast import _eager, _transforms_active
-from .ce import _batched, _eager_apply, _reduce, _rescalable, _rescaled, _scale, _unwrap_if_dead
+from .ce import (_batched, _eager_apply, _records_nothing, _reduce, _rescalable, _rescaled, _scale,
+                 _unwrap_if_dead)
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """
 
     @classmethod
-    def apply(cls, *args):
-        if not _eager() or _transforms_active():
-            return super().apply(*args)
+    def call(cls, *args):
+        """cls.apply(*args) (see ce._records_nothing for the three ways it runs)."""
+        if not _eager():
+            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
+        if _transforms_active():
+            return cls.apply(*args)
         # torch's apply binds the arguments through inspect.signature per call (see _eager_apply)
         return _eager_apply(cls, tuple(a if a is None or not isinstance(a, Tensor) else _unwrap_if_dead(a)
                                        for a in args))
