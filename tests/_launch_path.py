@@ -181,9 +181,10 @@ def expected_path(op, C, reduce, cluster) -> str:
 
 def sweep(fake, dev, cluster) -> bool:
     """benchmarks/gpu_sweep.py's configurations, launched as the sweep launches them."""
+    from _gpu_common import knob_values
     from gpu_sweep import CE_SHAPES, SM_SHAPES, configs
     ok = True
-    defaults = {k: getattr(split if hasattr(split, k) else ce, k) for _, kn in configs(True) for k in kn}
+    defaults = knob_values({k for _, kn in configs(True) for k in kn})
     for label, knobs in configs(cluster):
         ce.configure(**{**defaults, **knobs})
         for op, (R, C) in [("cross_entropy", s) for s in CE_SHAPES] + [("softmax", s) for s in SM_SHAPES]:
