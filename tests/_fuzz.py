@@ -28,7 +28,8 @@ workaround, and that result is what crossent must match:
 And for values:
   5. where torch's same-dtype result is not finite but the float64 one is
      (or the reverse), torch's own error there is unbounded; ours must equal
-     torch's or be within a few ulps of the float64 value, plus four times
+     torch's or be within a few ulps (of rule 11's dtype where the values went
+     through a narrower one) of the float64 value, plus four times
      torch's known own error (rule 10) (README 2: fp16/bf16 accumulate in fp32
      and so stay finite where torch overflows).
   6. linear_cross_entropy's leading batch dims: torch runs the flattened call
@@ -363,7 +364,9 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, what: st
     nan_o, nan_t, nan_r = torch.isnan(o), torch.isnan(t), torch.isnan(r)
     off = ~((torch.isfinite(t) & torch.isfinite(r)) | (t == r) | (nan_t & nan_r))
     if off.any():
-        eps = torch.finfo(theirs.dtype).eps
+        # the ulps of the narrower dtype the values went through (rule 11: under autocast
+        # a linear loss's logits are bf16, so its fp32 result is that far from float64)
+        eps = torch.finfo(rounded_to or theirs.dtype).eps
         # within a few ulps of float64, or of torch's own error where it is known (rule 10: the
         # loss of its rounded logits, which crossent shares)
         ok = (o == t) | (nan_o & (nan_t | nan_r)) | (o == r.to(theirs.dtype).double()) | \

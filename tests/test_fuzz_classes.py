@@ -659,3 +659,63 @@ def test_triton_softmax_create_graph_low_precision_in_fp32(fn):
     spec = {"fn": fn, "backend": "triton", "seed": 1861025315, "dtype": "float16", "shape": [3, 5],
             "layout": "contig", "values": "wide", "grad": "double", "upstream": "inf", "dim": 0}
     assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("eps", [0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_vocab_parallel_smoothing_signed_prob_target_minus_inf_logit(eps, weighted, grad):
+    """0 < eps < 1 with probability targets: the vocab-parallel loss split torch's
+    smoothed target t (1 - eps) + eps / C into (1 - eps) sum t (z - m) + eps / C
+    sum (z - m), so a -inf logit under a negative t met as inf - inf (NaN) where
+    torch's class-by-class term is -inf (seed 524183559)."""
+    import _fuzz
+    from crossent import distributed as D
+    _fuzz.init_single_process()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    t = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    x[0, 2], t[0, 2] = -inf, -0.9  # t' < 0: torch -inf
+    x[1, 4], t[1, 4] = -inf, 0.8  # t' > 0: +inf
+    x[2, 1], t[2, 1] = -inf, -0.01  # t' > 0 for eps = 0.3 (eps / C dominates)
+    w = torch.rand(6, dtype=torch.float64, generator=g) + 0.5 if weighted else None
+    res = []
+    for fn in (D.vocab_parallel_cross_entropy, F.cross_entropy):
+        xi = x.clone().requires_grad_(grad)
+        out = fn(xi, t, weight=w, label_smoothing=eps, reduction="none")
+        res.append((out.detach(), torch.autograd.grad(out, xi, torch.ones_like(out))[0] if grad else None))
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_integer_input_differentiable_prob_target(reduction):
+    """An empty integer input with a probability target (or weight) that requires
+    grad takes the differentiable reference path, which cast the target and weight
+    to the input's dtype (int64) and then failed torch's floating-target check;
+    torch computes, in the target's dtype (seed 57100446)."""
+    x = torch.zeros(3, 0, 2, dtype=torch.long)
+    res = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        t = torch.rand(3, 0, 2, dtype=torch.bfloat16).requires_grad_()
+        w = torch.rand(0, dtype=torch.bfloat16).requires_grad_()
+        out = fn(x, t, w, reduction=reduction)
+        res.append((out.detach(), *torch.autograd.grad(out, (t, w), torch.ones_like(out))))
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)  # mean: 0 / 0
+
+
+@pytest.mark.parametrize("seed", [1027547390, 471896144])
+def test_fuzz_linear_autocast_where_torch_overflows(seed):
+    """Rule 5 under autocast(bf16): where torch's fp32 loss overflows (or is NaN)
+    and float64's is finite, crossent's finite loss of bf16-rounded logits is
+    within a few bf16 ulps of float64, not fp32's (rule 11 for rule 5)."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": seed, "dtype": "float32", "shape": [6, 1],
+            "classes": 97, "bias": True, "layout": "transposed", "values": "huge", "grad": "autocast",
+            "upstream": "inf", "target": "prob", "target_dtype": "float32", "prob_values": "signed",
+            "ignore_index": None, "target_layout": "contig", "weight": None, "reduction": "none"}
+    if seed == 471896144:
+        spec.update(shape=[28, 9], classes=13, layout="contig", upstream="randn", target="index",
+                    target_dtype="int32", ignore="default", weight="zero_some", weight_layout="contig",
+                    reduction="mean", label_smoothing=1.0)
+        del spec["prob_values"], spec["ignore_index"]
+    assert _fuzz.check(spec) is None
