@@ -719,3 +719,45 @@ def test_fuzz_linear_autocast_where_torch_overflows(seed):
                     reduction="mean", label_smoothing=1.0)
         del spec["prob_values"], spec["ignore_index"]
     assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kdim_probability_target_chunks_split_along_positions(monkeypatch, eps, reduction):
+    """A K-dim chunk too big for one (C, S) slice is split along S; its
+    probability-target terms were taken at the (b, s) row index, which sliced
+    the (B, C, S) target's class dim (a shape error; the fuzz's "tiles" cases,
+    seed 342549841).  Chunks of one position each here."""
+    from crossent.backends import torch_chunked as tc
+    monkeypatch.setattr(tc, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(tc, "_MIN_CHUNK_BYTES", 256)
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 211, 6, generator=g)
+    t = torch.softmax(torch.randn(2, 211, 6, generator=g), 1)
+    w = torch.rand(211, generator=g)
+    res = []
+    for fn, dt in ((crossent.cross_entropy, torch.float32), (F.cross_entropy, torch.float32),
+                   (F.cross_entropy, torch.float64)):
+        xi = x.to(dt).requires_grad_()
+        out = fn(xi, t.to(dt), w.to(dt), reduction=reduction, label_smoothing=eps)
+        res.append((out.detach(), *torch.autograd.grad(out, xi, torch.ones_like(out))))
+    for ours, theirs, ref in zip(*res):
+        assert_close_to_ref(ours, theirs, ref)
+
+
+def test_fuzz_linear_row_chunks_judged_with_torchs_row_blocking():
+    """Rule 13: the vocab-parallel linear head in 2-row chunks rounds its fp64
+    logits (~3e4) by another BLAS kernel than torch's one 5-row call: an ulp
+    of the logits apart, 4.7e-12 in the input gradient, while the fp32-based
+    estimate of torch's own error said 6.5e-13.  torch's own ops with its
+    logits computed one row per call differ from its one call as much."""
+    import _fuzz
+    _fuzz.init_single_process()
+    spec = {"fn": "vocab_parallel", "backend": "torch", "seed": 237521495, "dtype": "float64", "linear": True,
+            "shape": [5, 4], "classes": 211, "bias": True, "layout": "contig", "values": "offset1e4",
+            "grad": "backward", "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "big",
+            "target_layout": "contig", "weight": None, "reduction": "none", "label_smoothing": -0.2,
+            "tiles": "small"}
+    assert _fuzz.check(spec) is None
+    assert _fuzz._logit_blocking_error({**spec, "tiles": None}, {}, frozenset()) == {}
