@@ -68,6 +68,10 @@ And for values:
      chunks 4.7e-12 off torch's one call; in fp32 against float64 over 40
      draws crossent's mean error 1.2x torch's).  torch's own error is at
      least that of its same ops with the logits computed one row per call.
+  14. cross_entropy(inplace_backward=True) with a non-finite upstream: the
+     logits are gone, so crossent rescales its gradient buffer (that of a
+     unit upstream) where torch scales term by term (its inf/NaN pattern);
+     torch's side takes a unit upstream and multiplies (README).
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,
@@ -203,6 +207,7 @@ def _call(s, ours: bool, a: dict, kw: dict):
     ii, ls = kw["ignore_index"], kw.get("label_smoothing", 0.0)
     sa, rd, red = _loss_args(kw)
     extras = {k: kw[k] for k in ("z_loss", "softcap") if k in kw}
+    own = {"inplace_backward": True} if ours and kw.get("inplace_backward") else {}  # torch's side: no such option
     if fn == "module":
         mod = crossent.nn if ours else torch.nn
         if s["module"] == "LinearCrossEntropyLoss":
@@ -218,11 +223,11 @@ def _call(s, ours: bool, a: dict, kw: dict):
         return (crossent.nll_loss if ours else F.nll_loss)(x, t, w, sa, ii, rd, red)
     if fn == "cross_entropy":
         if ours:
-            return crossent.cross_entropy(x, t, w, sa, ii, rd, red, ls, **extras)
+            return crossent.cross_entropy(x, t, w, sa, ii, rd, red, ls, **extras, **own)
         return torch_ce(x, t, w, sa, ii, rd, red, ls, **extras)
     if fn == "stats":
         if ours:
-            return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras))
+            return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras, **own))
         return torch_ce(x, t, w, None, ii, None, red, ls, stats=True, **extras)
     if fn == "linear":
         f = crossent.linear_cross_entropy if ours else torch_linear
@@ -301,7 +306,8 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
             res["outs"] = [o.detach() for o in outs]
             res["requires_grad"] = [o.requires_grad for o in outs]
             if mode in ("backward", "double", "autocast") and outs[0].requires_grad:
-                _backward(s, res, outs[0], [(n, leaves[n]) for n in names], mode == "double")
+                _backward(s, res, outs[0], [(n, leaves[n]) for n in names], mode == "double",
+                          rescaled=side != "ours" and s.get("inplace_backward") and s["upstream"] != "randn")
         except Exception as e:  # noqa: BLE001 - whatever torch raises, crossent must raise too
             res["error"] = ("backward" if "outs" in res else "forward", type(e).__name__, str(e))
     res["warnings"] = sorted({(w.category.__name__, str(w.message), _in_library(w.filename))
@@ -336,9 +342,14 @@ def _tangent(s: dict, x: torch.Tensor) -> torch.Tensor:
     return torch.randn(x.shape, generator=g, dtype=torch.float64).to(getattr(torch, s["dtype"])).to(x.dtype)
 
 
-def _backward(s, res, out, named, double: bool) -> None:
-    grads = torch.autograd.grad(out, [leaf for _, leaf in named], _upstream(s, out), allow_unused=True,
-                                create_graph=double)
+def _backward(s, res, out, named, double: bool, rescaled: bool = False) -> None:
+    """Gradients of sum(out * upstream); ``rescaled`` (rule 14): those of a
+    unit upstream, times the (0-d) upstream."""
+    u = _upstream(s, out)
+    grads = torch.autograd.grad(out, [leaf for _, leaf in named], torch.ones_like(u) if rescaled else u,
+                                allow_unused=True, create_graph=double)
+    if rescaled:
+        grads = [None if g is None else g * u for g in grads]
     res["grads"] = {n: None if g is None else g.detach() for (n, _), g in zip(named, grads)}
     if double:
         g, x = grads[0], named[0][1]

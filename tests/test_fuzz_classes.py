@@ -792,3 +792,25 @@ def test_fuzz_vmap_weight_requiring_grad_keeps_next_eager_error():
             "weight": "negative", "weight_layout": "contig", "reduction": "sum", "label_smoothing": 0.1,
             "mutations": ["weight_grad", "weight_dtype"]}
     assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [inf, nan])
+def test_inplace_backward_non_finite_upstream_rescales(monkeypatch, backend, reduction, upstream):
+    """inplace_backward=True with a non-finite upstream took the term-by-term
+    recompute, which needs the overwritten logits, and raised "does not
+    support create_graph=True" (never asked for).  It now rescales its buffer:
+    torch's gradient of a unit upstream times the upstream (README)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 7, generator=g)
+    t = torch.tensor([1, -100, 3, 6])
+    u = torch.tensor(upstream)
+    xi = x.clone().requires_grad_()
+    ours = torch.autograd.grad(crossent.cross_entropy(xi * 1, t, reduction=reduction, inplace_backward=True), xi, u)
+    xt = x.clone().requires_grad_()
+    theirs = torch.autograd.grad(F.cross_entropy(xt, t, reduction=reduction), xt)[0] * u
+    torch.testing.assert_close(ours[0], theirs, equal_nan=True)
