@@ -814,3 +814,23 @@ def test_inplace_backward_non_finite_upstream_rescales(monkeypatch, backend, red
     xt = x.clone().requires_grad_()
     theirs = torch.autograd.grad(F.cross_entropy(xt, t, reduction=reduction), xt)[0] * u
     torch.testing.assert_close(ours[0], theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_float_class_target_message_under_autocast(fn, autocast):
+    """Under autocast torch casts the fp32 losses' fp16/bf16 arguments, the
+    target included, before its target-dtype check, so its message names
+    Float; crossent named the target's own dtype (seed 1967206815)."""
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(5, 7, generator=g).half(), torch.rand(5, generator=g).half()
+    W = torch.randn(3, 7, generator=g).half()
+    calls = {"cross_entropy": (crossent.cross_entropy, F.cross_entropy, (x, t)),
+             "nll_loss": (crossent.nll_loss, F.nll_loss, (x, t)),
+             "linear_cross_entropy": (crossent.linear_cross_entropy, F.linear_cross_entropy, (x, W, t))}
+    errors = []
+    for f in calls[fn][:2]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), pytest.raises(RuntimeError) as e:
+            f(*calls[fn][2])
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
