@@ -76,10 +76,12 @@ def draw(rng: random.Random, backend: str) -> dict:
             s["dtype_arg"] = rng.choice(DTYPES)
     else:
         _draw_loss(rng, s, kind)
+    if rng.random() < 0.3:  # crossent's chunks and tiles shrunk (tests/_fuzz.py, _tiles)
+        s["tiles"] = rng.choice(["looped", "multirow", "split"]) if backend == "triton" else "small"
     if rng.random() < 0.08:
         s["mutations"] = rng.sample(MUTATIONS, rng.choice([1, 1, 2]))
         # torch's side composes z_loss and softcap from other ops, whose checks differ
-        s.pop("z_loss", None), s.pop("softcap", None)
+        s.pop("z_loss", None), s.pop("softcap", None), s.pop("inplace_backward", None)
     return s
 
 
@@ -115,7 +117,11 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
         s["z_loss"] = rng.choice([1e-4, 0.1])
     if extras and rng.random() < 0.15:
         s["softcap"] = rng.choice([5.0, 30.0])
-    if s["target"] == "prob" and kind != "vocab_parallel" and rng.random() < 0.2:
+    if kind in ("cross_entropy", "stats") and s["fn"] != "module" and s["grad"] == "backward" and \
+            s["layout"] == "contig" and s["reduction"] in ("mean", "sum") and "legacy" not in s and \
+            rng.random() < 0.3:
+        s["inplace_backward"] = True  # crossent's opt-in: the gradient in the logits' storage
+    if s["target"] == "prob" and kind != "vocab_parallel" and "inplace_backward" not in s and rng.random() < 0.2:
         s["grad_target"] = True  # target (and weight) differentiable: crossent's reference path
 
 
@@ -292,7 +298,7 @@ def materialize(s: dict, side: str) -> dict:
             leaves["weight"], views["weight"] = _weight_view(cast(_weight(g, s["weight"], C).to(dtype)),
                                                              s["weight_layout"], g)
         kw["reduction"] = s["reduction"]
-        for k in ("label_smoothing", "z_loss", "softcap", "legacy"):
+        for k in ("label_smoothing", "z_loss", "softcap", "legacy", "inplace_backward"):
             if k in s:
                 kw[k] = s[k]
     else:

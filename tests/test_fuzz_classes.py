@@ -659,3 +659,178 @@ def test_triton_softmax_create_graph_low_precision_in_fp32(fn):
     spec = {"fn": fn, "backend": "triton", "seed": 1861025315, "dtype": "float16", "shape": [3, 5],
             "layout": "contig", "values": "wide", "grad": "double", "upstream": "inf", "dim": 0}
     assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("eps", [0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_vocab_parallel_smoothing_signed_prob_target_minus_inf_logit(eps, weighted, grad):
+    """0 < eps < 1 with probability targets: the vocab-parallel loss split torch's
+    smoothed target t (1 - eps) + eps / C into (1 - eps) sum t (z - m) + eps / C
+    sum (z - m), so a -inf logit under a negative t met as inf - inf (NaN) where
+    torch's class-by-class term is -inf (seed 524183559)."""
+    import _fuzz
+    from crossent import distributed as D
+    _fuzz.init_single_process()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    t = torch.randn(4, 6, dtype=torch.float64, generator=g)
+    x[0, 2], t[0, 2] = -inf, -0.9  # t' < 0: torch -inf
+    x[1, 4], t[1, 4] = -inf, 0.8  # t' > 0: +inf
+    x[2, 1], t[2, 1] = -inf, -0.01  # t' > 0 for eps = 0.3 (eps / C dominates)
+    w = torch.rand(6, dtype=torch.float64, generator=g) + 0.5 if weighted else None
+    res = []
+    for fn in (D.vocab_parallel_cross_entropy, F.cross_entropy):
+        xi = x.clone().requires_grad_(grad)
+        out = fn(xi, t, weight=w, label_smoothing=eps, reduction="none")
+        res.append((out.detach(), torch.autograd.grad(out, xi, torch.ones_like(out))[0] if grad else None))
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_integer_input_differentiable_prob_target(reduction):
+    """An empty integer input with a probability target (or weight) that requires
+    grad takes the differentiable reference path, which cast the target and weight
+    to the input's dtype (int64) and then failed torch's floating-target check;
+    torch computes, in the target's dtype (seed 57100446)."""
+    x = torch.zeros(3, 0, 2, dtype=torch.long)
+    res = []
+    for fn in (crossent.cross_entropy, F.cross_entropy):
+        t = torch.rand(3, 0, 2, dtype=torch.bfloat16).requires_grad_()
+        w = torch.rand(0, dtype=torch.bfloat16).requires_grad_()
+        out = fn(x, t, w, reduction=reduction)
+        res.append((out.detach(), *torch.autograd.grad(out, (t, w), torch.ones_like(out))))
+    torch.testing.assert_close(res[0], res[1], equal_nan=True)  # mean: 0 / 0
+
+
+@pytest.mark.parametrize("seed", [1027547390, 471896144])
+def test_fuzz_linear_autocast_where_torch_overflows(seed):
+    """Rule 5 under autocast(bf16): where torch's fp32 loss overflows (or is NaN)
+    and float64's is finite, crossent's finite loss of bf16-rounded logits is
+    within a few bf16 ulps of float64, not fp32's (rule 11 for rule 5)."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": seed, "dtype": "float32", "shape": [6, 1],
+            "classes": 97, "bias": True, "layout": "transposed", "values": "huge", "grad": "autocast",
+            "upstream": "inf", "target": "prob", "target_dtype": "float32", "prob_values": "signed",
+            "ignore_index": None, "target_layout": "contig", "weight": None, "reduction": "none"}
+    if seed == 471896144:
+        spec.update(shape=[28, 9], classes=13, layout="contig", upstream="randn", target="index",
+                    target_dtype="int32", ignore="default", weight="zero_some", weight_layout="contig",
+                    reduction="mean", label_smoothing=1.0)
+        del spec["prob_values"], spec["ignore_index"]
+    assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kdim_probability_target_chunks_split_along_positions(monkeypatch, eps, reduction):
+    """A K-dim chunk too big for one (C, S) slice is split along S; its
+    probability-target terms were taken at the (b, s) row index, which sliced
+    the (B, C, S) target's class dim (a shape error; the fuzz's "tiles" cases,
+    seed 342549841).  Chunks of one position each here."""
+    from crossent.backends import torch_chunked as tc
+    monkeypatch.setattr(tc, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(tc, "_MIN_CHUNK_BYTES", 256)
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 211, 6, generator=g)
+    t = torch.softmax(torch.randn(2, 211, 6, generator=g), 1)
+    w = torch.rand(211, generator=g)
+    res = []
+    for fn, dt in ((crossent.cross_entropy, torch.float32), (F.cross_entropy, torch.float32),
+                   (F.cross_entropy, torch.float64)):
+        xi = x.to(dt).requires_grad_()
+        out = fn(xi, t.to(dt), w.to(dt), reduction=reduction, label_smoothing=eps)
+        res.append((out.detach(), *torch.autograd.grad(out, xi, torch.ones_like(out))))
+    for ours, theirs, ref in zip(*res):
+        assert_close_to_ref(ours, theirs, ref)
+
+
+def test_fuzz_linear_row_chunks_judged_with_torchs_row_blocking():
+    """Rule 13: the vocab-parallel linear head in 2-row chunks rounds its fp64
+    logits (~3e4) by another BLAS kernel than torch's one 5-row call: an ulp
+    of the logits apart, 4.7e-12 in the input gradient, while the fp32-based
+    estimate of torch's own error said 6.5e-13.  torch's own ops with its
+    logits computed one row per call differ from its one call as much."""
+    import _fuzz
+    _fuzz.init_single_process()
+    spec = {"fn": "vocab_parallel", "backend": "torch", "seed": 237521495, "dtype": "float64", "linear": True,
+            "shape": [5, 4], "classes": 211, "bias": True, "layout": "contig", "values": "offset1e4",
+            "grad": "backward", "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "big",
+            "target_layout": "contig", "weight": None, "reduction": "none", "label_smoothing": -0.2,
+            "tiles": "small"}
+    assert _fuzz.check(spec) is None
+    assert _fuzz._logit_blocking_error({**spec, "tiles": None}, {}, frozenset()) == {}
+
+
+def test_fuzz_linear_jvp_tangent_of_rounded_logits():
+    """Rule 10 for jvp's tangent: torch's forward AD rounds the logit tangent
+    (the hidden states' tangent times W) to bf16 as it rounds the logits, so
+    its own error in the tangent is at least that of the float64 tangent at
+    its rounded logits along its rounded logit tangent; one draw of torch's
+    was 80x below crossent's (seed 528118298), whose median error is lower."""
+    import _fuzz
+    spec = {"fn": "linear", "backend": "torch", "seed": 528118298, "dtype": "bfloat16", "shape": [12, 31],
+            "classes": 3, "bias": False, "layout": "contig", "values": "nonfinite", "grad": "jvp",
+            "upstream": "randn", "target": "prob", "target_dtype": "float64", "prob_values": "signed",
+            "ignore_index": None, "target_layout": "contig", "weight": None, "reduction": "mean"}
+    assert _fuzz.check(spec) is None
+    ref = _fuzz.run(spec, "ref")
+    assert set(_fuzz._logit_rounding_error(spec, ref, frozenset())) == {"output 0", "output 1"}
+
+
+def test_fuzz_vmap_weight_requiring_grad_keeps_next_eager_error():
+    """vmap of fp64 logits with an fp32 weight that requires grad: torch's
+    batching rule computes; crossent keeps eager torch's dtype error, but eager
+    torch raises "not differentiable" for that weight first, which neither
+    raises under the transform (C16).  The judge compares with eager torch's
+    error for the weight without requires_grad (seed 1240987809)."""
+    import _fuzz
+    spec = {"fn": "stats", "backend": "torch", "seed": 1240987809, "dtype": "float64", "shape": [3, 11, 3],
+            "layout": "channels_last", "values": "nonfinite", "grad": "vmap", "upstream": "randn",
+            "target": "index", "target_dtype": "int64", "ignore": "none_present", "target_layout": "contig",
+            "weight": "negative", "weight_layout": "contig", "reduction": "sum", "label_smoothing": 0.1,
+            "mutations": ["weight_grad", "weight_dtype"]}
+    assert _fuzz.check(spec) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("upstream", [inf, nan])
+def test_inplace_backward_non_finite_upstream_rescales(monkeypatch, backend, reduction, upstream):
+    """inplace_backward=True with a non-finite upstream took the term-by-term
+    recompute, which needs the overwritten logits, and raised "does not
+    support create_graph=True" (never asked for).  It now rescales its buffer:
+    torch's gradient of a unit upstream times the upstream (README)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 7, generator=g)
+    t = torch.tensor([1, -100, 3, 6])
+    u = torch.tensor(upstream)
+    xi = x.clone().requires_grad_()
+    ours = torch.autograd.grad(crossent.cross_entropy(xi * 1, t, reduction=reduction, inplace_backward=True), xi, u)
+    xt = x.clone().requires_grad_()
+    theirs = torch.autograd.grad(F.cross_entropy(xt, t, reduction=reduction), xt)[0] * u
+    torch.testing.assert_close(ours[0], theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_float_class_target_message_under_autocast(fn, autocast):
+    """Under autocast torch casts the fp32 losses' fp16/bf16 arguments, the
+    target included, before its target-dtype check, so its message names
+    Float; crossent named the target's own dtype (seed 1967206815)."""
+    g = torch.Generator().manual_seed(8)
+    x, t = torch.randn(5, 7, generator=g).half(), torch.rand(5, generator=g).half()
+    W = torch.randn(3, 7, generator=g).half()
+    calls = {"cross_entropy": (crossent.cross_entropy, F.cross_entropy, (x, t)),
+             "nll_loss": (crossent.nll_loss, F.nll_loss, (x, t)),
+             "linear_cross_entropy": (crossent.linear_cross_entropy, F.linear_cross_entropy, (x, W, t))}
+    errors = []
+    for f in calls[fn][:2]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), pytest.raises(RuntimeError) as e:
+            f(*calls[fn][2])
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]

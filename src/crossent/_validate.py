@@ -150,7 +150,10 @@ _CLASS_DTYPES = (torch.int64, torch.int32, torch.uint8)
 def _check_target_dtype(target: Tensor) -> None:
     # Deliberate difference: int32 targets are accepted everywhere.
     if target.dtype not in _CLASS_DTYPES:
-        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name(target.dtype)}")
+        dt = target.dtype
+        if dt in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(target.device.type):
+            dt = torch.float32  # autocast casts the fp32 losses' fp16/bf16 arguments before torch's check
+        raise RuntimeError(f"expected target dtype to be Long or Byte, but got {dtype_name(dt)}")
 
 
 def class_target(x: Tensor, target: Tensor, weight: Tensor | None, reduction: str = "none") -> None:

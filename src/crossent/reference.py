@@ -59,11 +59,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     """
     dtype = input.dtype if input.shape != target.shape else torch.result_type(input, target)
     x = apply_softcap(_upcast(input), softcap)
-    w = weight.to(x.dtype) if weight is not None and weight.dtype != x.dtype else weight
+    # integer input (only empty here: the checks reject others) keeps torch's own promotion
+    cast = x.is_floating_point()
+    w = weight.to(x.dtype) if cast and weight is not None and weight.dtype != x.dtype else weight
     prob = input.shape == target.shape
     red = "sum" if z_loss and reduction == "mean" else reduction  # with z_loss: one denominator, below
     if prob:
-        t = target if target.dtype == torch.float64 else target.to(x.dtype)
+        t = target if target.dtype == torch.float64 or not cast else target.to(x.dtype)
         ce = F.cross_entropy(x, t, w, reduction=red, label_smoothing=label_smoothing)
         dtype = torch.promote_types(dtype, weight.dtype) if weight is not None else dtype
     else:

@@ -180,9 +180,11 @@ class CrossEntropyFunction(torch.autograd.Function):
         if g is None:  # only the non-differentiable outputs were used
             return None, None, None, None, None, None
         eager = _eager()   # while compiling, g is neither batched nor read (_batched, _rescalable)
-        if torch.is_grad_enabled() or (eager and (_batched(g) or not _rescalable(g))):
+        if torch.is_grad_enabled() or (eager and (_batched(g) or not (ctx.opts.inplace_backward or _rescalable(g)))):
             # create_graph, a batched upstream (jacrev, is_grads_batched) or a
             # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
+            # inplace_backward has no logits left to recompute from: a non-finite
+            # upstream rescales its gradient buffer (README, deliberate differences).
             return _differentiable_grad(ctx, g), None, None, None, None, None
         opts: CEOptions = ctx.opts
         if ctx.grad is not None:

@@ -322,7 +322,9 @@ class TorchChunkedBackend:
             # agree: the chunk then lives in one place from here on.
             out = grad[xi] if grad is not None and x.dtype == k.acc else None
             z, e, m = k.logits(x[xi], out, may_alias)
-            rt = k.row_terms(ri)
+            # probability targets are (B, C, S) like x: a K-dim chunk split along S
+            # takes x's index, whose (b, s) row index would slice C instead
+            rt = k.row_terms(xi if k.prob else ri)
             zs = k.shifted_sum(e, rt) if with_loss else None
             _exp_(e)
             s = e.sum(1, keepdim=True)
@@ -387,7 +389,7 @@ class _Terms:
         return z, e, m
 
     def row_terms(self, ri):
-        """Probability targets: t' * w for the chunk.  Class indices: columns
+        """Probability targets: t' * w for the chunk (``ri``: its x index).  Class indices: columns
         (safe index, w[y], m) with m = 1 counted, 0 ignored, NaN out of range."""
         t = self.target[ri]
         if self.prob:

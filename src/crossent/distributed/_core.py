@@ -12,7 +12,7 @@ issue 9 item 4).  A rank computes, per row, from its own columns only:
   zy_r  = z[y] - m if y is a local class else 0
   class targets, smoothing:  D_r = sum_c w_c (z_c - m_r)
   probability targets:       A_r = sum_c w_c t_c (z_c - m_r),  T_r = sum_c w_c t_c,
-                             B_r = sum_c w_c (z_c - m_r) (smoothing only)
+                             t smoothed class by class (t (1 - eps) + eps / C)
   and, once m is known, each sum moved to the global shift: s_r exp(m_r - m),
   D_r + W_r (m_r - m) with W_r = sum of the local weights (or C_l), ...
                                         -> one SUM all_reduce of the stack
@@ -238,14 +238,14 @@ class ShardMath:
         if opts.prob:
             self.A = torch.empty(rows_shape, dtype=self.sdt, device=device)
             self.T = torch.empty(rows_shape, dtype=self.sdt, device=device)
-            self.B = torch.empty(rows_shape, dtype=self.sdt, device=device) if self.eps > 0 else None
         else:
             self.D = torch.empty(rows_shape, dtype=self.sdt, device=device) if self.eps > 0 else None
 
     # -- layout-dependent state ---------------------------------------------
     def needs_layout_early(self) -> bool:
-        """Pass 1 needs this rank's weight slice: weighted smoothing or prob targets."""
-        return self.w is not None and (self.o.prob or self.eps > 0)
+        """Pass 1 needs this rank's weight slice (weighted smoothing or prob
+        targets), or the global C (a probability target's smoothing, eps / C)."""
+        return (self.o.prob and self.eps > 0) or (self.w is not None and (self.o.prob or self.eps > 0))
 
     def set_layout(self, lay: Layout) -> None:
         self.lay = lay
@@ -309,11 +309,14 @@ class ShardMath:
             self.s_r[ri] = torch.exp(zs).sum(1)
         if self.o.prob:
             t = self.target[xi].to(self.acc)
+            if self.eps > 0:
+                # torch's smoothed target, class by class: a -inf logit then meets
+                # its own t' (split as (1 - eps) sum t z + eps / C sum z, a negative
+                # t there would give inf - inf); eps / C is why the layout comes early
+                t = t * (1 - self.eps) + self.eps_c
             tw = t if self.w is None else t * self._wl()
             self.A[ri] = (tw * zs).sum(1, dtype=self.sdt)
             self.T[ri] = tw.sum(1, dtype=self.sdt)
-            if self.B is not None:
-                self.B[ri] = (zs if self.w is None else zs * self._wl()).sum(1, dtype=self.sdt)
         elif self.D is not None:
             self.D[ri] = (zs if self.w is None else zs * self._wl()).sum(1, dtype=self.sdt)
 
@@ -333,8 +336,6 @@ class ShardMath:
         shift = torch.where(self.m_r == float("-inf"), zero, self.m_r).to(self.sdt) - M.to(self.sdt)
         if self.o.prob:
             parts = [s, self.A + self.T * shift, self.T]
-            if self.B is not None:
-                parts.append(self.B + self.W_r * shift)
         else:
             parts = [s, torch.where(self.owner, zy - M, zero)]
             if self.D is not None:
@@ -356,16 +357,7 @@ class ShardMath:
             if not self.o.prob:
                 self.zrows = torch.where(self.valid, self.zrows, zero)
         if self.o.prob:
-            A, T = summed[1], summed[2]  # A relative to M
-            if self.eps == 1:
-                # t' = 1/C: torch's t*(1-eps) is 0 per class, where 0 * A (A = +-inf
-                # for a -inf logit) would be NaN
-                zdot, tw_sum = self.eps_c * summed[3], torch.zeros_like(T) + self.eps_c * self.sum_w
-            elif self.eps > 0:
-                zdot = (1 - self.eps) * A + self.eps_c * summed[3]
-                tw_sum = (1 - self.eps) * T + self.eps_c * self.sum_w
-            else:
-                zdot, tw_sum = A, T
+            zdot, tw_sum = summed[1], summed[2]  # zdot relative to M
             self.tw_sum = tw_sum.to(self.acc)
             # No classes at all: torch's sums over an empty class dim are 0 (not -inf * 0).
             return lse, torch.where(self.lay.C == 0, zero, (logS * tw_sum - zdot).to(self.acc))
