@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from ._fast import _eager, _env_get, env_key
+from ._fast import _eager, _env_get, _transforms_active, env_key
 
 # torch's C++ ScalarType names, as they appear in its error messages.
 _DTYPE_NAMES = {
@@ -280,10 +280,17 @@ def func_transforms() -> tuple[bool, bool]:
     vmap: the fused kernels have no batching rule, so the public functions
     then compute with torch's own batchable ops.  Forward mode (torch.func.jvp,
     jacfwd, forward_ad.dual_level): the Function with a jvp rule is used.
-    Never under torch.compile, which traces neither.
+
+    While torch.compile traces, (True, False) under any torch.func transform:
+    Dynamo inlines grad / vjp / jacrev / vmap / jvp, so crossent's Functions
+    would see GradTrackingTensor / BatchedTensor inputs and hand them to its
+    custom ops, which have no functorch rules.  torch's own ops have them.
+    Dynamo folds the probe to a constant and guards the graph on the
+    functorch stack, so a compiled call outside any transform keeps crossent's
+    kernels.
     """
     if _compiling():
-        return False, False
+        return _transforms_active(), False
     vmap, fwd = False, torch.autograd.forward_ad._current_level >= 0
     if torch._C._functorch.maybe_current_level() is not None:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
