@@ -68,3 +68,14 @@ def test_grad_inside_inductor_and_kernels_outside_transforms():
     torch.testing.assert_close(torch.compile(lambda: grad(ours)(X), backend=backend, fullgraph=True)(),
                                grad(theirs)(X))
     assert len(graphs) == 2 and "crossent" in graphs[0] and "crossent" not in graphs[1], graphs
+
+
+def test_compiled_probability_target_that_requires_grad():
+    """Gradients w.r.t. probability targets take the reference path, which fullgraph=True traces."""
+    grads = []
+    for f in (crossent.cross_entropy, F.cross_entropy):
+        x, p = X.clone().requires_grad_(), P.clone().requires_grad_()
+        torch._dynamo.reset()
+        torch.compile(f, backend="aot_eager", fullgraph=True)(x, p).backward()
+        grads.append((x.grad, p.grad))
+    torch.testing.assert_close(grads[0], grads[1])

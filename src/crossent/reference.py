@@ -57,8 +57,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     non-ignored positions for class targets, the number of positions for
     probability targets).  Shapes and dtypes as in F.cross_entropy.
     """
-    # promote_types: result_type's answer for two tensors of one shape, which Dynamo also
-    # traces on torch.func's wrapped tensors
+    # promote_types: result_type's answer for two tensors of one shape; Dynamo cannot trace
+    # result_type (fullgraph=True fails on a probability target that requires grad)
     dtype = input.dtype if input.shape != target.shape else torch.promote_types(input.dtype, target.dtype)
     x = apply_softcap(_upcast(input), softcap)
     # integer input (only empty here: the checks reject others) keeps torch's own promotion
