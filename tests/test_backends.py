@@ -43,7 +43,7 @@ def test_triton_older_than_tested_is_refused(monkeypatch):
     triton = pytest.importorskip("triton")
     from crossent.backends import triton as tb
     assert tb._version("3.6.0+git9f2c") == (3, 6) and tb._version("3.10.1") == (3, 10)
-    if os.environ.get("CI"):   # CI installs a Triton its kernels run on (elsewhere their tests skip)
+    if os.environ.get("CROSSENT_EXPECT_TRITON"):   # .ci/run's main tier installs a Triton the kernels run on
         assert tb._version(triton.__version__) >= tb.MIN_TRITON
     monkeypatch.setattr(triton, "__version__", "3.4.0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

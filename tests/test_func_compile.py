@@ -49,8 +49,20 @@ def compiled(transform, f, backend="aot_eager"):
 @pytest.mark.parametrize("transform", list(TRANSFORMS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_transform_inside_compile_matches_torch(case, transform):
+    """Where this torch compiles the transform of its own function, crossent's gives the
+    same result.  Where it cannot (torch 2.4's AOT autograd and jacrev: "Cannot access
+    storage of TensorWrapper"), crossent may fail as well, or work and match eager torch."""
     ours, theirs = CASES[case]
-    torch.testing.assert_close(compiled(transform, ours), compiled(transform, theirs))
+    try:
+        expected = compiled(transform, theirs)
+    except torch._dynamo.exc.BackendCompilerFailed:
+        try:
+            got = compiled(transform, ours)
+        except torch._dynamo.exc.BackendCompilerFailed:
+            return
+        torch.testing.assert_close(got, TRANSFORMS[transform](theirs))
+        return
+    torch.testing.assert_close(compiled(transform, ours), expected)
 
 
 def test_grad_inside_inductor_and_kernels_outside_transforms():
@@ -71,11 +83,12 @@ def test_grad_inside_inductor_and_kernels_outside_transforms():
 
 
 def test_compiled_probability_target_that_requires_grad():
-    """Gradients w.r.t. probability targets take the reference path, which fullgraph=True traces."""
+    """Gradients w.r.t. probability targets take the reference path, which fullgraph=True
+    traces.  Compared with eager torch (torch 2.4 cannot compile its own call here)."""
     grads = []
-    for f in (crossent.cross_entropy, F.cross_entropy):
+    for f in (torch.compile(crossent.cross_entropy, backend="aot_eager", fullgraph=True), F.cross_entropy):
         x, p = X.clone().requires_grad_(), P.clone().requires_grad_()
         torch._dynamo.reset()
-        torch.compile(f, backend="aot_eager", fullgraph=True)(x, p).backward()
+        f(x, p).backward()
         grads.append((x.grad, p.grad))
     torch.testing.assert_close(grads[0], grads[1])

@@ -274,6 +274,15 @@ def _compiling() -> bool:
     return not _eager()
 
 
+@torch.compiler.assume_constant_result
+def _transforms_active_while_tracing() -> bool:
+    """_transforms_active(), run by Dynamo at trace time and baked in as a constant
+    (Dynamo's own guard on the functorch stack covers it).  A direct call works on
+    torch >= 2.11, whose Dynamo folds that probe itself; torch 2.4's cannot trace it
+    ("torch.* op returned non-Tensor bool") and broke fullgraph=True."""
+    return _transforms_active()
+
+
 def func_transforms() -> tuple[bool, bool]:
     """(vmap, forward-mode AD): whether either is active around this call.
 
@@ -290,7 +299,7 @@ def func_transforms() -> tuple[bool, bool]:
     kernels.
     """
     if _compiling():
-        return _transforms_active(), False
+        return _transforms_active_while_tracing(), False
     vmap, fwd = False, torch.autograd.forward_ad._current_level >= 0
     if torch._C._functorch.maybe_current_level() is not None:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
