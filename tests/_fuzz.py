@@ -339,6 +339,16 @@ def _logit_rounding_error(s: dict, ref: dict, fixes) -> dict:
     return {k: e for k, e in errs.items() if e < float("inf")}
 
 
+def _target_logit_error(s: dict, ref: dict, fixes) -> dict:
+    """Rule 15: vocab_parallel_linear_log_probs' log-prob within an ulp of its
+    largest scaled logit (its target logit is a dot product of its own)."""
+    if not (s["fn"] == "log_probs" and s["linear"] and s["vp"]) or s["grad"] in ("vmap", "autocast"):
+        return {}
+    z = _rounded_logits(s, {})["input"]
+    return {"output 0": torch.finfo(getattr(torch, s["dtype"])).eps * z.abs().max().item() / s["temperature"]} \
+        if z.numel() and z.isfinite().all() else {}
+
+
 @contextlib.contextmanager
 def _logits_row_by_row():
     """torch.nn.functional.linear one row per call, for torch's side (rule 13):
@@ -412,7 +422,7 @@ def check(s: dict) -> str | None:
         return f"fuzz harness: the float64 torch run failed: {ref['error']}"
     own_errors = _fp64_own_errors(s, theirs, fixes) if ref is not None else {}
     if ref is not None:
-        for rule in (_logit_rounding_error, _logit_blocking_error):
+        for rule in (_logit_rounding_error, _logit_blocking_error, _target_logit_error):
             for k, e in rule(s, ref, fixes).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
     msg = compare(s, ours, theirs, ref, own_errors)

@@ -67,6 +67,12 @@ And for values:
      logits are gone, so crossent rescales its gradient buffer (that of a
      unit upstream) where torch scales term by term (its inf/NaN pattern);
      torch's side takes a unit upstream and multiplies (README).
+  15. vocab_parallel_linear_log_probs takes the target's logit from a dot
+     product of its own (the target's owner is known only after the first
+     all_reduce), rounded apart from the logit row: where the target is the
+     row's max, its log-prob can be an ulp of the scaled logits above 0 (seed
+     717185034: fp32, logits up to 101 / T = 0.05, +1.5e-5 where torch's is 0).
+     torch's own error there is at least one ulp of the largest scaled logit.
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,
