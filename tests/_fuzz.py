@@ -196,9 +196,10 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
             res["requires_grad"] = [o.requires_grad for o in outs]
             if mode in ("backward", "double", "autocast", "compile") and outs[0].requires_grad:
                 # log_probs: an upstream for each output (log-probs and entropy)
-                _backward(s, res, outs if s["fn"] == "log_probs" else outs[:1], [(n, leaves[n]) for n in names],
-                          mode == "double",
-                          rescaled=side != "ours" and s.get("inplace_backward") and s["upstream"] != "randn")
+                _backward(s, res, outs if s["fn"] == "log_probs" else outs[:1],
+                          [(n, leaves[n], views[n]) for n in names], mode == "double",
+                          rescaled=side != "ours" and s["upstream"] != "randn" and
+                          (s.get("inplace_backward") or (s["grad"] == "compile" and outs[0].dim() == 0)))
         except Exception as e:  # noqa: BLE001 - whatever torch raises, crossent must raise too
             res["error"] = ("backward" if "outs" in res else "forward", type(e).__name__, str(e))
         finally:
@@ -237,15 +238,18 @@ def _tangent(s: dict, x: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(s, res, outs, named, double: bool, rescaled: bool = False) -> None:
-    """Gradients of the sum of outs[i] * upstream i; ``rescaled`` (rule 14):
-    those of a unit upstream, times the (0-d) upstream."""
+    """Gradients of the sum of outs[i] * upstream i w.r.t. the (name, leaf,
+    view) ``named``; ``rescaled`` (rule 14): those of a unit upstream, times the
+    (0-d) upstream where the leaf feeds its view (crossent scales the view's
+    gradient: a strided view's gaps stay 0)."""
     us = [_upstream(s, o, i) for i, o in enumerate(outs)]
     u = us[0]
-    grads = torch.autograd.grad(outs, [leaf for _, leaf in named], [torch.ones_like(u)] if rescaled else us,
+    grads = torch.autograd.grad(outs, [leaf for _, leaf, _ in named], [torch.ones_like(u)] if rescaled else us,
                                 allow_unused=True, create_graph=double)
     if rescaled:
-        grads = [None if g is None else g * u for g in grads]
-    res["grads"] = {n: None if g is None else g.detach() for (n, _), g in zip(named, grads)}
+        grads = [None if g is None else torch.where(_fed(view, leaf), g * u, g)
+                 for g, (_, leaf, view) in zip(grads, named)]
+    res["grads"] = {n: None if g is None else g.detach() for (n, _, _), g in zip(named, grads)}
     if double:
         g, x = grads[0], named[0][1]
         res["grad_requires_grad"] = g is not None and g.requires_grad
@@ -254,6 +258,13 @@ def _backward(s, res, outs, named, double: bool, rescaled: bool = False) -> None
                             dtype=torch.float64).to(getattr(torch, s["dtype"])).to(g.dtype)
             (g2,) = torch.autograd.grad(g, x, v, allow_unused=True)
             res["grad2"] = torch.zeros_like(x) if g2 is None else g2.detach()
+
+
+def _fed(view, leaf: torch.Tensor) -> torch.Tensor:
+    """The elements of ``leaf`` that ``view`` reads."""
+    one = torch.ones_like(leaf, requires_grad=True)
+    (c,) = torch.autograd.grad(view(one).sum(), one, allow_unused=True)
+    return torch.zeros_like(leaf, dtype=torch.bool) if c is None else c != 0
 
 
 def _fp64_own_errors(s: dict, theirs: dict, fixes) -> dict:

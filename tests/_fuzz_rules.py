@@ -66,13 +66,18 @@ And for values:
   14. cross_entropy(inplace_backward=True) with a non-finite upstream: the
      logits are gone, so crossent rescales its gradient buffer (that of a
      unit upstream) where torch scales term by term (its inf/NaN pattern);
-     torch's side takes a unit upstream and multiplies (README).
+     torch's side takes a unit upstream and multiplies (README); so does a
+     reduced loss under torch.compile, where reading the upstream would be a
+     host sync (README 9; grad mode "compile").
   15. vocab_parallel_linear_log_probs takes the target's logit from a dot
      product of its own (the target's owner is known only after the first
      all_reduce), rounded apart from the logit row: where the target is the
      row's max, its log-prob can be an ulp of the scaled logits above 0 (seed
      717185034: fp32, logits up to 101 / T = 0.05, +1.5e-5 where torch's is 0).
      torch's own error there is at least one ulp of the largest scaled logit.
+  16. under torch.compile an out-of-range class target gives a NaN loss where
+     torch raises "Target N is out of bounds." (reading the target would be
+     a host sync; README 3): grad mode "compile" accepts a NaN in the loss.
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,
@@ -232,9 +237,16 @@ def _other_out_of_bounds_target(s: dict, ours: dict, theirs: dict) -> bool:
     return not 0 <= int(mo.group(1)) < C
 
 
+def _compiled_out_of_range_target(s: dict, ours: dict, theirs: dict) -> bool:
+    """Rule 16."""
+    return s["grad"] == "compile" and not ours["error"] and bool(theirs["error"]) and \
+        theirs["error"][:2] == ("forward", "IndexError") and bool(_OUT_OF_BOUNDS.match(theirs["error"][2])) and \
+        bool(ours["outs"][0].isnan().any())
+
+
 def compare(s: dict, ours: dict, theirs: dict, ref: dict, own_errors: dict) -> str | None:
     if _batch_dims_shape_error(s, ours, theirs) or _vocab_parallel_grad_limit(s, ours, theirs) or \
-            _other_out_of_bounds_target(s, ours, theirs):
+            _other_out_of_bounds_target(s, ours, theirs) or _compiled_out_of_range_target(s, ours, theirs):
         return None
     if ours["error"] != theirs["error"]:
         return f"error: ours {ours['error']} vs torch {theirs['error']}"
