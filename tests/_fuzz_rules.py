@@ -68,7 +68,8 @@ And for values:
      unit upstream) where torch scales term by term (its inf/NaN pattern);
      torch's side takes a unit upstream and multiplies (README); so does a
      reduced loss under torch.compile, where reading the upstream would be a
-     host sync (README 9; grad mode "compile").
+     host sync (README 9; grad mode "compile": 'mean'/'sum' cross-entropy;
+     torch's own pattern is accepted too, where crossent's path recomputes).
   15. vocab_parallel_linear_log_probs takes the target's logit from a dot
      product of its own (the target's owner is known only after the first
      all_reduce), rounded apart from the logit row: where the target is the
@@ -235,6 +236,18 @@ def _other_out_of_bounds_target(s: dict, ours: dict, theirs: dict) -> bool:
         return False
     C = s["classes"] if "classes" in s else s["shape"][class_dim(len(s["shape"]))] if s["shape"] else 1
     return not 0 <= int(mo.group(1)) < C
+
+
+def rescaled_under_compile(s: dict) -> bool:
+    """Rule 14 under compile: case ``s`` is a 'mean' or 'sum' cross-entropy
+    (legacy arguments included; nll_loss's gradient is the upstream times -w
+    at the targets, as torch's)."""
+    if s["fn"] == "nll_loss" or s.get("module") == "NLLLoss":
+        return False
+    sa, rd = s.get("legacy") or (None, None)
+    if sa is not None or rd is not None:
+        return rd is not False
+    return s.get("reduction") in ("mean", "sum", "elementwise_mean")
 
 
 def _compiled_out_of_range_target(s: dict, ours: dict, theirs: dict) -> bool:
