@@ -111,7 +111,7 @@ def _log_probs_call(s, ours: bool, a: dict, kw: dict) -> tuple:
     x, t, W, b = a["input"], a["target"], a.get("linear_weight"), a.get("linear_bias")
     opts = {k: kw[k] for k in ("ignore_index", "temperature", "entropy")}
     if not ours:
-        return torch_log_probs(x, t, W, b, **opts)
+        return torch_log_probs(x, t, W, b, **opts, reciprocal=s.get("reciprocal", False))
     from crossent import distributed as D
     if W is None:
         out = (D.vocab_parallel_log_probs if s["vp"] else crossent.log_probs)(x, t, **opts)
@@ -351,6 +351,18 @@ def _logit_rounding_error(s: dict, ref: dict, fixes) -> dict:
     return {k: e for k, e in errs.items() if e < float("inf")}
 
 
+def _reciprocal_temperature_error(s: dict, ref: dict, fixes) -> dict:
+    """Rule 17: torch's error with its logits scaled by 1/T, per output and gradient."""
+    if s["fn"] != "log_probs" or s["temperature"] == 1.0:
+        return {}
+    alt = run({**s, "reciprocal": True}, "torch", fixes)
+    if alt["error"]:
+        return {}
+    r_all = tensors(ref)
+    return {k: _tol._err(t, r_all[k]) for k, t in tensors(alt).items()
+            if t is not None and r_all.get(k) is not None and t.shape == r_all[k].shape}
+
+
 def _target_logit_error(s: dict, ref: dict, fixes) -> dict:
     """Rule 15: vocab_parallel_linear_log_probs' log-prob within an ulp of its
     largest scaled logit (its target logit is a dot product of its own)."""
@@ -434,7 +446,8 @@ def check(s: dict) -> str | None:
         return f"fuzz harness: the float64 torch run failed: {ref['error']}"
     own_errors = _fp64_own_errors(s, theirs, fixes) if ref is not None else {}
     if ref is not None:
-        for rule in (_logit_rounding_error, _logit_blocking_error, _target_logit_error):
+        for rule in (_logit_rounding_error, _logit_blocking_error, _target_logit_error,
+                     _reciprocal_temperature_error):
             for k, e in rule(s, ref, fixes).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
     msg = compare(s, ours, theirs, ref, own_errors)

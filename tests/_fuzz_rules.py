@@ -79,6 +79,11 @@ And for values:
   16. under torch.compile an out-of-range class target gives a NaN loss where
      torch raises "Target N is out of bounds." (reading the target would be
      a host sync; README 3): grad mode "compile" accepts a NaN in the loss.
+  17. log_probs at T != 1 scales the logits by 1/T (one multiply, within an
+     ulp of z / T: crossent._logprobs_ops.scaled) where torch divides; at
+     large scaled logits that ulp is the float64 entropy's error (seed
+     2116862314: fp64, logits ~-1e4 / 0.7, 1.7e-13 where torch's was 1.3e-14).
+     torch's own error is at least that of its same ops on z * (1/T).
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,

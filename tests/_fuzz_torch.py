@@ -71,14 +71,16 @@ def torch_linear(h, W, t, linear_bias=None, weight=None, reduction="mean", ignor
 
 
 def torch_log_probs(x, t, linear_weight=None, linear_bias=None, ignore_index=-100, temperature=1.0,
-                    entropy=False):
+                    entropy=False, reciprocal=False):
     """crossent.log_probs' documented definition in torch's ops: the target's
     log_softmax(logits.float() / T) and -(p * log p).sum(-1), 0 at ignored
     positions, with 0 log 0 = 0 (a -inf logit adds nothing to the entropy, where
     the eager formula gives NaN); from hidden states, the logits of F.linear in
-    their dtype first.  Returns (log_probs, entropy) or (log_probs,)."""
+    their dtype first.  ``reciprocal``: z * (1/T) instead of z / T (rule 17).
+    Returns (log_probs, entropy) or (log_probs,)."""
     z = x if linear_weight is None else F.linear(x, linear_weight, linear_bias)
-    logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / temperature, -1)
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    logp = torch.log_softmax(z * (1.0 / temperature) if reciprocal else z / temperature, -1)
     keep = t.long() != ignore_index
     lp = logp.gather(-1, torch.where(keep, t.long(), 0).unsqueeze(-1)).squeeze(-1)
     lp = torch.where(keep, lp, 0.0)

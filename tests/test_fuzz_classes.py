@@ -964,3 +964,20 @@ def test_linear_log_probs_uint8_target_not_wrapped_ignore_index(entropy):
     ref = _fuzz_torch.torch_log_probs(h.double(), t, W.double(), entropy=entropy)
     for i, (o, th, r) in enumerate(zip([o for o in ours if o is not None], theirs, ref)):
         assert_close_to_ref(o.double(), th.double(), r, th.dtype, f"output {i}")
+
+
+def test_fuzz_log_probs_reciprocal_temperature_error():
+    """Rule 17 (seed 2116862314): fp64 entropy at logits ~-1e4 / T = 0.7 is
+    1.7e-13 off, torch's z / T 1.3e-14 (one draw); torch's same ops on
+    z * (1/T), as crossent scales, are as far off, and the rule is only for T != 1."""
+    import _fuzz
+    import _tol
+    spec = {"fn": "log_probs", "backend": "torch", "seed": 2116862314, "dtype": "float64", "linear": False,
+            "vp": False, "shape": [3, 5], "layout": "expanded", "values": "offset1e4", "grad": "backward",
+            "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "default",
+            "target_layout": "contig", "temperature": 0.7, "entropy": True}
+    assert _fuzz.check(spec) is None
+    ref = _fuzz.run(spec, "ref")
+    ours = _tol._err(_fuzz.run(spec, "ours")["outs"][1], ref["outs"][1])
+    assert ours <= 4 * _fuzz._reciprocal_temperature_error(spec, ref, frozenset())["output 1"]
+    assert _fuzz._reciprocal_temperature_error({**spec, "temperature": 1.0}, ref, frozenset()) == {}
