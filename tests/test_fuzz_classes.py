@@ -981,3 +981,21 @@ def test_fuzz_log_probs_reciprocal_temperature_error():
     ours = _tol._err(_fuzz.run(spec, "ours")["outs"][1], ref["outs"][1])
     assert ours <= 4 * _fuzz._reciprocal_temperature_error(spec, ref, frozenset())["output 1"]
     assert _fuzz._reciprocal_temperature_error({**spec, "temperature": 1.0}, ref, frozenset()) == {}
+
+
+def test_fuzz_linear_log_probs_skipped_rows():
+    """Rule 8 for linear_log_probs (seed 331034070): it skips ignored rows, so a
+    non-finite bias gives torch's NaN gradient there but not crossent's; the
+    vocab-parallel head computes every row and keeps torch's pattern."""
+    import _fuzz
+    import _fuzz_rules
+    _fuzz.init_single_process()
+    spec = {"fn": "log_probs", "backend": "torch", "seed": 331034070, "dtype": "float64", "linear": True,
+            "vp": False, "shape": [3, 1, 3, 8], "classes": 1, "bias": True, "layout": "contig",
+            "values": "nonfinite", "grad": "backward", "upstream": "randn", "target": "index",
+            "target_dtype": "int32", "ignore": "class", "target_layout": "contig", "temperature": 0.7,
+            "entropy": False}
+    assert _fuzz.check(spec) is None
+    assert _fuzz_rules._linear_skipped_rows(spec, "grad of input")
+    assert not _fuzz_rules._linear_skipped_rows({**spec, "vp": True}, "grad of input")
+    assert _fuzz.check({**spec, "vp": True}) is None
