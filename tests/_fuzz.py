@@ -351,16 +351,21 @@ def _logit_rounding_error(s: dict, ref: dict, fixes) -> dict:
     return {k: e for k, e in errs.items() if e < float("inf")}
 
 
-def _reciprocal_temperature_error(s: dict, ref: dict, fixes) -> dict:
-    """Rule 17: torch's error with its logits scaled by 1/T, per output and gradient."""
-    if s["fn"] != "log_probs" or s["temperature"] == 1.0:
-        return {}
-    alt = run({**s, "reciprocal": True}, "torch", fixes)
+def _errors(alt: dict, ref: dict) -> dict:
+    """The errors of another torch run ``alt`` of a case against its float64
+    run, per output and gradient (none where it raised)."""
     if alt["error"]:
         return {}
     r_all = tensors(ref)
     return {k: _tol._err(t, r_all[k]) for k, t in tensors(alt).items()
             if t is not None and r_all.get(k) is not None and t.shape == r_all[k].shape}
+
+
+def _reciprocal_temperature_error(s: dict, ref: dict, fixes) -> dict:
+    """Rule 17: torch's error with its logits scaled by 1/T, per output and gradient."""
+    if s["fn"] != "log_probs" or s["temperature"] == 1.0:
+        return {}
+    return _errors(run({**s, "reciprocal": True}, "torch", fixes), ref)
 
 
 def _target_logit_error(s: dict, ref: dict, fixes) -> dict:
@@ -398,12 +403,7 @@ def _logit_blocking_error(s: dict, ref: dict, fixes) -> dict:
     if not (s.get("tiles") and linear_family(s)):
         return {}
     with _logits_row_by_row():
-        alt = run(s, "torch", fixes)
-    if alt["error"]:
-        return {}
-    r_all = tensors(ref)
-    return {k: _tol._err(t, r_all[k]) for k, t in tensors(alt).items()
-            if t is not None and r_all.get(k) is not None and t.shape == r_all[k].shape}
+        return _errors(run(s, "torch", fixes), ref)
 
 
 def check(s: dict) -> str | None:
