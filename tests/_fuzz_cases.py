@@ -16,7 +16,9 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 PRIMES = (2, 3, 5, 7, 11, 13, 17, 31, 97, 157, 211, 257)
 # Functions under test, with their share of the cases.
 FAMILIES = {"cross_entropy": 6, "nll_loss": 3, "softmax": 2, "log_softmax": 2, "stats": 2,
-            "module": 2, "linear": 2, "vocab_parallel": 1}
+            "module": 2, "linear": 2, "vocab_parallel": 1, "log_probs": 2}
+# Share of the cases whose crossent call runs under torch.compile (grad mode "compile").
+COMPILE_SHARE = 0.01
 # Bad arguments; one or two per invalid case, so torch's check order is exercised too.
 MUTATIONS = ("oob_target", "neg_target", "weight_numel", "weight_dtype", "weight_2d", "weight_grad",
              "target_int16", "target_float", "target_batch", "target_spatial", "ls_gt1",
@@ -46,6 +48,8 @@ def draw(rng: random.Random, backend: str) -> dict:
     small = backend == "triton"  # the interpreter is slow: keep its tensors tiny
     fam = _pick(rng, FAMILIES)
     s = {"fn": fam, "backend": backend, "seed": rng.randrange(2**31), "dtype": rng.choice(DTYPES)}
+    if fam == "log_probs":
+        return _draw_log_probs(rng, s, small)
     if fam == "module":
         s["module"] = rng.choice(["CrossEntropyLoss", "NLLLoss", "Softmax", "LogSoftmax",
                                   "LinearCrossEntropyLoss"])
@@ -76,12 +80,51 @@ def draw(rng: random.Random, backend: str) -> dict:
             s["dtype_arg"] = rng.choice(DTYPES)
     else:
         _draw_loss(rng, s, kind)
-    if rng.random() < 0.3:  # crossent's chunks and tiles shrunk (tests/_fuzz.py, _tiles)
+    if rng.random() < 0.3:  # crossent's chunks and tiles shrunk (tests/_fuzz_config.py)
         s["tiles"] = rng.choice(["looped", "multirow", "split"]) if backend == "triton" else "small"
     if rng.random() < 0.08:
         s["mutations"] = rng.sample(MUTATIONS, rng.choice([1, 1, 2]))
         # torch's side composes z_loss and softcap from other ops, whose checks differ
         s.pop("z_loss", None), s.pop("softcap", None), s.pop("inplace_backward", None)
+    else:
+        _maybe_compile(rng, s)
+    return s
+
+
+def _maybe_compile(rng: random.Random, s: dict) -> None:
+    """Grad mode "compile" for COMPILE_SHARE of the cases: aot_eager (Dynamo and
+    AOT autograd), a tenth of them inductor (a C++ build per case: seconds)."""
+    if rng.random() < COMPILE_SHARE:
+        s["grad"] = "compile"
+        if rng.random() < 0.1:
+            s["compile_backend"] = "inductor"
+
+
+def _draw_log_probs(rng: random.Random, s: dict, small: bool) -> dict:
+    """crossent.log_probs / linear_log_probs and their vocab-parallel forms (one
+    rank): classes last, class targets (no out-of-range ones: crossent raises
+    where torch's gather has no check), temperature, entropy."""
+    s["linear"], s["vp"] = rng.random() < 0.4, rng.random() < 0.25
+    lead = [rng.choice([0, 1, 2, 3]) if rng.random() < 0.15 else rng.randint(1, 4 if small else 9)
+            for _ in range(rng.choice([0, 1, 1, 1, 2, 2, 3]))]
+    if s["linear"]:
+        s["shape"] = lead + [rng.choice([1, 2, 5, 8, 16])]
+        s["classes"] = rng.choice([1, 3, 7, 13, 31, 97] if small else [1, 3, 7, 13, 31, 97, 211])
+        s["bias"] = rng.random() < 0.5
+    else:
+        s["shape"] = lead + [rng.choice([1, 2, 3, 5, 7, 13] if small else [1, 2, 3, 5, 7, 13, 31, 97, 257])]
+    s["layout"] = rng.choice(["contig"] * 4 + ["transposed", "strided", "expanded"])
+    s["values"] = rng.choice(["normal"] * 5 + ["offset1e3", "offset1e4", "masked", "nonfinite", "huge", "wide"])
+    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad"])
+    s["upstream"] = rng.choice(["randn"] * 8 + ["nan", "inf"])
+    s["target"], s["target_dtype"] = "index", rng.choice(["int64"] * 4 + ["int32", "uint8"])
+    s["ignore"] = rng.choice(["default", "none_present", "some", "class"])
+    s["target_layout"] = rng.choice(["contig"] * 5 + ["strided", "expanded"])
+    s["temperature"] = rng.choice([1.0, 1.0, 0.7, 2.0, 0.05])
+    s["entropy"] = rng.random() < 0.6
+    if rng.random() < 0.3:
+        s["tiles"] = "small"  # the torch kernels' row blocks and the fused head's chunks (and triton's)
+    _maybe_compile(rng, s)
     return s
 
 
@@ -145,6 +188,8 @@ def _values(g: torch.Generator, shape, dtype: torch.dtype, kind: str) -> torch.T
         x -= 1e4
     elif kind == "wide":
         x *= 30
+    elif kind == "masked" and x.numel():  # masked classes (-inf), the last one of each row kept
+        x[..., :-1].masked_fill_(torch.rand(x[..., :-1].shape, generator=g) < 0.4, -float("inf"))
     elif kind in ("nonfinite", "huge") and x.numel():
         flat = x.view(-1)
         idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 7),), generator=g)
@@ -279,8 +324,11 @@ def materialize(s: dict, side: str) -> dict:
         bshape = shape[:-1]
     else:
         float_leaf("input", shape, dtype, s["values"], s["layout"])
-        C = shape[class_dim(len(shape))] if shape else 1
-        bshape = [1] if s.get("target_shape_1") else [] if len(shape) <= 1 else [shape[0]] + shape[2:]
+        if s["fn"] == "log_probs":  # classes last
+            C, bshape = shape[-1], shape[:-1]
+        else:
+            C = shape[class_dim(len(shape))] if shape else 1
+            bshape = [1] if s.get("target_shape_1") else [] if len(shape) <= 1 else [shape[0]] + shape[2:]
     kw = {}
     if "target" in s:
         if s["target"] == "prob":
@@ -297,8 +345,8 @@ def materialize(s: dict, side: str) -> dict:
         if s.get("weight"):
             leaves["weight"], views["weight"] = _weight_view(cast(_weight(g, s["weight"], C).to(dtype)),
                                                              s["weight_layout"], g)
-        kw["reduction"] = s["reduction"]
-        for k in ("label_smoothing", "z_loss", "softcap", "legacy", "inplace_backward"):
+        for k in ("reduction", "label_smoothing", "z_loss", "softcap", "legacy", "inplace_backward",
+                  "temperature", "entropy"):
             if k in s:
                 kw[k] = s[k]
     else:

@@ -1,13 +1,15 @@
 """The fuzz tier: seeded random differential cases against torch 2.13.
 
 Every public function (functional, nn modules, linear_cross_entropy, the
-vocab-parallel losses on a one-rank group) over dtypes, 0-D to 5-D shapes
+vocab-parallel losses on a one-rank group, log_probs / linear_log_probs and
+their vocab-parallel forms) over dtypes, 0-D to 5-D shapes
 with zero sizes and odd/prime class counts, memory layouts, target kinds and
 dtypes, class weights, ignore_index values (wrapping ones included), label
 smoothing, reductions and legacy arguments, non-finite and huge inputs,
-grad modes and bad arguments; both backends, named explicitly (the triton one
-under TRITON_INTERPRET=1 on CPU).  Cases and judging: tests/_fuzz_cases.py,
-tests/_fuzz.py.
+grad modes (torch.compile on a few percent of the cases) and bad arguments;
+both backends, named explicitly (the triton one under TRITON_INTERPRET=1 on
+CPU).  Cases: tests/_fuzz_cases.py; running and judging: tests/_fuzz.py and
+tests/_fuzz_rules.py.
 
   CROSSENT_FUZZ_SEED     seed (default fixed, so CI is reproducible)
   CROSSENT_FUZZ_CASES    cases per run (default 400; a fifth go to triton)

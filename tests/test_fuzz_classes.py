@@ -417,6 +417,7 @@ def test_fuzz_linear_autocast_floor_in_bf16_ulps(backend):
     crossent's (precomputed for a unit upstream, then rescaled) one more
     rounding: the judge counts the floor in bf16 ulps (rule 11), not fp32's."""
     import _fuzz
+    import _fuzz_rules
     spec = {"fn": "linear", "backend": backend, "seed": 1228529905, "dtype": "float32", "shape": [4, 11],
             "classes": 3, "bias": True, "layout": "expanded", "values": "normal", "grad": "autocast",
             "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "some",
@@ -424,19 +425,20 @@ def test_fuzz_linear_autocast_floor_in_bf16_ulps(backend):
     if backend == "triton":
         pytest.importorskip("triton")
     assert _fuzz.check(spec) is None
-    assert _fuzz._rounded_to({**spec, "grad": "backward"}, torch.zeros(1)) is None
+    assert _fuzz_rules._rounded_to({**spec, "grad": "backward"}, torch.zeros(1)) is None
 
 
 def test_fuzz_softmax_dtype_argument_floor_in_its_ulps():
     """softmax(x64, dtype=float16): the gradient is fp64 but computed in fp16;
     the judge counts the floor in fp16 ulps (rule 11), not fp64's."""
     import _fuzz
+    import _fuzz_rules
     pytest.importorskip("triton")
     spec = {"fn": "softmax", "backend": "triton", "seed": 1198306354, "dtype": "float64", "shape": [13],
             "layout": "contig", "values": "normal", "grad": "double", "upstream": "randn", "dim": 0,
             "dtype_arg": "float16"}
-    assert _fuzz._rounded_to(spec, torch.zeros(1, dtype=torch.float64)) is torch.float16
-    assert _fuzz._rounded_to({**spec, "dtype_arg": "float64"}, torch.zeros(1, dtype=torch.float64)) is None
+    assert _fuzz_rules._rounded_to(spec, torch.zeros(1, dtype=torch.float64)) is torch.float16
+    assert _fuzz_rules._rounded_to({**spec, "dtype_arg": "float64"}, torch.zeros(1, dtype=torch.float64)) is None
     assert _fuzz.check(spec) is None
 
 
@@ -448,6 +450,7 @@ def test_vocab_parallel_second_order_saturated_rows():
     the linear head by the judge, and for its logits against torch's
     composition (the z term from torch's ops, tests/_fuzz.py) and its float64 run."""
     import _fuzz
+    import _fuzz_torch
     from crossent import distributed as D
     _fuzz.init_single_process()
     spec = {"fn": "vocab_parallel", "backend": "torch", "seed": 492532392, "dtype": "float32", "linear": True,
@@ -467,7 +470,7 @@ def test_vocab_parallel_second_order_saturated_rows():
         return torch.autograd.grad(gx, xx, v.to(dt))[0]
 
     ours = second(lambda *a, **kw: D.vocab_parallel_cross_entropy(*a, **kw), torch.float32)
-    theirs, ref = (second(_fuzz.torch_ce, dt) for dt in (torch.float32, torch.float64))
+    theirs, ref = (second(_fuzz_torch.torch_ce, dt) for dt in (torch.float32, torch.float64))
     assert_close_to_ref(ours, theirs, ref)
 
 
@@ -490,6 +493,7 @@ def test_fuzz_linear_batch_dims_empty_target_that_fits_neither_shape():
     computes (both have no element), crossent raises its documented ValueError
     (README 7): rule 6 excuses it only where the target fits neither shape."""
     import _fuzz
+    import _fuzz_rules
     spec = {"fn": "linear", "backend": "torch", "seed": 1883822149, "dtype": "float32", "shape": [6, 0, 0],
             "classes": 3, "bias": True, "layout": "contig", "values": "normal", "grad": "no_input_grad",
             "upstream": "randn", "target": "index", "target_dtype": "int64", "ignore": "some",
@@ -498,8 +502,8 @@ def test_fuzz_linear_batch_dims_empty_target_that_fits_neither_shape():
     assert _fuzz.check(spec) is None
     ours = {"error": ("forward", "ValueError", "Expected target of shape [6, 0] (class indices) or ...")}
     fitting = {k: v for k, v in spec.items() if k != "mutations"}  # a (6, 0) target: no excuse
-    assert not _fuzz._batch_dims_shape_error(fitting, ours, {"error": None})
-    assert _fuzz._batch_dims_shape_error(spec, ours, {"error": None})
+    assert not _fuzz_rules._batch_dims_shape_error(fitting, ours, {"error": None})
+    assert _fuzz_rules._batch_dims_shape_error(spec, ours, {"error": None})
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
@@ -507,15 +511,15 @@ def test_z_loss_mean_zero_denominator_reference_path(eps):
     """vmap (and gradients w.r.t. targets or weights) take the reference path,
     whose z-loss mean added the two means apart: at W == 0 NaN + inf, where
     the fused path's one denominator gives inf (NaN under label smoothing,
-    as torch's smoothed mean): against torch's composition (tests/_fuzz.py)."""
-    import _fuzz
+    as torch's smoothed mean): against torch's composition (tests/_fuzz_torch.py)."""
+    import _fuzz_torch
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(13)) * 3
     t = torch.tensor([3, 1, -100])
     w = torch.tensor([0.5, 0.0, 1.0, 0.0])  # W == 0: every counted target's weight is 0
     fused = crossent.cross_entropy(x, t, w, z_loss=0.1, label_smoothing=eps)
     vmapped = torch.func.vmap(lambda xi: crossent.cross_entropy(xi, t, w, z_loss=0.1, label_smoothing=eps))(
         torch.stack([x, x]))
-    theirs = _fuzz.torch_ce(x, t, w, z_loss=0.1, label_smoothing=eps)
+    theirs = _fuzz_torch.torch_ce(x, t, w, z_loss=0.1, label_smoothing=eps)
     torch.testing.assert_close(fused, theirs, equal_nan=True)
     torch.testing.assert_close(vmapped, torch.stack([theirs, theirs]), equal_nan=True)
 
@@ -571,6 +575,7 @@ def test_fuzz_second_order_floor_at_first_order_magnitude():
     of the first-order gradient.  Ten times crossent's deviation from torch
     still fails."""
     import _fuzz
+    import _fuzz_rules
     spec = {"fn": "linear", "backend": "torch", "seed": 1782320472, "dtype": "float64", "shape": [9],
             "classes": 31, "bias": False, "layout": "channels_last", "values": "normal", "grad": "double",
             "upstream": "randn", "target": "index", "target_dtype": "int32", "ignore": "default",
@@ -582,9 +587,9 @@ def test_fuzz_second_order_floor_at_first_order_magnitude():
     own = _fuzz._fp64_own_errors(spec, theirs, fixes)
     off = ours["grad2"] - ref["grad2"]
     assert off.abs().max() > 0  # a real deviation to magnify
-    assert _fuzz.compare(spec, ours, theirs, ref, own) is None
+    assert _fuzz_rules.compare(spec, ours, theirs, ref, own) is None
     ours["grad2"] = ref["grad2"] + 10 * off
-    assert "second-order grad of input" in (_fuzz.compare(spec, ours, theirs, ref, own) or "")
+    assert "second-order grad of input" in (_fuzz_rules.compare(spec, ours, theirs, ref, own) or "")
 
 
 @pytest.mark.parametrize("fn", ["softmax", "log_softmax"])

@@ -145,7 +145,7 @@ class _Rows:
         if drop and x.device.type == "cpu" and not target.is_floating_point() and self.N:
             # Reading a CPU tensor is no host sync; on accelerators all rows are
             # kept (the kernel zeroes ignored rows) so no count ever syncs.
-            valid = target != ignore_index
+            valid = target.long() != ignore_index  # in int64: -100 is no uint8 156
             if not bool(valid.all()):
                 self.sel = valid.nonzero().squeeze(1)
         self.n = self.N if self.sel is None else self.sel.numel()

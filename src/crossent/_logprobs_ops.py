@@ -136,7 +136,8 @@ def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: 
     for r in spans:
         if out.dtype == acc:
             L = out[r]
-            z = x[r] if temperature == 1.0 else torch.mul(x[r], 1.0 / temperature, out=L)  # as scaled() does
+            # as scaled() does: cast, then multiply (torch.mul(x, c, out=L) would multiply in x's fp16/bf16)
+            z = x[r] if temperature == 1.0 else L.copy_(x[r]).mul_(1.0 / temperature)
             torch.sub(z, shift[r, :1], out=L)
         else:
             L = scaled(x[r], temperature, own=False).sub_(shift[r, :1])  # a copy

@@ -46,16 +46,20 @@ class ShardLogProbs:
         the logits at local class idx per row."""
         o, acc, dev = self.opts, self.acc, self.device
         R = self.target.shape[0]
-        lse_r = torch.full((R,), -math.inf, dtype=acc, device=dev)
+        # this shard's row max and log-sum-exp relative to it, kept apart as stats() keeps
+        # them (max + log s in one fp32 number costs an ulp of |lse| in every log-prob)
+        m_r = torch.full((R,), -math.inf, dtype=acc, device=dev)
+        ls_r = torch.zeros(R, dtype=acc, device=dev)
         h_r = torch.zeros(R if o.entropy else 0, dtype=acc, device=dev)
         if self.v_local:
             for ri, xc, own in chunks:
                 z = scaled(xc, o.temperature, own)
                 _, h, shift = stats(z, None, o.entropy)
-                lse_r[ri] = shift.sum(1)
+                # NaN where log s is (a NaN or +inf logit, an all -inf row), as max + log s was
+                m_r[ri], ls_r[ri] = shift[:, 0] + shift[:, 1] * 0, shift[:, 1]
                 if o.entropy:
                     h_r[ri] = h
-        buf = torch.cat([lse_r, K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev)])
+        buf = torch.cat([m_r, K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev)])
         K.all_reduce_(buf, dist.ReduceOp.MAX, self.group, self.world)
         M = buf[:R]
         lay = K.slice_layout(buf[R:], self.vsi, self.rank, self.v_local, acc, dev)
@@ -71,8 +75,9 @@ class ShardLogProbs:
         zy = torch.where(self.owner, zy_fn(self.idx).to(acc) * (1.0 / o.temperature), zero) if self.v_local \
             else torch.zeros(R, dtype=acc, device=dev)
         Ms = torch.where(M.abs() == math.inf, zero, M)
-        w = torch.exp(lse_r - Ms)
-        parts = [w, zy] + ([torch.where(w > 0, w * (lse_r - Ms - h_r), zero)] if o.entropy else [])
+        d = (m_r - Ms) + ls_r  # this shard's lse - Ms
+        w = torch.exp(d)
+        parts = [w, zy] + ([torch.where(w > 0, w * (d - h_r), zero)] if o.entropy else [])
         summed = K.all_reduce_(torch.stack(parts), dist.ReduceOp.SUM, self.group, self.world)
         logS = summed[0].log()
         self.shift = torch.stack([Ms, logS], 1)  # lse = Ms + logS, kept apart (see _logprobs_ops.stats)
