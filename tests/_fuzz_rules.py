@@ -116,7 +116,6 @@ TORCH_FAILURES = [
 ]
 
 
-
 # ---------------------------------------------------------------------------
 # Judging
 # ---------------------------------------------------------------------------
@@ -175,10 +174,8 @@ def tensors(res: dict) -> dict:
     return named
 
 
-
 def linear_family(s: dict) -> bool:
     return s["fn"] == "linear" or s.get("module") == "LinearCrossEntropyLoss" or bool(s.get("linear"))
-
 
 
 def _rounded_to(s: dict, t: torch.Tensor) -> torch.dtype | None:

@@ -36,7 +36,6 @@ def test_override_triton_on_cpu_without_interpreter_fails_loudly():
     assert "RAISED CROSSENT_BACKEND=triton was requested" in out.stdout, out.stdout + out.stderr
 
 
-
 def test_triton_older_than_tested_is_refused(monkeypatch):
     """A Triton older than crossent's kernels are tested with: 'auto' takes the torch backend,
     an explicit request says why (CUDA is faked: the check comes first)."""

@@ -230,7 +230,6 @@ def test_triton_k_dim_expanded_target_denominator(monkeypatch, weighted, reducti
     torch.testing.assert_close(outs[0][1], outs[1][1])
 
 
-
 def test_vocab_parallel_linear_fp64_prob_target_computes_in_fp64():
     """As linear_cross_entropy: fp64 probability targets make the loss fp64, so the
     vocab-parallel head computes in fp64 too (the fuzz's case, judged by its rules

@@ -333,7 +333,6 @@ def test_nn_module_state_dict_round_trip():
     torch.testing.assert_close(m_c.linear.bias.grad, m_t.linear.bias.grad)
 
 
-
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="compares with torch 2.13's module")
 def test_nn_module_on_older_torch_is_a_copy_of_213s():
     """On torch < 2.13 crossent.nn.LinearCrossEntropyLoss subclasses crossent's copy of 2.13's
@@ -581,7 +580,6 @@ def test_triton_interpreter_tier():
     if r.returncode != 0 and "cannot run on cpu" in (r.stderr + r.stdout):
         pytest.skip("triton backend unavailable on CPU here")
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
-
 
 
 def _torch_lce(h, W, t, b=None, **kw):

@@ -242,7 +242,6 @@ def test_masked_lm():
         use_crossent(copy.deepcopy(theirs_m), fused=True)
 
 
-
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
 def test_peft_lora(targets):
     """LoRA on attention: the fused head runs.  LoRA on lm_head: the head is no

@@ -52,7 +52,6 @@ _fp32_out_gemm: dict = {}
 _UPCAST_BYTES = 16 << 20
 
 
-
 def has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch can multiply ``dtype`` operands into a float32 output
     (accumulating in fp32, never rounding a partial sum to ``dtype``).

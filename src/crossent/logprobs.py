@@ -38,7 +38,6 @@ class LogProbsOutput(NamedTuple):
     entropy: Optional[Tensor]
 
 
-
 def check_args(fname: str, lead: tuple, target: Tensor, temperature, ignore_index,
                entropy) -> tuple[float, int, bool]:
     """Shared argument checks (also used by crossent.distributed); returns
