@@ -73,14 +73,6 @@ _unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", lambda t: t)
 _no_jvp = torch.autograd.Function.jvp
 
 
-# crossent calls its Functions as ``F.call(*args)``, not ``F.apply``: Dynamo intercepts every
-# ``F.apply(...)`` it traces (an override of apply never runs there), while it inlines a
-# classmethod of another name.  ``call`` picks what runs:
-#   * eager mode: _eager_apply, the positional apply (torch's binds its arguments per call);
-#   * compiling, with a graph to record: F.apply, Dynamo's autograd.Function support;
-#   * compiling, nothing to record (inference, see _records_nothing): F.forward as plain code.
-#     The result is apply's, and torch 2.4's Dynamo cannot take apply there: it calls a
-#     setup_context-style forward with a ctx (ArgsMismatchError; fatal under fullgraph=True).
 def _records_nothing(args: tuple) -> bool:
     """Whether Function.apply(*args) would record no graph: grad mode is off or no tensor
     argument requires grad.  Dynamo folds it to a constant (it guards on both)."""
@@ -92,22 +84,43 @@ def _records_nothing(args: tuple) -> bool:
     return True
 
 
-def _eager_apply(cls, args: tuple):
-    """``cls.apply(*args)`` in eager mode outside functorch transforms, for Functions that
-    crossent calls with every argument positional (the callers unwrap dead wrappers).
+class CrossentFunction(torch.autograd.Function):
+    """The base of crossent's Functions that are called with every argument positional:
+    crossent calls them as ``F.call(*args)``, not ``F.apply``.  Dynamo intercepts every
+    ``F.apply(...)`` it traces (an override of apply never runs there), while it inlines a
+    classmethod of another name."""
 
-    torch's Function.apply binds the arguments through inspect.signature on every call
-    once setup_context is defined (~20 us of the eager call path, issue 10 item 3):
-    with nothing to bind, the C++ apply it ends in.  Under no_grad there is no graph
-    to record either, so the forward runs alone, without the C++ apply and
-    setup_context (~5 us), unless the Function has a jvp (no_grad leaves forward-mode
-    AD on)."""
-    if torch.is_grad_enabled() or cls.jvp is not _no_jvp:
-        return super(torch.autograd.Function, cls).apply(*args)
-    return cls.forward(*args)
+    @classmethod
+    def call(cls, *args):
+        """cls.apply(*args), run one of three ways:
+          * compiling, with a graph to record: F.apply, Dynamo's autograd.Function support;
+          * compiling, nothing to record (inference, see _records_nothing): F.forward as plain
+            code.  The result is apply's, and torch 2.4's Dynamo cannot take apply there: it
+            calls a setup_context-style forward with a ctx (ArgsMismatchError; fatal under
+            fullgraph=True);
+          * eager mode outside functorch transforms: the C++ apply that torch's ends in.
+            torch's Function.apply binds the arguments through inspect.signature on every
+            call once setup_context is defined (~20 us of the eager call path, issue 10
+            item 3); with nothing to bind it is not needed.  Under no_grad there is no graph
+            to record either, so the forward runs alone, without the C++ apply and
+            setup_context (~5 us), unless the Function has a jvp (no_grad leaves
+            forward-mode AD on)."""
+        if not _eager():
+            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
+        if _transforms_active():
+            return cls.apply(*args)
+        args = cls.unwrap_dead(args)
+        if torch.is_grad_enabled() or cls.jvp is not _no_jvp:
+            return super(torch.autograd.Function, cls).apply(*args)
+        return cls.forward(*args)
+
+    @staticmethod
+    def unwrap_dead(args: tuple) -> tuple:
+        """What torch's apply does first: unwrap_dead_wrappers(args), tensor by tensor."""
+        return tuple(a if not isinstance(a, Tensor) else _unwrap_if_dead(a) for a in args)
 
 
-class CrossEntropyFunction(torch.autograd.Function):
+class CrossEntropyFunction(CrossentFunction):
     """(x, target, weight, denom, opts, need_grad) -> (loss, lse, grad).
 
     x: (R, C) or (B, C, S) logits, class dim 1.  target: rows-shaped class
@@ -120,18 +133,12 @@ class CrossEntropyFunction(torch.autograd.Function):
     the forward (or an empty tensor), not differentiable; callers drop it.
     """
 
-    @classmethod
-    def call(cls, *args):
-        """cls.apply(*args) (see _records_nothing above for the three ways it runs)."""
-        if not _eager():
-            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
-        if _transforms_active():
-            return cls.apply(*args)
-        # unwrap_dead_wrappers(args) without its generator (~1 us): the four tensor arguments.
+    @staticmethod
+    def unwrap_dead(args: tuple) -> tuple:
+        # the base's without its generator (~1 us): the four tensor arguments.
         x, target, weight, denom, opts, need_grad = args
-        return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(target),
-                                  weight if weight is None else _unwrap_if_dead(weight), _unwrap_if_dead(denom),
-                                  opts, need_grad))
+        return (_unwrap_if_dead(x), _unwrap_if_dead(target), weight if weight is None else _unwrap_if_dead(weight),
+                _unwrap_if_dead(denom), opts, need_grad)
 
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
@@ -325,17 +332,13 @@ def _differentiable_grad(ctx, g: Tensor) -> Tensor:
                                         opts.z_loss, opts.softcap or None, row_scale)
 
 
-class SoftmaxFunction(torch.autograd.Function):
+class SoftmaxFunction(CrossentFunction):
     """softmax / log_softmax through a backend's kernels (x -> y, same dtype)."""
 
-    @classmethod
-    def call(cls, x: Tensor, dim: int, log: bool, backend: str):
-        if not _eager():
-            args = (x, dim, log, backend)
-            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
-        if _transforms_active():
-            return cls.apply(x, dim, log, backend)
-        return _eager_apply(cls, (_unwrap_if_dead(x), dim, log, backend))
+    @staticmethod
+    def unwrap_dead(args: tuple) -> tuple:
+        x, dim, log, backend = args
+        return _unwrap_if_dead(x), dim, log, backend
 
     @staticmethod
     def forward(x: Tensor, dim: int, log: bool, backend: str):
@@ -375,7 +378,7 @@ def softmax(x: Tensor, dim: int, log: bool) -> Tensor:
     return SoftmaxFunction.call(x, dim, log, name)
 
 
-class PickFunction(torch.autograd.Function):
+class PickFunction(CrossentFunction):
     """nll_loss's pick: (x (R, C[, S]), idx (R, 1[, S]) int64) -> x.gather(1, idx).
 
     Its gradient, like aten's nll_loss_backward, is a function of x too (with
@@ -385,14 +388,6 @@ class PickFunction(torch.autograd.Function):
     """
 
     generate_vmap_rule = True
-
-    @classmethod
-    def call(cls, x: Tensor, idx: Tensor):
-        if not _eager():
-            return cls.forward(x, idx) if _records_nothing((x, idx)) else cls.apply(x, idx)
-        if _transforms_active():
-            return cls.apply(x, idx)
-        return _eager_apply(cls, (_unwrap_if_dead(x), _unwrap_if_dead(idx)))
 
     @staticmethod
     def forward(x: Tensor, idx: Tensor) -> Tensor:

@@ -7,9 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._fast import _eager, _transforms_active
-from .ce import (_batched, _eager_apply, _records_nothing, _reduce, _rescalable, _rescaled, _scale,
-                 _unwrap_if_dead)
+from .ce import CrossentFunction, _batched, _reduce, _rescalable, _rescaled, _scale
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class LinearCEOptions:
     out_dtype: torch.dtype = torch.float32
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
+class LinearCrossEntropyFunction(CrossentFunction):
     """(x, rows, w, b, target, weight, denom, opts, needs) -> (loss, lse, dx, dw, db).
 
     x (M, D) hidden-state rows; rows None (token i is x[i], i < N) or (N,)
@@ -50,17 +48,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     recompute in torch's differentiable ops on materialised logits, so double
     backward works.
     """
-
-    @classmethod
-    def call(cls, *args):
-        """cls.apply(*args) (see ce._records_nothing for the three ways it runs)."""
-        if not _eager():
-            return cls.forward(*args) if _records_nothing(args) else cls.apply(*args)
-        if _transforms_active():
-            return cls.apply(*args)
-        # torch's apply binds the arguments through inspect.signature per call (see _eager_apply)
-        return _eager_apply(cls, tuple(a if a is None or not isinstance(a, Tensor) else _unwrap_if_dead(a)
-                                       for a in args))
 
     @staticmethod
     def forward(x, rows, w, b, target, weight, denom, opts: LinearCEOptions, needs):
