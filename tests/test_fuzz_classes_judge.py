@@ -1,7 +1,8 @@
 """Regression tests for the fuzz judge's own classes (tests/_fuzz.py,
-tests/_fuzz_rules.py, tests/_fuzz_cases.py): cases where the judge, not
-crossent, was wrong.  Each runs the fuzz's draw through the judge and, where a
-rule excuses an error, shows that ten times the excused error still fails."""
+tests/_fuzz_rules.py, tests/_fuzz_cases.py): draws where the judge, not
+crossent, was wrong (a rule missing, too narrow or applied out of order, a
+crash, a reference side not in float64).  Each replays its draw; several also
+show that ten times the error a rule excuses still fails."""
 from __future__ import annotations
 
 import pytest
