@@ -227,7 +227,7 @@ def test_linear_memory_within_one_chunk(monkeypatch, dtype, entropy, T):
     gradient, and the kernels' blocks) + O(N) per-token vectors (outputs, lse,
     coefficients) + for bf16 over several chunks dW's fp32 accumulator; from the
     memory events of torch's profiler (every CPU allocation and free)."""
-    from test_linear import _profile_peak
+    from _linear_cases import profile_peak
 
     from crossent import _logprobs_ops as logprobs
     budget = 8 << 20
@@ -257,10 +257,10 @@ def test_linear_memory_within_one_chunk(monkeypatch, dtype, entropy, T):
     step(ours)  # warm-up: lazy imports, one-time buffers
     grads = (N + V) * D * h.element_size()
     acc = V * D * 4 if dtype != torch.float32 else 0
-    peak = _profile_peak(lambda: step(ours))
+    peak = profile_peak(lambda: step(ours))
     assert peak <= grads + acc + budget + 64 * N, (peak - grads - acc) / budget
     assert peak > grads + rows * V * h.element_size()  # the measurement sees the chunk
-    assert _profile_peak(lambda: step(theirs)) > grads + N * V * 4  # ... and eager's logits
+    assert profile_peak(lambda: step(theirs)) > grads + N * V * 4  # ... and eager's logits
 
 
 @pytest.mark.parametrize("tdtype", [torch.int32, torch.uint8])

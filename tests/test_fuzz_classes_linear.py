@@ -1,0 +1,147 @@
+"""Regression tests for the root-cause classes the fuzz tier (tests/test_fuzz.py)
+found in crossent.linear_cross_entropy, one test per class, each judged against
+torch 2.13's F.linear_cross_entropy (values, inf/NaN patterns, dtypes,
+exceptions), never against constants."""
+from __future__ import annotations
+
+from math import inf
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from _compare import REDUCTIONS, outcome
+from _tol import assert_close_to_ref
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_inf_upstream_smoothing_mixed_sign_weights(reduction):
+    g = torch.Generator().manual_seed(4)
+    h, W = torch.randn(6, 8, generator=g), torch.randn(7, 8, generator=g)
+    t = torch.tensor([0, 3, -100, 6, 2, 1])
+    w = torch.tensor([1.0, -0.5, 2.0, 0.0, 1.0, -2.0, 0.5])
+    grads = []
+    for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        out = fn(hh, WW, t, weight=w, reduction=reduction, label_smoothing=0.1)
+        grads.append(torch.autograd.grad(out, (hh, WW), torch.full_like(out, inf)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_linear_autocast_casts_low_precision_operands(dtype):
+    """Under autocast(bf16) torch's linear casts fp16 operands to bf16 too."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 4, generator=g).to(dtype)
+    W = torch.randn(31, 4, generator=g).to(dtype)
+    b = (torch.randn(31, generator=g) + 1e4).to(dtype)
+    t = torch.randint(0, 31, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = crossent.linear_cross_entropy(h, W, t, linear_bias=b)
+        theirs = F.linear_cross_entropy(h, W, t, linear_bias=b)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_fp64_prob_target_computes_in_fp64(reduction):
+    """fp32 hidden states with fp64 probability targets: an fp64 loss, computed in it."""
+    g = torch.Generator().manual_seed(8)
+    h, W = torch.randn(5, 9, generator=g), torch.randn(3, 9, generator=g) * 3
+    t = torch.rand(5, 3, generator=g, dtype=torch.float64)
+    w = torch.rand(3, generator=g, dtype=torch.float64).expand(3)
+    ours = crossent.linear_cross_entropy(h, W, t, weight=w, reduction=reduction)
+    theirs = F.linear_cross_entropy(h, W, t, weight=w, reduction=reduction)
+    ref = F.linear_cross_entropy(h.double(), W.double(), t, weight=w, reduction=reduction)
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert_close_to_ref(ours, theirs, ref, dtype=torch.float64)
+
+
+def test_linear_batch_dims_target_fitting_neither_shape():
+    """Hidden states (*B, D): a class target must be (*B) and probabilities
+    (*B, C); anything else is crossent's own ValueError (README 7), where
+    torch's flattened call fails too."""
+    h, W = torch.randn(2, 3, 4), torch.randn(5, 4)
+    t = torch.zeros(2, 3, 6, dtype=torch.long)
+    with pytest.raises(RuntimeError):
+        F.linear_cross_entropy(h.flatten(0, 1), W, t.flatten(0, 1))
+    with pytest.raises(ValueError, match=r"Expected target of shape \[2, 3\]"):
+        crossent.linear_cross_entropy(h, W, t)
+
+
+def test_linear_1d_input_dtype_error_is_torch_vector_path_message():
+    """F.linear's 1-D (vector) path has its own dtype message; crossent checks
+    a 1-D input on that path too."""
+    x, W, b = torch.zeros(1, dtype=torch.long).expand(13), torch.randn(7, 13), torch.randn(7)
+    t = torch.tensor(2)
+    with pytest.raises(RuntimeError) as theirs:
+        F.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.5)
+    with pytest.raises(RuntimeError) as ours:
+        crossent.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.5)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("mutation, torch_first", [
+    ("weight_numel", "weight tensor should be defined either for all"),
+    ("prob_int", "Expected floating point type for target with class probabilities")])
+def test_linear_prob_target_checks_before_smoothing_range(mutation, torch_first):
+    """torch's cross_entropy checks a probability target (its dtype, the class
+    weight's size) before label_smoothing's range; linear_cross_entropy
+    checked the range first (class indices: the range first, as torch)."""
+    g = torch.Generator().manual_seed(9)
+    h, W = torch.randn(4, 5, generator=g), torch.randn(13, 5, generator=g)
+    t = torch.rand(4, 13, generator=g)
+    w = torch.rand(14 if mutation == "weight_numel" else 13, generator=g)
+    t = t.round().long() if mutation == "prob_int" else t
+    outcomes = [outcome(lambda: fn(h, W, t, weight=w, label_smoothing=1.5))
+                for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy)]
+    assert outcomes[0] == outcomes[1] and torch_first in outcomes[1][1]
+    ti = torch.tensor([0, 3, 12, 1])
+    outcomes = [outcome(lambda: fn(h, W, ti, weight=w, label_smoothing=1.5))
+                for fn in (crossent.linear_cross_entropy, F.linear_cross_entropy)]
+    assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_one_class_smoothing_gradient_is_exactly_torchs_zero(monkeypatch, backend, dtype, weighted):
+    """With one class log_softmax is 0 whatever the logits, so the gradient is
+    exactly 0; torch's g - p*sum(g) gets exact zeros.  The closed form
+    p*A - B rounded A and B's two terms apart (~1 ulp left over), which the
+    linear head then multiplied by the hidden states and weights (fuzz
+    seed 448418107: fp64, values offset by 1e4).  The vocab-parallel head (one
+    rank) shares the formula."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    import _fuzz
+    from crossent.distributed import vocab_parallel_linear_cross_entropy
+    from crossent.linear import LinearCrossEntropyOptions
+    _fuzz.init_single_process()
+    g = torch.Generator().manual_seed(5)
+    h = (torch.randn(6, 9, generator=g, dtype=dtype) + 1e4).requires_grad_()
+    W = torch.randn(1, 9, generator=g, dtype=dtype).requires_grad_()
+    bias = torch.randn(1, generator=g, dtype=dtype).requires_grad_()
+    t = torch.tensor([0, 0, -100, 0, 0, 0])
+    w = torch.rand(1, generator=g, dtype=dtype) * 3 if weighted else None
+    up = torch.randn(6, generator=g, dtype=dtype)
+    for eps in (0.1, 0.3, 0.7):
+        theirs = torch.autograd.grad(F.linear_cross_entropy(h, W, t, linear_bias=bias, weight=w, reduction="none",
+                                                            label_smoothing=eps), (h, W, bias), up)
+        for policy in ("accurate", "compact"):
+            ours = torch.autograd.grad(crossent.linear_cross_entropy(
+                h, W, t, linear_bias=bias, weight=w, reduction="none", label_smoothing=eps,
+                options=LinearCrossEntropyOptions(acc_policy=policy)), (h, W, bias), up)
+            for a, b in zip(ours, theirs):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        ours = torch.autograd.grad(vocab_parallel_linear_cross_entropy(
+            h, W, t, linear_bias_shard=bias, weight=w, reduction="none", label_smoothing=eps), (h, W, bias), up)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        x = h[:, :1].detach().requires_grad_()
+        ours = torch.autograd.grad(crossent.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
+        theirs = torch.autograd.grad(F.cross_entropy(x, t, w, reduction="none", label_smoothing=eps), x, up)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
