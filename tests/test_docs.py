@@ -166,3 +166,16 @@ def test_named_files_exist(name):
     missing = [p for p in paths if not any((base / p).exists() for base in (ROOT, ROOT / "src" / "crossent"))
                and not p.startswith(theirs)]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
+@pytest.mark.parametrize("cap", [float("inf"), 0.0, -1.0, float("nan")])
+def test_softcap_outside_the_documented_formula_raises(fn, cap):
+    """README: softcap applies `softcap * tanh(x / softcap)`, which has no value at softcap = inf
+    (inf * 0 made the loss NaN): a positive finite number or None, else ValueError."""
+    import crossent
+    x, t = torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    args = (x, t) if fn == "cross_entropy" else (x, torch.randn(5, 6), t)
+    with pytest.raises(ValueError, match="softcap must be a positive finite number or None"):
+        getattr(crossent, fn)(*args, softcap=cap)
+    assert getattr(crossent, fn)(*args, softcap=30.0).isfinite()
