@@ -457,10 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=check)
     b = sub.add_parser("bench", help="CPU benchmark: crossent vs torch eager vs torch.compile",
                        description="Time forward+backward of crossent, torch eager and torch.compile on CPU, "
-                                   "each (provider, case) in a fresh process (--small: one process, interleaved), and print times, ratios and "
-                                   "the extra peak memory (RSS) against the logits' size. Without --quick, "
-                                   "--cases or --small it runs the six default cases (several minutes); "
-                                   "--seconds defaults to 1 with --quick, else 4.")
+                                   "each (provider, case) in a fresh process (--small: one process, "
+                                   "interleaved), and print times, ratios and the extra peak memory (RSS) "
+                                   "against the logits' size. Without --quick, --cases or --small it runs the "
+                                   "six default cases (several minutes); --seconds defaults to 1 with --quick, "
+                                   "else 4.")
     # the benchmark's options are defined once, in _bench; importing it is cheap (stdlib only)
     from . import _bench as bench_mod
     bench_mod.add_arguments(b)
