@@ -7,7 +7,7 @@ Needs no download: the BPE tokenizer (the ``tokenizers`` package, vocabulary
 32768) is trained here on the ``*.py`` files of this Python's standard library,
 and the model is random-init from a config.
 
-    python examples/train_stdlib_lm.py            # full run: 21 minutes on 2 busy shared CPU cores
+    python examples/train_stdlib_lm.py            # full run (20 steps): minutes on 2 quiet cores, 21 on busy shared ones
     python examples/train_stdlib_lm.py --smoke    # the same pipeline in miniature (CI)
 
 What it prints and writes (to --out, default examples/out/):
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import random
 import statistics
@@ -193,6 +194,10 @@ def plot(losses: dict, path: Path) -> bool:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    missing = [m for m in ("tokenizers", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:   # the main job installs crossent and torch only
+        sys.exit(f"this example needs {' and '.join(missing)}; from the repository root: "
+                 'pip install torch==2.13.0 -e ".[hf-dev]"')
     if args.memory_worker:
         memory_worker(args)
         return 0

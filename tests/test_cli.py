@@ -185,3 +185,54 @@ def test_check_covers_linear_cross_entropy(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out
     assert out.count("linear_cross_entropy") >= 5
+
+
+@pytest.mark.parametrize("command", [["check"], ["explain"]])
+def test_check_and_explain_run_crossents_own_kernels(monkeypatch, capsys, command):
+    """With $CROSSENT_BACKEND unset, the small CPU inputs of check / explain would take the
+    shortcut to torch's own C++ losses, and comparing torch with itself proves nothing:
+    both commands name the torch backend while they run, and restore the environment."""
+    import crossent
+    from crossent import _fast
+    calls = []
+    for name in ("_cross_entropy_loss", "_nll_loss_nd"):
+        real = getattr(_fast, name)
+        monkeypatch.setattr(_fast, name, lambda *a, _real=real, **k: calls.append(a) or _real(*a, **k))
+    monkeypatch.delenv("CROSSENT_BACKEND", raising=False)
+    crossent.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+    assert len(calls) == 1   # the spy sees the shortcut when it is taken
+    calls.clear()
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "(torch backend" in out.splitlines()[0]
+    assert calls == []
+    assert "CROSSENT_BACKEND" not in os.environ
+
+
+# triton on CPU without TRITON_INTERPRET: refused for that, for an old Triton's version, or as not installed
+@pytest.mark.parametrize("value,msg", [("nope", "unknown crossent backend 'nope'"),
+                                       ("triton", "CROSSENT_BACKEND=triton was requested but")])
+def test_unusable_backend_env_exits_2(monkeypatch, capsys, value, msg):
+    monkeypatch.setenv("CROSSENT_BACKEND", value)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["check"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("crossent check: error: CROSSENT_BACKEND=") and msg in err
+
+
+def test_help_examples_run(capsys):
+    """The examples in `crossent --help` are command lines that work (bench's only parses here:
+    its quick run is test_bench_quick_writes_json_rows)."""
+    import shlex
+
+    from crossent.cli import build_parser
+    p = build_parser()
+    examples = [re.split(r"\s{2,}", line.strip())[0] for line in p.epilog.splitlines()
+                if line.startswith("  crossent ") and "COMMAND" not in line]
+    assert len(examples) == 4, examples
+    for line in examples:
+        argv = shlex.split(line)[1:]
+        assert p.parse_args(argv).func is not None, line
+        if argv[0] != "bench":
+            assert main(argv) == 0, line
+    assert "All steps agree with torch." in capsys.readouterr().out

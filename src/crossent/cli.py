@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,10 +33,35 @@ TUTORIAL_LOGITS = [[0.0054, -0.8030, -0.5758, -0.6518],
                    [-0.5518, 0.3904, 0.5296, 0.4973],
                    [0.1608, 0.5822, 0.9536, -0.3173]]
 TUTORIAL_TARGET = [0, 2, 3]
+BACKEND_VAR = "CROSSENT_BACKEND"
 
 
 class InputError(ValueError):
     """Bad user input: reported as one line, exit code 2."""
+
+
+@contextmanager
+def _own_kernels():
+    """Name the torch backend while explain / check run, unless $CROSSENT_BACKEND is set.
+
+    With the backend automatic, the small CPU inputs these commands use take the
+    shortcut to torch's own kernels, and comparing torch with itself would prove
+    nothing; a named backend always runs crossent's.  Yields a label for the header.
+    """
+    from . import backends
+    saved = os.environ.get(BACKEND_VAR)
+    if saved is None:
+        os.environ[BACKEND_VAR] = "torch"
+    try:
+        try:
+            name = backends.select("cpu").name
+        except (ValueError, RuntimeError) as e:   # a bad $CROSSENT_BACKEND: one line, exit 2
+            raise InputError(str(e) if BACKEND_VAR in str(e) else f"{BACKEND_VAR}={saved}: {e}") from None
+        auto = (saved or "").strip().lower() == "auto"
+        yield "auto backend: small inputs run torch's own kernels" if auto else f"{name} backend"
+    finally:
+        if saved is None:
+            os.environ.pop(BACKEND_VAR, None)
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -140,11 +167,16 @@ def _explain_inputs(args):
 
 
 def explain(args) -> int:
+    x, t = _explain_inputs(args)
+    with _own_kernels() as backend:
+        return _explain(args, x, t, backend)
+
+
+def _explain(args, x: torch.Tensor, t: torch.Tensor, backend: str) -> int:
     import torch
     import torch.nn.functional as F
 
     import crossent
-    x, t = _explain_inputs(args)
     ig = args.ignore_index
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(x.dtype, 1e-2)
     checks: list[bool] = []
@@ -157,7 +189,7 @@ def explain(args) -> int:
 
     N, C = x.shape
     default = args.logits is None
-    print(f"Cross-entropy step by step with crossent {__version__} (torch {torch.__version__})\n")
+    print(f"Cross-entropy step by step with crossent {__version__} ({backend}; torch {torch.__version__})\n")
     print(f"Step 1. The input: logits x of shape ({N}, {C}), {str(x.dtype).replace('torch.', '')}: "
           f"one row of {C} class scores per sample,\n        and each row's target class t = {t.tolist()}")
     if (t == ig).any():
@@ -328,6 +360,11 @@ def _torch_fn(name: str):
 
 
 def check(args) -> int:
+    with _own_kernels() as backend:
+        return _check(backend)
+
+
+def _check(backend: str) -> int:
     import torch
 
     import crossent
@@ -359,8 +396,8 @@ def check(args) -> int:
     w = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
     right = {0, 4, 5}
     fmt = lambda r: "  ".join(c.rjust(wj) if j in right else c.ljust(wj) for j, (c, wj) in enumerate(zip(r, w)))
-    print(f"crossent {__version__} vs torch {torch.__version__}: value and input gradient "
-          "(errors are max |crossent - torch|)")
+    print(f"crossent {__version__} ({backend}) vs torch {torch.__version__}: value and input "
+          "gradient (errors are max |crossent - torch|)")
     print(fmt(head).rstrip())
     for r in rows:
         print(fmt(r).rstrip())
@@ -383,14 +420,27 @@ def _torch_version() -> str:
         return "not installed"
 
 
+_OWN_KERNELS = ("Unless $CROSSENT_BACKEND is set, it runs with the torch backend named, so that these "
+                "small CPU inputs go through crossent's own kernels rather than its shortcut to torch's.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossent", description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="crossent", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="crossent: PyTorch-exact softmax, log_softmax, nll_loss and cross-entropy.\n"
+                    "`python -m crossent` is the same command.",
+        epilog="examples:\n"
+               "  crossent explain                                      the tutorial's 3x4 example\n"
+               "  crossent explain --logits '[[1, 2, 3], [0, 1, 0]]' --target '[2, -100]'\n"
+               "  crossent check                                        parity with the installed torch\n"
+               "  crossent bench --quick --small                        a CPU benchmark, a minute or two\n"
+               "  crossent COMMAND --help                               a command's options")
     p.add_argument("--version", action="version", version=f"crossent {__version__} (torch {_torch_version()})")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     e = sub.add_parser("explain", help="the tutorial's cross-entropy example, step by step",
                        description="Walk through softmax -> log_softmax -> nll_loss -> cross_entropy on "
-                                   "the tutorial's 3x4 example, or on your own logits and targets.")
+                                   "the tutorial's 3x4 example, or on your own logits and targets, checking "
+                                   "each step against torch (exit 1 if one differs). " + _OWN_KERNELS)
     e.add_argument("--logits", help="(N, C) logits: an inline list like '[[1, 2, 3], [0, 1, 0]]' or a .pt/.npy file")
     e.add_argument("--target", help="N class indices: an inline list like '[2, 0]' or a .pt/.npy file; "
                                     "rows whose target is the ignore index (default -100) do not count")
@@ -398,9 +448,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target value that marks a row to ignore, as cross_entropy's ignore_index (default -100)")
     e.set_defaults(func=explain)
     c = sub.add_parser("check", help="quick parity table vs the installed torch: softmax, log_softmax, "
-                                     "nll_loss, cross_entropy, linear_cross_entropy (exit 1 on any failure)")
+                                     "nll_loss, cross_entropy, linear_cross_entropy (exit 1 on any failure)",
+                       description="Run a fixed set of small seeded CPU cases (dims, dtypes, reductions, "
+                                   "weights, ignore_index, label smoothing, probability targets, K-dim, "
+                                   "bad input) through crossent and torch.nn.functional, and print the "
+                                   "largest value and input-gradient differences, or the exception types "
+                                   "where both must raise. Exit 1 if any case fails. " + _OWN_KERNELS)
     c.set_defaults(func=check)
-    b = sub.add_parser("bench", help="CPU benchmark: crossent vs torch eager vs torch.compile")
+    b = sub.add_parser("bench", help="CPU benchmark: crossent vs torch eager vs torch.compile",
+                       description="Time forward+backward of crossent, torch eager and torch.compile on CPU, "
+                                   "each (provider, case) in a fresh process (--small: one process, "
+                                   "interleaved), and print times, ratios and the extra peak memory (RSS) "
+                                   "against the logits' size. Without --quick, --cases or --small it runs the "
+                                   "six default cases (several minutes); --seconds defaults to 1 with --quick, "
+                                   "else 4.")
     # the benchmark's options are defined once, in _bench; importing it is cheap (stdlib only)
     from . import _bench as bench_mod
     bench_mod.add_arguments(b)
@@ -419,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"crossent {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # `crossent check | head`: the reader left; no traceback
+        sys.stdout = open(os.devnull, "w")   # Python's flush at exit would raise again
+        return 0
 
 
 if __name__ == "__main__":

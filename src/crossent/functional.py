@@ -206,8 +206,8 @@ def _ce_options(label_smoothing, z_loss, softcap, check_range: bool = True) -> t
     if not z_loss >= 0.0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     cap = 0.0 if softcap is None else float(softcap)
-    if softcap is not None and not cap > 0.0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if softcap is not None and not 0.0 < cap < math.inf:   # inf: softcap * tanh(x / softcap) is inf * 0
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap}")
     return ls, z_loss, cap
 
 

@@ -29,7 +29,11 @@ from .base import acc_dtype, wide_dtype
 # whose barrier stalls whenever another process holds a core, so fewer, larger
 # ops are several times faster on a busy machine (measured on 2 cores: 32 MiB
 # chunks 0.7-0.9 s vs 2 MiB chunks 3.7-10 s for 2048 x 32000 under load).
-_CHUNK_BYTES = int(os.environ.get("CROSSENT_CHUNK_BYTES", 32 << 20))
+try:
+    _CHUNK_BYTES = int(os.environ.get("CROSSENT_CHUNK_BYTES", 32 << 20))
+except ValueError:
+    raise ValueError("CROSSENT_CHUNK_BYTES must be a whole number of bytes, got "
+                     f"{os.environ['CROSSENT_CHUNK_BYTES']!r}") from None
 _MIN_CHUNK_BYTES = 1 << 20
 _HUGE = 2 << 20  # x86-64 transparent huge page size
 _POPULATE_MAX = 128 << 20
