@@ -161,6 +161,30 @@ def test_lean_keeps_readme_differences(auto, case, reduction):
     torch.testing.assert_close(ga, gb)
 
 
+@pytest.mark.parametrize("name", ["NLLLoss", "CrossEntropyLoss"])
+@pytest.mark.parametrize("weight", ["none", "buffer", "reassigned_buffer", "parameter", "deleted"])
+def test_modules_read_the_weight_torch_reads(auto, name, weight):
+    """nn._class_weight reads the buffer dict directly: the same weight as torch's module
+    reads through Module.__getattr__, however it was set."""
+    w = torch.rand(5) + 0.1
+    mods = [getattr(crossent.nn, name)(weight=None if weight == "none" else w),
+            getattr(torch.nn, name)(weight=None if weight == "none" else w)]
+    for m in mods:
+        if weight == "reassigned_buffer":
+            m.weight = w.flip(0)
+        elif weight == "parameter":
+            m.weight = torch.nn.Parameter(w.flip(0), requires_grad=False)
+        elif weight == "deleted":
+            del m.weight
+    x, t = _xt()
+    if weight == "deleted":
+        for m in mods:
+            with pytest.raises(AttributeError, match="has no attribute 'weight'"):
+                m(x, t)
+        return
+    assert torch.equal(mods[0](x, t), mods[1](x, t))
+
+
 @pytest.mark.parametrize("case", ["int32", "uint8", "bf16", "z_loss", "softcap", "legacy", "large",
                                   "named_backend", "subclass"])
 def test_not_lean(monkeypatch, kernel_calls, case):
