@@ -2,6 +2,7 @@
 crossent is torch exactly (values, gradients, errors, warnings)."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -69,6 +70,119 @@ def test_lean_probability_targets_and_modules(auto, kernel_calls):
     _, t = _xt()
     assert torch.equal(crossent.nn.NLLLoss(reduction="sum")(lp, t), torch.nn.NLLLoss(reduction="sum")(lp, t))
     assert not kernel_calls
+
+
+@pytest.mark.parametrize("kw", [{}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1},
+                                {"weight": torch.rand(5) + 0.1}])
+@pytest.mark.parametrize("shape", [(8, 5), (5,), (2, 5, 3), (2, 5, 3, 2), (2, 5, 1, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lean_nll_loss_is_torch_bitwise(auto, monkeypatch, kw, shape, dtype):
+    """Every input rank torch's nll_loss takes: its values and gradients, and crossent's own
+    path (whose first check is V.class_target) never runs."""
+    monkeypatch.setattr(functional.V, "class_target", lambda *a: pytest.fail("not lean"))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g, dtype=dtype).log_softmax(0 if len(shape) == 1 else 1)
+    t = torch.randint(0, 5, shape[:1] + shape[2:] if len(shape) > 1 else (), generator=g)
+    kw = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = crossent.nll_loss(xa, t, **kw), F.nll_loss(xb, t, **kw)
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)   # ignored target: NaN mean
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=0, atol=0, equal_nan=True)
+
+
+def test_nll_loss_front_keeps_the_signature():
+    """The lean front (_fast.nll_loss_front) has the signature of the function it wraps."""
+    ours = inspect.signature(crossent.nll_loss, follow_wrapped=False).parameters.values()
+    theirs = inspect.signature(crossent.nll_loss.__wrapped__).parameters.values()
+    assert [(p.name, p.kind, p.default) for p in ours] == [(p.name, p.kind, p.default) for p in theirs]
+    assert crossent.nll_loss.__doc__ == crossent.nll_loss.__wrapped__.__doc__
+
+
+@pytest.mark.parametrize("name", ["nll_loss", "cross_entropy"])
+@pytest.mark.parametrize("case", ["int32", "uint8", "uint8_out_of_range"])
+def test_lean_int32_and_uint8_targets_are_crossents(auto, name, case):
+    """README "Deliberate differences" 1 and 8 on the lean path: int32 class targets are accepted
+    (torch raises), uint8 ones give torch's int64 result, or the message torch gives for the same
+    int64 target."""
+    x, t = _xt(C=200)
+    if case == "uint8_out_of_range":
+        t[-1] = 250
+    t8 = t.to(torch.int32 if case == "int32" else torch.uint8)
+    ours, theirs = getattr(crossent, name), getattr(F, name)
+    if case == "uint8_out_of_range":
+        with pytest.raises(IndexError) as want:
+            theirs(x, t)
+        with pytest.raises(IndexError) as got:
+            ours(x, t8)
+        assert str(got.value) == str(want.value)
+        return
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ours(xa, t8), theirs(xb, t)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+def _readme8_cases():
+    """README "Deliberate differences" 8, where torch fails and crossent computes: (name, input,
+    target, kwargs) and the equivalent call torch accepts."""
+    g = torch.Generator().manual_seed(3)
+    x4 = torch.randn(2, 3, 4, 5, generator=g).log_softmax(1)
+    t4 = torch.randint(0, 3, (2, 4, 5), generator=g)
+    x1, t1 = torch.randn(5, generator=g), torch.tensor([2])
+    x3, t3, w = torch.randn(2, 3, 4, generator=g), torch.randint(0, 3, (2, 4), generator=g), torch.rand(3) + 0.1
+    return {
+        "nll_channels_last": ("nll_loss", x4.contiguous(memory_format=torch.channels_last), t4, {}, (x4, t4, {})),
+        "nll_1d_input_(1,)_target": ("nll_loss", x1, t1, {}, (x1, t1[0], {})),
+        "ce_1d_input_(1,)_target": ("cross_entropy", x1, t1, {}, (x1, t1[0], {})),
+        "ce_1d_input_(1,)_target_smoothing": ("cross_entropy", x1, t1, {"label_smoothing": 0.1},
+                                              (x1, t1[0], {"label_smoothing": 0.1})),
+        "ce_kdim_(1,C)_weight_smoothing": ("cross_entropy", x3, t3, {"weight": w[None], "label_smoothing": 0.2},
+                                           (x3, t3, {"weight": w, "label_smoothing": 0.2})),
+    }
+
+
+@pytest.mark.parametrize("case", list(_readme8_cases()))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lean_keeps_readme_differences(auto, case, reduction):
+    """Where torch fails (README 8) the lean path is not taken: crossent gives the value and
+    gradient torch gives for the equivalent input it accepts."""
+    name, x, t, kw, (xe, te, kwe) = _readme8_cases()[case]
+    xa, xb = x.clone().requires_grad_(), xe.clone().requires_grad_()
+    a = getattr(crossent, name)(xa, t, reduction=reduction, **kw)
+    b = getattr(F, name)(xb, te, reduction=reduction, **kwe)
+    (ga,) = torch.autograd.grad(a.sum(), xa)
+    (gb,) = torch.autograd.grad(b.sum(), xb)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("name", ["NLLLoss", "CrossEntropyLoss"])
+@pytest.mark.parametrize("weight", ["none", "buffer", "reassigned_buffer", "parameter", "deleted"])
+def test_modules_read_the_weight_torch_reads(auto, name, weight):
+    """nn._class_weight reads the buffer dict directly: the same weight as torch's module
+    reads through Module.__getattr__, however it was set."""
+    w = torch.rand(5) + 0.1
+    mods = [getattr(crossent.nn, name)(weight=None if weight == "none" else w),
+            getattr(torch.nn, name)(weight=None if weight == "none" else w)]
+    for m in mods:
+        if weight == "reassigned_buffer":
+            m.weight = w.flip(0)
+        elif weight == "parameter":
+            m.weight = torch.nn.Parameter(w.flip(0), requires_grad=False)
+        elif weight == "deleted":
+            del m.weight
+    x, t = _xt()
+    if weight == "deleted":
+        for m in mods:
+            with pytest.raises(AttributeError, match="has no attribute 'weight'"):
+                m(x, t)
+        return
+    assert torch.equal(mods[0](x, t), mods[1](x, t))
 
 
 @pytest.mark.parametrize("case", ["int32", "uint8", "bf16", "z_loss", "softcap", "legacy", "large",

@@ -15,6 +15,18 @@ from . import functional as F
 __all__ = ["Softmax", "LogSoftmax", "NLLLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
+_UNSET = object()
+
+
+def _class_weight(loss: torch.nn.modules.loss._WeightedLoss) -> Tensor | None:
+    """``loss.weight`` without Module.__getattr__: that runs only after Python has raised and
+    caught an AttributeError for the name (~1 us, half a small loss call; torch's loss modules
+    pay it).  _WeightedLoss registers the weight as a buffer; one assigned as a Parameter
+    since lives in _parameters instead, and is read the usual way."""
+    w = loss._buffers.get("weight", _UNSET)
+    return loss.weight if w is _UNSET else w
+
+
 class Softmax(torch.nn.Softmax):
     """crossent.softmax over ``dim`` (same arguments as torch.nn.Softmax)."""
 
@@ -33,8 +45,7 @@ class NLLLoss(torch.nn.NLLLoss):
     """crossent.nll_loss (same arguments as torch.nn.NLLLoss)."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                          reduction=self.reduction)
+        return F.nll_loss(input, target, _class_weight(self), None, self.ignore_index, None, self.reduction)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -49,7 +60,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.softcap = softcap
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
+        return F.cross_entropy(input, target, weight=_class_weight(self), ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
                                z_loss=self.z_loss, softcap=self.softcap)
 
