@@ -1,8 +1,8 @@
 """Regression tests for the fuzz tier's overflow classes (session 6): row losses
 beyond fp32's range whose mean or sum fits, and the judge's rules 18 (an infinite
 upstream times a softmax below fp32's normal range) and 19 (class terms that
-cancel where torch's sum overflows).  Judged as the fuzz's judge
-does (tests/_fuzz_rules.py), against torch and its float64 run; see
+cancel where torch's sum overflows).  Judged as the fuzz's judge does
+(tests/_fuzz_rules.py), against torch and its float64 run; see
 tests/test_fuzz_classes.py for the other classes."""
 from __future__ import annotations
 
