@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _tol  # noqa: E402
 from _fuzz_cases import materialize  # noqa: E402
 from _fuzz_config import backend, tiles  # noqa: E402
-from _fuzz_rules import (TORCH_FAILURES, compare, linear_family, rescaled_under_compile,  # noqa: E402
-                         smoothing_wraps_uint8, tensors)
+from _fuzz_rules import (TORCH_FAILURES, cancelling_terms_error, compare, linear_family,  # noqa: E402
+                         overflowed_reduction, rescaled_under_compile, smoothing_wraps_uint8, tensors)
 from _fuzz_torch import flat_batch, torch_ce, torch_linear, torch_log_probs  # noqa: E402
 
 import crossent  # noqa: E402
@@ -170,6 +170,9 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
         views["target"] = lambda x, v=views["target"]: v(x).reshape(())
     if "flat_weight" in fixes and "weight" in views:
         views["weight"] = lambda w, v=views["weight"]: v(w).reshape(-1)
+    for n in ("target", "weight") if "abs_terms" in fixes else ():  # rule 19's magnitudes
+        if n in leaves and leaves[n].is_floating_point():
+            leaves[n] = leaves[n].abs()
     mode = s["grad"] if side != "logits" else "no_grad"
     if mode == "compile" and side != "ours":
         mode = "backward"  # crossent compiled against eager torch
@@ -444,11 +447,17 @@ def check(s: dict) -> str | None:
     ref = run(s, "ref", fixes) if not theirs["error"] else None
     if ref is not None and ref["error"]:
         return f"fuzz harness: the float64 torch run failed: {ref['error']}"
+    if ref is not None and s["upstream"] == "inf":
+        # rule 18: the float64 gradients of a unit upstream, the factors that the inf multiplies
+        ref["unit_grads"] = run({**s, "upstream": "1.0"}, "ref", fixes).get("grads", {})
     own_errors = _fp64_own_errors(s, theirs, fixes) if ref is not None else {}
     if ref is not None:
         for rule in (_logit_rounding_error, _logit_blocking_error, _target_logit_error,
                      _reciprocal_temperature_error):
             for k, e in rule(s, ref, fixes).items():
+                own_errors[k] = max(own_errors.get(k, 0.0), e)
+        if overflowed_reduction(s, theirs):   # rule 19
+            for k, e in cancelling_terms_error(theirs, run(s, "ref", fixes | {"abs_terms"})).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
     msg = compare(s, ours, theirs, ref, own_errors)
     if msg and s["grad"] == "compile" and s["upstream"] != "randn" and rescaled_under_compile(s):

@@ -84,6 +84,22 @@ And for values:
      large scaled logits that ulp is the float64 entropy's error (seed
      2116862314: fp64, logits ~-1e4 / 0.7, 1.7e-13 where torch's was 1.3e-14).
      torch's own error is at least that of its same ops on z * (1/T).
+  18. an infinite upstream times a gradient factor (the softmax p, in a
+     cross-entropy's gradient) that float64 puts below fp32's normal range:
+     crossent and torch form p in fp32 by different roundings, a subnormal on
+     one side and 0 on the other (underflow, or a device that flushes
+     subnormals), so the gradient is inf * p = inf on one and inf * 0 = NaN on
+     the other (seed 2078842231: bf16 'sum', logits x30, float64 p = 9e-46).
+     Where float64's gradient is +-inf and its gradient for the upstream with
+     that inf replaced by 1 is below twice fp32's smallest normal, each side
+     may give NaN or float64's inf; first-order gradients, not fp64 ones.
+  19. a reduced cross-entropy whose float64 value fits where torch's sum
+     overflows (rule 5): every algorithm rounds each class term
+     w_c t'_c (lse - z_c) to the dtype (torch does, before its sum overflows),
+     and with signed targets or weights the terms cancel (seed 1662753290: fp32
+     logits ~1e38, terms ~1e38 summing to -2.8e36, crossent 3.8e-5 off float64).
+     torch's own error there is at least half an ulp of the sum of the terms'
+     magnitudes: the float64 loss of |t| and |w| (smoothing kept).
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,
@@ -259,6 +275,35 @@ def _compiled_out_of_range_target(s: dict, ours: dict, theirs: dict) -> bool:
         bool(ours["outs"][0].isnan().any())
 
 
+_TINY32 = torch.finfo(torch.float32).tiny
+
+
+def inf_times_subnormal(o: torch.Tensor, t: torch.Tensor, r: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Rule 18: the elements where ours ``o`` and torch's ``t`` may each be NaN
+    or float64's +-inf ``r``, ``unit`` being float64's gradient for the upstream
+    with its inf replaced by 1.  Twice the smallest normal: p's fp32 roundings
+    are far below a factor of 2, and a flushing device drops everything below it."""
+    return torch.isinf(r) & (unit.abs() < 2 * _TINY32) & \
+        (torch.isnan(o) | (o.double() == r)) & (torch.isnan(t) | (t.double() == r))
+
+
+def overflowed_reduction(s: dict, theirs: dict) -> bool:
+    """Rule 19 may apply: a 'mean' / 'sum' cross-entropy whose torch loss is not finite."""
+    ce = s["fn"] in ("cross_entropy", "stats", "linear") or s.get("module") in ("CrossEntropyLoss",
+                                                                               "LinearCrossEntropyLoss")
+    return ce and s.get("reduction") in ("mean", "sum") and "legacy" not in s and not theirs["error"] and \
+        not bool(torch.isfinite(theirs["outs"][0]).all())
+
+
+def cancelling_terms_error(theirs: dict, magnitudes: dict) -> dict:
+    """Rule 19: torch's own error in the loss, from ``magnitudes``, the float64 run
+    with |t| and |w| (the fix "abs_terms")."""
+    if magnitudes["error"]:
+        return {}
+    eps = torch.finfo(theirs["outs"][0].dtype).eps
+    return {"output 0": 0.5 * eps * float(magnitudes["outs"][0].double().abs().max())}
+
+
 def compare(s: dict, ours: dict, theirs: dict, ref: dict, own_errors: dict) -> str | None:
     if _batch_dims_shape_error(s, ours, theirs) or _vocab_parallel_grad_limit(s, ours, theirs) or \
             _other_out_of_bounds_target(s, ours, theirs) or _compiled_out_of_range_target(s, ours, theirs):
@@ -284,6 +329,11 @@ def compare(s: dict, ours: dict, theirs: dict, ref: dict, own_errors: dict) -> s
         if t is not None and _linear_skipped_rows(s, k):
             r = r_all[k]
             keep = torch.isnan(t) & torch.isfinite(o)  # rule 8
+            t, r_all[k] = torch.where(keep, o, t), torch.where(keep, o.to(r.dtype), r)
+        unit = ref.get("unit_grads", {}).get(k.removeprefix("grad of ")) if k.startswith("grad of ") else None
+        if t is not None and o is not None and unit is not None and t.dtype != torch.float64:
+            r = r_all[k]
+            keep = inf_times_subnormal(o, t, r, unit)  # rule 18
             t, r_all[k] = torch.where(keep, o, t), torch.where(keep, o.to(r.dtype), r)
         msg = t is not None and _close(o, t, r_all[k], k, own_errors.get(k, 0.0), theirs["terms"].get(k, 1),
                                        _rounded_to(s, t), _first_order(k, r_all))

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends
-from .backends.base import acc_dtype
+from .backends.base import acc_dtype, wide_dtype
 
 _LOWP = (torch.float16, torch.bfloat16)
 # Devices where torch offers (or should offer: CUDA, since torch 2.8) a GEMM of
@@ -177,14 +177,14 @@ class _Rows:
 def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale,
                need_dx, need_dw, need_db, chunk_rows, drop, backend, dx_into=None):
     """The token-chunked pass; returns (loss, lse, dx, dw, db), unneeded ones empty.
-    loss/lse are per token (N,), acc dtype; ignored tokens that were dropped
-    get loss 0 and lse NaN."""
+    loss/lse are per token (N,), in the wide / acc dtype (as ce_forward's); ignored
+    tokens that were dropped get loss 0 and lse NaN."""
     be = backends.load(backend)
     R = _Rows(x, rows, target, ignore_index, drop and dx_into is None)
     N, V = R.N, w.shape[0]
     acc = acc_dtype(x.dtype)
     need_grad = need_dx or need_dw or need_db
-    loss = torch.zeros(N, dtype=acc, device=x.device)
+    loss = torch.zeros(N, dtype=wide_dtype(x.device), device=x.device)
     lse = torch.full((N,), float("nan"), dtype=acc, device=x.device)
     dx = x.new_empty(0)
     if need_dx:
@@ -220,7 +220,7 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
         if isinstance(tok, slice):
             loss[tok], lse[tok] = lc, lse_c
         else:
-            loss.index_copy_(0, tok, lc.to(acc))
+            loss.index_copy_(0, tok, lc.to(loss.dtype))
             lse.index_copy_(0, tok, lse_c.to(acc))
         if not need_grad:
             continue
@@ -420,7 +420,7 @@ def run(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale
 def _fake(x, rows, w, b, target, need_dx, need_dw, need_db):
     N = target.shape[0]
     acc = acc_dtype(x.dtype)
-    return (x.new_empty(N, dtype=acc), x.new_empty(N, dtype=acc),   # outputs never alias: one empty each
+    return (x.new_empty(N, dtype=wide_dtype(x.device)), x.new_empty(N, dtype=acc),   # outputs never alias
             x.new_empty(x.shape) if need_dx else x.new_empty(0), w.new_empty(w.shape) if need_dw else x.new_empty(0),
             (b if b is not None else x).new_empty(w.shape[0]) if need_db else x.new_empty(0))
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from . import backends
-from .backends.base import acc_dtype
+from .backends.base import acc_dtype, wide_dtype
 from ._fast import is_compiling
 
 
@@ -47,7 +47,7 @@ def _rows(x: Tensor) -> list[int]:
 def ce_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                label_smoothing: float, z_loss: float, softcap: float, scale: Tensor,
                need_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss rows fp32, lse rows fp32, grad or empty); see backends/base.py."""
+    """(loss rows (wide dtype), lse rows fp32, grad or empty); see backends/base.py."""
     return backends.load(backend).ce_forward(x, target, weight, ignore_index, label_smoothing,
                                              z_loss, softcap, scale, need_grad)
 
@@ -56,7 +56,7 @@ def ce_forward(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index
 def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, need_grad, backend):
     rows = _rows(x)
     grad = x.new_empty(x.shape) if need_grad else x.new_empty(0)
-    return x.new_empty(rows, dtype=acc_dtype(x.dtype)), x.new_empty(rows, dtype=acc_dtype(x.dtype)), grad
+    return x.new_empty(rows, dtype=wide_dtype(x.device)), x.new_empty(rows, dtype=acc_dtype(x.dtype)), grad
 
 
 def _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
@@ -113,7 +113,7 @@ def ce_forward_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], igno
 @ce_forward_inplace.op.register_fake
 def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, backend):
     rows = _rows(x)
-    return x.new_empty(rows, dtype=acc_dtype(x.dtype)), x.new_empty(rows, dtype=acc_dtype(x.dtype))
+    return x.new_empty(rows, dtype=wide_dtype(x.device)), x.new_empty(rows, dtype=acc_dtype(x.dtype))
 
 
 @_op("ce_backward")

@@ -162,7 +162,8 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
         picked = PickFunction.call(x, idx)
     else:
         picked = x.gather(1, idx)
-    picked = (picked.squeeze(1) if C else picked.sum(1)).to(acc)
+    # rows to be reduced in the wide dtype (O(rows)): w[y] * x[y] can pass fp32's range where the sum fits
+    picked = (picked.squeeze(1) if C else picked.sum(1)).to(acc if red == "none" else wide_dtype(x.device))
     rows = -picked if weight is None else -picked * _weight_at(weight.to(acc), safe)
     rows = torch.where(valid, rows, 0.0)
     rows = torch.where(valid ^ ok, float("nan"), rows)  # out-of-range target: NaN, never OOB memory

@@ -58,12 +58,13 @@ def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _reduce(rows: Tensor, denom: Tensor, reduction: str, out_dtype: torch.dtype) -> Tensor:
-    """Per-row fp32 losses -> the reduction ('mean' divides by denom), in out_dtype.
-    The O(rows) sum runs in fp64: row losses near fp32's range would overflow an
-    fp32 sum whose mean fits."""
+    """Per-row losses (wide dtype, backends/base.py) -> the reduction ('mean' divides
+    by denom), in out_dtype.  The O(rows) sum runs in fp64: row losses near fp32's
+    range would overflow an fp32 sum whose mean fits.  A reduced loss is rounded to
+    fp32 first for fp16/bf16 (torch's fp64 sum -> fp32 -> loss dtype, as the fused kernels)."""
     if reduction != "none":
         total = rows.sum(dtype=wide_dtype(rows.device))
-        rows = _to(total / denom if reduction == "mean" else total, rows.dtype)
+        rows = _to(total / denom if reduction == "mean" else total, acc_dtype(out_dtype))
     return _to(rows, out_dtype)
 
 

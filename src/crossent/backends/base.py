@@ -52,9 +52,17 @@ Inputs without elements (C == 0, or no rows) are valid: lse -inf, loss 0 per
 row, NaN for a counted class-index row (out of range), and NaN in every row
 under label smoothing when C == 0 (torch's eps/C is inf).
 
+Row losses are formed and returned in ``wide_dtype`` (fp64 on CPU and CUDA), an
+O(rows) cost: one row's loss (a sum over classes, or lse - z[y] times w[y]) can
+exceed fp32's range where the mean or sum of all rows fits (logits near 1e38),
+and fp32 rows would overflow to +-inf, whose sum is then inf or NaN (found by
+the fuzz tier).  Terms over classes stay in the accumulation dtype (per element
+work), with their sums kept from overflowing: see each backend.
+
 Methods (all return new tensors; none mutates its inputs except ``rescale_``):
   ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-             scale, need_grad, grad_into=None) -> (loss fp32 rows, lse fp32 rows, grad)
+             scale, need_grad, grad_into=None) -> (loss rows, lse fp32 rows, grad)
+      loss in wide_dtype(x.device); lse fp32 (fp64 for fp64 input).
       grad: x.shape, contiguous, x.dtype, = gradient of sum(scale*loss) when
       need_grad, else an empty tensor.  Reads x once where the device allows.
       grad_into: a tensor of x's shape and dtype (in practice x itself, for the

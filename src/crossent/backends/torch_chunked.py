@@ -238,14 +238,16 @@ def _kdim_sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, lse:
         y = t.long().clamp(0, C - 1)  # a safe index (bad rows read a real class, then become NaN)
         flat = torch.add(pos[s0:s1], y, alpha=S)
         m = xt.amax(0)
-        zy = xb.take(flat).sub_(m)    # before the sub below may overwrite x (grad_into=x)
+        # before the sub below may overwrite x (grad_into=x); in the loss's wide dtype
+        # (an O(positions) cast): lse - z[y] can exceed fp32's range (backends/base.py)
+        zy = None if loss is None else xb.take(flat).to(k.wide).sub_(m)
         e = torch.sub(xt, m) if grad is None else torch.sub(xt, m, out=grad[b, :, s0:s1])
         s = _exp_(e).sum(0)
         ls = s.log()
         torch.where(m.isinf(), m, ls + m, out=lse[b, s0:s1])  # +-inf where the max is, as torch.logsumexp
         wy = None if w is None else w.take(y)
         if loss is not None:
-            nll = ls.sub_(zy) if wy is None else ls.sub_(zy).mul_(wy)
+            nll = zy.neg_().add_(ls) if wy is None else zy.neg_().add_(ls).mul_(wy)
             # where(), not a multiply: an ignored row stays 0 even if its logits are inf/NaN.
             torch.where(valid, nll, zero, out=loss[b, s0:s1]).masked_fill_(bad, float("nan"))
         if grad is not None:
@@ -310,7 +312,7 @@ class TorchChunkedBackend:
         (forward-mode AD's wrapped tensors have none)."""
         rows = x.shape[:1] + x.shape[2:]
         lse = torch.empty(rows, dtype=k.acc, device=x.device)
-        loss = torch.empty(rows, dtype=k.acc, device=x.device) if with_loss else None
+        loss = torch.empty(rows, dtype=k.wide, device=x.device) if with_loss else None
         if x.numel() == 0:  # no classes (lse = log(0)) or no rows
             lse.fill_(float("-inf"))
             if with_loss:
@@ -372,6 +374,7 @@ class _Terms:
 
     def __init__(self, x, target, weight, ignore_index, eps, z_loss, softcap):
         self.acc = acc_dtype(x.dtype)
+        self.wide = wide_dtype(x.device)  # row losses (backends/base.py)
         self.C, self.ndim = x.shape[1], x.dim()
         self.eps, self.z_loss, self.softcap = float(eps), float(z_loss), float(softcap or 0.0)
         self.prob = target.is_floating_point()
@@ -414,7 +417,7 @@ class _Terms:
         offset of the logits, which the softmax ignores, then costs no digits.
         Summed in fp64 for fp32 work: with logits near fp32's range the sum
         over C classes overflows while the loss itself (about the mean) fits."""
-        dt = wide_dtype(e.device)
+        dt = self.wide
         if self.prob:
             return (rt * e).sum(1, keepdim=True, dtype=dt)
         if self.eps > 0:
@@ -422,18 +425,20 @@ class _Terms:
         return None
 
     def loss(self, z: Tensor, m: Tensor, ls: Tensor, lse: Tensor, zs: Tensor | None, rt) -> Tensor:
-        """Per-row loss of the chunk, as a column like lse.  Formed relative to
-        the row max m (ls = lse - m, zs from shifted_sum), never as lse - z,
-        whose two large terms cancel."""
+        """Per-row loss of the chunk, as a column like lse, in the wide dtype
+        (zs is: the sums are, and the class-index terms are cast per row).
+        Formed relative to the row max m (ls = lse - m, zs from shifted_sum),
+        never as lse - z, whose two large terms cancel."""
         if self.prob:
             out = ls * rt.sum(1, keepdim=True) - zs
         else:
             y, wy, valid = rt
-            out = (ls - (z.gather(1, y) - m)) * ((1 - self.eps) * wy)
+            out = (ls - (z.gather(1, y).to(self.wide) - m)) * ((1 - self.eps) * wy)
             if self.eps > 0:
                 out = out + (self.eps / self.C) * (self.sum_w * ls - zs)
         if self.z_loss:
-            out = out + self.z_loss * lse * lse
+            lw = lse.to(self.wide)
+            out = out + self.z_loss * lw * lw
         if self.prob:
             return out
         # where(), not a multiply: an ignored row stays 0 even if its logits are inf/NaN.
@@ -444,7 +449,7 @@ class _Terms:
         NaN for a counted class-index row (it is out of range), and NaN in
         every row under label smoothing with C == 0 (torch's eps/C is inf)."""
         rows = self.target.shape if not self.prob else self.target.shape[:1] + self.target.shape[2:]
-        out = torch.zeros(rows, dtype=self.acc, device=self.target.device)
+        out = torch.zeros(rows, dtype=self.wide, device=self.target.device)
         if self.prob:
             return out
         nan = not_ignored(self.target, self.ignore_index)

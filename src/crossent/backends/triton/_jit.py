@@ -30,6 +30,20 @@ def _lse(ms, logs, m, ssum):
     return tl.where((m == float("inf")) & (ssum == ssum), m, ms + logs)
 
 
+# P2 = sum_c wt_c (z_c - shift), the probability / smoothing sum over classes, is summed
+# scaled by 2**-32: with logits near fp32's range it overflows fp32 where the row's loss,
+# formed in fp64 (_loss), fits.  A power of two scales exactly (only a term below 2**-94,
+# far below an ulp of any loss it enters, rounds differently); the scaled difference is
+# one FMA per element, on the probability and smoothing paths only.
+_P2_SCALE = tl.constexpr(2.0 ** -32)
+
+
+@triton.jit
+def _scaled_shift(z, shift):
+    # (z - shift) * _P2_SCALE (shift * _P2_SCALE: per row)
+    return tl.fma(z, _P2_SCALE, -(shift * _P2_SCALE))
+
+
 @triton.jit
 def _softcap(x, cap):
     # cap * tanh(x / cap) without tl.math.tanh (absent in some Triton versions);
@@ -74,13 +88,19 @@ def _class_terms(w_ptr, t_ptr, t_off, cols, cmask, C, one_m_eps, eps_over_c,
 @triton.jit
 def _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
           PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_ZL: tl.constexpr):
-    # Per-row loss from statistics relative to the shift ms (formulas: base.py).
+    # Per-row loss from statistics relative to the shift ms (formulas: base.py), in
+    # fp64 (O(rows) work): a row's loss can exceed fp32's range where the sum or mean
+    # of the rows fits.  p2 comes scaled by _P2_SCALE.
+    ms = ms.to(tl.float64)
+    logs = logs.to(tl.float64)
+    if PROB or SMOOTH:
+        dot = logs * p1.to(tl.float64) - p2.to(tl.float64) * (1.0 / _P2_SCALE)
     if PROB:
-        loss = logs * p1 - p2
+        loss = dot
     else:
-        loss = one_m_eps * wy * ((ms - zy) + logs)
+        loss = one_m_eps * wy * ((ms - zy.to(tl.float64)) + logs)
         if SMOOTH:
-            loss += eps_over_c * (logs * p1 - p2)
+            loss += eps_over_c * dot
     if HAS_ZL:
         lse = ms + logs
         loss += z_loss * lse * lse
@@ -88,6 +108,15 @@ def _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
         loss = tl.where(inb, loss, float("nan"))   # target out of [0, C): NaN, never OOB
         loss = tl.where(valid, loss, 0.0)
     return loss
+
+
+@triton.jit
+def _loss_as(loss, ty: tl.constexpr):
+    # _loss's fp64 row loss in a loss buffer's dtype: a narrower one through fp32, as torch
+    # rounds its fp32 loss (and the interpreter's fp64 -> bf16 cast is wrong)
+    if ty.is_fp64():
+        return loss
+    return loss.to(tl.float32).to(ty)
 
 
 @triton.jit

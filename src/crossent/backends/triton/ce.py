@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..._fast import _eager
+from ..base import wide_dtype
 from . import _device, _grid, _launch as _lean, split
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from .ce_tile import _ce_tiles
@@ -75,7 +76,7 @@ def _ce_kernel(
     t_ptr, st_b, st_s, st_c,            # class targets y[b, s] or probabilities t[b, c, s]
     w_ptr,                              # class weight (C,), contiguous
     scale_ptr, scale_stride,            # fp32, 0-d (stride 0) or one per position
-    loss_ptr, lse_ptr,                  # fp32 (B*S,), position = b*S + s
+    loss_ptr, lse_ptr,                  # (B*S,) in loss_ptr's dtype, fp32; position = b*S + s
     g_ptr, sg_b, sg_s, sg_c,            # gradient out (x.dtype)
     ws_ptr, part_ptr, out_ptr,          # REDUCE > 0: counters, partials (_grid.py); the reduced loss
     S, C, n_sblk, n_tiles,              # n_tiles = B * n_sblk tiles, over a persistent grid
@@ -345,7 +346,8 @@ def ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap
     if need_grad:
         grad = grad_into if grad_into is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, lse = _launch(x, target, weight, int(ignore_index), float(label_smoothing),
-                        float(z_loss), float(softcap or 0.0), scale, need_grad, grad)
+                        float(z_loss), float(softcap or 0.0), scale, need_grad, grad,
+                        loss_dtype=wide_dtype(x.device))   # row losses: backends/base.py
     return loss, lse, grad if grad is not None and grad_into is None else x.new_empty(0)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
+from ._jit import (_as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _loss_as, _lse, _row_coefs,
+                   _safe, _scaled_shift, _softcap)
 
 
 @triton.jit
@@ -99,7 +100,7 @@ def _ce_tile(
             wt1 = _class_terms(w_ptr, t_ptr, t_row + cols.to(tl.int64) * st_c, cols, cmask, C,
                                one_m_eps, eps_over_c, HAS_W, PROB)
             p1 = tl.sum(wt1, 1)
-            p2 = tl.sum(tl.where(cmask, wt1 * (z1 - ms[:, None]), 0.0), 1)
+            p2 = tl.sum(tl.where(cmask, wt1 * _scaled_shift(z1, ms[:, None]), 0.0), 1)   # _jit.py
     else:
         m = tl.full([BLOCK_S], float("-inf"), tl.float32)
         ssum = tl.zeros([BLOCK_S], tl.float32)
@@ -119,8 +120,8 @@ def _ce_tile(
             if NEED_P:
                 wt = _class_terms(w_ptr, t_ptr, t_row + cols * st_c, cols, cmask, C,
                                   one_m_eps, eps_over_c, HAS_W, PROB)
-                p2 = p2 + p1 * (_safe(m) - mns) \
-                    + tl.sum(tl.where(cmask, wt * (z - mns[:, None]), 0.0), 1)
+                p2 = p2 + p1 * _scaled_shift(_safe(m), mns) \
+                    + tl.sum(tl.where(cmask, wt * _scaled_shift(z, mns[:, None]), 0.0), 1)
                 p1 = p1 + tl.sum(wt, 1)
             m = m_new
         ms = _safe(m)
@@ -129,7 +130,7 @@ def _ce_tile(
     loss = _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
                  PROB, SMOOTH, HAS_ZL)
     if REDUCE == 0:
-        tl.store(loss_ptr + pos, loss.to(loss_ptr.dtype.element_ty), mask=smask)
+        tl.store(loss_ptr + pos, _loss_as(loss, loss_ptr.dtype.element_ty), mask=smask)
     tl.store(lse_ptr + pos, _lse(ms, logs, m, ssum), mask=smask)
 
     if NEED_GRAD:

@@ -6,7 +6,7 @@ Each row is cut into NSPLIT slices of at most _SPLIT_BLOCK classes; program
   1. loads its slice into registers (with PREFETCH, the next row's slice is
      loaded first, so its loads are in flight while this row waits),
   2. reduces it to partials relative to the slice max and publishes them:
-       m = max z,  s = sum exp(z - m~),  P1 = sum wt,  P2 = sum wt (z - m~),
+       m = max z,  s = sum exp(z - m~),  P1 = sum wt,  P2 = sum wt (z - m~) (scaled: _jit.py),
        z[y] (by the slice that owns class y)          (m~: m, or 0 when m is +-inf)
   3. waits for the row's other NSPLIT - 1 slices (a sense-reversing barrier per row,
      self-resetting, in the workspace of ``_grid.py``),
@@ -31,7 +31,8 @@ import triton.language as tl
 
 from . import _device, _grid, _launch
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
-from ._jit import _as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _lse, _row_coefs, _safe, _softcap
+from ._jit import (_as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _loss_as, _lse, _row_coefs,
+                   _safe, _scaled_shift, _softcap)
 
 # Defaults from the static check (tests/_aot_compile.py --explore, sm_90, bf16): slices
 # of 4096 over 4 warps: 70 registers, 7 CTAs/SM, ~26 SASS instructions per element
@@ -85,7 +86,7 @@ def _combine(part_ptr, base, NSPLIT: tl.constexpr, NSPLIT_P2: tl.constexpr, NEED
         pp1 = tl.load(part_ptr + off + 2, mask=jm, other=0.0, cache_modifier=".cg")
         pp2 = tl.load(part_ptr + off + 3, mask=jm, other=0.0, cache_modifier=".cg")
         p1 = tl.sum(pp1, 0)
-        p2 = tl.sum(pp2 + pp1 * (_safe(pm) - ms), 0)
+        p2 = tl.sum(pp2 + pp1 * _scaled_shift(_safe(pm), ms), 0)
     return m, ms, ssum, p1, p2
 
 
@@ -162,7 +163,7 @@ def _ce_split_kernel(
             tl.store(slot + 1, tl.sum(e, 0))
             if NEED_P:
                 tl.store(slot + 2, tl.sum(wt, 0))
-                tl.store(slot + 3, tl.sum(tl.where(cmask, wt * (z - ms_sl), 0.0), 0))
+                tl.store(slot + 3, tl.sum(tl.where(cmask, wt * _scaled_shift(z, ms_sl), 0.0), 0))   # _jit.py
             if not PROB:
                 own = valid & inb & (y >= split * BLOCK) & (y < split * BLOCK + BLOCK)
                 zy = tl.load(x_ptr + r64 * sx_r + y, mask=own, other=0.0).to(tl.float32)
@@ -181,7 +182,7 @@ def _ce_split_kernel(
                          HAS_ZL)
             if split == 0:
                 if REDUCE == 0:
-                    tl.store(loss_ptr + r64, loss.to(loss_ptr.dtype.element_ty))
+                    tl.store(loss_ptr + r64, _loss_as(loss, loss_ptr.dtype.element_ty))
                 tl.store(lse_ptr + r64, _lse(ms, logs, m, ssum))
             if REDUCE != 0:
                 partial += tl.where(split == 0, loss, 0.0).to(tl.float64)
