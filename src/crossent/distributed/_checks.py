@@ -62,7 +62,7 @@ def slice_layout(sizes: Tensor | None, vocab_start_index, rank: int, c_local: in
     return Layout(start, C, c_local)
 
 
-def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: "ShardMath",
+def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: ShardMath,
                 weight: Tensor | None) -> Layout:
     """slice_layout, then the checks that need the global class count C (where
     host_checks allows): the weight's size and the class indices, with torch's
