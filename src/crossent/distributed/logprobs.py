@@ -139,6 +139,8 @@ def vocab_parallel_log_probs(logits_shard: Tensor, target: Tensor, *, group=None
     lead = tuple(logits_shard.shape[:-1])
     T, ii, entropy = check_args("vocab_parallel_log_probs", lead, target, temperature, ignore_index, entropy)
     x = logits_shard.reshape(math.prod(lead), logits_shard.shape[-1])  # -1 is ambiguous for an empty shard
+    if V._compiling():  # the kernels write rows of x's layout with out=, which Dynamo traces only when contiguous
+        x = x.contiguous()
     opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy)
     lp, ent = VocabParallelLogProbsFunction.apply(x, target.reshape(-1), opts, group, vocab_start_index)
     return LogProbsOutput(lp.reshape(target.shape), ent.reshape(target.shape) if entropy else None)
