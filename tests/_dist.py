@@ -75,9 +75,10 @@ def launch(script: str, world: int, mode: str, deadline_s: float = DEADLINE_S, d
     return [p.returncode for p in procs], results, texts, elapsed
 
 
-def check(script: str, world: int, mode: str, device: str = "cpu", min_cases: int = 1) -> dict:
+def check(script: str, world: int, mode: str, device: str = "cpu", min_cases: int = 1,
+          deadline_s: float = DEADLINE_S) -> dict:
     """Launch, then assert every rank finished and no case failed; returns rank 0's result."""
-    rcs, results, logs, elapsed = launch(script, world, mode, device=device)
+    rcs, results, logs, elapsed = launch(script, world, mode, deadline_s, device)
     msg = "\n".join(f"--- rank {r} rc={rc}\n{log}" for r, (rc, log) in enumerate(zip(rcs, logs)))
     assert all(rc == 0 for rc in rcs), f"a rank failed or timed out after {elapsed:.1f}s:\n{msg}"
     failures = [f for res in results for f in res["failures"]]

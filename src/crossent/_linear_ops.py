@@ -82,6 +82,11 @@ def has_fp32_out_gemm(device: torch.device, dtype: torch.dtype) -> bool:
     return _fp32_out_gemm[key]
 
 
+# A constant to Dynamo, which calls it while tracing (as torch.compiler.assume_constant_result does): the
+# vocab-parallel heads' traced backward (an autograd.Function) may not fill the cache, a side effect.
+has_fp32_out_gemm._dynamo_marked_constant = True
+
+
 def _gemm(acc: Tensor, a: Tensor, b: Tensor, first: bool, scratch: Optional[Tensor] = None) -> None:
     """acc = a @ b (``first``: beta=0, so acc may be uninitialised) or
     acc += a @ b, with acc's precision for the sum of the products.

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from ._linear_ops import _gemm, _logits, _Rows, acc_dtype
+from ._validate import _compiling
 
 # exp(-1024) is 0 in fp32 and fp64: clamping z - m there changes no probability
 # but turns a -inf logit's p * log p = 0 * -inf = NaN into 0 (0 log 0 = 0).
@@ -54,7 +55,7 @@ def scaled(xc: Tensor, temperature: float, own: bool) -> Tensor:
     z = xc.to(acc_dtype(xc.dtype))
     if temperature != 1.0:
         inv = 1.0 / temperature
-        z = z.mul_(inv) if own or z.data_ptr() != xc.data_ptr() else z * inv
+        z = z.mul_(inv) if own or z.dtype != xc.dtype else z * inv  # (a cast copies: no data_ptr test to trace)
     return z
 
 
@@ -96,17 +97,20 @@ def stats(z: Tensor, ys: Optional[Tensor], entropy: bool, inplace: bool = False,
     if not entropy:
         return lp, None, shift
     ent = L.new_empty(L.shape[0])
+    # the NaN re-check reads the host: CPU in eager mode only (vocab-parallel's Functions trace this)
+    host = z.device.type == "cpu" and not _compiling()
     for r in _blocks(L.shape[0], L.shape[1], L.element_size(), 1):
         Lr = L[r]
-        if z.device.type != "cpu":
+        if not host:
             Lr.clamp_min_(_FLOOR)  # (no host sync to find the few rows that need it)
         # -sum p*L: torch's cascade sum; a bmm dot product is a sweep cheaper but
         # measurably less accurate at 100k+ classes.  p = softmax(L) (L is normalised):
-        # on CPU torch's softmax kernel is faster than a bare exp (~25%), as accurate.
-        torch.sum(torch.softmax(Lr, 1, out=_probs_buffer(Lr, work)).mul_(Lr), 1, out=ent[r])
-        if z.device.type == "cpu" and bool(torch.isnan(ent[r]).any()):  # a -inf logit: 0 * -inf
+        # on CPU torch's softmax kernel is faster than a bare exp (~25%), as accurate.  Assigned,
+        # not out=: torch 2.4's Dynamo traces a Function's forward on grad-tracking tensors.
+        ent[r] = torch.sum(torch.softmax(Lr, 1, out=_probs_buffer(Lr, work)).mul_(Lr), 1)
+        if host and bool(torch.isnan(ent[r]).any()):  # a -inf logit: 0 * -inf
             Lr.clamp_min_(_FLOOR)  # (L is z or new: ours)
-            torch.sum(torch.softmax(Lr, 1, out=_probs_buffer(Lr, work)).mul_(Lr), 1, out=ent[r])
+            ent[r] = torch.sum(torch.softmax(Lr, 1, out=_probs_buffer(Lr, work)).mul_(Lr), 1)
     return lp, ent.neg_(), shift
 
 
@@ -151,7 +155,7 @@ def grad_rows(x: Tensor, out: Optional[Tensor], ys: Tensor, shift: Tensor, ent: 
                 torch.addcmul(c0[r][q], Lq, nb[r][q], out=Lq).mul_(p)
                 del p  # freed before the next block's is allocated
         L.scatter_add_(1, ys[r].unsqueeze(1), hot[r])
-        if L.data_ptr() != out[r].data_ptr():
+        if out.dtype != acc:  # L is a copy (a data_ptr test would break torch.compile's tracing)
             out[r].copy_(L)
     return out
 

@@ -30,11 +30,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import _validate as V
 from .._autograd.vocab_parallel import GlobalSoftmaxFunction
 from ..backends.base import wide_dtype
 from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
-from ..functional import _ce_checks, _class_denominator, _weight_at
+from ..functional import _class_denominator, _weight_at
+from ._checks import Layout, layout_from
 
 
 @dataclass(frozen=True)
@@ -77,133 +77,26 @@ def all_reduce_(buf: Tensor, op, group, world: int) -> Tensor:
     return buf
 
 
-def sizes_onehot(c_local: int, rank: int, world: int, dtype, device) -> Tensor:
+def sizes_onehot(c_local: int, rank: int, world: int, dtype, device, first: Tensor | None = None) -> Tensor:
     """This rank's slice size at position ``rank``, 0 elsewhere: a MAX
     all_reduce of these gives every rank's size (sizes are >= 0).  Exact in
-    fp32 up to 2**24 classes per rank."""
+    fp32 up to 2**24 classes per rank.
+
+    first: 1-D values (the row maxima) to put before them, in one buffer for
+    one all_reduce: padded and written, not torch.cat, as inductor (torch
+    2.13) computes a cat's inputs inside the cat's buffer and then reduces
+    that buffer in place while they are still to be read (a compiled rank
+    then computed its loss from its own slice only)."""
     if c_local >= 2 ** 24 and dtype != torch.float64:
         raise ValueError("vocab shards of 2**24 classes or more are not supported")
-    v = torch.zeros(world, dtype=dtype, device=device)
-    v[rank] = c_local
+    v = torch.zeros(world, dtype=dtype, device=device) if first is None else torch.nn.functional.pad(first, (0, world))
+    v[v.numel() - world + rank] = c_local
     return v
 
 
 def gather_sizes(c_local: int, rank: int, world: int, group, device, dtype=torch.float32) -> Tensor:
     """All slice sizes (world,) as a device tensor, from one small MAX all_reduce."""
     return all_reduce_(sizes_onehot(c_local, rank, world, dtype, device), dist.ReduceOp.MAX, group, world)
-
-
-@dataclass
-class Layout:
-    """Where this rank's slice sits: start (0-d int64) and C (0-d acc) as device
-    tensors, so nothing syncs with the host on an accelerator."""
-
-    start: Tensor
-    C: Tensor
-    c_local: int
-
-
-def slice_layout(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, acc, device,
-                 weight: Tensor | None = None) -> Layout:
-    """This rank's Layout from the slice sizes (or the weight's class count),
-    and on the CPU (free there; on an accelerator reading C would sync) the
-    check that the slice fits."""
-    if isinstance(vocab_start_index, Tensor):
-        start = vocab_start_index.to(device=device, dtype=torch.int64).reshape(())
-    elif vocab_start_index is not None:  # a fill kernel, not a host->device copy
-        start = torch.full((), int(vocab_start_index), dtype=torch.int64, device=device)
-    else:
-        start = sizes[:rank].sum().to(torch.int64)
-    if sizes is not None:
-        C = sizes.sum().to(acc)
-    else:
-        C = torch.full((), float(weight.numel()), dtype=acc, device=device)
-    if device.type == "cpu":
-        s, c = int(start), int(C.item())
-        if s < 0 or s + c_local > c:
-            raise ValueError(f"vocab slice [{s}, {s + c_local}) does not fit in {c} classes")
-    return Layout(start, C, c_local)
-
-
-def layout_from(sizes: Tensor | None, vocab_start_index, rank: int, c_local: int, sm: "ShardMath",
-                weight: Tensor | None) -> Layout:
-    """slice_layout, then the checks that need the global class count C (on
-    the CPU): the weight's size and the class indices, with torch's messages,
-    before anything indexes with them."""
-    lay = slice_layout(sizes, vocab_start_index, rank, c_local, sm.acc, sm.device, weight)
-    if sm.device.type == "cpu":
-        c = int(lay.C.item())
-        if weight is not None and weight.numel() != c:
-            check_weight_classes(weight, c, sm.o.prob, sm.ndim > 2)
-        if not sm.o.prob:
-            V.check_target_bounds(sm.target, c, sm.o.ignore_index)
-    return lay
-
-
-# ---------------------------------------------------------------------------
-# Argument checks
-# ---------------------------------------------------------------------------
-def amp_cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``t`` as torch.autocast casts an op's argument: floating, not float64."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
-
-
-def _standins(x: Tensor, target: Tensor, weight: Tensor | None, world: int, amp: bool):
-    """Meta tensors with the full logits' (and probability target's) shape
-    and the dtypes cross_entropy sees (float32 under autocast)."""
-    cd = 0 if x.dim() == 1 else 1
-    shape = list(x.shape)
-    if world > 1:
-        shape[cd] = weight.numel() if weight is not None else max(shape[cd], 1)
-    f32 = (lambda t: amp_cast(t, torch.float32)) if amp else (lambda t: t)
-    xs = torch.empty(shape, dtype=f32(x).dtype, device="meta")
-    ts = torch.empty(shape, dtype=f32(target).dtype, device="meta") if x.shape == target.shape else target
-    return xs, ts, f32(weight)
-
-
-def check_args(x: Tensor, target: Tensor, weight, ignore_index, label_smoothing, z_loss, softcap,
-               reduction, world: int, device_type: str | None = None):
-    """crossent.cross_entropy's argument checks (functional._cross_entropy's
-    preamble and _ce_checks), in its order and with its messages, for the
-    full logits that the shards form.
-
-    They read only shapes and dtypes, so meta tensors stand in for the full
-    logits and a probability target: with the GLOBAL class count where this
-    rank knows it (one rank: its own; else the count the weight claims, which
-    layout_from compares with the true one after the first collective; else
-    at least one class, so that a rank holding none passes the others'
-    checks), in float32 under autocast (torch's autocast runs cross_entropy
-    in float32).  device_type: the logits' (when x is a meta tensor already).
-    Returns (reduction, ignore_index, eps, z_loss, softcap or 0,
-    prob, out_dtype).
-    """
-    red = V.reduction(None, None, reduction)
-    V.tensor_arg(x, "cross_entropy_loss", "input", 1)
-    V.tensor_arg(target, "cross_entropy_loss", "target", 2)
-    V.optional_tensor_arg(weight, "cross_entropy_loss", "weight", 3)
-    ignore_index = V.int_arg(ignore_index, "cross_entropy_loss", "ignore_index", 5, unpack=False)
-    amp = torch.is_autocast_enabled(device_type or x.device.type)
-    if (world > 1 or amp) and x.dim() > 0:
-        x, target, weight = _standins(x, target, weight, world, amp)
-    eps, z_loss, cap, prob, _, out_dtype = _ce_checks(x, target, weight, ignore_index, label_smoothing,
-                                                      z_loss, softcap, red)
-    if not prob:  # (a stand-in has classes: a shard without any is no error)
-        V.no_class_k_dim(x, target)
-    if prob and torch.is_grad_enabled() and (target.requires_grad or (weight is not None and weight.requires_grad)):
-        raise NotImplementedError("vocab-parallel cross-entropy is not differentiable with respect to "
-                                  "probability targets or class weights")
-    return red, ignore_index, eps, z_loss, cap, prob, out_dtype
-
-
-def check_weight_classes(weight: Tensor, C: int, prob: bool, spatial: bool) -> None:
-    """torch's error for a class weight without C elements (C, the global
-    count, is known only after the first collective): _ce_checks on stand-ins
-    with C classes."""
-    x = torch.empty((1, C, 1) if spatial else (1, C), dtype=weight.dtype, device="meta")
-    t = x if prob else torch.empty((1, 1) if spatial else (1,), dtype=torch.int64, device="meta")
-    _ce_checks(x, t, weight, -100, 0.0, 0.0, None)
 
 
 # ---------------------------------------------------------------------------
@@ -495,7 +388,7 @@ def forward_reductions(sm: ShardMath, opts: VPOptions, zy_fn, vocab_start_index,
     flat = sm.m_r.reshape(-1)
     need_sizes = sm.lay is None
     if need_sizes:
-        buf = torch.cat([flat, sizes_onehot(c_local, rank, world, acc, dev)])
+        buf = sizes_onehot(c_local, rank, world, acc, dev, first=flat)
     else:
         buf = flat.clone()
     all_reduce_(buf, dist.ReduceOp.MAX, group, world)

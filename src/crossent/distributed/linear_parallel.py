@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import _validate as V
 from .._autograd import VocabParallelLinearCrossEntropyFunction
 from . import _core as K
+from ._checks import amp_cast, check_args
 from ._core import VPOptions
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "VocabParallelLinearCrossEntropyFunction"]
@@ -94,8 +95,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
     dev = input.device.type
     if torch.is_autocast_enabled(dev):  # the matmul in the autocast dtype, the loss in float32 (check_args)
         lp = torch.get_autocast_dtype(dev)
-        input, weight_shard, linear_bias_shard = (K.amp_cast(t, lp) for t in (input, weight_shard,
-                                                                             linear_bias_shard))
+        input, weight_shard, linear_bias_shard = (amp_cast(t, lp) for t in (input, weight_shard, linear_bias_shard))
     lead, D, v_local = tuple(input.shape[:-1]), input.shape[-1], weight_shard.shape[0]
     N = math.prod(lead)
     x2 = input.reshape(N, D)
@@ -111,7 +111,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, weight_shard: Tensor, tar
     else:
         t_chk, logits = target, torch.empty(lead + (v_local,), dtype=ldt, device="meta")
     group, _, world = K.resolve_group(group)
-    red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
+    red, ignore_index, eps, z_loss, cap, prob, out_dtype = check_args(
         logits, t_chk, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world, dev)
     if out_dtype == torch.float64 and x2.dtype != torch.float64:
         # fp64 probability targets or class weights make the loss fp64: compute in it, as

@@ -27,6 +27,7 @@ from .._linear_ops import acc_dtype
 from .._logprobs_ops import grad_rows, scaled, stats
 from ..logprobs import LogProbsOutput, check_args
 from . import _core as K
+from ._checks import host_checks, slice_layout
 from .linear_parallel import check_head
 
 __all__ = ["vocab_parallel_log_probs", "vocab_parallel_linear_log_probs"]
@@ -59,12 +60,12 @@ class ShardLogProbs:
                 m_r[ri], ls_r[ri] = shift[:, 0] + shift[:, 1] * 0, shift[:, 1]
                 if o.entropy:
                     h_r[ri] = h
-        buf = torch.cat([m_r, K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev)])
+        buf = K.sizes_onehot(self.v_local, self.rank, self.world, acc, dev, first=m_r)
         K.all_reduce_(buf, dist.ReduceOp.MAX, self.group, self.world)
         M = buf[:R]
-        lay = K.slice_layout(buf[R:], self.vsi, self.rank, self.v_local, acc, dev)
+        lay = slice_layout(buf[R:], self.vsi, self.rank, self.v_local, acc, dev)
         self.C = lay.C.long()
-        if dev.type == "cpu":
+        if host_checks(dev):
             V.check_target_bounds(self.target, int(self.C), o.ignore_index)
         t = self.target.long()
         valid, inb = t != o.ignore_index, (t >= 0) & (t < self.C)
@@ -138,6 +139,8 @@ def vocab_parallel_log_probs(logits_shard: Tensor, target: Tensor, *, group=None
     lead = tuple(logits_shard.shape[:-1])
     T, ii, entropy = check_args("vocab_parallel_log_probs", lead, target, temperature, ignore_index, entropy)
     x = logits_shard.reshape(math.prod(lead), logits_shard.shape[-1])  # -1 is ambiguous for an empty shard
+    if V._compiling():  # the kernels write rows of x's layout with out=, which Dynamo traces only when contiguous
+        x = x.contiguous()
     opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy)
     lp, ent = VocabParallelLogProbsFunction.apply(x, target.reshape(-1), opts, group, vocab_start_index)
     return LogProbsOutput(lp.reshape(target.shape), ent.reshape(target.shape) if entropy else None)

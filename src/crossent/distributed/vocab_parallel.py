@@ -15,6 +15,7 @@ from torch import Tensor
 from .._autograd import VocabParallelCrossEntropyFunction
 from ..functional import _canonical
 from . import _core as K
+from ._checks import check_args
 from ._core import VPOptions
 
 __all__ = ["vocab_parallel_cross_entropy", "VocabParallelCrossEntropyFunction"]
@@ -60,7 +61,7 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group=
     (create_graph=True: one SUM all_reduce of O(N)).  Errors: cross_entropy's, for the same input.
     """
     group, _, world = K.resolve_group(group)
-    red, ignore_index, eps, z_loss, cap, prob, out_dtype = K.check_args(
+    red, ignore_index, eps, z_loss, cap, prob, out_dtype = check_args(
         logits_shard, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, world)
     if out_dtype == torch.float64 and logits_shard.dtype != torch.float64:
         # fp64 probability targets or weights promote the loss: compute in it,
