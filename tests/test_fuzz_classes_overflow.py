@@ -213,3 +213,30 @@ def test_fuzz_rule_18_is_narrow():
     o = t.clone()
     o[tuple(at_edge)] = 0.0
     assert verdict(o) is not None
+
+
+# --------------------------------------------------------------------------- vocab-parallel
+@pytest.mark.parametrize("kind, eps, z_loss", [("index", 0.0, 0.0), ("index", 0.05, 0.0), ("prob", 0.0, 0.0),
+                                               ("prob", 0.05, 0.0), ("index", 0.0, 1e-40)])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_vocab_parallel_row_losses_beyond_fp32_range(kind, eps, z_loss, reduction):
+    """The vocab-parallel losses form their rows from the all-reduced sums
+    (distributed/_core.py ShardMath.finish): those rows, and the z-loss rows
+    (lse^2 passes fp32's range from |lse| ~ 2e19), are kept in the wide dtype
+    up to the reduction too.  One rank holding every class: the single-process
+    loss is the reference (judged against float64 as above)."""
+    import _fuzz
+    from crossent import distributed as D
+    _fuzz.init_single_process()
+    x64, t, w64 = _rows_case(kind)
+    if z_loss:   # lse ~ 1e20 in one row: its z-loss row 1e-40 * 1e40 fits, its fp32 lse^2 does not
+        x64[1] = torch.tensor([1e20, 0.0, 0.0, 0.0], dtype=torch.float64)
+    x, w = x64.float(), None if w64 is None else w64.float()
+    t = t.float() if kind == "prob" else t
+    kw = dict(reduction=reduction, label_smoothing=eps, z_loss=z_loss)
+    ours = D.vocab_parallel_cross_entropy(x, t, weight=w, **kw)
+    ref = crossent.cross_entropy(x.double(), t.double() if kind == "prob" else t,
+                                 None if w is None else w.double(), **kw)
+    assert torch.isfinite(ref) and ref.abs() <= FP32_MAX, "the case's reduction fits fp32"
+    assert ours.dtype == torch.float32
+    assert ((ours.double() - ref).abs() <= 8 * torch.finfo(torch.float32).eps * ref.abs()).all(), (ours, ref)

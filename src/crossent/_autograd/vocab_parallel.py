@@ -17,7 +17,7 @@ def _vp_reduce(sm, rows: Tensor, denom: Tensor, reduction: str) -> Tensor:
     classes at all NaN, as torch's eps / C."""
     from ..distributed._core import _nan_if_infinite
     rows = rows if sm.zrows is None else rows + sm.zrows
-    loss = _reduce(rows, denom, reduction, rows.dtype)
+    loss = _reduce(rows, denom, reduction, sm.acc)   # rows: wide dtype; the loss: acc
     return loss + _nan_if_infinite(sm.eps_c) if sm.eps > 0 and not sm.o.prob else loss
 
 

@@ -208,10 +208,12 @@ class ShardMath:
                 # t there would give inf - inf); eps / C is why the layout comes early
                 t = t * (1 - self.eps) + self.eps_c
             tw = t if self.w is None else t * self._wl()
-            self.A[ri] = (tw * zs).sum(1, dtype=self.sdt)
+            # The products in sdt too: t w (z - m_r) passes fp32's range for logits
+            # near it (fuzz R1), as in the torch backend's sums over classes.
+            self.A[ri] = (tw * zs.to(self.sdt)).sum(1)
             self.T[ri] = tw.sum(1, dtype=self.sdt)
         elif self.D is not None:
-            self.D[ri] = (zs if self.w is None else zs * self._wl()).sum(1, dtype=self.sdt)
+            self.D[ri] = (zs if self.w is None else zs.to(self.sdt) * self._wl()).sum(1, dtype=self.sdt)
 
     def target_logit(self, x: Tensor) -> Tensor:
         """z[y] on the owning rank, 0 elsewhere (a gather: O(N))."""
@@ -238,26 +240,29 @@ class ShardMath:
     def finish(self, M: Tensor, summed: Tensor) -> tuple[Tensor, Tensor]:
         """Global lse and per-row loss from the reduced stack; keeps M and log S
         for the backward, and the z-loss rows apart in ``zrows`` (None without
-        z_loss; 0 in ignored rows).  The sums over classes stay in sdt until
-        the loss rows, which are in acc."""
+        z_loss; 0 in ignored rows).  The sums over classes stay in sdt; the loss
+        rows are in the wide dtype up to the reduction (as the backends' rows,
+        backends/base.py): one row can pass fp32's range where the mean fits."""
         logS = torch.log(summed[0]).to(self.acc)
         self.M, self.logS = M, logS
         lse = M + logS
-        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        wide = wide_dtype(lse.device)
+        zero = torch.zeros((), dtype=wide, device=lse.device)
         self.zrows = None
         if self.zl:
-            self.zrows = self.zl * lse * lse
+            lw = lse.to(wide)
+            self.zrows = self.zl * lw * lw
             if not self.o.prob:
                 self.zrows = torch.where(self.valid, self.zrows, zero)
+        logSw = logS.to(wide)
         if self.o.prob:
             zdot, tw_sum = summed[1], summed[2]  # zdot relative to M
             self.tw_sum = tw_sum.to(self.acc)
             # No classes at all: torch's sums over an empty class dim are 0 (not -inf * 0).
-            return lse, torch.where(self.lay.C == 0, zero, (logS * tw_sum - zdot).to(self.acc))
-        zy = summed[1].to(self.acc)  # z[y] - M
-        out = (logS - zy) * self.wy * (1 - self.eps)
+            return lse, torch.where(self.lay.C == 0, zero, logSw * tw_sum.to(wide) - zdot.to(wide))
+        out = (logSw - summed[1].to(wide)) * self.wy * (1 - self.eps)  # summed[1]: z[y] - M
         if self.eps > 0:
-            out = (out + self.eps_c * (self.sum_w * logS - summed[2])).to(self.acc)
+            out = out + self.eps_c * (self.sum_w * logSw - summed[2].to(wide))
         return lse, torch.where(self.valid, out * self.m, zero)
 
     # -- backward --------------------------------------------------------------
