@@ -143,11 +143,11 @@ class CrossEntropyFunction(CrossentFunction):
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
                 need_grad: bool):
-        precompute = need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x)
-        if opts.fused:
+        if opts.fused:   # eager mode, where the gradient of a 'mean' / 'sum' is formed here (_reruns_kernel)
             return backends.load(opts.backend).ce_forward_fused(
                 x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
-                opts.reduction, opts.out_dtype, precompute, opts.inplace_backward)
+                opts.reduction, opts.out_dtype, need_grad and opts.reduction != "none", opts.inplace_backward)
+        precompute = need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x)
         if _fused(opts, x):
             args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                     opts.reduction, opts.out_dtype)
@@ -169,12 +169,10 @@ class CrossEntropyFunction(CrossentFunction):
         x, target, weight, denom, opts, need_grad = inputs
         _, lse, grad = output
         ctx.opts = opts
-        ctx.acc = lse.dtype
         ctx.fused = _fused(opts, x)
-        ctx.grad = None
-        if need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x):
-            # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
-            ctx.grad = x.detach() if opts.inplace_backward else grad
+        # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
+        ctx.grad = (x.detach() if opts.inplace_backward else grad) \
+            if need_grad and opts.reduction != "none" and (opts.fused or not _reruns_kernel(opts, x)) else None
         # With inplace_backward the logits are gone, so nothing can be recomputed.
         ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, denom)
         ctx.mark_non_differentiable(lse, grad)
@@ -186,22 +184,27 @@ class CrossEntropyFunction(CrossentFunction):
     def backward(ctx, g: Tensor | None, _g_lse: Tensor | None, _g_grad: Tensor | None):
         if g is None:  # only the non-differentiable outputs were used
             return None, None, None, None, None, None
-        eager = _eager()   # while compiling, g is neither batched nor read (_batched, _rescalable)
-        if torch.is_grad_enabled() or (eager and (_batched(g) or not (ctx.opts.inplace_backward or _rescalable(g)))):
+        opts: CEOptions = ctx.opts
+        # while compiling, g is neither batched nor read (_batched, _rescalable)
+        if torch.is_grad_enabled() or (_eager() and (_batched(g) or not (opts.inplace_backward or _rescalable(g)))):
             # create_graph, a batched upstream (jacrev, is_grads_batched) or a
             # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
             # inplace_backward has no logits left to recompute from: a non-finite
             # upstream rescales its gradient buffer (README, deliberate differences).
             return _differentiable_grad(ctx, g), None, None, None, None, None
-        opts: CEOptions = ctx.opts
-        if ctx.grad is not None:
+        grad = ctx.grad
+        if grad is not None:
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
-            grad, ctx.grad = ctx.grad, None
-            # fused: the kernel casts g
-            return _rescaled(grad, g if ctx.fused else g.to(ctx.acc), opts.backend), None, None, None, None, None
+            ctx.grad = None
+            if opts.fused:   # eager: the backend's rescale_ itself, whose kernel casts g
+                backends.load(opts.backend).rescale_(grad, g)
+                return grad, None, None, None, None, None
+            # a fused kernel casts g (while compiling: _rescaled's multiply in grad's acc dtype)
+            return _rescaled(grad, g if ctx.fused else g.to(acc_dtype(grad.dtype)), opts.backend), \
+                None, None, None, None, None
         x, target, weight, lse, denom = ctx.saved_tensors
         if x is None:
             raise RuntimeError(
@@ -214,6 +217,11 @@ class CrossEntropyFunction(CrossentFunction):
         grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
                                 opts.z_loss, opts.softcap, row_scale, opts.backend)
         return grad, None, None, None, None, None
+
+
+# CrossEntropyFunction's C++ apply, bound once: what CrossentFunction.call runs in eager mode
+# outside functorch transforms, for a caller that has checked that and unwrapped dead wrappers.
+eager_apply = super(torch.autograd.Function, CrossEntropyFunction).apply
 
 
 class CrossEntropyJvpFunction(CrossEntropyFunction):
