@@ -130,7 +130,8 @@ class CrossEntropyFunction(CrossentFunction):
     setup_context form is what torch.func.grad and jvp need).  loss: 0-d for
     mean/sum, rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32
     (fp64 for fp64 input), not differentiable.  grad: the gradient baked into
-    the forward (or an empty tensor), not differentiable; callers drop it.
+    the forward (or an empty tensor; None from a fused eager forward that formed
+    none), not differentiable; callers drop it.
     """
 
     @staticmethod
@@ -175,7 +176,8 @@ class CrossEntropyFunction(CrossentFunction):
             if need_grad and opts.reduction != "none" and (opts.fused or not _reruns_kernel(opts, x)) else None
         # With inplace_backward the logits are gone, so nothing can be recomputed.
         ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, denom)
-        ctx.mark_non_differentiable(lse, grad)
+        # grad: None where a fused forward formed none
+        ctx.mark_non_differentiable(lse, grad) if grad is not None else ctx.mark_non_differentiable(lse)
         # No zero-filled stand-ins for the unused lse and grad outputs: that
         # would be an N x C zeros (a full write of the logits' size) per backward.
         ctx.set_materialize_grads(False)
@@ -214,8 +216,9 @@ class CrossEntropyFunction(CrossentFunction):
             row_scale = g.to(lse.dtype) * _scale(denom, opts)
         else:  # g itself; a fused kernel casts it (no launch)
             row_scale = g if ctx.fused else g.to(lse.dtype)
-        grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
-                                opts.z_loss, opts.softcap, row_scale, opts.backend)
+        args = (x, target, weight, lse, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, row_scale)
+        # opts.fused (eager): the backend itself, as the forward
+        grad = backends.load(opts.backend).ce_backward(*args) if opts.fused else _ops.ce_backward(*args, opts.backend)
         return grad, None, None, None, None, None
 
 
