@@ -367,10 +367,11 @@ def _plain_cross_entropy(input, target, ignore_index, reduction) -> Tensor | Non
     if opts is None:
         return None
     V.check_target_bounds(target, c, ignore_index)
-    denom = input.new_empty(size=(), dtype=torch.float32)   # the kernel writes the mean's denominator
+    # denom None: neither the mean's denominator nor the lse is kept (two allocations less;
+    # a backward that recomputes recounts the targets: _autograd.ce._kept_denom)
     if torch.is_grad_enabled() and input.requires_grad:
-        return eager_apply(input, _unwrap_if_dead(target), None, denom, opts, True)[0]
-    return CrossEntropyFunction.forward(input, _unwrap_if_dead(target), None, denom, opts, False)[0]
+        return eager_apply(input, _unwrap_if_dead(target), None, None, opts, True)[0]
+    return CrossEntropyFunction.forward(input, _unwrap_if_dead(target), None, None, opts, False)[0]
 
 
 def _plain_options(backend: str, reduction: str, ignore_index: int, dtype, out_dtype, x: Tensor) -> CEOptions | None:

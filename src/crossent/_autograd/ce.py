@@ -125,11 +125,13 @@ class CrossEntropyFunction(CrossentFunction):
 
     x: (R, C) or (B, C, S) logits, class dim 1.  target: rows-shaped class
     indices, or x-shaped probabilities.  denom: 0-d acc-dtype tensor, the mean's
-    denominator (ignored unless reduction == 'mean').  need_grad: the caller's
+    denominator (ignored unless reduction == 'mean'), or None where a fused forward
+    forms it and a plain call keeps it not (_kept_denom).  need_grad: the caller's
     ``grad enabled and x.requires_grad`` (forward has no ctx to ask: the
     setup_context form is what torch.func.grad and jvp need).  loss: 0-d for
     mean/sum, rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32
-    (fp64 for fp64 input), not differentiable.  grad: the gradient baked into
+    (fp64 for fp64 input), not differentiable (None with denom None: not kept;
+    the kernels' recompute needs none).  grad: the gradient baked into
     the forward (or an empty tensor; None from a fused eager forward that formed
     none), not differentiable; callers drop it.
     """
@@ -176,8 +178,8 @@ class CrossEntropyFunction(CrossentFunction):
             if need_grad and opts.reduction != "none" and (opts.fused or not _reruns_kernel(opts, x)) else None
         # With inplace_backward the logits are gone, so nothing can be recomputed.
         ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, denom)
-        # grad: None where a fused forward formed none
-        ctx.mark_non_differentiable(lse, grad) if grad is not None else ctx.mark_non_differentiable(lse)
+        # None where a fused forward formed no gradient or kept no lse
+        ctx.mark_non_differentiable(*[t for t in (lse, grad) if t is not None])
         # No zero-filled stand-ins for the unused lse and grad outputs: that
         # would be an N x C zeros (a full write of the logits' size) per backward.
         ctx.set_materialize_grads(False)
@@ -213,9 +215,9 @@ class CrossEntropyFunction(CrossentFunction):
                 "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
                 "it cannot be backpropagated a second time")
         if opts.reduction == "mean":
-            row_scale = g.to(lse.dtype) * _scale(denom, opts)
+            row_scale = g.to(acc_dtype(x.dtype)) * _scale(_kept_denom(denom, target, opts), opts)
         else:  # g itself; a fused kernel casts it (no launch)
-            row_scale = g if ctx.fused else g.to(lse.dtype)
+            row_scale = g if ctx.fused else g.to(acc_dtype(x.dtype))
         args = (x, target, weight, lse, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, row_scale)
         # opts.fused (eager): the backend itself, as the forward
         grad = backends.load(opts.backend).ce_backward(*args) if opts.fused else _ops.ce_backward(*args, opts.backend)
@@ -280,6 +282,15 @@ def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
     return denom.reciprocal() if opts.reduction == "mean" else torch.ones_like(denom)
 
 
+def _kept_denom(denom: Tensor | None, target: Tensor, opts: CEOptions) -> Tensor:
+    """The mean's denominator as the forward kept it, or recounted where it kept none: the
+    plain call (functional._plain_cross_entropy: class indices, no weight, no smoothing),
+    whose W is the number of counted targets, an exact integer as the kernel's."""
+    if denom is None:
+        denom = not_ignored(target, opts.ignore_index).sum().to(torch.float32)
+    return denom
+
+
 def _rescalable(g: Tensor) -> bool:
     """Whether g * (forward's gradient) is the gradient torch gives.  Not for a
     non-finite upstream (also one row's, under 'none'): torch scales each
@@ -337,8 +348,8 @@ def _differentiable_grad(ctx, g: Tensor) -> Tensor:
     opts: CEOptions = ctx.opts
     if x is None:
         raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
-    g = g.to(lse.dtype)
-    row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
+    g = g.to(acc_dtype(x.dtype))
+    row_scale = g * _scale(_kept_denom(denom, target, opts), opts) if opts.reduction == "mean" else g
     return reference.cross_entropy_grad(x, target, weight, opts.ignore_index, opts.label_smoothing,
                                         opts.z_loss, opts.softcap or None, row_scale)
 

@@ -256,13 +256,14 @@ _device.on_path_change(_forget_plans)   # a failed cooperative launch changes th
 
 
 def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-            reduce=0, loss_dtype=torch.float32, discard_rows=False):
+            reduce=0, loss_dtype=torch.float32, keep_rows=True, keep_lse=True):
     """One sweep over the logits.  reduce 0: (per-position losses in loss_dtype, lse),
     the gradient scaled per position by ``scale``; reduce 1 / 2 / 3 (sum, mean over
     positions, mean over W): (the 0-d reduced loss in loss_dtype, lse), the gradient
-    of loss * 1; one launch on CUDA (see _grid.py).  discard_rows (reduce 0, fp32 losses), for
-    a caller that reads neither: both go to one scratch buffer, nothing allocated, and
-    the pair returned is that buffer, not results."""
+    of loss * 1, and the mean's denominator written into ``scale`` (or nowhere: None);
+    one launch on CUDA (see _grid.py).  For a caller that reads them not, the losses
+    (keep_rows=False, reduce 0, fp32) and the lse (keep_lse=False) go to one scratch
+    buffer instead of new tensors, and come back as None."""
     dev = x.device
     g = x if grad is None else grad   # x: a dummy pointer when there is no gradient
     # The plan's key: every input of _Plan.  x's shape fixes target's and g's, their strides
@@ -278,11 +279,16 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(x, target, g, prob, flags, reduce, dev)
-    if discard_rows:   # each position's loss, then its lse, into the same slot of a scratch buffer
-        loss = lse = _grid.scratch(dev, plan.positions, 1)
-    else:   # size=: a positional shape tuple costs ~0.5 us more in torch's argument parser
-        lse = torch.empty(size=plan.rows, device=dev, dtype=torch.float32)
-        loss = torch.empty(size=plan.rows if reduce == 0 else (), device=dev, dtype=loss_dtype)
+    # Outputs nobody reads share one slot of a scratch buffer (written, never read back): an
+    # allocation and its free cost ~2 us of host time each.  size=: a positional shape
+    # tuple costs ~0.5 us more in torch's argument parser.
+    discard = None if keep_lse and keep_rows and scale is not None else _grid.scratch(dev, plan.positions, 1)
+    lse = torch.empty(size=plan.rows, device=dev, dtype=torch.float32) if keep_lse else discard
+    loss = torch.empty(size=plan.rows if reduce == 0 else (), device=dev, dtype=loss_dtype) \
+        if keep_rows or reduce else discard
+    if scale is None:   # reduce 0 without a gradient reads no scale
+        scale = discard
+    out = (loss if keep_rows or reduce else None, lse if keep_lse else None)
     # reduce > 0: scale_ptr is an output, the mean's denominator (1 for 'sum')
     scale, scale_stride = _scale_arg(scale) if reduce == 0 else (scale, 0)
     # Kernels index the weight as w_ptr + c: a strided weight costs an O(C) copy.
@@ -293,14 +299,14 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
         try:
             split.ce(x, xs[1], target, ts[1], ts[2], w, scale, scale_stride, loss, lse, g, S, C,
                      scalars, plan.split_consts, reduce)
-            return loss, lse
+            return out
         except Exception as e:  # noqa: BLE001 - no cooperative launch here (MPS, some MIG setups),
             # or a Triton that cannot build the handshake: warn once, use the two-pass kernels
             if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
                 raise
             _device.cooperative_failed(dev, e)   # forgets the plans
             return _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-                           reduce, loss_dtype, discard_rows)
+                           reduce, loss_dtype, keep_rows, keep_lse)
     gs = plan.gs
     rows_out = loss if reduce == 0 else lse            # reduce > 0: per-position losses not stored
     # the kernel's arguments before and after the workspace (ws, part)
@@ -314,7 +320,7 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
                                                                dict(plan.consts, STAGE=0), dev))
             plan.launcher(0, cooperative=True)((plan.programs,), *head, *_grid.workspace(dev, 0, plan.programs),
                                                *tail)
-            return loss, lse
+            return out
         except Exception as e:  # noqa: BLE001 - as above; W then takes a launch of its own
             if torch.cuda.is_current_stream_capturing():
                 raise
@@ -322,7 +328,7 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     args = (*head, *_grid.workspace(dev, 0, plan.grid), *tail)
     for stage in plan.stages:
         plan.launcher(stage)((plan.grid,), *args)
-    return loss, lse
+    return out
 
 
 def _torch_backend():
@@ -358,18 +364,20 @@ def fuses_forward(x) -> bool:
 
 def ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss, softcap,
                      reduction, out_dtype, need_grad, inplace):
-    """(loss in out_dtype, lse, grad or None): the whole forward in one launch on CUDA.
+    """(loss in out_dtype, lse or None, grad or None): the whole forward in one launch on CUDA.
     'mean' / 'sum': the reduced loss, the gradient of loss * 1 when need_grad (into x
     when inplace: then None), and the mean's denominator written into the 0-d fp32
-    ``denom``; 'none': per-position losses (denom untouched).  None, not an empty
-    tensor: an allocation less for a caller that only passes it on (~1 us)."""
+    ``denom``; 'none': per-position losses (denom untouched).  denom None: the caller
+    keeps neither the denominator nor the lse (None).  None, not empty tensors: an
+    allocation less each for a caller that reads nothing there (~2 us with its free)."""
     prob = target.is_floating_point()
     reduce = 0 if reduction == "none" else 1 if reduction == "sum" else 2 if prob else 3
     grad = None
     if need_grad:   # empty_like: ~1.3 us less than torch.empty(x.shape, ...)
         grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, lse = _launch(x, target, weight, int(ignore_index), float(label_smoothing), float(z_loss),
-                        float(softcap or 0.0), denom, grad is not None, grad, reduce, out_dtype)
+                        float(softcap or 0.0), denom, grad is not None, grad, reduce, out_dtype,
+                        keep_lse=denom is not None)
     return loss, lse, None if inplace else grad
 
 
@@ -384,7 +392,7 @@ def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, s
         return ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, True)[2]
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     _launch(x, target, weight, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
-            scale, True, grad, discard_rows=True)
+            scale, True, grad, keep_rows=False, keep_lse=False)
     return grad
 
 
