@@ -34,7 +34,7 @@ import triton.language as tl
 from ..._fast import _eager
 from . import _device, _grid, _launch as _lean, split
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
-from .ce_tile import _ce_tiles
+from .ce_tile import _ce_tile
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
 # move them; change them through configure(), which drops the cached plans.
@@ -103,12 +103,22 @@ def _ce_kernel(
         if STAGE != 1:
             den = _denominator(part_ptr, SMOOTH)
     if STAGE != 1:
-        partial = _ce_tiles(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-                            loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, _inverse(den), S, C, n_sblk, n_tiles,
-                            ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE,
-                            HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
-        if REDUCE != 0:
-            _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, partial, den, REDUCE >= 2)
+        inv_den = _inverse(den)
+        if REDUCE == 0:
+            # Per-position losses: one tile per program (a loop, even of one trip, costs
+            # registers: 64 -> 114 for the cluster path).
+            _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride, loss_ptr,
+                     lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.program_id(0).to(tl.int64), S, C, n_sblk,
+                     ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB,
+                     SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+        else:   # this program's tiles of a persistent grid, and the sum of their losses (fp64)
+            partial = tl.zeros([BLOCK_S], tl.float64)
+            for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+                partial += _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+                                    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.cast(tile, tl.int64), S,
+                                    C, n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C,
+                                    SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+            _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, tl.sum(partial, 0), den, REDUCE >= 2)
 
 
 @triton.jit
