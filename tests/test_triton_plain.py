@@ -96,9 +96,10 @@ def test_plain_matches_torch(triton, path):
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(_grads(ours.sum(), x, None), _grads(theirs.sum(), x, None))
     with torch.no_grad():
-        ii = int(y[0])   # an ignored class (y[1] = -100 is then out of bounds, as in torch)
+        ii = int(y[0])   # a class as ignore_index (-100 then counts as a class: out of bounds)
         yy = torch.where(y == -100, ii, y)
-        torch.testing.assert_close(crossent.cross_entropy(x, yy, ignore_index=ii), F.cross_entropy(x, yy, ignore_index=ii))
+        torch.testing.assert_close(crossent.cross_entropy(x, yy, ignore_index=ii),
+                                   F.cross_entropy(x, yy, ignore_index=ii))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         xb = x.detach().bfloat16()
         ours, theirs = crossent.cross_entropy(xb, y), F.cross_entropy(xb, y)

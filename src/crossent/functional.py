@@ -343,9 +343,9 @@ def _plain_cross_entropy(input, target, ignore_index, reduction) -> Tensor | Non
 
     What _cross_entropy checks and decides for such a call is a few O(1) tests here (the
     batch sizes, the target bounds where they cost no sync) and one dict lookup: its
-    argument checks all pass, its result is the same.  ~7 us less Python per call, ~10
-    per training step (issue 10, item 3).  Anything else returns None before a
-    side effect, and _cross_entropy then raises or computes as always."""
+    argument checks all pass, its result is the same (issue 10, item 3; BENCHMARKS.md, host
+    overhead, fifth pass).  Anything else returns None before a side effect, and
+    _cross_entropy then raises or computes as always."""
     if not (type(input) is Tensor and type(target) is Tensor and type(ignore_index) is int
             and type(reduction) is str and target.dtype is torch.int64 and input.dim() == 2
             and target.dim() == 1 and input.dtype in _PLAIN_DTYPES and _fast._eager()
