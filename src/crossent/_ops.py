@@ -62,8 +62,9 @@ def _(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, 
 def _forward_fused(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, out_dtype,
                    need_grad, backend, inplace):
     denom = x.new_empty((), dtype=acc_dtype(x.dtype))   # the kernel's scratch for the mean's denominator
-    return backends.load(backend).ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing,
-                                                   z_loss, softcap, reduction, out_dtype, need_grad, inplace)
+    loss, lse, grad = backends.load(backend).ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing,
+                                                              z_loss, softcap, reduction, out_dtype, need_grad, inplace)
+    return loss, lse, x.new_empty(0) if grad is None else grad   # an op returns tensors
 
 
 @_op("ce_forward_fused")

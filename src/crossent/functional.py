@@ -18,6 +18,7 @@ from . import _validate as V
 from . import backends, reference
 from .backends.base import acc_dtype, wide_dtype
 from ._autograd import CEOptions, CrossEntropyFunction, CrossEntropyJvpFunction, PickFunction, fuses_forward
+from ._autograd.ce import _unwrap_if_dead, eager_apply
 from ._autograd import softmax as _softmax_impl
 
 __all__ = ["softmax", "log_softmax", "nll_loss", "cross_entropy", "cross_entropy_with_stats",
@@ -326,6 +327,64 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
 
 _cached_options = functools.lru_cache(maxsize=256)(CEOptions)
 
+_PLAIN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLAIN_OPTIONS: dict = {}   # (backend, reduction, ignore_index, dtype, loss dtype) -> CEOptions or None
+_INT64_RANGE = range(-(1 << 63), 1 << 63)   # torch's binding unpacks ignore_index as an int64
+_forward_ad = torch.autograd.forward_ad
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _plain_cross_entropy(input, target, ignore_index, reduction) -> Tensor | None:
+    """cross_entropy for the call nearly every training step makes, else None: (N, C) logits
+    in fp32 / bf16 / fp16 with N, C > 0, (N,) int64 class indices, no weight, smoothing,
+    legacy arguments or extras (the caller checks those), eager mode outside torch.func and
+    forward-mode AD, on a backend that forms the forward in one launch (triton on CUDA).
+
+    What _cross_entropy checks and decides for such a call is a few O(1) tests here (the
+    batch sizes, the target bounds where they cost no sync) and one dict lookup: its
+    argument checks all pass, its result is the same (issue 10, item 3; BENCHMARKS.md, host
+    overhead, fifth pass).  Anything else returns None before a side effect, and
+    _cross_entropy then raises or computes as always."""
+    if not (type(input) is Tensor and type(target) is Tensor and type(ignore_index) is int
+            and type(reduction) is str and target.dtype is torch.int64 and input.dim() == 2
+            and target.dim() == 1 and input.dtype in _PLAIN_DTYPES and _fast._eager()
+            and not _fast._transforms_active() and _forward_ad._current_level < 0
+            and not _is_wrapped(input)):
+        return None
+    n, c = input.shape
+    if not (n and c and target.shape[0] == n and ignore_index in _INT64_RANGE):
+        return None
+    try:
+        backend = backends.name_for(input.device.type)
+    except RuntimeError:   # a named backend that cannot run here: raised after the checks
+        return None
+    dt = input.dtype
+    key = (backend, reduction, ignore_index, dt, _fast.autocast_out_dtype(input, dt))
+    opts = _PLAIN_OPTIONS.get(key, False)
+    if opts is False:
+        opts = _PLAIN_OPTIONS[key] = _plain_options(*key, input)
+    if opts is None:
+        return None
+    V.check_target_bounds(target, c, ignore_index)
+    # denom None: neither the mean's denominator nor the lse is kept (two allocations less;
+    # a backward that recomputes recounts the targets: _autograd.ce._kept_denom)
+    if torch.is_grad_enabled() and input.requires_grad:
+        return eager_apply(input, _unwrap_if_dead(target), None, None, opts, True)[0]
+    return CrossEntropyFunction.forward(input, _unwrap_if_dead(target), None, None, opts, False)[0]
+
+
+def _plain_options(backend: str, reduction: str, ignore_index: int, dtype, out_dtype, x: Tensor) -> CEOptions | None:
+    """The options of a plain call, or None where the reduction is not one of the three
+    (_cross_entropy warns or raises) or the backend does not fuse x's forward: kept per key,
+    so a backend's fuses_forward may depend on x only through its dtype and what every plain
+    call shares (elements, no functorch wrapper, eager mode)."""
+    if reduction not in ("mean", "sum", "none") or not fuses_forward(backend, x):
+        return None
+    if len(_PLAIN_OPTIONS) >= 256:
+        _PLAIN_OPTIONS.clear()
+    return CEOptions(reduction=reduction, ignore_index=ignore_index, backend=backend, out_dtype=out_dtype,
+                     fused=True)
+
 
 def _z_term(lse: Tensor, t: Tensor, prob: bool, ignore_index: int, z_loss: float, red: str,
             denom: Tensor) -> Tensor:
@@ -371,6 +430,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     if not (z_loss or softcap is not None or inplace_backward):
         out = _fast.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                   label_smoothing)
+        if out is None and weight is None and size_average is None and reduce is None \
+                and type(label_smoothing) is float and label_smoothing == 0.0:
+            out = _plain_cross_entropy(input, target, ignore_index, reduction)
         if out is not None:
             return out
     return _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,

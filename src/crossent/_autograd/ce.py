@@ -126,12 +126,15 @@ class CrossEntropyFunction(CrossentFunction):
 
     x: (R, C) or (B, C, S) logits, class dim 1.  target: rows-shaped class
     indices, or x-shaped probabilities.  denom: 0-d acc-dtype tensor, the mean's
-    denominator (ignored unless reduction == 'mean').  need_grad: the caller's
+    denominator (ignored unless reduction == 'mean'), or None where a fused forward
+    forms it and a plain call keeps it not (_kept_denom).  need_grad: the caller's
     ``grad enabled and x.requires_grad`` (forward has no ctx to ask: the
     setup_context form is what torch.func.grad and jvp need).  loss: 0-d for
     mean/sum, rows-shaped for 'none', in opts.out_dtype.  lse: rows, fp32
-    (fp64 for fp64 input), not differentiable.  grad: the gradient baked into
-    the forward (or an empty tensor), not differentiable; callers drop it.
+    (fp64 for fp64 input), not differentiable (None with denom None: not kept;
+    the kernels' recompute needs none).  grad: the gradient baked into
+    the forward (or an empty tensor; None from a fused eager forward that formed
+    none), not differentiable; callers drop it.
     """
 
     @staticmethod
@@ -144,11 +147,11 @@ class CrossEntropyFunction(CrossentFunction):
     @staticmethod
     def forward(x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor, opts: CEOptions,
                 need_grad: bool):
-        precompute = need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x)
-        if opts.fused:
+        if opts.fused:   # eager mode, where the gradient of a 'mean' / 'sum' is formed here (_reruns_kernel)
             return backends.load(opts.backend).ce_forward_fused(
                 x, target, weight, denom, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
-                opts.reduction, opts.out_dtype, precompute, opts.inplace_backward)
+                opts.reduction, opts.out_dtype, need_grad and opts.reduction != "none", opts.inplace_backward)
+        precompute = need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x)
         if _fused(opts, x):
             args = (target, weight, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap,
                     opts.reduction, opts.out_dtype)
@@ -170,15 +173,14 @@ class CrossEntropyFunction(CrossentFunction):
         x, target, weight, denom, opts, need_grad = inputs
         _, lse, grad = output
         ctx.opts = opts
-        ctx.acc = lse.dtype
         ctx.fused = _fused(opts, x)
-        ctx.grad = None
-        if need_grad and opts.reduction != "none" and not _reruns_kernel(opts, x):
-            # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
-            ctx.grad = x.detach() if opts.inplace_backward else grad
+        # inplace: a fresh handle on x's storage, so autograd can adopt it as x.grad.
+        ctx.grad = (x.detach() if opts.inplace_backward else grad) \
+            if need_grad and opts.reduction != "none" and (opts.fused or not _reruns_kernel(opts, x)) else None
         # With inplace_backward the logits are gone, so nothing can be recomputed.
         ctx.save_for_backward(None if opts.inplace_backward else x, target, weight, lse, denom)
-        ctx.mark_non_differentiable(lse, grad)
+        # None where a fused forward formed no gradient or kept no lse
+        ctx.mark_non_differentiable(*[t for t in (lse, grad) if t is not None])
         # No zero-filled stand-ins for the unused lse and grad outputs: that
         # would be an N x C zeros (a full write of the logits' size) per backward.
         ctx.set_materialize_grads(False)
@@ -187,34 +189,45 @@ class CrossEntropyFunction(CrossentFunction):
     def backward(ctx, g: Tensor | None, _g_lse: Tensor | None, _g_grad: Tensor | None):
         if g is None:  # only the non-differentiable outputs were used
             return None, None, None, None, None, None
-        eager = _eager()   # while compiling, g is neither batched nor read (_batched, _rescalable)
-        if torch.is_grad_enabled() or (eager and (_batched(g) or not (ctx.opts.inplace_backward or _rescalable(g)))):
+        opts: CEOptions = ctx.opts
+        # while compiling, g is neither batched nor read (_batched, _rescalable)
+        if torch.is_grad_enabled() or (_eager() and (_batched(g) or not (opts.inplace_backward or _rescalable(g)))):
             # create_graph, a batched upstream (jacrev, is_grads_batched) or a
             # non-finite one (torch's inf/NaN pattern, term by term): torch ops.
             # inplace_backward has no logits left to recompute from: a non-finite
             # upstream rescales its gradient buffer (README, deliberate differences).
             return _differentiable_grad(ctx, g), None, None, None, None, None
-        opts: CEOptions = ctx.opts
-        if ctx.grad is not None:
+        grad = ctx.grad
+        if grad is not None:
             # Hand the forward's buffer over (autograd can then adopt it as
             # x.grad without a copy); rescale in place only if g != 1.  The
             # saved tensors are not unpacked, so editing x after the forward
             # is as harmless as it is for torch's own cross_entropy.
-            grad, ctx.grad = ctx.grad, None
-            # fused: the kernel casts g
-            return _rescaled(grad, g if ctx.fused else g.to(ctx.acc), opts.backend), None, None, None, None, None
+            ctx.grad = None
+            if opts.fused:   # eager: the backend's rescale_ itself, whose kernel casts g
+                backends.load(opts.backend).rescale_(grad, g)
+                return grad, None, None, None, None, None
+            # a fused kernel casts g (while compiling: _rescaled's multiply in grad's acc dtype)
+            return _rescaled(grad, g if ctx.fused else g.to(acc_dtype(grad.dtype)), opts.backend), \
+                None, None, None, None, None
         x, target, weight, lse, denom = ctx.saved_tensors
         if x is None:
             raise RuntimeError(
                 "crossent.cross_entropy(inplace_backward=True) wrote its gradient into the logits; "
                 "it cannot be backpropagated a second time")
         if opts.reduction == "mean":
-            row_scale = g.to(lse.dtype) * _scale(denom, opts)
+            row_scale = g.to(acc_dtype(x.dtype)) * _scale(_kept_denom(denom, target, opts), opts)
         else:  # g itself; a fused kernel casts it (no launch)
-            row_scale = g if ctx.fused else g.to(lse.dtype)
-        grad = _ops.ce_backward(x, target, weight, lse, opts.ignore_index, opts.label_smoothing,
-                                opts.z_loss, opts.softcap, row_scale, opts.backend)
+            row_scale = g if ctx.fused else g.to(acc_dtype(x.dtype))
+        args = (x, target, weight, lse, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap, row_scale)
+        # opts.fused (eager): the backend itself, as the forward
+        grad = backends.load(opts.backend).ce_backward(*args) if opts.fused else _ops.ce_backward(*args, opts.backend)
         return grad, None, None, None, None, None
+
+
+# CrossEntropyFunction's C++ apply, bound once: what CrossentFunction.call runs in eager mode
+# outside functorch transforms, for a caller that has checked that and unwrapped dead wrappers.
+eager_apply = super(torch.autograd.Function, CrossEntropyFunction).apply
 
 
 class CrossEntropyJvpFunction(CrossEntropyFunction):
@@ -268,6 +281,15 @@ def _scale(denom: Tensor, opts: CEOptions) -> Tensor:
     reciprocal: what 1.0 / denom computes (reciprocal() * 1.0), without the ~3 us of
     Tensor.__rtruediv__'s Python wrapper."""
     return denom.reciprocal() if opts.reduction == "mean" else torch.ones_like(denom)
+
+
+def _kept_denom(denom: Tensor | None, target: Tensor, opts: CEOptions) -> Tensor:
+    """The mean's denominator as the forward kept it, or recounted where it kept none: the
+    plain call (functional._plain_cross_entropy: class indices, no weight, no smoothing),
+    whose W is the number of counted targets, an exact integer as the kernel's."""
+    if denom is None:
+        denom = not_ignored(target, opts.ignore_index).sum().to(torch.float32)
+    return denom
 
 
 def _rescalable(g: Tensor) -> bool:
@@ -327,8 +349,8 @@ def _differentiable_grad(ctx, g: Tensor) -> Tensor:
     opts: CEOptions = ctx.opts
     if x is None:
         raise RuntimeError("crossent.cross_entropy(inplace_backward=True) does not support create_graph=True")
-    g = g.to(lse.dtype)
-    row_scale = g if opts.reduction == "none" else g * _scale(denom, opts)
+    g = g.to(acc_dtype(x.dtype))
+    row_scale = g * _scale(_kept_denom(denom, target, opts), opts) if opts.reduction == "mean" else g
     return reference.cross_entropy_grad(x, target, weight, opts.ignore_index, opts.label_smoothing,
                                         opts.z_loss, opts.softcap or None, row_scale)
 

@@ -10,8 +10,6 @@ import os
 import re
 
 import torch
-from torch import Tensor
-
 import triton
 
 from . import ce, softmax
@@ -49,38 +47,15 @@ class TritonBackend:
             return False, "triton runs on CPU only under TRITON_INTERPRET=1"
         return False, f"triton backend does not support device type {device.type!r}"
 
-    def ce_forward(self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                   label_smoothing: float, z_loss: float, softcap: float,
-                   scale: Tensor, need_grad: bool,
-                   grad_into: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        return ce.ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                             scale, need_grad, grad_into)
-
-    def fuses_forward(self, x: Tensor) -> bool:
-        return ce.fuses_forward(x)
-
-    def ce_forward_fused(self, x: Tensor, target: Tensor, weight: Tensor | None, denom: Tensor,
-                         ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
-                         reduction: str, out_dtype: torch.dtype, need_grad: bool,
-                         inplace: bool) -> tuple[Tensor, Tensor, Tensor]:
-        return ce.ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss,
-                                   softcap, reduction, out_dtype, need_grad, inplace)
-
-    def ce_backward(self, x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
-                    ignore_index: int, label_smoothing: float, z_loss: float,
-                    softcap: float, scale: Tensor) -> Tensor:
-        return ce.ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss,
-                              softcap, scale)
-
-    def rescale_(self, grad: Tensor, g: Tensor) -> None:
-        ce.rescale_(grad, g)
-
-    def softmax_forward(self, x: Tensor, dim: int, log: bool) -> Tensor:
-        return softmax.softmax_forward(x, dim, log)
-
-    def softmax_backward(self, g: Tensor, y: Tensor, dim: int, log: bool,
-                         input_dtype: torch.dtype) -> Tensor:
-        return softmax.softmax_backward(g, y, dim, log, input_dtype)
+    # The kernels' host functions themselves, not methods that forward to them: each
+    # Python frame costs ~0.3 us on every call (issue 10, item 3).  Contract: backends/base.py.
+    ce_forward = staticmethod(ce.ce_forward)
+    fuses_forward = staticmethod(ce.fuses_forward)
+    ce_forward_fused = staticmethod(ce.ce_forward_fused)
+    ce_backward = staticmethod(ce.ce_backward)
+    rescale_ = staticmethod(ce.rescale_)
+    softmax_forward = staticmethod(softmax.softmax_forward)
+    softmax_backward = staticmethod(softmax.softmax_backward)
 
 
 __all__ = ["TritonBackend"]

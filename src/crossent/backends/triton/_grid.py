@@ -150,18 +150,35 @@ def workspace(device: torch.device, rows: int, programs: int) -> tuple[torch.Ten
     """(int32 counters, fp64 partials) for a launch of ``programs`` programs over
     ``rows`` split rows: cached per device and stream, zeroed only when first made
     or grown (under graph capture: fresh, the counters zeroed by a memset node)."""
-    n_cnt = 4 + 2 * rows
     key = _stream_key(device)
     if key is None:
-        return (torch.zeros(n_cnt, device=device, dtype=torch.int32),
+        return (torch.zeros(4 + 2 * rows, device=device, dtype=torch.int32),
                 torch.empty(2 * programs, device=device, dtype=torch.float64))
-    cnt, part = _WORKSPACES.get(key, (None, None))
+    return _workspace(key, device, rows, programs)
+
+
+def split_workspace(device: torch.device, rows: int, programs: int,
+                    floats: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``workspace`` plus the split kernels' slice partials (``scratch`` slot 0, >= floats),
+    for one lookup of the stream."""
+    key = _stream_key(device)
+    if key is None:
+        return (*workspace(device, rows, programs), torch.empty(floats, device=device, dtype=torch.float32))
+    return (*_workspace(key, device, rows, programs), _scratch(key, device, floats, 0))
+
+
+def _workspace(key, device: torch.device, rows: int, programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n_cnt = 4 + 2 * rows
+    bufs = _WORKSPACES.get(key)
+    if bufs is not None and bufs[0].numel() >= n_cnt and bufs[1].numel() >= 2 * programs:
+        return bufs
+    cnt, part = bufs or (None, None)
     if cnt is None or cnt.numel() < n_cnt:
         cnt = torch.zeros(max(n_cnt, 2 * (0 if cnt is None else cnt.numel())), device=device, dtype=torch.int32)
     if part is None or part.numel() < 2 * programs:
         part = torch.empty(max(2 * programs, 4096), device=device, dtype=torch.float64)
-    _WORKSPACES[key] = (cnt, part)
-    return cnt, part
+    bufs = _WORKSPACES[key] = (cnt, part)
+    return bufs
 
 
 _SCRATCH: dict = {}
@@ -175,6 +192,10 @@ def scratch(device: torch.device, n: int, slot: int = 0) -> torch.Tensor:
     key = _stream_key(device)
     if key is None:
         return torch.empty(n, device=device, dtype=torch.float32)
+    return _scratch(key, device, n, slot)
+
+
+def _scratch(key, device: torch.device, n: int, slot: int) -> torch.Tensor:
     key = (key, slot)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < n:

@@ -18,6 +18,14 @@ def _safe(m):
 
 
 @triton.jit
+def _class_block(c0, smask, C, BLOCK_C: tl.constexpr):
+    # Classes [c0, c0 + BLOCK_C) of a [positions x classes] tile: int64 offsets [1, BLOCK_C],
+    # and the mask of the (position, class) pairs that exist.
+    cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
+    return cols, smask[:, None] & (cols < C)
+
+
+@triton.jit
 def _log_sum(ssum, m):
     # log(sumexp); NaN for a row with a +inf logit (torch's softmax is NaN there: inf - inf).
     return tl.where(m == float("inf"), float("nan"), tl.log(ssum))

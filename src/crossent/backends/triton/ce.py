@@ -35,7 +35,7 @@ from ..._fast import _eager
 from ..base import wide_dtype
 from . import _device, _grid, _launch as _lean, split
 from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
-from .ce_tile import _ce_tiles
+from .ce_tile import _ce_tile
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
 # move them; change them through configure(), which drops the cached plans.
@@ -104,12 +104,22 @@ def _ce_kernel(
         if STAGE != 1:
             den = _denominator(part_ptr, SMOOTH)
     if STAGE != 1:
-        partial = _ce_tiles(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-                            loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, _inverse(den), S, C, n_sblk, n_tiles,
-                            ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE,
-                            HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
-        if REDUCE != 0:
-            _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, partial, den, REDUCE >= 2)
+        inv_den = _inverse(den)
+        if REDUCE == 0:
+            # Per-position losses: one tile per program (a loop, even of one trip, costs
+            # registers: 64 -> 114 for the cluster path).
+            _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride, loss_ptr,
+                     lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.program_id(0).to(tl.int64), S, C, n_sblk,
+                     ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB,
+                     SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+        else:   # this program's tiles of a persistent grid, and the sum of their losses (fp64)
+            partial = tl.zeros([BLOCK_S], tl.float64)
+            for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+                partial += _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+                                    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.cast(tile, tl.int64), S,
+                                    C, n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C,
+                                    SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+            _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, tl.sum(partial, 0), den, REDUCE >= 2)
 
 
 @triton.jit
@@ -257,13 +267,14 @@ _device.on_path_change(_forget_plans)   # a failed cooperative launch changes th
 
 
 def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-            reduce=0, loss_dtype=torch.float32, discard_rows=False):
+            reduce=0, loss_dtype=torch.float32, keep_rows=True, keep_lse=True):
     """One sweep over the logits.  reduce 0: (per-position losses in loss_dtype, lse),
     the gradient scaled per position by ``scale``; reduce 1 / 2 / 3 (sum, mean over
     positions, mean over W): (the 0-d reduced loss in loss_dtype, lse), the gradient
-    of loss * 1; one launch on CUDA (see _grid.py).  discard_rows (reduce 0, fp32 losses), for
-    a caller that reads neither: both go to one scratch buffer, nothing allocated, and
-    the pair returned is that buffer, not results."""
+    of loss * 1, and the mean's denominator written into ``scale`` (or nowhere: None);
+    one launch on CUDA (see _grid.py).  For a caller that reads them not, the losses
+    (keep_rows=False, reduce 0, fp32) and the lse (keep_lse=False) go to one scratch
+    buffer instead of new tensors, and come back as None."""
     dev = x.device
     g = x if grad is None else grad   # x: a dummy pointer when there is no gradient
     # The plan's key: every input of _Plan.  x's shape fixes target's and g's, their strides
@@ -279,11 +290,16 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(x, target, g, prob, flags, reduce, dev)
-    if discard_rows:   # each position's loss, then its lse, into the same slot of a scratch buffer
-        loss = lse = _grid.scratch(dev, plan.positions, 1)
-    else:   # size=: a positional shape tuple costs ~0.5 us more in torch's argument parser
-        lse = torch.empty(size=plan.rows, device=dev, dtype=torch.float32)
-        loss = torch.empty(size=plan.rows if reduce == 0 else (), device=dev, dtype=loss_dtype)
+    # Outputs nobody reads share one slot of a scratch buffer (written, never read back): an
+    # allocation and its free cost ~2 us of host time each.  size=: a positional shape
+    # tuple costs ~0.5 us more in torch's argument parser.
+    discard = None if keep_lse and keep_rows and scale is not None else _grid.scratch(dev, plan.positions, 1)
+    lse = torch.empty(size=plan.rows, device=dev, dtype=torch.float32) if keep_lse else discard
+    loss = torch.empty(size=plan.rows if reduce == 0 else (), device=dev, dtype=loss_dtype) \
+        if keep_rows or reduce else discard
+    if scale is None:   # reduce 0 without a gradient reads no scale
+        scale = discard
+    out = (loss if keep_rows or reduce else None, lse if keep_lse else None)
     # reduce > 0: scale_ptr is an output, the mean's denominator (1 for 'sum')
     scale, scale_stride = _scale_arg(scale) if reduce == 0 else (scale, 0)
     # Kernels index the weight as w_ptr + c: a strided weight costs an O(C) copy.
@@ -294,36 +310,36 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
         try:
             split.ce(x, xs[1], target, ts[1], ts[2], w, scale, scale_stride, loss, lse, g, S, C,
                      scalars, plan.split_consts, reduce)
-            return loss, lse
+            return out
         except Exception as e:  # noqa: BLE001 - no cooperative launch here (MPS, some MIG setups),
             # or a Triton that cannot build the handshake: warn once, use the two-pass kernels
             if dev.type != "cuda" or torch.cuda.is_current_stream_capturing():
                 raise
             _device.cooperative_failed(dev, e)   # forgets the plans
             return _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-                           reduce, loss_dtype, discard_rows)
-    gs, tiles = plan.gs, plan.tiles
+                           reduce, loss_dtype, keep_rows, keep_lse)
+    gs = plan.gs
     rows_out = loss if reduce == 0 else lse            # reduce > 0: per-position losses not stored
-
-    def args(part):
-        return (x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w, scale, scale_stride, rows_out, lse,
-                g, gs[0], gs[1], gs[2], ws, part, loss, S, C, plan.n_sblk, tiles, *scalars)
+    # the kernel's arguments before and after the workspace (ws, part)
+    head = (x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w, scale, scale_stride, rows_out, lse,
+            g, gs[0], gs[1], gs[2])
+    tail = (loss, S, C, plan.n_sblk, plan.tiles, *scalars)
     if reduce == 3 and dev.type == "cuda" and _device.cooperative(dev):
         try:
             if plan.programs is None:
-                ws, part = _grid.workspace(dev, 0, 0)
-                plan.programs = min(tiles, _grid.resident(_ce_kernel, args(part), dict(plan.consts, STAGE=0), dev))
-            ws, part = _grid.workspace(dev, 0, plan.programs)
-            plan.launcher(0, cooperative=True)((plan.programs,), *args(part))
-            return loss, lse
+                plan.programs = min(plan.tiles, _grid.resident(_ce_kernel, (*head, *_grid.workspace(dev, 0, 0), *tail),
+                                                               dict(plan.consts, STAGE=0), dev))
+            plan.launcher(0, cooperative=True)((plan.programs,), *head, *_grid.workspace(dev, 0, plan.programs),
+                                               *tail)
+            return out
         except Exception as e:  # noqa: BLE001 - as above; W then takes a launch of its own
             if torch.cuda.is_current_stream_capturing():
                 raise
             _device.cooperative_failed(dev, e)
-    ws, part = _grid.workspace(dev, 0, plan.grid)
+    args = (*head, *_grid.workspace(dev, 0, plan.grid), *tail)
     for stage in plan.stages:
-        plan.launcher(stage)((plan.grid,), *args(part))
-    return loss, lse
+        plan.launcher(stage)((plan.grid,), *args)
+    return out
 
 
 def _torch_backend():
@@ -360,18 +376,21 @@ def fuses_forward(x) -> bool:
 
 def ce_forward_fused(x, target, weight, denom, ignore_index, label_smoothing, z_loss, softcap,
                      reduction, out_dtype, need_grad, inplace):
-    """(loss in out_dtype, lse, grad or empty): the whole forward in one launch on CUDA.
+    """(loss in out_dtype, lse or None, grad or None): the whole forward in one launch on CUDA.
     'mean' / 'sum': the reduced loss, the gradient of loss * 1 when need_grad (into x
-    when inplace), and the mean's denominator written into the 0-d fp32 ``denom``;
-    'none': per-position losses (denom untouched)."""
+    when inplace: then None), and the mean's denominator written into the 0-d fp32
+    ``denom``; 'none': per-position losses (denom untouched).  denom None: the caller
+    keeps neither the denominator nor the lse (None).  None, not empty tensors: an
+    allocation less each for a caller that reads nothing there (~2 us with its free)."""
     prob = target.is_floating_point()
     reduce = 0 if reduction == "none" else 1 if reduction == "sum" else 2 if prob else 3
     grad = None
     if need_grad:   # empty_like: ~1.3 us less than torch.empty(x.shape, ...)
         grad = x if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, lse = _launch(x, target, weight, int(ignore_index), float(label_smoothing), float(z_loss),
-                        float(softcap or 0.0), denom, grad is not None, grad, reduce, out_dtype)
-    return loss, lse, grad if grad is not None and not inplace else x.new_empty(0)
+                        float(softcap or 0.0), denom, grad is not None, grad, reduce, out_dtype,
+                        keep_lse=denom is not None)
+    return loss, lse, None if inplace else grad
 
 
 def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, scale):
@@ -385,7 +404,7 @@ def ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss, s
         return ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, scale, True)[2]
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
     _launch(x, target, weight, int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
-            scale, True, grad, discard_rows=True)
+            scale, True, grad, keep_rows=False, keep_lse=False)
     return grad
 
 

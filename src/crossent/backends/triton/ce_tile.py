@@ -1,5 +1,5 @@
-"""The body of the cross-entropy tile kernel (``ce._ce_kernel``): one program's tiles of
-BLOCK_S positions x BLOCK_C classes, the loss, lse and gradient of each position.
+"""The body of the cross-entropy tile kernel (``ce._ce_kernel``): one tile of BLOCK_S
+positions x BLOCK_C classes, the loss, lse and gradient of each position.
 
 The logits are addressed as ``x[b, c, s] = x_ptr + b*sx_b + c*sx_c + s*sx_s`` (see ce.py);
 SINGLE holds a position's classes in one tile (ONE read), otherwise an online (max, sumexp)
@@ -12,34 +12,6 @@ import triton.language as tl
 
 from ._jit import (_as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _loss_as, _lse, _row_coefs,
                    _safe, _scaled_shift, _softcap)
-
-
-@triton.jit
-def _ce_tiles(
-    x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-    loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, S, C, n_sblk, n_tiles,
-    ignore_index, one_m_eps, eps_over_c, z_loss, cap,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
-    HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
-    HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
-    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr,
-):
-    # This program's tiles of BLOCK_S positions; returns the sum of their losses (fp64).
-    # Per-position losses: one tile per program (a loop, even of one trip, costs
-    # registers: 64 -> 114 for the cluster path).
-    if REDUCE == 0:
-        return tl.sum(_ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-                               loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den,
-                               tl.program_id(0).to(tl.int64), S, C, n_sblk, ignore_index, one_m_eps,
-                               eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL,
-                               HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE), 0)
-    partial = tl.zeros([BLOCK_S], tl.float64)
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        partial += _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
-                            loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.cast(tile, tl.int64), S, C,
-                            n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE,
-                            HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
-    return tl.sum(partial, 0)
 
 
 @triton.jit

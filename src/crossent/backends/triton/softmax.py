@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _device, _launch, ce, split
+from ._jit import _class_block
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -56,8 +57,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, S, C, sb, ss, sc, n_sblk,
         m = tl.full([BLOCK_S], float("-inf"), tl.float32)
         ssum = tl.zeros([BLOCK_S], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
-            cmask = smask[:, None] & (cols < C)
+            cols, cmask = _class_block(c0, smask, C, BLOCK_C)
             z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf"),
                         eviction_policy="evict_last").to(tl.float32)
             m_new = tl.maximum(m, tl.max(z, 1))
@@ -71,8 +71,7 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, S, C, sb, ss, sc, n_sblk,
         bad = tl.abs(m)[:, None] == float("inf")
         # second pass: re-read the row (see module docstring)
         for c0 in range(0, C, BLOCK_C):
-            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
-            cmask = smask[:, None] & (cols < C)
+            cols, cmask = _class_block(c0, smask, C, BLOCK_C)
             z = tl.load(x_ptr + row + cols * sc, mask=cmask, other=float("-inf"),
                         eviction_policy="evict_first").to(tl.float32)
             if LOG:
@@ -107,8 +106,7 @@ def _softmax_bwd_kernel(g_ptr, y_ptr, dx_ptr, S, C, sb, ss, sc, n_sblk,
     else:
         acc = tl.zeros([BLOCK_S], tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
-            cmask = smask[:, None] & (cols < C)
+            cols, cmask = _class_block(c0, smask, C, BLOCK_C)
             g = tl.load(g_ptr + row + cols * sc, mask=cmask, other=0.0).to(tl.float32)
             if LOG:
                 acc += tl.sum(g, 1)
@@ -116,8 +114,7 @@ def _softmax_bwd_kernel(g_ptr, y_ptr, dx_ptr, S, C, sb, ss, sc, n_sblk,
                 y = tl.load(y_ptr + row + cols * sc, mask=cmask, other=0.0).to(tl.float32)
                 acc += tl.sum(g * y, 1)
         for c0 in range(0, C, BLOCK_C):
-            cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)[None, :]
-            cmask = smask[:, None] & (cols < C)
+            cols, cmask = _class_block(c0, smask, C, BLOCK_C)
             g = tl.load(g_ptr + row + cols * sc, mask=cmask, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + row + cols * sc, mask=cmask, other=0.0).to(tl.float32)
             if LOG:

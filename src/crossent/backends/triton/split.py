@@ -293,8 +293,8 @@ def _run(kernel, R, C, device, args, consts: tuple):
     slice partials ``part``, the workspace (``_grid.workspace``) and the group count;
     ``consts``: the kernel's other constexprs as (name, value) pairs."""
     n, groups, floats, launchers = _config(kernel, R, C, device, consts, args)
-    ws, acc = _grid.workspace(device, R, n)
-    a = args(_grid.scratch(device, floats), ws, acc, groups)
+    ws, acc, part = _grid.split_workspace(device, R, n, floats)
+    a = args(part, ws, acc, groups)
     for launch in launchers:
         launch((n,), *a)
 
