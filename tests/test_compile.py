@@ -104,3 +104,22 @@ def test_compiled_inference_fullgraph(name, no_grad):
     eager, compiled = _both(_INFERENCE[name])
     with torch.set_grad_enabled(not no_grad):
         torch.testing.assert_close(compiled(x, h, w, t), eager(x, h, w, t))
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_legacy_elementwise_mean_compiles_fullgraph(fn):
+    """reduction='elementwise_mean' warns with torch's message; under fullgraph=True
+    Dynamo cannot trace warnings.warn, so the warning is issued while tracing (as
+    torch's own compiled loss does) and the compiled graph equals torch's 'mean'."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 5, generator=g).log_softmax(1).requires_grad_(), torch.randint(0, 5, (6,), generator=g)
+    ours, theirs = getattr(crossent, fn), getattr(F, fn)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: ours(x, t, reduction="elementwise_mean"), fullgraph=True, backend="aot_eager")
+    with pytest.warns(UserWarning, match="reduction='elementwise_mean' is deprecated"):
+        loss = compiled(x)
+    (gx,) = torch.autograd.grad(loss, x)
+    ref = theirs(x, t, reduction="mean")
+    (gref,) = torch.autograd.grad(ref, x)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gx, gref)

@@ -95,13 +95,26 @@ def reduction(size_average, reduce, reduction: str) -> str:
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce)
     if reduction == "elementwise_mean":
-        # Attributed to crossent's public function, as torch attributes it to torch.nn.functional.
-        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
-                      stacklevel=2)
+        if _compiling():   # Dynamo cannot trace warnings.warn (fullgraph=True failed; torch's traces)
+            _warn_elementwise_mean_while_tracing()
+        else:   # attributed to crossent's public function, as torch attributes it to torch.nn.functional
+            warnings.warn(_ELEMENTWISE_MEAN, stacklevel=2)
         return "mean"
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not a valid value for reduction")
     return reduction
+
+
+_ELEMENTWISE_MEAN = "reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead."
+
+
+@torch.compiler.assume_constant_result
+def _warn_elementwise_mean_while_tracing() -> bool:
+    """The deprecation warning, issued while Dynamo traces (it runs this function then and
+    bakes in the result), as torch's own compiled cross_entropy warns: at compile time, not
+    on each call of the compiled graph."""
+    warnings.warn(_ELEMENTWISE_MEAN)
+    return True
 
 
 def softmax_dim(name: str, ndim: int, stacklevel: int) -> int:
