@@ -126,6 +126,35 @@ def _backend_calls(device: torch.device, calls: int, rounds: int, tidy) -> None:
     ce.configure()
 
 
+def _cuda_launch_costs(calls: int, rounds: int) -> None:
+    """What one launch costs this machine's CPU: a torch op, and Triton's bare launcher for a
+    3-argument kernel with and without the cooperative attribute (crossent's reduced losses
+    launch cooperatively), so the backend calls' times can be split into launches and the rest."""
+    from crossent.backends.triton import _launch, ce
+    g = torch.zeros(16, device="cuda", dtype=torch.bfloat16)
+    one = torch.ones((), device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    rows = {"torch: g.mul_(1.0), one launch": lambda: g.mul_(1.0),
+            "torch: torch.empty(64, device='cuda')": lambda: torch.empty(64, device="cuda")}
+    for coop in (False, True):
+        lean = _launch.launcher(ce._rescale_kernel, BLOCK=4096, num_warps=8, launch_cooperative_grid=coop)
+        lean((1,), g, one, 16)
+        if not lean.cache:   # the lean path is off here: the JIT launched it
+            continue
+        run, function, packed, _ = next(iter(lean.cache.values()))
+        rows[f"triton bare launcher, 3 args, cooperative={coop}"] = (
+            lambda run=run, function=function, packed=packed, lean=lean:
+            run(1, 1, 1, stream, function, packed, None, None, None, g, one, 16, *lean.tail))
+        rows[f"crossent lean launch, 3 args, cooperative={coop}"] = lambda lean=lean: lean((1,), g, one, 16)
+    print(f"\none launch on {torch.cuda.get_device_name()}: us of CPU per call")
+    for label, fn in rows.items():
+        try:
+            print(f"{label:52} {_best_us(fn, calls, rounds):6.1f}")
+        except Exception as e:  # noqa: BLE001 - a probe: report and go on
+            print(f"{label:52} failed: {type(e).__name__}: {e}")
+    torch.cuda.synchronize()
+
+
 def dispatch(calls: int, rounds: int) -> int:
     """Launch dispatch: on the fake sm_90 driver without a GPU (per launch, then per backend call
     on CPU tensors), on the GPU itself where there is one (per backend call on CUDA tensors)."""
@@ -134,6 +163,7 @@ def dispatch(calls: int, rounds: int) -> int:
         print(f"Triton {triton.__version__}, {torch.cuda.get_device_name()}: best of {rounds} rounds")
         _backend_calls(torch.device("cuda"), calls, rounds, lambda: None)
         torch.cuda.synchronize()
+        _cuda_launch_costs(calls, rounds)
         return 0
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     try:

@@ -6,7 +6,8 @@ replay of the backend call, so host overhead is not in it; where capture fails, 
 burst of eager calls between two events, marked "events") and reported as a
 multiple of the bandwidth floor (bytes / copy bandwidth measured in this run):
   split    slice width (_SPLIT_BLOCK) x warps x prefetch x resident CTAs per SM
-  twopass  class tile (_LOOP_BLOCK) x evict_last on the first pass (_KEEP_L2)
+  twopass  class tile (_LOOP_BLOCK) x evict_last on the first pass (_KEEP_L2) x the
+           gradient pass walking the tiles backwards (_REVERSE)
   cluster  classes per CTA (only where the installed Triton compiles cluster reductions)
 The default configuration is timed first in each shape, so a ratio against it is
 in the table; a configuration that fails (compile error, cooperative grid too
@@ -45,14 +46,18 @@ from _gpu_common import (CE_SHAPES, ROOT, SM_SHAPES, apply_knobs, copy_bandwidth
 def configs(cluster_ok: bool):
     """(label, knobs) in the order they are tried: the default first, then the likeliest."""
     yield "default", {}
+    # class tile x evict_last on the first pass x the gradient pass walking the tiles backwards
+    for block, keep, rev in [(8192, True, False), (8192, True, True), (4096, True, True), (16384, True, True),
+                             (8192, False, True), (4096, True, False)]:
+        yield f"twopass b{block} l2{int(keep)} r{int(rev)}", dict(
+            _ROW_PATH="twopass", _LOOP_BLOCK=block, _KEEP_L2=keep, _REVERSE=rev)
     # (slice width, warps, prefetch, resident CTAs per SM); values per thread = width / (32 warps)
-    for block, warps, pre, ctas in [(4096, 4, True, 8), (8192, 8, False, 8), (8192, 8, True, 8),
-                                    (2048, 4, False, 8), (4096, 8, False, 8), (4096, 4, False, 2),
-                                    (8192, 4, False, 8), (2048, 2, False, 16), (8192, 16, False, 4)]:
+    for block, warps, pre, ctas in [(8192, 4, False, 8), (4096, 4, True, 8), (4096, 4, False, 8),
+                                    (8192, 8, True, 8), (8192, 8, False, 8), (2048, 4, False, 8),
+                                    (4096, 8, False, 8), (4096, 4, False, 2), (2048, 2, False, 16),
+                                    (8192, 16, False, 4)]:
         yield f"split b{block} w{warps} pf{int(pre)} c{ctas}", dict(
             _ROW_PATH="split", _SPLIT_BLOCK=block, _SPLIT_WARPS=warps, _SPLIT_PREFETCH=pre, _SPLIT_CTAS=ctas)
-    for block, keep in [(8192, True), (8192, False), (4096, True)]:
-        yield f"twopass b{block} l2{int(keep)}", dict(_ROW_PATH="twopass", _LOOP_BLOCK=block, _KEEP_L2=keep)
     if cluster_ok:
         for block, warps in [(8192, 8), (16384, 16), (4096, 8)]:
             yield f"cluster b{block} w{warps}", dict(_ROW_PATH="cluster", _CLUSTER_BLOCK=block,
@@ -85,7 +90,8 @@ def kernel_keys(todo: list, work: list) -> set:
                 path = knobs.get("_ROW_PATH", saved.get("_ROW_PATH", "auto"))
                 if path == "cluster":
                     keys.add((op, label, C))
-                elif path != "twopass" and ce.row_path(True, C, True, cpu) == "split":
+                elif path != "twopass" and ce.row_path(True, C, True, cpu, "softmax" if op == "softmax" else "ce") \
+                        == "split":
                     p = split.plan(R, C, cpu)
                     keys.add((op, "split", p["BLOCK"], p["NSPLIT"], p["num_warps"], p["PREFETCH"]))
                 else:

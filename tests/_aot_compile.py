@@ -187,8 +187,8 @@ def check_variants() -> bool:
         if wanted(red, stage, f, k < len(dtypes_flags) * len(reduce_stages)):
             one(f"ce fused single={single} {bs}x{bc} {xdt} reduce={red} stage={stage} {f}", ce._ce_kernel,
                 fused_args(xdt, f["PROB"], 4096, 1000),
-                dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, REDUCE=red,
-                     STAGE=stage, **f), launch_cooperative_grid=stage == 0 and red == 3)
+                dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, REVERSE=not single,
+                     REDUCE=red, STAGE=stage, **f), launch_cooperative_grid=stage == 0 and red == 3)
     for (red, stage), pre, (xdt, f) in itertools.product(reduce_stages, (False, True), dtypes_flags):
         if wanted(red, stage, f, True) and not (pre and (stage != 0 or red != 3 or f is not FLAG_SETS[0])):
             one(f"ce split reduce={red} stage={stage} prefetch={pre} {xdt} {f}", split._ce_split_kernel,
@@ -273,8 +273,10 @@ def check_production() -> bool:
             per_elem = (body[0] + body[1]) / per_thread if len(body) > 1 else float("nan")
         else:
             per_elem = (body[0] if body else n_instructions(res["sass"])) / per_thread
+        # one-read is reported, not required: on an H100 the two-pass kernel (second read
+        # partly from L2) beat the one-read split kernel for cross-entropy (ce._AUTO_PATH).
         one_read = path in ("single", "cluster", "split")
-        good = one_read and res["local"] == 0 and res["stack"] == 0 and ctas >= 2
+        good = res["local"] == 0 and res["stack"] == 0 and ctas >= 2
         ok &= good
         who = "3.9-like" if cluster else "3.6-like"
         print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {who} {'mean' if reduce else 'none':5} {path:8} "

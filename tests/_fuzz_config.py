@@ -38,7 +38,7 @@ _SMALL_CHUNKS = {
 TRITON_PATHS = {  # classes in tiles of 2-4
     "looped": dict(_SINGLE_MAX=4, _LOOP_BLOCK=4, _TILE_ELEMS=4, _ROW_PATH="twopass"),
     "multirow": dict(_SINGLE_MAX=4, _LOOP_BLOCK=2, _TILE_ELEMS=8, _ROW_PATH="twopass"),
-    "split": dict(_SINGLE_MAX=4, _SPLIT_BLOCK=4),
+    "split": dict(_SINGLE_MAX=4, _SPLIT_BLOCK=4, _ROW_PATH="split"),
 }
 
 

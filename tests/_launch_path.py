@@ -120,7 +120,7 @@ def production(op: str, R: int, C: int, reduce: int, dev):
     ce._launch, softmax.softmax_forward and split._run launch it on CUDA."""
     flags = A.FLAG_SETS[0]
     if op == "softmax":
-        path, kw = ce.row_path(True, C, True, dev), {}
+        path, kw = ce.row_path(True, C, True, dev, "softmax"), {}
     else:
         path, kw, n_sblk = ce._plan(1, R, C, C, 1, True, reduce, dev)
     if path == "split":
@@ -137,7 +137,7 @@ def production(op: str, R: int, C: int, reduce: int, dev):
     if op == "softmax":
         cfg, n_sblk = softmax._plan(1, C, R, C, 1)
         if path == "cluster":
-            cfg, n_sblk = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}, R
+            cfg, n_sblk = {k: v for k, v in ce.cluster_config(C).items() if k not in ("KEEP_L2", "REVERSE")}, R
         fn = softmax._softmax_fwd_kernel
         args = jit_args(fn, dict(x_ptr=A.Ptr("bf16"), y_ptr=A.Ptr("bf16"), S=R, C=C, sb=0, ss=C, sc=1,
                                  n_sblk=n_sblk))
@@ -169,14 +169,16 @@ def launch(fake, op, R, C, reduce, dev, tag="") -> bool:
 
 
 def expected_path(op, C, reduce, cluster) -> str:
-    """The design's route: one read; clusters only where they compile, and never for the mean's
-    forward (its W needs a grid barrier, which only a cooperative launch has)."""
+    """The design's route: one tile when the row fits; clusters only where they compile, and
+    never for the mean's forward (its W needs a grid barrier, which only a cooperative launch
+    has); otherwise what measured fastest on an H100: two passes for cross-entropy, the
+    cooperative split row for softmax (BENCHMARKS.md)."""
     np2 = triton.next_power_of_2(C)
     if np2 <= ce._SINGLE_MAX:
         return "single"
     if cluster and (op == "softmax" or reduce == 0) and np2 <= ce._CLUSTER_CTAS * ce._CLUSTER_BLOCK:
         return "cluster"
-    return "split"
+    return "split" if op == "softmax" else "twopass"
 
 
 def sweep(fake, dev, cluster) -> bool:
@@ -400,8 +402,8 @@ def plans(fake) -> bool:
     a new plan and launches exactly what it launches from a cold start (every cache cleared)."""
     import _plan_cases as P
     ok = True
-    defaults = dict(_SINGLE_MAX=ce._SINGLE_MAX, _SPLIT_BLOCK=split._SPLIT_BLOCK)
-    for knobs in ({}, dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16)):
+    defaults = dict(_SINGLE_MAX=ce._SINGLE_MAX, _SPLIT_BLOCK=split._SPLIT_BLOCK, _ROW_PATH=ce._ROW_PATH)
+    for knobs in ({}, dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _ROW_PATH="split")):
         ce.configure(**{**defaults, **knobs})
         for label, (parent, kw) in P.cases().items():
             if parent is None:

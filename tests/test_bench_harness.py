@@ -322,10 +322,13 @@ def test_sweep_plan_and_compile_count():
     sw = _bench_module("gpu_sweep")
     todo = dict(sw.plan({}, cluster_ok=False))
     work = [("cross_entropy", (8192, 32000)), ("cross_entropy", (8192, 128256))]
-    default = sw.kernel_keys([("default", todo["default"])], work)
-    assert len(default) == 2                             # one kernel per class count (slices per row)
-    assert sw.kernel_keys([("c2", todo["split b4096 w4 pf0 c2"])], work) == default   # the defaults but 2 CTAs/SM
-    assert len(sw.kernel_keys([("default", {}), ("pf", todo["split b4096 w4 pf1 c8"])], work)) == 4
+    split4k = sw.kernel_keys([("s", todo["split b4096 w4 pf0 c8"])], work)
+    assert len(split4k) == 2                             # one kernel per class count (slices per row)
+    assert sw.kernel_keys([("c2", todo["split b4096 w4 pf0 c2"])], work) == split4k   # but 2 CTAs/SM
+    assert len(sw.kernel_keys([("s", todo["split b4096 w4 pf0 c8"]), ("pf", todo["split b4096 w4 pf1 c8"])],
+                              work)) == 4
+    # cross-entropy's default is the two-pass kernel: one tile for both class counts
+    assert len(sw.kernel_keys([("default", todo["default"])], work)) == 1
     tp = [(k, v) for k, v in todo.items() if v.get("_ROW_PATH") == "twopass"]
     assert len(sw.kernel_keys(tp[:1], work)) == 1         # the two-pass tile does not depend on C
     forced = sw.plan({"_ROW_PATH": "twopass"}, cluster_ok=True)

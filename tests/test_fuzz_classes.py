@@ -168,7 +168,7 @@ def _torch_ce_z_loss_mean(x, t, w, z_loss, ignore_index=-100):
     return (F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction="sum") + z) / W
 
 
-_TRITON_PATHS = {"single": {}, "split": dict(_SINGLE_MAX=4, _SPLIT_BLOCK=4)}  # split: rows of 7 in slices of 4
+_TRITON_PATHS = {"single": {}, "split": dict(_SINGLE_MAX=4, _SPLIT_BLOCK=4, _ROW_PATH="split")}  # split: rows of 7 in slices of 4
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter

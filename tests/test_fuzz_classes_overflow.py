@@ -18,7 +18,7 @@ FP32_MAX = torch.finfo(torch.float32).max
 # Launch plans of the triton kernels at 4 classes: one tile; two class tiles per row (the
 # online rescaling of the probability sum); rows split in two slices (split.py's partials)
 _TRITON_PATHS = {"single": {}, "looped": dict(_SINGLE_MAX=2, _LOOP_BLOCK=2, _TILE_ELEMS=2, _ROW_PATH="twopass"),
-                 "split": dict(_SINGLE_MAX=2, _SPLIT_BLOCK=2)}
+                 "split": dict(_SINGLE_MAX=2, _SPLIT_BLOCK=2, _ROW_PATH="split")}
 
 
 @pytest.fixture(params=["torch", "triton-single", "triton-looped", "triton-split"])

@@ -54,7 +54,7 @@ def _run(script: str, tmp_path, start: str, *args: str) -> None:
 @needs_toolchain
 def test_kernels_compile_for_sm90(tmp_path):
     """Every kernel variant compiles for sm_90, and the production plans at the benchmark
-    shapes read the logits once, spill nothing and fit >= 2 CTAs per SM (tests/_aot_compile.py)."""
+    shapes spill nothing and fit >= 2 CTAs per SM (tests/_aot_compile.py)."""
     _run("_aot_compile.py", tmp_path, "cluster reductions")
 
 

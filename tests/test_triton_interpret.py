@@ -134,9 +134,9 @@ PATHS = {
     # several rows per program, looped
     "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, _ROW_PATH="twopass"),
     # rows split into slices of 32 over programs of 3 row groups (split.py, two stages)
-    "split": dict(_SINGLE_MAX=32, _SPLIT_BLOCK=32),
+    "split": dict(_SINGLE_MAX=32, _SPLIT_BLOCK=32, _ROW_PATH="split"),
     # slices of 16 (NSPLIT not a power of two at most C), 2 row groups, prefetched rows
-    "split16": dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _SPLIT_GROUPS=2, _SPLIT_PREFETCH=True),
+    "split16": dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _SPLIT_GROUPS=2, _SPLIT_PREFETCH=True, _ROW_PATH="split"),
 }
 _DEFAULTS = {k: getattr(split if hasattr(split, k) else ce, k) for cfg in PATHS.values() for k in cfg}
 

@@ -91,7 +91,7 @@ def launches(monkeypatch):
 @pytest.fixture(params=["single", "split"])
 def path(request):
     """The single-tile kernel, or the split-row kernel (tiles shrunk to 16 classes)."""
-    knobs = dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16) if request.param == "split" else {}
+    knobs = dict(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _ROW_PATH="split") if request.param == "split" else {}
     defaults = {k: getattr(split if hasattr(split, k) else ce, k) for k in knobs}
     ce.configure(**knobs)
     yield request.param

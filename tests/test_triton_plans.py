@@ -101,12 +101,12 @@ def test_knobs_and_a_failed_cooperative_launch_forget_the_plans(recwarn):
     """configure() (launch knobs) and a failed cooperative launch (paths without the
     split kernel from then on) drop the plans: the next call decides its path afresh."""
     kw = CASES["base"][1]
-    defaults = dict(_SINGLE_MAX=ce._SINGLE_MAX, _SPLIT_BLOCK=split._SPLIT_BLOCK)
+    defaults = dict(_SINGLE_MAX=ce._SINGLE_MAX, _SPLIT_BLOCK=split._SPLIT_BLOCK, _ROW_PATH=ce._ROW_PATH)
     cpu = torch.device("cpu")
     try:
         P.call(ce, **kw)
         assert {p.path for p in ce._PLANS.values()} == {"single"}
-        ce.configure(_SINGLE_MAX=16, _SPLIT_BLOCK=16)
+        ce.configure(_SINGLE_MAX=16, _SPLIT_BLOCK=16, _ROW_PATH="split")
         assert not ce._PLANS
         P.call(ce, **kw)
         assert {p.path for p in ce._PLANS.values()} == {"split"}

@@ -47,8 +47,13 @@ _CLUSTER_CTAS = 8       # widest cluster (8 is the portable maximum)
 _CLUSTER_BLOCK = 8192   # classes per CTA of a cluster
 _CLUSTER_WARPS = 8
 _KEEP_L2 = True         # two-pass: first pass loads with evict_last (a sweep knob)
+_REVERSE = True         # two-pass: the gradient pass walks the class tiles backwards (a sweep knob)
 _PROGRAMS_PER_SM = 16   # persistent grid of a reduced loss without a barrier (the interpreter: 4 SMs)
 _ROW_PATH = "auto"      # (R, C) rows with C > _SINGLE_MAX: auto | split | cluster | twopass
+# What "auto" picks per op when no cluster path is available.  Measured on an H100 (Triton
+# 3.6, bf16, BENCHMARKS.md "GPU check"): cross-entropy's two-pass kernel beat every split
+# configuration by 23-29% at 32k-256k classes; softmax's split path beat two-pass by 7%.
+_AUTO_PATH = {"ce": "twopass", "softmax": "split"}
 
 
 def configure(**knobs) -> None:
@@ -84,7 +89,7 @@ def _ce_kernel(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
     HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
-    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr, STAGE: tl.constexpr,
+    KEEP_L2: tl.constexpr, REVERSE: tl.constexpr, REDUCE: tl.constexpr, STAGE: tl.constexpr,
 ):
     # REDUCE: 0 = per-position losses into loss_ptr (loss_ptr's dtype), gradient scaled
     # by scale_ptr; 1 = sum, 2 = mean over positions, 3 = mean over W (class targets):
@@ -111,14 +116,15 @@ def _ce_kernel(
             _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride, loss_ptr,
                      lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.program_id(0).to(tl.int64), S, C, n_sblk,
                      ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB,
-                     SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+                     SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REVERSE, REDUCE)
         else:   # this program's tiles of a persistent grid, and the sum of their losses (fp64)
             partial = tl.zeros([BLOCK_S], tl.float64)
             for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
                 partial += _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
                                     loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.cast(tile, tl.int64), S,
                                     C, n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C,
-                                    SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REDUCE)
+                                    SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REVERSE,
+                                    REDUCE)
             _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, tl.sum(partial, 0), den, REDUCE >= 2)
 
 
@@ -151,9 +157,9 @@ def tile_shape(C: int, S: int, classes_contiguous: bool) -> tuple[int, int]:
     return block_s, min(np2c, max(1, _TILE_ELEMS // block_s))
 
 
-def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
+def row_path(rows: bool, C: int, need_grad: bool, device: torch.device, op: str = "ce") -> str:
     """single | cluster | split | twopass for a launch (``rows``: an (R, C) layout
-    with contiguous classes).  Shared with softmax (need_grad=True there: it writes y)."""
+    with contiguous classes).  Shared with softmax (op="softmax", need_grad=True: it writes y)."""
     if _device.next_pow2(C) <= _SINGLE_MAX:
         return "single"
     if not rows or not need_grad:
@@ -163,7 +169,9 @@ def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
             and _device.next_pow2(C) <= _CLUSTER_CTAS * _CLUSTER_BLOCK \
             and _device.cluster_reductions(device):
         return "cluster"
-    if want in ("auto", "split", "cluster") and _device.cooperative(device):
+    if want == "auto":
+        want = _AUTO_PATH[op]
+    if want in ("split", "cluster") and _device.cooperative(device):
         return "split"
     return "twopass"
 
@@ -171,7 +179,7 @@ def row_path(rows: bool, C: int, need_grad: bool, device: torch.device) -> str:
 def cluster_config(C: int) -> dict:
     """Launch kwargs of one row per cluster (shared with softmax)."""
     block_c = _device.next_pow2(C)
-    return dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, KEEP_L2=False, num_warps=_CLUSTER_WARPS,
+    return dict(BLOCK_S=1, BLOCK_C=block_c, SINGLE=True, KEEP_L2=False, REVERSE=False, num_warps=_CLUSTER_WARPS,
                 num_ctas=max(2, block_c // _CLUSTER_BLOCK))
 
 
@@ -181,10 +189,10 @@ def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, reduce:
     """(path, launch kwargs, position blocks per batch) from shapes and strides only."""
     rows = B == 1 and sx_c == 1
     path = row_path(rows, C, need_grad, device)
-    if path == "cluster" and reduce == 3 and _device.cooperative(device):
+    if path == "cluster" and reduce == 3:
         # W needs a grid barrier, i.e. a cooperative launch, which clusters are not
-        # given here: the split path also reads the logits once, in one launch.
-        path = "split"
+        # given here: the op's measured pick among the other row paths instead.
+        path = "split" if _AUTO_PATH["ce"] == "split" and _device.cooperative(device) else "twopass"
     if path == "cluster":
         return path, cluster_config(C), S
     block_s, block_c = tile_shape(C, S, sx_c == 1 or sx_s != 1)
@@ -192,6 +200,7 @@ def _plan(B: int, S: int, C: int, sx_s: int, sx_c: int, need_grad: bool, reduce:
     # A tile held in registers for the gradient: 32 values per thread (8192 classes:
     # 8 warps, ~100 registers, 2 CTAs per SM; at 16 warps ~80 registers fit one CTA).
     kw = dict(BLOCK_S=block_s, BLOCK_C=block_c, SINGLE=single, KEEP_L2=_KEEP_L2 and need_grad,
+              REVERSE=_REVERSE and need_grad and not single,
               num_warps=max(4, min(16, block_s * block_c // (1024 if single else 512))))
     return path, kw, _device.cdiv(S, block_s)
 

@@ -22,7 +22,7 @@ def _ce_tile(
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
     HAS_W: tl.constexpr, PROB: tl.constexpr, SMOOTH: tl.constexpr,
     HAS_ZL: tl.constexpr, HAS_CAP: tl.constexpr, NEED_GRAD: tl.constexpr,
-    KEEP_L2: tl.constexpr, REDUCE: tl.constexpr,
+    KEEP_L2: tl.constexpr, REVERSE: tl.constexpr, REDUCE: tl.constexpr,
 ):
     sblk = tile % n_sblk
     b = tile // n_sblk
@@ -124,7 +124,15 @@ def _ce_tile(
             tl.store(g_ptr + g_row + cols.to(tl.int64) * sg_c, dz.to(g_ptr.dtype.element_ty), mask=cmask,
                      eviction_policy="evict_first")
         else:
-            for c0 in range(0, C, BLOCK_C):
+            # REVERSE: the gradient pass walks the class tiles last to first, so it starts
+            # with the tiles the statistics pass read last, the likeliest still in L2 (a
+            # row of 128k bf16 classes is 256 KB; ~264 of them in flight overflow L2).
+            n_ct = tl.cdiv(C, BLOCK_C)
+            for i in range(0, n_ct):
+                if REVERSE:
+                    c0 = (n_ct - 1 - i) * BLOCK_C
+                else:
+                    c0 = i * BLOCK_C
                 cols = c0 + tl.arange(0, BLOCK_C)[None, :]
                 cmask = smask[:, None] & (cols < C)
                 z = _as_logits(tl.load(x_ptr + x_row + cols.to(tl.int64) * sx_c, mask=cmask, other=0.0,

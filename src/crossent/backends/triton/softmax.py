@@ -160,7 +160,7 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     if xc.numel() == 0:
         return y.reshape(x.shape)
     B, C, S, (sb, ss, sc) = _view(xc.shape, d)
-    path = ce.row_path(sc == 1, C, True, xc.device)   # sc == 1: the last dim, B == 1
+    path = ce.row_path(sc == 1, C, True, xc.device, "softmax")   # sc == 1: the last dim, B == 1
     if path == "split":
         try:
             split.softmax(xc.view(S, C), y.view(S, C), log)
@@ -172,7 +172,7 @@ def softmax_forward(x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
             path = "twopass"
     cfg, n_sblk = _plan(B, C, S, ss, sc)
     if path == "cluster":   # one row per cluster, held in registers across its CTAs
-        cfg = {k: v for k, v in ce.cluster_config(C).items() if k != "KEEP_L2"}
+        cfg = {k: v for k, v in ce.cluster_config(C).items() if k not in ("KEEP_L2", "REVERSE")}
         n_sblk = S
     _launch.launcher(_softmax_fwd_kernel, LOG=log, **cfg)((B * n_sblk,), xc, y, S, C, sb, ss, sc, n_sblk)
     return y.reshape(x.shape)

@@ -34,10 +34,10 @@ from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from ._jit import (_as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _loss_as, _lse, _row_coefs,
                    _safe, _scaled_shift, _softcap)
 
-# Defaults from the static check (tests/_aot_compile.py --explore, sm_90, bf16): slices
-# of 4096 over 4 warps: 70 registers, 7 CTAs/SM, ~26 SASS instructions per element
-# (8192 x 16 warps: 56 registers but ~34 per element: the per-row work dominates).
-_SPLIT_BLOCK = 4096     # widest slice (elements); a power of two
+# Defaults from the H100 sweep (BENCHMARKS.md "GPU check"): softmax 8192 x 128256 bf16 ran
+# fastest with slices of 8192 over 4 warps (0.92x the time of 4096 over 4 warps, the
+# static check's pick: tests/_aot_compile.py --explore, 70 registers, 7 CTAs/SM).
+_SPLIT_BLOCK = 8192     # widest slice (elements); a power of two
 _SPLIT_WARPS = 4
 _SPLIT_CTAS = 8         # resident programs per SM to aim for (capped by what fits)
 _SPLIT_PREFETCH = False  # load row r + n_groups before waiting on row r (about 2x the registers)
