@@ -131,8 +131,8 @@ PATHS = {
     "single": {},
     # one program per row, two passes over C tiles of 32
     "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, _ROW_PATH="twopass"),
-    # several rows per program, looped
-    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, _ROW_PATH="twopass"),
+    # several rows per program, looped; the gradient pass walking the tiles forwards
+    "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, _ROW_PATH="twopass", _REVERSE=False),
     # rows split into slices of 32 over programs of 3 row groups (split.py, two stages)
     "split": dict(_SINGLE_MAX=32, _SPLIT_BLOCK=32, _ROW_PATH="split"),
     # slices of 16 (NSPLIT not a power of two at most C), 2 row groups, prefetched rows
