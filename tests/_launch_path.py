@@ -14,7 +14,8 @@ Checked for bf16 cross-entropy forward+backward at the benchmark shapes and the
 softmax forward:
   1. the cluster-reduction probe, reached as a CUDA call reaches it (the active
      driver's target), routes the plan: 'cluster' only where this Triton compiles
-     the reduction, 'split' otherwise;
+     the reduction, otherwise 'twopass' for cross-entropy and 'split' for softmax
+     (what measured fastest on an H100);
   2. the cooperative grid is what fits on the device (<= 132 SMs x the CTAs per SM
      that the cubin's registers and shared memory allow), and is launched with the
      cooperative flag; a cluster plan reaches the launcher with its cluster size;
