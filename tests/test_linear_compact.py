@@ -173,8 +173,8 @@ def _composition(h, W, b, t, kw, dtype):
     return [out.detach(), h.grad, W.grad, b.grad]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", E2E)
+@pytest.mark.parametrize("dtype,case", [pytest.param(torch.float32, c, id=f"fp32-{i}") for i, c in enumerate(E2E)]
+                         + [pytest.param(torch.bfloat16, c, id=f"bf16-{i}") for i, c in enumerate(E2E) if i])
 def test_compact_matches_torch(small_tiles, monkeypatch, dtype, case):
     """Several token chunks and several vocabulary blocks (the last one partial): loss and
     the gradients of input, weight and bias within the tolerance rule against the float64
@@ -240,7 +240,7 @@ def test_compact_memory_bound_on_triton(monkeypatch):
             gc.collect()
     monkeypatch.setattr(GridExecutor, "__call__", collected)
     monkeypatch.setenv("CROSSENT_BACKEND", "triton")
-    N, D, V = 256, 32, 2048
+    N, D, V = 128, 32, 1024
     h, W, _, t = inputs(N, D, V, dtype=dtype, bias=False)
     budget = N * V * h.element_size() // 2   # half the logits
     h.requires_grad_(True)
@@ -272,18 +272,19 @@ def _has_toolchain() -> bool:
 
 @pytest.mark.skipif(not _has_toolchain(), reason="this triton build has no NVIDIA backend or no ptxas / cuobjdump")
 def test_block_grad_kernel_compiles_for_sm90(tmp_path):
-    """Every flag set compiles for sm_90 in bf16 (fp16, fp32 for the plain one), at the
-    production tile, with no spills and registers for >= 4 CTAs of 4 warps per SM."""
+    """The kernel compiles for sm_90 in bf16 with no flag, each flag alone and all of them
+    (class-index and probability targets), fp16 and fp32, at the production tile, with no
+    spills and registers for >= 4 CTAs of 4 warps per SM."""
     script = r"""
-import itertools, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 import _aot_compile as A  # unsets TRITON_INTERPRET before importing triton
 from crossent.backends.triton import block_grad as BG
 ok = True
 br, bv = BG.tile(8192, 16384)
-for xdt, flags in itertools.chain(
-        (("bf16", f) for f in itertools.product((False, True), repeat=5)),
-        (("fp16", (True,) * 5), ("fp32", (False,) * 5))):
+alone = [tuple(i == j for j in range(5)) for i in range(5)]   # each flag alone
+for xdt, flags in [("bf16", (False,) * 5), *(("bf16", f) for f in alone), ("bf16", (True, False, True, True, True)),
+                   ("bf16", (True,) * 5), ("fp16", (True,) * 5), ("fp32", (False,) * 5)]:
     consts = dict(zip(("HAS_W", "PROB", "SMOOTH", "HAS_ZL", "HAS_CAP"), flags), BLOCK_R=br, BLOCK_V=bv)
     args = dict(z_ptr=A.Ptr(xdt), sz_r=16384, t_ptr=A.Ptr("fp32" if flags[1] else "i64"), st_r=128256,
                 st_c=1, w_ptr=A.Ptr("fp32"), lse_ptr=A.Ptr("fp32"), scale_ptr=A.Ptr("fp32"), scale_stride=1,
@@ -308,3 +309,18 @@ print("ALL OK" if ok else "SOME FAILED")
                          timeout=600)
     print(out.stdout)
     assert out.returncode == 0 and "ALL OK" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- the GPU benchmark's profile
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_gpu_linear_bench_profile_is_opt_in(tmp_path, flag):
+    """benchmarks/gpu_linear_bench.py --profile (off by default): its dry run names what it
+    would profile, at the first shape of the run."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_linear_bench.py"
+    argv = [sys.executable, str(bench), "--dry-run", "--json", str(tmp_path / "b.json"), "--shapes", "64x8x100,32x8x50"]
+    out = subprocess.run(argv + (["--profile"] if flag else []), capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(bench.parents[1] / "src")))
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = "then profile: crossent-accurate, crossent-compact at 64x8x100 (one fwd+bwd each"
+    assert (line in out.stdout) == flag, out.stdout
