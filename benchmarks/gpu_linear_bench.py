@@ -41,7 +41,9 @@ torch's chunked path, Liger and CCE first (what the targets need), then the
 torch.compile providers (``DEFERRED``: tens of seconds of compiling each) in a
 second pass while the budget lasts, timed against the first pass's matmuls and
 without the accuracy columns.  An error at one shape (out of memory) is a row.
-``--knobs K=V,...`` sets triton launch knobs for the run (see gpu_bench.py).
+``--knobs K=V,...`` sets triton launch knobs for the run (see gpu_bench.py).  ``--profile``
+(off by default) ends the run with the CUDA kernels of one forward + backward of
+crossent-accurate and crossent-compact at the first shape, by time (torch.profiler).
 
 Timing, the env stamp, JSON writing and the options come from benchmarks/_gpu_common.py.
 
@@ -259,13 +261,18 @@ def run_matmuls(N, D, V, h, W, iters, warmup, rows):
     return ms
 
 
-def run_shape(N, D, V, args, rows, skip, accuracy=True):
-    """Every provider not in ``skip`` at one shape (the 3-matmul baseline only if it is not
-    in skip either; else x3mm uses this shape's baseline row from an earlier pass)."""
+def _inputs(N, D, V):
+    """h, W (bf16, requiring grad) and class targets t of one shape, seeded."""
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
     W = (torch.randn(V, D, device="cuda", generator=g) * (2 / D ** 0.5)).to(torch.bfloat16).requires_grad_()
-    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    return h, W, torch.randint(0, V, (N,), device="cuda", generator=g)
+
+
+def run_shape(N, D, V, args, rows, skip, accuracy=True):
+    """Every provider not in ``skip`` at one shape (the 3-matmul baseline only if it is not
+    in skip either; else x3mm uses this shape's baseline row from an earlier pass)."""
+    h, W, t = _inputs(N, D, V)
     torch.cuda.empty_cache()
     _run_shape(h, W, t, args, rows, skip, accuracy)
     del h, W, t
@@ -334,6 +341,39 @@ def _run_shape(h, W, t, args, rows, skip, accuracy):
         fn = None
         record(rows, row, fmt)
         torch.cuda.empty_cache()
+
+
+PROFILED = ("crossent-accurate", "crossent-compact")
+
+
+def profile_kernels(N, D, V, top=15):
+    """--profile: one forward + backward of each PROFILED provider at N x D x V under
+    torch.profiler (after one untimed call: compiles, allocator), printing its CUDA kernels
+    by total time, so one GPU call shows where the time beyond the three matmuls goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    h, W, t = _inputs(N, D, V)
+    for name in PROFILED:
+        fn = _crossent(name.split("-", 1)[1])[0](h, W, t)
+        for timed in (False, True):
+            h.grad = W.grad = None
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn().backward()
+                torch.cuda.synchronize()
+        kernels: dict = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                us, calls = kernels.get(e.name, (0.0, 0))
+                kernels[e.name] = (us + e.time_range.elapsed_us(), calls + 1)
+        total = sum(us for us, _ in kernels.values()) or 1.0
+        print(f"== profile: {name} {N}x{D}x{V}, one fwd+bwd: CUDA kernels {total / 1e3:.2f} ms ==")
+        for kname, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"{us / 1e3:9.3f} ms {100 * us / total:5.1f}% {calls:5}x  {kname[:110]}")
+        fn = None
+    h.grad = W.grad = None
+    del h, W, t
+    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- output
@@ -432,6 +472,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...] instead of the two default shapes")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp32 reference and error columns")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the run: the CUDA kernels of one fwd+bwd of crossent-accurate and "
+                         "crossent-compact at the first shape (torch.profiler)")
     args, out, skip = parse(ap, argv, "gpu_linear_bench")
     if args.print_table:
         print_table(read_json(args.print_table), targets_only=args.targets_only)
@@ -441,7 +484,11 @@ def main(argv=None):
         shapes = shapes[:1]
     names = ["3-matmul", *providers()]
     if args.dry_run:
-        return dry_run(args, out, skip, names, [f"{N}x{D}x{V}" for N, D, V in shapes], DEFERRED)
+        rc = dry_run(args, out, skip, names, [f"{N}x{D}x{V}" for N, D, V in shapes], DEFERRED)
+        if args.profile:
+            N, D, V = shapes[0]
+            print(f"then profile: {', '.join(PROFILED)} at {N}x{D}x{V} (one fwd+bwd each, torch.profiler)")
+        return rc
     if not torch.cuda.is_available():
         print("gpu_linear_bench: no CUDA device", file=sys.stderr)
         return 1
@@ -456,6 +503,11 @@ def main(argv=None):
                     i == 0, fmt=fmt)
     finish(rows + targets(rows), out, t0)
     print_table([{**r, **META} for r in rows])
+    if args.profile:
+        try:
+            profile_kernels(*shapes[0])
+        except Exception as e:  # noqa: BLE001 - the rows are written already
+            print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr)
     return 0
 
 

@@ -22,8 +22,10 @@ Passes (N tokens, V classes, D features):
                the first chunk writes with beta=0 (no zero-fill, no add) and
                the others add to, rounded once at the end.  6*N*D*V FLOPs.
   vocab pass   (acc_policy="compact" only) per block of classes: logits of all
-               tokens for that block, their gradient from the saved lse
-               (``_block_grad``), dW[block] = g.T @ x in one contraction over
+               tokens for that block in x's dtype, overwritten by their
+               gradient from the saved lse (the backend's ``block_grad_``: one
+               read and one write on the Triton backend, no fp32 copy),
+               dW[block] = g.T @ x in one contraction over
                the tokens (or an fp32 block accumulator when the tokens have to
                be tiled).  No V x D fp32 buffer; 2 extra N*D*V matmuls.
 Nothing is accumulated with atomics; each output element is produced by a
@@ -252,77 +254,16 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
     return loss, lse, dx, out_dw, out_db
 
 
-def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tensor,
-                weight: Optional[Tensor], ignore_index: int, eps: float, z_loss: float,
-                softcap: float, tw_sum: Optional[Tensor]) -> Tensor:
-    """d(sum scale*loss)/dlogits for classes [v0, v0 + z.shape[1]) of some rows,
-    in place in z (acc dtype), from the rows' saved lse; formulas of
-    backends/base.py.  Temporaries of z's size: one with softcap (its
-    derivative), two with probability targets (see VOCAB_TEMPS)."""
-    Vb = z.shape[1]
-    acc = z.dtype
-    zero = torch.zeros((), dtype=acc, device=z.device)
-    if softcap:
-        z.div_(softcap).tanh_()
-        dcap = torch.mul(z, z).neg_().add_(1)  # d softcap(x)/dx = 1 - tanh^2
-        z.mul_(softcap)
-    lse_c = lse.to(acc).unsqueeze(1)
-    sc = scale.to(acc).unsqueeze(1) if scale.dim() else scale.to(acc)
-    zterm = 2 * z_loss * lse_c if z_loss else 0.0
-    w = None if weight is None else weight.to(acc)[v0:v0 + Vb]
-    p = z.sub_(lse_c).exp_()
-    if tc.is_floating_point():
-        t = tc.to(acc)
-        if eps > 0:
-            t = t * (1 - eps) + eps / V
-        tw = t if w is None else t * w
-        p.mul_(sc * (tw_sum.to(acc).unsqueeze(1) + zterm)).sub_(tw.mul_(sc) if tw is not tc else sc * tw)
-    else:
-        valid = tc != ignore_index
-        inb = (tc >= 0) & (tc < V)
-        ysafe = torch.where(valid & inb, tc, torch.zeros((), dtype=tc.dtype, device=tc.device)).long()
-        mrow = torch.where(valid, torch.ones((), dtype=acc, device=z.device), zero)
-        mrow = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=z.device), mrow)
-        wy = weight.to(acc)[ysafe] if weight is not None else torch.ones_like(mrow)
-        sum_w = float(V) if weight is None else weight.to(acc).sum()
-        mcol = mrow.unsqueeze(1)
-        sm = torch.where(mcol != 0, sc * mcol, zero)  # (n, 1); ignored rows exactly 0
-        wy = wy.unsqueeze(1)
-        hot = (1 - eps) * sm * wy  # B's [c == y] term
-        coef = hot
-        if eps > 0:
-            b = sm * (eps / V)  # B_c = b * w_c off the target class
-            coef = hot + b * sum_w
-        if z_loss:
-            coef = coef + sm * zterm
-        local = ysafe - v0
-        hit = ((local >= 0) & (local < Vb)).unsqueeze(1)
-        col = local.clamp(0, Vb - 1).unsqueeze(1)
-        if eps > 0:
-            py = p.gather(1, col)
-        p.mul_(coef)
-        if eps > 0:
-            p.sub_(b * (1.0 if w is None else w))
-            # The target entry as p_y*A - (b*w_y + hot), B_y summed first as A is
-            # (as torch_chunked's _Terms.grad_): exactly 0 for one class.
-            p.scatter_(1, col, torch.where(hit, py * coef - (b * wy + hot), p.gather(1, col)))
-        else:
-            p.scatter_add_(1, col, torch.where(hit, -hot, zero))
-    if softcap:
-        p.mul_(dcap)
-    return p
-
-
-def vocab_tiles(n_tok: int, V: int, D: int, x_elt: int, acc_elt: int, gathers: bool, softcap: bool,
-                prob: bool, budget: int) -> tuple[int, int]:
+def vocab_tiles(n_tok: int, V: int, D: int, x_elt: int, acc_elt: int, gathers: bool, scratch: int,
+                budget: int) -> tuple[int, int]:
     """(classes per block, tokens per tile) of the vocab pass, so that its
-    buffers stay within ``budget`` bytes: per (token, class) the fp32 gradient
-    tile, the logits in x's dtype (reused for the gradient the GEMM reads),
-    softcap's derivative, probability targets' fp32 rows; per token its
+    buffers stay within ``budget`` bytes: per (token, class) the logits in
+    x's dtype (overwritten by their gradient, the GEMM's operand) and the
+    backend's ``scratch`` bytes (block_grad_scratch: 0 for the Triton kernel,
+    the fp32 copy and temporaries of the torch backend); per token its
     gathered hidden row (shift / dropped rows); per class of a tiled block its
     fp32 dW accumulator row."""
-    lowp = x_elt != acc_elt
-    elt = acc_elt + (x_elt if lowp else 0) + (acc_elt if softcap else 0) + (2 * acc_elt if prob else 0)
+    elt = x_elt + scratch
     row = D * x_elt if gathers else 0
     n_tok = max(1, n_tok)
     room = budget - n_tok * row
@@ -333,34 +274,29 @@ def vocab_tiles(n_tok: int, V: int, D: int, x_elt: int, acc_elt: int, gathers: b
     return vb, max(1, (budget - vb * D * acc_elt) // (vb * elt + row))
 
 
-def _vocab_tile(R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor], v0: int, V: int,
+def _vocab_tile(be, R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor], v0: int, V: int,
                 target: Tensor, weight, lse, ignore_index, eps, z_loss, softcap, scale, tw_sum,
                 need_db: bool, dw_out: Optional[Tensor], whole: bool, first: bool) -> Optional[Tensor]:
-    """One (tokens x classes) tile of the vocab pass: its logits, their
-    gradient, and its dW contribution into ``dw_out`` (dW[block] itself when
-    the tile holds every token, else the block's fp32 accumulator, written
-    with beta=0 by the first tile).  Returns the gradient's column sums."""
-    acc = lse.dtype
-    zl = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
-    z = zl.to(acc)  # the same tensor for fp32/fp64
-    tc = R.take(target, tok)
-    if tc.is_floating_point():
-        tc = tc[:, v0:v0 + wb.shape[0]]
-    g = _block_grad(z, v0, V, tc, R.take(lse, tok), R.take(scale, tok) if scale.dim() else scale,
-                    weight, ignore_index, eps, z_loss, softcap,
-                    None if tw_sum is None else R.take(tw_sum, tok))
+    """One (tokens x classes) tile of the vocab pass: its logits, overwritten
+    by their gradient (the backend's block_grad_), and its dW contribution
+    into ``dw_out`` (dW[block] itself when the tile holds every token, else
+    the block's fp32 accumulator, written with beta=0 by the first tile).
+    Returns the gradient's column sums."""
+    g = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
+    be.block_grad_(g, v0, V, R.take(target, tok), R.take(lse, tok), R.take(scale, tok) if scale.dim() else scale,
+                   weight, ignore_index, eps, z_loss, softcap, None if tw_sum is None else R.take(tw_sum, tok))
     if dw_out is not None:
-        gl = zl.copy_(g) if zl is not g else g  # the GEMM's operand in x's dtype, in the logits' buffer
         if whole:  # one contraction over all tokens: fp32 inside the GEMM, rounded once
-            torch.mm(gl.t(), xc, out=dw_out)
+            torch.mm(g.t(), xc, out=dw_out)
         else:
-            _gemm(dw_out, gl.t(), xc, first)
-    return g.sum(0) if need_db else None
+            _gemm(dw_out, g.t(), xc, first)
+    return g.sum(0, dtype=lse.dtype) if need_db else None
 
 
 def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, softcap, scale,
-               need_dw, need_db, budget, drop):
+               need_dw, need_db, budget, drop, backend):
     """dW (and db) by blocks of classes, recomputing logits from the saved lse."""
+    be = backends.load(backend)
     R = _Rows(x, rows, target, ignore_index, drop)
     V, D = w.shape
     acc = acc_dtype(x.dtype)
@@ -379,7 +315,7 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
             dw.zero_()
         return dw, db
     vb, n = vocab_tiles(R.n, V, D, x.element_size(), torch.finfo(acc).bits // 8, R.gathers,
-                        bool(softcap), prob, budget)
+                        be.block_grad_scratch(x.dtype, bool(softcap), prob), budget)
     whole = n >= R.n
     # All tokens in one tile: gather their hidden rows once, not per block.
     tiles = list(R.chunks(n)) if whole else None
@@ -392,7 +328,7 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
         for i, (tok, xc) in enumerate(tiles if whole else R.chunks(n)):
             # A function call, so the tile's buffers are freed before the next
             # tile's are allocated (the budget counts one tile).
-            gsum = _vocab_tile(R, tok, xc, wb, bb, v0, V, target, weight, lse, ignore_index, eps,
+            gsum = _vocab_tile(be, R, tok, xc, wb, bb, v0, V, target, weight, lse, ignore_index, eps,
                                z_loss, softcap, scale, tw_sum, need_db,
                                dw[v0:v1] if need_dw and whole else blk, whole, i == 0)
             if need_db:
@@ -413,7 +349,7 @@ def run(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale
         dw, db = w.new_empty(0), x.new_empty(0)
         if need_dw or need_db:
             dw, db = vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss,
-                                softcap, scale, need_dw, need_db, budget, drop)
+                                softcap, scale, need_dw, need_db, budget, drop, backend)
         return loss, lse, dx, dw, db
     return token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale,
                       need_dx, need_dw, need_db, chunk_rows, drop, backend, dx_into)

@@ -184,9 +184,11 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     chunk costs a read-modify-write of the accumulator); on CPU 128 MiB chunks,
     at most a quarter of the logits (at least 16 MiB).
     compact: all buffers within chunk_bytes (default 256 MiB, CPU 128 MiB):
-    a quarter for the token pass's chunk (the rest is the CE backend's
-    working space: the torch backend's fp32 temporaries, up to four per piece
-    of the chunk), all of it for the vocabulary pass's tiles, which run after.
+    for the token pass's chunk all of it where the CE backend writes the
+    gradient over the logits with no temporaries of their size (Triton), else
+    a quarter (the rest is the torch backend's fp32 temporaries, up to four
+    per piece of the chunk); all of it for the vocabulary pass's tiles, which
+    run after (their per-logit bytes: the backend's block_grad_scratch).
     auto: accurate unless the fp32 accumulator it would need takes more than
     a quarter of the free memory."""
     opts = opts or LinearCrossEntropyOptions()
@@ -228,9 +230,11 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
     budget = opts.chunk_bytes or _COMPACT_BYTES.get(device.type, _COMPACT_BYTES_ACCEL)
     vb = V
     if policy == "compact":
+        be = backends.load(backend)
+        token_bytes = budget if be.ce_in_place(dtype) else budget // 4
         rows = min(opts.chunk_size, max(1, N)) if opts.chunk_size else \
-            _chunk_rows(N, per_row, budget // 4, tile)
-        vb = vocab_tiles(N, V, D, elt, acc_elt, False, False, False, budget)[0]
+            _chunk_rows(N, per_row, token_bytes, tile)
+        vb = vocab_tiles(N, V, D, elt, acc_elt, False, be.block_grad_scratch(dtype, False, False), budget)[0]
         extra = budget
     else:
         extra = min(rows, N) * per_row + (acc_bytes if rows < N else 0)

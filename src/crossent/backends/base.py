@@ -72,6 +72,18 @@ Methods (all return new tensors; none mutates its inputs except ``rescale_``):
               softcap, scale) -> grad   (recomputes p from the saved lse)
   rescale_(grad, g) -> None: grad *= g in place (g a 0-d tensor); may skip the
       pass when g == 1 if that needs no host sync on this device.
+  ce_in_place(dtype) -> bool: whether ce_forward(x, ..., grad_into=x) allocates
+      nothing of x's size for x of this dtype (per-row vectors only).
+  block_grad_(z, v0, C, target, lse, scale, weight, ignore_index, label_smoothing,
+              z_loss, softcap, tw_sum) -> z
+      z: (rows, vb) logits of classes [v0, v0 + vb) of C (unit column stride),
+      overwritten in place by the gradient of sum(scale*loss) w.r.t. them
+      (computed in the accumulation dtype, rounded once to z's dtype), from the
+      rows' saved lse (fp32 rows; fp64 for fp64).  target: (rows,) class
+      indices or (rows, C) probabilities over all classes; tw_sum: probability
+      rows' sum_c w_c*t'_c (else None).  linear_cross_entropy's vocabulary pass.
+  block_grad_scratch(dtype, softcap, prob) -> int: bytes per logit of z that
+      block_grad_ allocates (0: it works in place).
   softmax_forward(x, dim, log) -> y     (x.dtype output, fp32 accumulation)
   softmax_backward(g, y, dim, log, input_dtype) -> dx
 """
@@ -113,6 +125,14 @@ class Backend(Protocol):
                     softcap: float, scale: Tensor) -> Tensor: ...
 
     def rescale_(self, grad: Tensor, g: Tensor) -> None: ...
+
+    def ce_in_place(self, dtype: torch.dtype) -> bool: ...
+
+    def block_grad_(self, z: Tensor, v0: int, C: int, target: Tensor, lse: Tensor, scale: Tensor,
+                    weight: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                    softcap: float, tw_sum: Tensor | None) -> Tensor: ...
+
+    def block_grad_scratch(self, dtype: torch.dtype, softcap: bool, prob: bool) -> int: ...
 
     def softmax_forward(self, x: Tensor, dim: int, log: bool) -> Tensor: ...
 

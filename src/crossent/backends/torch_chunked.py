@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._validate import not_ignored, target_masks
+from . import torch_block
 from .base import acc_dtype, wide_dtype
 
 # One chunk is at most this many bytes of fp32 work, and at most 1/16 of the
@@ -357,6 +358,13 @@ class TorchChunkedBackend:
                 grad.mul_(gv)
         else:
             grad.mul_(g.to(grad.dtype))
+
+    def ce_in_place(self, dtype: torch.dtype) -> bool:
+        return False  # each piece of the sweep has fp32 temporaries (_chunks)
+
+    # linear_cross_entropy's vocabulary pass (contract: base.py)
+    block_grad_ = staticmethod(torch_block.block_grad_)
+    block_grad_scratch = staticmethod(torch_block.block_grad_scratch)
 
     # -- softmax -------------------------------------------------------------
     def softmax_forward(self, x: Tensor, dim: int, log: bool) -> Tensor:

@@ -12,7 +12,7 @@ import re
 import torch
 import triton
 
-from . import ce, softmax
+from . import block_grad, ce, softmax
 
 # The oldest Triton the kernels are tested with (CI: 3.9; the GPU machines: 3.6).  Older ones
 # fail on them (3.4's interpreter rejects the row tiles' broadcasting; 3.0, torch 2.4's, non-constexpr
@@ -56,6 +56,12 @@ class TritonBackend:
     rescale_ = staticmethod(ce.rescale_)
     softmax_forward = staticmethod(softmax.softmax_forward)
     softmax_backward = staticmethod(softmax.softmax_backward)
+    block_grad_ = staticmethod(block_grad.block_grad_)
+    block_grad_scratch = staticmethod(block_grad.block_grad_scratch)
+
+    @staticmethod
+    def ce_in_place(dtype: torch.dtype) -> bool:
+        return dtype != torch.float64   # ce_forward leaves fp64 to the torch backend
 
 
 __all__ = ["TritonBackend"]
