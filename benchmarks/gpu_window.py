@@ -98,6 +98,14 @@ GPU_TESTS = ["tests/gpu/test_gpu_lean_launch.py", "tests/gpu/test_gpu_triton.py"
              "tests/gpu/test_gpu_logprobs.py", "tests/gpu/test_gpu_compile.py"]
 # 1336 small differential cases: host-bound, so several pytest workers share the GPU
 PARITY_WORKERS = 6
+# The GPU tier compiles ~210 Triton kernels on a cold cache (one launch path, dtype and
+# option set each), CPU-bound work that one pytest process did serially past its 130 s:
+# several workers compile side by side (16 cores) and share the on-disk Triton cache.
+GPU_TEST_WORKERS = 8
+
+
+def _workers(ctx, n: int) -> list:
+    return ["-n", str(n)] if _have(ctx.python, "xdist") else []
 
 STAGES = [
     Stage("smoke", 75, 30, lambda c, b: _py(c, "gpu_sweep.py", "--smoke", "--json", str(c.out / "gpu_smoke.json")),
@@ -112,14 +120,16 @@ STAGES = [
     # launch dispatch on the real GPU: Triton's JIT vs crossent's lean path (issue 10, item 3)
     Stage("dispatch", 45, 20, lambda c, b: _py(c, "gpu_host.py", "--dispatch"), ["--help"]),
     Stage("tests-gpu", 130, 40,
-          lambda c, b: _pytest(c, "--maxfail=20", "-rfE", "--durations=5", *_per_test(c, 90), *GPU_TESTS), COLLECT),
+          lambda c, b: _pytest(c, "--maxfail=20", "-rfE", "--durations=5", *_per_test(c, 90),
+                               *_workers(c, GPU_TEST_WORKERS), *GPU_TESTS), COLLECT),
     Stage("tests-parity", 120, 40,
-          lambda c, b: _pytest(c, "--maxfail=25", "-rfE", *_per_test(c, 60),
-                               *(["-n", str(PARITY_WORKERS)] if _have(c.python, "xdist") else []),
+          lambda c, b: _pytest(c, "--maxfail=25", "-rfE", *_per_test(c, 60), *_workers(c, PARITY_WORKERS),
                                "tests/test_parity.py"),
           COLLECT, env={"CROSSENT_TEST_DEVICE": "cuda"}),
-    # the vocab-parallel and DTensor gloo cases on CUDA tensors (two ranks share the GPU)
-    Stage("tests-dist", 60, 25, lambda c, b: _pytest(c, *_per_test(c, 50), "-k", "2",
+    # the vocab-parallel and DTensor gloo cases on CUDA tensors (two ranks share the GPU),
+    # the two launches side by side; each kills its ranks at its own deadline (45 s)
+    # before the per-test limit, and reports where they were
+    Stage("tests-dist", 75, 25, lambda c, b: _pytest(c, *_per_test(c, 60), *_workers(c, 2), "-k", "2",
                                                      "tests/gpu/test_gpu_distributed.py"), COLLECT),
 ]
 
