@@ -119,9 +119,11 @@ STAGES = [
           margin_s=30, table=_table("gpu_linear_bench.py", "gpu_linear_bench", "--targets-only")),
     # launch dispatch on the real GPU: Triton's JIT vs crossent's lean path (issue 10, item 3)
     Stage("dispatch", 45, 20, lambda c, b: _py(c, "gpu_host.py", "--dispatch"), ["--help"]),
+    # (each worker compiles inductor's kernels in-process: no pool of compile processes per worker)
     Stage("tests-gpu", 130, 40,
           lambda c, b: _pytest(c, "--maxfail=20", "-rfE", "--durations=5", *_per_test(c, 90),
-                               *_workers(c, GPU_TEST_WORKERS), *GPU_TESTS), COLLECT),
+                               *_workers(c, GPU_TEST_WORKERS), *GPU_TESTS),
+          COLLECT, env={"TORCHINDUCTOR_COMPILE_THREADS": "1"}),
     Stage("tests-parity", 120, 40,
           lambda c, b: _pytest(c, "--maxfail=25", "-rfE", *_per_test(c, 60), *_workers(c, PARITY_WORKERS),
                                "tests/test_parity.py"),
