@@ -6,9 +6,9 @@ or torch on the full tensors) and writes its failures to a JSON file.  Worker
 processes are the test file itself run as a script (``--worker``); the parent
 kills every rank as soon as one exits with an error, or at a deadline, so a
 rank that raises never hangs the suite.  CROSSENT_DIST_DEVICE=cuda runs the
-same cases on CUDA tensors (all ranks share GPU 0, still through gloo, which
-runs only all_reduce and broadcast on CUDA tensors: any other collective, a
-gather say, kills the rank with SIGSEGV).
+same cases on CUDA tensors (all ranks share GPU 0, still through gloo, whose
+documented CUDA collectives are all_reduce and broadcast: an all_gather_into_tensor
+there killed both ranks with SIGSEGV once).
 """
 from __future__ import annotations
 
