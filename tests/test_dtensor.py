@@ -51,8 +51,9 @@ def _check_raw_grad(ck: Checker, name: str, seen: list, leaf):
     """The raw gradient must have the leaf's placements and global strides.
     With other strides (to_local's backward derives them from the local
     shard's, wrong for uneven shards) torch 2.11's AccumulateGrad re-lays it
-    out through an all_gather: a Replicate gradient, and a SIGSEGV where gloo
-    holds CUDA tensors (it runs only all_reduce and broadcast on them)."""
+    out through an all_gather: a Replicate gradient, and on CUDA tensors under
+    gloo (whose documented CUDA collectives are all_reduce and broadcast) both
+    ranks died with SIGSEGV."""
     want = (tuple(leaf.placements), leaf.stride())
     ck.true(name + " raw grad layout", seen == [want], f"{seen} vs {want}")
 

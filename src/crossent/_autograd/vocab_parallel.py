@@ -59,8 +59,8 @@ class DTensorLocalFunction(torch.autograd.Function):
     which is wrong for uneven shards: (N, 7) split 4 + 3 gives strides (8, 1)
     and (6, 1) for the true (7, 1).  AccumulateGrad then re-lays a leaf's
     gradient out, and torch 2.11 does that through a Replicate copy: an
-    all_gather (which gloo cannot run on CUDA tensors: the process dies with
-    SIGSEGV) and a full-size Replicate gradient instead of the shard."""
+    all_gather (under gloo with CUDA tensors the ranks died with SIGSEGV) and
+    a full-size Replicate gradient instead of the shard."""
 
     @staticmethod
     def forward(ctx, input):
