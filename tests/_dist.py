@@ -42,7 +42,7 @@ def launch(script: str, world: int, mode: str, deadline_s: float = DEADLINE_S, d
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + HERE + os.pathsep + env.get("PYTHONPATH", "")
     env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
-               CROSSENT_DIST_DEVICE=device, CROSSENT_DIST_DEADLINE_S=str(deadline_s))
+               CROSSENT_DIST_DEVICE=device)
     tmp = tempfile.mkdtemp(prefix="crossent_dist_")
     procs, outs, logs = [], [], []
     t0 = time.monotonic()
@@ -52,7 +52,8 @@ def launch(script: str, world: int, mode: str, deadline_s: float = DEADLINE_S, d
         outs.append(out)
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(script), "--worker", str(rank), str(world), str(port), mode, out],
+            [sys.executable, os.path.abspath(script), "--worker", str(rank), str(world), str(port), mode, out,
+             str(deadline_s)],
             env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         while True:
@@ -153,14 +154,14 @@ def _run(rank: int, world: int, port: int, mode: str, out: str, modes) -> int:
 
 
 def worker_main(modes) -> None:
-    """Entry point of ``script --worker rank world port mode out``; ``modes``
+    """Entry point of ``script --worker rank world port mode out deadline_s``; ``modes``
     maps a mode name to the case functions fn(checker, rank, world) it runs."""
     # A crash in native code (a collective the backend cannot run on CUDA
     # tensors died with SIGSEGV once) prints every thread's Python stack into
     # the rank's log, which check() shows; so does a rank still running shortly
     # before launch() kills it at its deadline (a hang in a collective).
     faulthandler.enable(all_threads=True)
-    faulthandler.dump_traceback_later(max(1.0, float(os.environ.get("CROSSENT_DIST_DEADLINE_S", DEADLINE_S)) - 10))
+    faulthandler.dump_traceback_later(max(1.0, float(sys.argv[7]) - 10))
     try:
         code = _run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], modes)
     except BaseException:
