@@ -95,9 +95,18 @@ def _per_test(ctx, seconds: int) -> list:
 
 
 GPU_TESTS = ["tests/gpu/test_gpu_lean_launch.py", "tests/gpu/test_gpu_triton.py", "tests/gpu/test_gpu_linear.py",
-             "tests/gpu/test_gpu_logprobs.py", "tests/gpu/test_gpu_compile.py"]
+             "tests/gpu/test_gpu_logprobs.py", "tests/gpu/test_gpu_compile.py", "tests/gpu/test_gpu_autocast.py",
+             "tests/test_autocast.py"]   # (the last: its CUDA cases run where a GPU is)
 # 1336 small differential cases: host-bound, so several pytest workers share the GPU
 PARITY_WORKERS = 6
+# The GPU tier compiles ~210 Triton kernels on a cold cache (one launch path, dtype and
+# option set each), CPU-bound work that one pytest process did serially past its 130 s:
+# several workers compile side by side (16 cores) and share the on-disk Triton cache.
+GPU_TEST_WORKERS = 8
+
+
+def _workers(ctx, n: int) -> list:
+    return ["-n", str(n)] if _have(ctx.python, "xdist") else []
 
 STAGES = [
     Stage("smoke", 75, 30, lambda c, b: _py(c, "gpu_sweep.py", "--smoke", "--json", str(c.out / "gpu_smoke.json")),
@@ -111,15 +120,19 @@ STAGES = [
           margin_s=30, table=_table("gpu_linear_bench.py", "gpu_linear_bench", "--targets-only")),
     # launch dispatch on the real GPU: Triton's JIT vs crossent's lean path (issue 10, item 3)
     Stage("dispatch", 45, 20, lambda c, b: _py(c, "gpu_host.py", "--dispatch"), ["--help"]),
+    # (each worker compiles inductor's kernels in-process: no pool of compile processes per worker)
     Stage("tests-gpu", 130, 40,
-          lambda c, b: _pytest(c, "--maxfail=20", "-rfE", "--durations=5", *_per_test(c, 90), *GPU_TESTS), COLLECT),
+          lambda c, b: _pytest(c, "--maxfail=20", "-rfE", "--durations=5", *_per_test(c, 90),
+                               *_workers(c, GPU_TEST_WORKERS), *GPU_TESTS),
+          COLLECT, env={"TORCHINDUCTOR_COMPILE_THREADS": "1"}),
     Stage("tests-parity", 120, 40,
-          lambda c, b: _pytest(c, "--maxfail=25", "-rfE", *_per_test(c, 60),
-                               *(["-n", str(PARITY_WORKERS)] if _have(c.python, "xdist") else []),
+          lambda c, b: _pytest(c, "--maxfail=25", "-rfE", *_per_test(c, 60), *_workers(c, PARITY_WORKERS),
                                "tests/test_parity.py"),
           COLLECT, env={"CROSSENT_TEST_DEVICE": "cuda"}),
-    # the vocab-parallel and DTensor gloo cases on CUDA tensors (two ranks share the GPU)
-    Stage("tests-dist", 60, 25, lambda c, b: _pytest(c, *_per_test(c, 50), "-k", "2",
+    # the vocab-parallel and DTensor gloo cases on CUDA tensors (two ranks share the GPU),
+    # the two launches side by side; each kills its ranks at its own deadline (45 s)
+    # before the per-test limit, and reports where they were
+    Stage("tests-dist", 75, 25, lambda c, b: _pytest(c, *_per_test(c, 60), *_workers(c, 2), "-k", "2",
                                                      "tests/gpu/test_gpu_distributed.py"), COLLECT),
 ]
 

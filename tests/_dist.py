@@ -6,11 +6,14 @@ or torch on the full tensors) and writes its failures to a JSON file.  Worker
 processes are the test file itself run as a script (``--worker``); the parent
 kills every rank as soon as one exits with an error, or at a deadline, so a
 rank that raises never hangs the suite.  CROSSENT_DIST_DEVICE=cuda runs the
-same cases on CUDA tensors (all ranks share GPU 0, still through gloo).
+same cases on CUDA tensors (all ranks share GPU 0, still through gloo, whose
+documented CUDA collectives are all_reduce and broadcast: an all_gather_into_tensor
+there killed both ranks with SIGSEGV once).
 """
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import json
 import os
 import socket
@@ -49,7 +52,8 @@ def launch(script: str, world: int, mode: str, deadline_s: float = DEADLINE_S, d
         outs.append(out)
         logs.append(log)
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.abspath(script), "--worker", str(rank), str(world), str(port), mode, out],
+            [sys.executable, os.path.abspath(script), "--worker", str(rank), str(world), str(port), mode, out,
+             str(deadline_s)],
             env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
         while True:
@@ -79,13 +83,23 @@ def check(script: str, world: int, mode: str, device: str = "cpu", min_cases: in
           deadline_s: float = DEADLINE_S) -> dict:
     """Launch, then assert every rank finished and no case failed; returns rank 0's result."""
     rcs, results, logs, elapsed = launch(script, world, mode, deadline_s, device)
-    msg = "\n".join(f"--- rank {r} rc={rc}\n{log}" for r, (rc, log) in enumerate(zip(rcs, logs)))
+    msg = "\n".join(f"--- rank {r} rc={rc}{_progress(res)}\n{log}"
+                    for r, (rc, res, log) in enumerate(zip(rcs, results, logs)))
     assert all(rc == 0 for rc in rcs), f"a rank failed or timed out after {elapsed:.1f}s:\n{msg}"
     failures = [f for res in results for f in res["failures"]]
     n = results[0]["cases"]
     assert n >= min_cases, f"only {n} cases ran"
     assert not failures, f"{len(failures)} of {n} case-rank checks failed:\n" + "\n".join(failures[:30])
     return results[0]
+
+
+def _progress(res: dict | None) -> str:
+    """Where a rank that did not finish was: its case function, the cases done
+    and the failures found up to there (the rest of the list never ran)."""
+    if not res or not res.get("running"):
+        return ""
+    fails = "".join(f"\n    {f}" for f in res["failures"][:10])
+    return f", in {res['running']} after {res['cases']} cases, {len(res['failures'])} failures before:{fails}"
 
 
 class Checker:
@@ -123,20 +137,31 @@ def _run(rank: int, world: int, port: int, mode: str, out: str, modes) -> int:
                             timeout=datetime.timedelta(seconds=60))
     ck = Checker(rank, dev)
     times = {}
+
+    def dump(running: str | None):
+        with open(out, "w") as f:
+            json.dump({"failures": ck.failures, "cases": ck.cases, "times": times, "running": running}, f)
+
     for fn in modes[mode]:  # an exception leaves without teardown: worker_main exits at once
+        dump(fn.__name__)  # what a rank that dies in fn (a crash, a kill) had found: see _progress
         t0 = time.perf_counter()
         fn(ck, rank, world)
         times[fn.__name__] = round(time.perf_counter() - t0, 2)
-    with open(out, "w") as f:
-        json.dump({"failures": ck.failures, "cases": ck.cases, "times": times}, f)
+    dump(None)
     dist.barrier()
     dist.destroy_process_group()
     return 0
 
 
 def worker_main(modes) -> None:
-    """Entry point of ``script --worker rank world port mode out``; ``modes``
+    """Entry point of ``script --worker rank world port mode out deadline_s``; ``modes``
     maps a mode name to the case functions fn(checker, rank, world) it runs."""
+    # A crash in native code (a collective the backend cannot run on CUDA
+    # tensors died with SIGSEGV once) prints every thread's Python stack into
+    # the rank's log, which check() shows; so does a rank still running shortly
+    # before launch() kills it at its deadline (a hang in a collective).
+    faulthandler.enable(all_threads=True)
+    faulthandler.dump_traceback_later(max(1.0, float(sys.argv[7]) - 10))
     try:
         code = _run(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6], modes)
     except BaseException:

@@ -393,11 +393,22 @@ def _hardening_cases(ck: Checker, rank: int, world: int):
         theirs = _raises(lambda: crossent.cross_entropy(xb, tb, **kw))
         ck.true(f"error {name}", ours == theirs and theirs is not None, f"{ours} vs {theirs}")
         ck.cases += 1
-    # Autocast: cross_entropy in float32, as torch's autocast runs it.
+    # Autocast: a float32 loss, the one of the bf16 logits' values (crossent
+    # accumulates in fp32), as single-process crossent and torch's CPU autocast
+    # (cross_entropy is one of its fp32 ops) give.  CUDA autocast has no rule for
+    # cross_entropy: its log_softmax runs in the input's dtype there (cross_entropy
+    # asks for it, and autocast honours an explicit dtype), only nll_loss in
+    # fp32, so torch's loss is a
+    # mean of bf16-rounded log-probabilities: within bf16's unit roundoff 2**-8 of
+    # itself from ours (the test allows twice that).
     x = torch.randn(4, C, generator=g).to(dev, torch.bfloat16)
     with torch.autocast(dev, dtype=torch.bfloat16):
         out = vpce(x[:, lo:hi], t)
-        ck.close("autocast", out, torch.nn.functional.cross_entropy(x, t), rtol=1e-6, atol=1e-6)
+        single = crossent.cross_entropy(x, t)
+        theirs = torch.nn.functional.cross_entropy(x, t)
+    ck.close("autocast", out, torch.nn.functional.cross_entropy(x.float(), t), rtol=1e-6, atol=1e-6)
+    ck.close("autocast vs single process", out, single, rtol=1e-6, atol=1e-6)
+    ck.close("autocast vs torch", out, theirs, rtol=2 ** -7, atol=0)
     ck.cases += 1
 
 

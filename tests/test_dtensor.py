@@ -37,6 +37,27 @@ def _same_dtensor(ck: Checker, name: str, ours, theirs, rtol=1e-9, atol=1e-10):
     ck.close(name, ours.to_local(), theirs.to_local(), rtol, atol)
 
 
+def _raw_grad(leaf) -> list:
+    """Where the layout (placements, global strides) of ``leaf``'s gradient
+    goes as autograd produces it, before AccumulateGrad (a hook on a leaf runs
+    first; it keeps no reference: a gradient held elsewhere is copied, not
+    stolen, and torch 2.11 copies a DTensor one through Replicate)."""
+    seen = []
+    leaf.register_hook(lambda g: seen.append((tuple(g.placements), g.stride())))
+    return seen
+
+
+def _check_raw_grad(ck: Checker, name: str, seen: list, leaf):
+    """The raw gradient must have the leaf's placements and global strides.
+    With other strides (to_local's backward derives them from the local
+    shard's, wrong for uneven shards) torch 2.11's AccumulateGrad re-lays it
+    out through an all_gather: a Replicate gradient, and on CUDA tensors under
+    gloo (whose documented CUDA collectives are all_reduce and broadcast) both
+    ranks died with SIGSEGV."""
+    want = (tuple(leaf.placements), leaf.stride())
+    ck.true(name + " raw grad layout", seen == [want], f"{seen} vs {want}")
+
+
 def _shard(full, mesh, placements):
     """This rank's piece of ``full`` as DTensor places it, without communication."""
     from torch.distributed.tensor import distribute_tensor
@@ -67,6 +88,7 @@ def _ce_cases(ck: Checker, rank: int, world: int):
             kw.update(z_loss=0.01, softcap=3.0)
         name = f"C={C} {shape} {tk} {red} w={weighted} eps={eps} {extra}"
         xd = _shard(x, mesh, [Shard(cdim)]).requires_grad_(True)
+        raw = _raw_grad(xd)
         out = crossent.cross_entropy(xd, td, w, **kw)
         xf = x.clone().requires_grad_(True)
         ref = crossent.cross_entropy(xf, t, w, **kw)
@@ -77,6 +99,7 @@ def _ce_cases(ck: Checker, rank: int, world: int):
         out.backward(_shard(gout, mesh, [Replicate()]))
         (gf,) = torch.autograd.grad(ref, xf, gout)
         ck.true(name + " grad placements", tuple(xd.grad.placements) == (Shard(cdim),), str(xd.grad.placements))
+        _check_raw_grad(ck, name, raw, xd)
         ck.close(name + " grad", xd.grad.to_local(), _shard(gf, mesh, [Shard(cdim)]).to_local())
         ck.cases += 1
         # torch's loss_parallel: class targets, no smoothing, no extras (its documented
@@ -218,7 +241,9 @@ def _torch_wrong_cases(ck: Checker, rank: int, world: int):
 
 def _mesh2d_cases(ck: Checker, rank: int, world: int):
     """2-D meshes (dp, tp) of shapes (1, world) and (world, 1): batch sharded on
-    dp, classes on tp.  Placements and values as torch's loss_parallel."""
+    dp, classes on tp.  Values and gradients as single-process torch's;
+    placements and errors as torch's loss_parallel where it takes 2-D meshes
+    (torch 2.13; 2.11 refuses them all)."""
     import torch
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
@@ -226,6 +251,16 @@ def _mesh2d_cases(ck: Checker, rank: int, world: int):
     from torch.distributed.tensor.parallel import loss_parallel
 
     import crossent
+
+    def theirs_of(xt, tgt, red):
+        """loss_parallel's loss, or None where it refuses every 2-D mesh (torch 2.11)."""
+        try:
+            with loss_parallel():
+                return F.cross_entropy(xt, tgt, reduction=red)
+        except ValueError as e:
+            if "one-dimensional DeviceMesh" in str(e):
+                return None
+            raise
 
     for shape in [(1, world), (world, 1)]:
         mesh = init_device_mesh(ck.dev, shape, mesh_dim_names=("dp", "tp"))
@@ -238,29 +273,37 @@ def _mesh2d_cases(ck: Checker, rank: int, world: int):
             name = f"mesh {shape} {red}"
             xd = _shard(x, mesh, [Shard(0), Shard(1)]).requires_grad_(True)
             xt = _shard(x, mesh, [Shard(0), Shard(1)]).requires_grad_(True)
+            raw = _raw_grad(xd)
             ours = crossent.cross_entropy(xd, td, reduction=red)
-            with loss_parallel():
-                theirs = F.cross_entropy(xt, td, reduction=red)
-            _same_dtensor(ck, name, ours, theirs)
+            theirs = theirs_of(xt, td, red)
+            if theirs is not None:
+                _same_dtensor(ck, name, ours, theirs)
             xf = x.clone().requires_grad_(True)
             ref = F.cross_entropy(xf, t, reduction=red)
             want = _shard(ref, mesh, [Shard(0), Replicate()]).to_local() if red == "none" else ref
             got = ours.to_local() if red == "none" else ours.full_tensor()
             ck.close(name + " value", got, want)
             gout = torch.ones_like(ref)
-            ours.backward(_shard(gout, mesh, theirs.placements) if red == "none" else None)
-            with loss_parallel():
-                theirs.backward(_shard(gout, mesh, theirs.placements) if red == "none" else None)
-            _same_dtensor(ck, name + " grad", xd.grad, xt.grad)
+            ours.backward(_shard(gout, mesh, ours.placements) if red == "none" else None)
+            ref.backward(gout)
+            ck.true(name + " grad placements", xd.grad.placements == xd.placements, str(xd.grad.placements))
+            ck.close(name + " grad", xd.grad.to_local(), _shard(xf.grad, mesh, xd.placements).to_local())
+            _check_raw_grad(ck, name, raw, xd)
+            if theirs is not None:
+                with loss_parallel():
+                    theirs.backward(_shard(gout, mesh, theirs.placements) if red == "none" else None)
+                _same_dtensor(ck, name + " grad vs loss_parallel", xd.grad, xt.grad)
             ck.cases += 1
-        # Bad input: the exception types of loss_parallel, whose rules we follow.
+        # Bad input: the exception types of loss_parallel, whose rules we follow
+        # (where it takes 2-D meshes at all).
         xd = _shard(x, mesh, [Shard(0), Shard(1)])
         bad = [(td, "mean"),                                       # mean over a batch-sharded mesh dim
                (t, "sum"),                                         # a plain target that must be sharded
                (_shard(t, mesh, [Replicate(), Replicate()]), "sum")]  # wrong target placements
+        lp2d = theirs_of(xd, td, "sum") is not None
         for tgt, red in bad:
             errs = []
-            for fn, ctx in [(crossent.cross_entropy, None), (F.cross_entropy, loss_parallel)]:
+            for fn, ctx in [(crossent.cross_entropy, None), (F.cross_entropy, loss_parallel)][:1 + lp2d]:
                 try:
                     if ctx is None:
                         fn(xd, tgt, reduction=red)
@@ -270,7 +313,7 @@ def _mesh2d_cases(ck: Checker, rank: int, world: int):
                     errs.append(None)
                 except Exception as e:  # noqa: BLE001
                     errs.append(type(e))
-            ck.true(f"mesh {shape} bad {red} error", errs[0] is not None and errs[0] == errs[1], str(errs))
+            ck.true(f"mesh {shape} bad {red} error", errs[0] is not None and errs[0] == errs[-1], str(errs))
             ck.cases += 1
 
 

@@ -219,6 +219,22 @@ def autocast_out_dtype(input: Tensor, out_dtype: torch.dtype) -> torch.dtype:
     return out_dtype
 
 
+# Device types whose autocast runs (log_)softmax in fp32 (fp16/bf16 inputs without a
+# dtype); CPU autocast leaves them in the input's dtype (tests/test_autocast_devices.py).
+# MPS is left out: its list gained them after torch 2.4.
+AUTOCAST_FP32_SOFTMAX = ("cuda", "xpu")
+
+
+def autocast_softmax_dtype(input: Tensor, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype (log_)softmax computes and returns under torch.autocast: float32 for
+    fp16/bf16 input on a device type in AUTOCAST_FP32_SOFTMAX, an explicit dtype winning,
+    as torch's; else ``dtype``."""
+    if (dtype is None and input.dtype in _LOW and input.device.type in AUTOCAST_FP32_SOFTMAX
+            and torch.is_autocast_enabled(input.device.type)):
+        return torch.float32
+    return dtype
+
+
 def _autocast_on(t: Tensor) -> bool:
     return torch.is_autocast_enabled(t.device.type)
 

@@ -49,6 +49,7 @@ def _softmax(name: str, log: bool, input: Tensor, dim, stacklevel: int, dtype) -
     if dim is None:
         dim = V.softmax_dim(name, input.dim(), stacklevel + 1)
     dim = V.wrap_dim(dim, input.dim(), name)
+    dtype = _fast.autocast_softmax_dtype(input, dtype)
     if dtype is not None:
         input = input.to(dtype)  # cast first, as torch does (autograd records the copy)
     if input.numel() == 0 and not input.is_floating_point():  # torch returns before its dtype dispatch

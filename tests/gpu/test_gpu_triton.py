@@ -206,6 +206,11 @@ ROW_PATHS = {
 }
 
 
+# The launch mechanisms and the math: the knob variants above differ from these only in
+# tuning constants and load order (each one a separate set of compiles on a cold cache).
+MECHANISMS = ["auto", "split", "twopass", "cluster"]
+
+
 @pytest.fixture(params=list(ROW_PATHS))
 def row_path(request):
     knobs = ROW_PATHS[request.param]
@@ -253,6 +258,7 @@ def test_paths_softmax(log, row_path):
                                rtol=2e-2, atol=4e-3)
 
 
+@pytest.mark.parametrize("row_path", MECHANISMS, indirect=True)
 def test_paths_precision_offset(row_path):
     # issue 9 item 4 on the device: work relative to the row max at an offset of 1e4
     torch.manual_seed(9)
@@ -283,6 +289,7 @@ def capture(step):
     return graph, out
 
 
+@pytest.mark.parametrize("row_path", MECHANISMS, indirect=True)
 def test_paths_cuda_graph(row_path):
     # the one-read path (a cooperative launch and a zeroed counter buffer) replays in a CUDA graph
     torch.manual_seed(10)

@@ -51,6 +51,29 @@ class GlobalSoftmaxFunction(torch.autograd.Function):
         return p * (g - dot), None, None, None, None
 
 
+class DTensorLocalFunction(torch.autograd.Function):
+    """DTensor -> its local tensor, as ``DTensor.to_local()``, with a gradient
+    that is a DTensor of the input's placements AND global strides.
+
+    to_local's backward derives the global strides from the local gradient's,
+    which is wrong for uneven shards: (N, 7) split 4 + 3 gives strides (8, 1)
+    and (6, 1) for the true (7, 1).  AccumulateGrad then re-lays a leaf's
+    gradient out, and torch 2.11 does that through a Replicate copy: an
+    all_gather (under gloo with CUDA tensors the ranks died with SIGSEGV) and
+    a full-size Replicate gradient instead of the shard."""
+
+    @staticmethod
+    def forward(ctx, input):
+        ctx.layout = (input.device_mesh, tuple(input.placements), input.shape, input.stride())
+        return input.to_local()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        from torch.distributed.tensor import DTensor
+        mesh, placements, shape, stride = ctx.layout
+        return DTensor.from_local(g, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """(x_shard, target, weight, opts, group, vocab_start_index) -> loss.
 

@@ -112,8 +112,9 @@ def check_args(x: Tensor, target: Tensor, weight, ignore_index, label_smoothing,
     rank knows it (one rank: its own; else the count the weight claims, which
     layout_from compares with the true one after the first collective; else
     at least one class, so that a rank holding none passes the others'
-    checks), in float32 under autocast (torch's autocast runs cross_entropy
-    in float32).  device_type: the logits' (when x is a meta tensor already).
+    checks), in float32 under autocast (torch's autocast casts cross_entropy's
+    arguments to float32 on CPU, nll_loss's on CUDA: a float32 loss either
+    way).  device_type: the logits' (when x is a meta tensor already).
     Returns (reduction, ignore_index, eps, z_loss, softcap or 0,
     prob, out_dtype).
     """

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 from .. import _validate as V
+from .._autograd.vocab_parallel import DTensorLocalFunction
 from .linear_parallel import vocab_parallel_linear_cross_entropy
 from .vocab_parallel import vocab_parallel_cross_entropy
 
@@ -115,7 +116,7 @@ def cross_entropy(input: DTensor, target: Tensor, weight: Tensor | None = None, 
     prob = tuple(target.shape) == tuple(input.shape) and target.is_floating_point()
     row_pl = _drop_dim(pl, class_dim)
     t = _local(target, pl if prob else row_pl, mesh, "target")
-    x = input.to_local()  # its gradient comes back with input's placements
+    x = DTensorLocalFunction.apply(input)  # its gradient: input's placements and strides
     kw = dict(weight=_full_weight(weight), ignore_index=ignore_index, label_smoothing=label_smoothing,
               z_loss=z_loss, softcap=softcap)
     if tp is None:  # not class-sharded: every rank holds whole rows
