@@ -34,7 +34,7 @@ from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
 from ._jit import (_as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _loss_as, _lse, _row_coefs,
                    _safe, _scaled_shift, _softcap)
 
-# Defaults from the H100 sweep (BENCHMARKS.md "GPU check"): softmax 8192 x 128256 bf16 ran
+# Defaults from the H100 sweep (BENCHMARKS.md "GPU: H100 runs"): softmax 8192 x 128256 bf16 ran
 # fastest with slices of 8192 over 4 warps (0.92x the time of 4096 over 4 warps, the
 # static check's pick: tests/_aot_compile.py --explore, 70 registers, 7 CTAs/SM).
 _SPLIT_BLOCK = 8192     # widest slice (elements); a power of two
