@@ -199,13 +199,15 @@ def grouped(rows, key=lambda r: (r["op"], r["shape"])):
 
 
 def stamp():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except Exception:
-        commit = None
-    # the device machine gets a copy of the tree, maybe without .git: the caller names the commit
-    commit = commit or os.environ.get("GPU_CHECK_COMMIT")
+    # The device machine gets a copy of the working tree whose .git can be an older snapshot
+    # (H100 run 2 read the previous run's commit there): the commit the caller names wins.
+    commit = os.environ.get("GPU_CHECK_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or None
+        except Exception:
+            commit = None
     try:
         import triton
         tv = triton.__version__

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_common import (CE_SHAPES, META, SM_SHAPES, GiB, bench, common_args, copy_bandwidth,  # noqa: E402
                          dry_run, failed, finish, grouped, guarded, kernel_ms, knob_values, over_budget, parse,
-                         passes, print_stamp, read_json, record, require_free, require_triton, start)
+                         passes, print_stamp, read_json, require_free, require_triton, start)
+from _gpu_common import record as _record  # noqa: E402
 
 DEFERRED = ("compile",)   # providers run in a second pass, after every shape's others
 
@@ -79,6 +80,9 @@ def ce_providers():
 TUNING: dict = {}   # (op, shape) -> knobs, from gpu_sweep.py's JSON (--tuning)
 
 
+_ACTIVE: dict = {}  # the knobs tuned() applied, recorded in crossent's rows
+
+
 def tuned(op, shape):
     """Apply the sweep's best knobs for (op, shape); returns a function that restores the defaults."""
     knobs = TUNING.get((op, shape))
@@ -87,7 +91,19 @@ def tuned(op, shape):
     from crossent.backends.triton import ce
     saved = knob_values(knobs)
     ce.configure(**knobs)
-    return lambda: ce.configure(**saved)
+    _ACTIVE.update(knobs)
+
+    def restore():
+        ce.configure(**saved)
+        _ACTIVE.clear()
+    return restore
+
+
+def record(rows, row, fmt):
+    """_gpu_common.record, with the tuned knobs in crossent's rows (a row must say what ran)."""
+    if _ACTIVE and row.get("provider", "").startswith(("crossent", "part:")):
+        row["knobs"] = dict(_ACTIVE)
+    _record(rows, row, fmt)
 
 
 def target(row):
