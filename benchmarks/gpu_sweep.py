@@ -47,10 +47,13 @@ def configs(cluster_ok: bool):
     """(label, knobs) in the order they are tried: the default first, then the likeliest."""
     yield "default", {}
     # class tile x evict_last on the first pass x the gradient pass walking the tiles backwards
-    for block, keep, rev in [(8192, True, False), (8192, True, True), (4096, True, True), (16384, True, True),
-                             (8192, False, True), (4096, True, False)]:
+    for block, keep, rev in [(4096, True, True), (8192, True, False), (8192, True, True), (16384, True, True),
+                             (4096, False, True), (4096, True, False)]:
         yield f"twopass b{block} l2{int(keep)} r{int(rev)}", dict(
             _ROW_PATH="twopass", _LOOP_BLOCK=block, _KEEP_L2=keep, _REVERSE=rev)
+    # the mean's W from one claiming program: no cooperative launch, one program per row
+    for block in (4096, 8192):
+        yield f"twopass b{block} claim", dict(_ROW_PATH="twopass", _LOOP_BLOCK=block, _MEAN_LAUNCH="claim")
     # (slice width, warps, prefetch, resident CTAs per SM); values per thread = width / (32 warps)
     for block, warps, pre, ctas in [(8192, 4, False, 8), (4096, 4, True, 8), (4096, 4, False, 8),
                                     (8192, 8, True, 8), (8192, 8, False, 8), (2048, 4, False, 8),
@@ -95,9 +98,9 @@ def kernel_keys(todo: list, work: list) -> set:
                     p = split.plan(R, C, cpu)
                     keys.add((op, "split", p["BLOCK"], p["NSPLIT"], p["num_warps"], p["PREFETCH"]))
                 else:
-                    kw = ce._plan(1, R, C, C, 1, True, 0, cpu)[1] if op == "cross_entropy" else \
+                    kw = ce._plan(1, R, C, C, 1, True, 3, cpu)[1] if op == "cross_entropy" else \
                         softmax._plan(1, C, R, C, 1)[0]
-                    keys.add((op, "twopass", tuple(sorted(kw.items()))))
+                    keys.add((op, "twopass", tuple(sorted(kw.items())), op == "cross_entropy" and ce._MEAN_LAUNCH))
     finally:
         ce.configure(**saved)
     return keys
@@ -109,6 +112,7 @@ SMOKE_R = 512
 # (check, row path forced, op, classes, reduction): the cooperative split path last
 SMOKE = [("ce twopass none", "twopass", "cross_entropy", 128256, "none"),
          ("ce twopass mean", "twopass", "cross_entropy", 128256, "mean"),
+         ("ce twopass mean, W claimed", "twopass+claim", "cross_entropy", 128256, "mean"),
          ("ce single mean", "auto", "cross_entropy", 8192, "mean"),
          ("ce split none", "split", "cross_entropy", 128256, "none"),
          ("ce split mean", "split", "cross_entropy", 128256, "mean"),
@@ -169,12 +173,14 @@ def smoke(out: Path, dry_run: bool) -> int:
         except Exception as e:  # noqa: BLE001 - a broken wheel is a result, not a stop
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:200]}")
         record(row)
-    saved = {"_ROW_PATH": ce._ROW_PATH}
+    saved = {"_ROW_PATH": ce._ROW_PATH, "_MEAN_LAUNCH": ce._MEAN_LAUNCH}
     for check, path, op, C, red in SMOKE:
         row = dict(check=check, path=path, shape=f"{SMOKE_R}x{C}", status="running")
         record(row)   # a hang leaves this row "running": the stage's limit ends it
         try:
-            ce.configure(_ROW_PATH=path)
+            # "path+claim": the mean's W from one claiming program (ce._MEAN_LAUNCH)
+            ce.configure(_ROW_PATH=path.split("+")[0], _MEAN_LAUNCH="claim" if path.endswith("+claim") else
+                         saved["_MEAN_LAUNCH"])
             t0 = time.time()
             errs = smoke_check(op, C, red)
             torch.cuda.synchronize()
@@ -210,13 +216,13 @@ def sweep_shape(op, N, V, todo, defaults, bw, shape_end, iters, best, rows, emit
     be = load("triton")
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16)
     y = torch.randint(0, V, (N,), device="cuda")
-    one = torch.ones((), device="cuda")
+    denom = torch.zeros((), device="cuda")
     floor_ms = 2 * x.nbytes / (bw * 1e9) * 1e3
     if op == "cross_entropy":
-        g = torch.empty_like(x)
-
+        # the default call's forward: cross_entropy(x, y) with reduction='mean' (the
+        # gradient of the mean written too; the backward then does no N x V work)
         def call():
-            be.ce_forward(x, y, None, -100, 0.0, 0.0, 0.0, one, True, grad_into=g)
+            ce.ce_forward_fused(x, y, None, denom, -100, 0.0, 0.0, 0.0, "mean", x.dtype, True, False)
     else:
         def call():
             be.softmax_forward(x, -1, False)

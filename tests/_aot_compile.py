@@ -178,7 +178,7 @@ def check_variants() -> bool:
     # over W) in one cooperative launch (STAGE 0), or the two launches of the interpreter
     # and of GPUs without cooperative launches (STAGE 1, 2).  2 is for probabilities only,
     # 3 for class indices only; every stage for one tile shape, the usual two for the others.
-    reduce_stages = [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2)]
+    reduce_stages = [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
 
     def wanted(red, stage, f, first):
         return (red != 2 or f["PROB"]) and (red != 3 or not f["PROB"]) and (first or stage == 0 and red != 1)
@@ -189,7 +189,9 @@ def check_variants() -> bool:
                 fused_args(xdt, f["PROB"], 4096, 1000),
                 dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, REVERSE=not single,
                      REDUCE=red, STAGE=stage, **f), launch_cooperative_grid=stage == 0 and red == 3)
-    for (red, stage), pre, (xdt, f) in itertools.product(reduce_stages, (False, True), dtypes_flags):
+    # STAGE 3 (W from a claiming program) is the tile kernel's alone
+    for (red, stage), pre, (xdt, f) in itertools.product([rs for rs in reduce_stages if rs[1] != 3], (False, True),
+                                                         dtypes_flags):
         if wanted(red, stage, f, True) and not (pre and (stage != 0 or red != 3 or f is not FLAG_SETS[0])):
             one(f"ce split reduce={red} stage={stage} prefetch={pre} {xdt} {f}", split._ce_split_kernel,
                 split_args(xdt, f["PROB"], 4096, 100000),

@@ -36,7 +36,7 @@ _SMALL_CHUNKS = {
     "crossent._logprobs_ops": dict(_CPU_CHUNK_BYTES=1024),  # log_probs' row blocks, the fused head's chunks
 }
 TRITON_PATHS = {  # classes in tiles of 2-4
-    "looped": dict(_SINGLE_MAX=4, _LOOP_BLOCK=4, _TILE_ELEMS=4, _ROW_PATH="twopass"),
+    "looped": dict(_SINGLE_MAX=4, _LOOP_BLOCK=4, _TILE_ELEMS=4, _ROW_PATH="twopass", _MEAN_LAUNCH="claim"),
     "multirow": dict(_SINGLE_MAX=4, _LOOP_BLOCK=2, _TILE_ELEMS=8, _ROW_PATH="twopass"),
     "split": dict(_SINGLE_MAX=4, _SPLIT_BLOCK=4, _ROW_PATH="split"),
 }

@@ -130,7 +130,8 @@ def check_ce(x, target, *, weight=None, ignore_index=-100, eps=0.0, zl=0.0, cap=
 PATHS = {
     "single": {},
     # one program per row, two passes over C tiles of 32
-    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, _ROW_PATH="twopass"),
+    # (the mean's W from one claiming program: ce._MEAN_LAUNCH)
+    "looped": dict(_SINGLE_MAX=32, _LOOP_BLOCK=32, _TILE_ELEMS=32, _ROW_PATH="twopass", _MEAN_LAUNCH="claim"),
     # several rows per program, looped; the gradient pass walking the tiles forwards
     "multirow": dict(_SINGLE_MAX=32, _LOOP_BLOCK=16, _TILE_ELEMS=64, _ROW_PATH="twopass", _REVERSE=False),
     # rows split into slices of 32 over programs of 3 row groups (split.py, two stages)

@@ -202,13 +202,15 @@ ROW_PATHS = {
     "split-1ctas": dict(_ROW_PATH="split", _SPLIT_CTAS=1, _SPLIT_BLOCK=2048),
     "twopass": dict(_ROW_PATH="twopass"),
     "twopass-nol2": dict(_ROW_PATH="twopass", _KEEP_L2=False),
+    # the mean's W from one claiming program, no cooperative launch (ce._MEAN_LAUNCH)
+    "twopass-claim": dict(_ROW_PATH="twopass", _MEAN_LAUNCH="claim"),
     "cluster": dict(_ROW_PATH="cluster"),
 }
 
 
 # The launch mechanisms and the math: the knob variants above differ from these only in
 # tuning constants and load order (each one a separate set of compiles on a cold cache).
-MECHANISMS = ["auto", "split", "twopass", "cluster"]
+MECHANISMS = ["auto", "split", "twopass", "twopass-claim", "cluster"]
 
 
 @pytest.fixture(params=list(ROW_PATHS))

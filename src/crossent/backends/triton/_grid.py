@@ -17,10 +17,16 @@ Under the interpreter, which runs programs one after another, a barrier would
 spin forever: there the work before and after it runs as two launches (STAGE 1
 and 2) of the same kernel.
 
+Without a cooperative launch (``ce._MEAN_LAUNCH = "claim"``), W is formed by the one
+program that claims it first while the others wait for it (``_claimed_denominator``):
+that program is running, so the wait cannot deadlock, and the grid can be one program
+per tile with no persistent loop (a cooperative grid is what fits at once, each program
+looping over tiles: the two-pass kernel then holds 64 registers instead of 32-40).
+
 Workspace layout (int32): [0] barrier arrivals, [1] barrier generation,
-[2] loss ticket, [3] unused, then (arrivals, generation) per row for the split
-path's per-row exchange.  Partials (fp64): [0, nprog) denominators,
-[nprog, 2 nprog) losses.
+[2] loss ticket, [3] W's claim (0 free, 1 taken, 2 published), then (arrivals,
+generation) per row for the split path's per-row exchange.  Partials (fp64): [0, nprog)
+denominators, [nprog, 2 nprog) losses, [2 nprog] W when claimed.
 """
 from __future__ import annotations
 
@@ -55,11 +61,18 @@ def _barrier(cnt_ptr, n):
 @triton.jit
 def _den_partial(part_ptr, t_ptr, st_b, st_s, w_ptr, S, N, C, ignore_index, HAS_W: tl.constexpr):
     # This program's share of W (positions [pid * chunk, (pid + 1) * chunk)), stored
-    # at part_ptr[pid].  As torch: a counted target outside [0, C) weighs w[0].
+    # at part_ptr[pid].
     pid = tl.program_id(0)
     chunk = tl.cdiv(N, tl.num_programs(0))
     lo = pid.to(tl.int64) * chunk
-    hi = tl.minimum(lo + chunk, N)
+    tl.store(part_ptr + pid, _den_sum(t_ptr, st_b, st_s, w_ptr, S, N, lo, tl.minimum(lo + chunk, N), C,
+                                      ignore_index, HAS_W))
+
+
+@triton.jit
+def _den_sum(t_ptr, st_b, st_s, w_ptr, S, N, lo, hi, C, ignore_index, HAS_W: tl.constexpr):
+    # sum of w[y] over the counted positions in [lo, hi) (fp64).  As torch: a counted
+    # target outside [0, C) weighs w[0].
     acc = tl.zeros([_LANES], tl.float64)
     for i0 in range(lo, hi, _LANES):
         i = i0 + tl.arange(0, _LANES).to(tl.int64)
@@ -77,7 +90,34 @@ def _den_partial(part_ptr, t_ptr, st_b, st_s, w_ptr, S, N, C, ignore_index, HAS_
         else:
             w = tl.where(valid, 1.0, 0.0).to(tl.float64)
         acc += w
-    tl.store(part_ptr + pid, tl.sum(acc, 0))
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _claimed_denominator(ws_ptr, part_ptr, t_ptr, st_b, st_s, w_ptr, S, N, C, ignore_index,
+                         HAS_W: tl.constexpr, SMOOTH: tl.constexpr):
+    # W without a grid barrier, so without a cooperative launch (any grid, every program
+    # its own tile at full occupancy): the first program to claim it (compare-and-swap
+    # 0 -> 1 on ws_ptr[3]) sums all N targets and publishes W (-> 2, release); the others
+    # wait for the 2 (acquire).  Nobody waits on a program that might not be running: the
+    # claimer took the claim, so it runs.  The last program resets the claim (_finish).
+    # W's slot: part_ptr[2 * programs], past the loss partials.
+    slot = part_ptr + 2 * tl.num_programs(0)
+    tl.debug_barrier()
+    c = tl.atomic_cas(ws_ptr + 3, 0, 1, sem="acq_rel")
+    if c == 0:
+        tl.store(slot, _den_sum(t_ptr, st_b, st_s, w_ptr, S, N, 0, N, C, ignore_index, HAS_W))
+        tl.debug_barrier()
+        tl.atomic_xchg(ws_ptr + 3, 2, sem="release")
+    else:
+        s = c
+        while s != 2:
+            s = tl.atomic_add(ws_ptr + 3, 0, sem="acquire")
+    tl.debug_barrier()
+    den = tl.load(slot, cache_modifier=".cg").to(tl.float32)
+    if SMOOTH:
+        den = tl.where(den == 0.0, float("nan"), den)
+    return den
 
 
 @triton.jit
@@ -124,6 +164,7 @@ def _finish(ws_ptr, part_ptr, out_ptr, den_ptr, partial, den, MEAN: tl.constexpr
             total = total / den.to(tl.float64)
         tl.store(out_ptr, total.to(tl.float32).to(out_ptr.dtype.element_ty))
         tl.store(den_ptr, den)
+        tl.atomic_xchg(ws_ptr + 3, 0, sem="relaxed")   # W's claim (_claimed_denominator), if taken
         tl.atomic_xchg(ws_ptr + 2, 0, sem="relaxed")
 
 

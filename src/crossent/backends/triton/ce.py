@@ -34,7 +34,7 @@ import triton.language as tl
 from ..._fast import _eager
 from ..base import wide_dtype
 from . import _device, _grid, _launch as _lean, split
-from ._grid import _barrier, _den_partial, _denominator, _finish, _inverse
+from ._grid import _barrier, _claimed_denominator, _den_partial, _denominator, _finish, _inverse
 from .ce_tile import _ce_tile
 
 # Launch knobs: module globals so that tests (tiny shapes) and the GPU sweep can
@@ -51,6 +51,14 @@ _REVERSE = True         # two-pass: the gradient pass walks the class tiles back
 #                         H100 run 2: 5-8% faster with 4096-class tiles, neutral with 8192)
 _PROGRAMS_PER_SM = 16   # persistent grid of a reduced loss without a barrier (the interpreter: 4 SMs)
 _ROW_PATH = "auto"      # (R, C) rows with C > _SINGLE_MAX: auto | split | cluster | twopass
+# The mean over W (class-index targets) on the tile paths: "cooperative" forms W behind a
+# grid barrier in a cooperative launch (a persistent grid of what fits at once);
+# "claim" lets one program form it while the others wait, over one program per tile
+# (_grid.py).  H100 run 2: the cooperative mean ran 1.26x the time of the 'none' kernel,
+# which has one tile per program and half the registers.  Compiled for sm_90 (bf16,
+# 8192 x 128256, two-pass tiles of 4096): cooperative 64 registers, 4 CTAs of 8 warps
+# per SM; "claim" 32 registers, 8 CTAs.  "claim" is the default once a GPU run confirms it.
+_MEAN_LAUNCH = "cooperative"
 # What "auto" picks per op when no cluster path is available.  Measured on an H100 (Triton
 # 3.6, bf16, BENCHMARKS.md "GPU: H100 runs"): cross-entropy's two-pass kernel beat every split
 # configuration by 23-29% at 32k-256k classes; softmax's split path beat two-pass by 7%.
@@ -96,28 +104,34 @@ def _ce_kernel(
     # by scale_ptr; 1 = sum, 2 = mean over positions, 3 = mean over W (class targets):
     # the reduced loss into out_ptr, the denominator into scale_ptr, the gradient of
     # loss * 1.  REDUCE 3 needs W first: STAGE 0 forms it behind a grid barrier
-    # (cooperative launch), or STAGE 1 (W's partials only) and STAGE 2 (the rest) are
-    # two launches (see _grid.py).
+    # (cooperative launch), STAGE 3 has one program form it for all (any grid), or
+    # STAGE 1 (W's partials only) and STAGE 2 (the rest) are two launches (see _grid.py).
     n_pos = (n_tiles // n_sblk) * S
     den = tl.cast(1.0, tl.float32)
     if REDUCE == 2:
         den = tl.cast(n_pos, tl.float32)
     if REDUCE == 3:
-        if STAGE != 2:
-            _den_partial(part_ptr, t_ptr, st_b, st_s, w_ptr, S, n_pos, C, ignore_index, HAS_W)
-        if STAGE == 0:
-            _barrier(ws_ptr, tl.num_programs(0))
-        if STAGE != 1:
-            den = _denominator(part_ptr, SMOOTH)
+        if STAGE == 3:   # W from the program that claims it, no barrier (_grid.py)
+            den = _claimed_denominator(ws_ptr, part_ptr, t_ptr, st_b, st_s, w_ptr, S, n_pos, C, ignore_index,
+                                       HAS_W, SMOOTH)
+        else:
+            if STAGE != 2:
+                _den_partial(part_ptr, t_ptr, st_b, st_s, w_ptr, S, n_pos, C, ignore_index, HAS_W)
+            if STAGE == 0:
+                _barrier(ws_ptr, tl.num_programs(0))
+            if STAGE != 1:
+                den = _denominator(part_ptr, SMOOTH)
     if STAGE != 1:
         inv_den = _inverse(den)
-        if REDUCE == 0:
-            # Per-position losses: one tile per program (a loop, even of one trip, costs
-            # registers: 64 -> 114 for the cluster path).
-            _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride, loss_ptr,
-                     lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.program_id(0).to(tl.int64), S, C, n_sblk,
-                     ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C, SINGLE, HAS_W, PROB,
-                     SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REVERSE, REDUCE)
+        if REDUCE == 0 or STAGE == 3:
+            # One tile per program (a loop, even of one trip, costs registers: 64 -> 114
+            # for the cluster path, 32 -> 64 for the two-pass one); STAGE 3's grid is the tiles.
+            tile_loss = _ce_tile(x_ptr, sx_b, sx_s, sx_c, t_ptr, st_b, st_s, st_c, w_ptr, scale_ptr, scale_stride,
+                                 loss_ptr, lse_ptr, g_ptr, sg_b, sg_s, sg_c, inv_den, tl.program_id(0).to(tl.int64),
+                                 S, C, n_sblk, ignore_index, one_m_eps, eps_over_c, z_loss, cap, BLOCK_S, BLOCK_C,
+                                 SINGLE, HAS_W, PROB, SMOOTH, HAS_ZL, HAS_CAP, NEED_GRAD, KEEP_L2, REVERSE, REDUCE)
+            if REDUCE != 0:
+                _finish(ws_ptr, part_ptr, out_ptr, scale_ptr, tl.sum(tile_loss, 0), den, REDUCE >= 2)
         else:   # this program's tiles of a persistent grid, and the sum of their losses (fp64)
             partial = tl.zeros([BLOCK_S], tl.float64)
             for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
@@ -334,6 +348,9 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     head = (x, xs[0], xs[1], xs[2], target, ts[0], ts[1], ts[2], w, scale, scale_stride, rows_out, lse,
             g, gs[0], gs[1], gs[2])
     tail = (loss, S, C, plan.n_sblk, plan.tiles, *scalars)
+    if reduce == 3 and _MEAN_LAUNCH == "claim":   # any device: the interpreter runs it in order
+        plan.launcher(3)((plan.tiles,), *head, *_grid.workspace(dev, 0, plan.tiles + 1), *tail)
+        return out
     if reduce == 3 and dev.type == "cuda" and _device.cooperative(dev):
         try:
             if plan.programs is None:
