@@ -51,16 +51,20 @@ def _q(xs, q):
 
 
 def bench(fn, prep=None, iters=20, warmup=3):
-    """fn(state) timed with CUDA events; prep() -> state runs outside the timed region."""
+    """fn(state) timed with CUDA events; prep() -> state runs outside the timed region.
+    host_ms: the median time fn() took to return (to enqueue its work): near median_ms,
+    the step is host-bound and the GPU waits on Python."""
     for _ in range(warmup):
         fn(prep() if prep else None)
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(iters):
         st = prep() if prep else None
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
+        t0 = time.perf_counter()
         fn(st)
+        host.append((time.perf_counter() - t0) * 1e3)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b))
@@ -74,7 +78,7 @@ def bench(fn, prep=None, iters=20, warmup=3):
     extra = (torch.cuda.max_memory_allocated() - base) / (1 << 20)
     del st
     return dict(median_ms=_q(times, 0.5), p10_ms=_q(times, 0.1), p90_ms=_q(times, 0.9),
-                extra_mib=extra)
+                host_ms=_q(host, 0.5), extra_mib=extra)
 
 
 def graph_ms(fn, iters=20, warmup=3):
@@ -287,6 +291,50 @@ def finish(rows, out, t0) -> None:
     """The run's last JSON write, and where it went."""
     flush(rows)
     print(f"wrote {len(rows)} rows to {out} in {time.time() - t0:.0f} s")
+
+
+# ----------------------------------------------------------------------------- accuracy (gpu_linear_bench.py)
+
+@torch.no_grad()
+def linear_ce_reference(h, W, t, chunk_bytes=2 * GiB):
+    """fp32 (loss, dh, dW) of mean cross_entropy(h @ W.T, t), in row chunks, no TF32."""
+    N, D = h.shape
+    V = W.shape[0]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        Wf = W.float()
+        dW = torch.zeros_like(Wf)
+        dh = torch.empty(N, D, dtype=torch.float32, device=h.device)
+        loss = torch.zeros((), dtype=torch.float64, device=h.device)
+        step = max(1, chunk_bytes // (V * 4))
+        for c0 in range(0, N, step):
+            c1 = min(N, c0 + step)
+            hc, tc = h[c0:c1].float(), t[c0:c1]
+            z = hc @ Wf.T
+            lse = torch.logsumexp(z, 1)
+            loss += (lse - z.gather(1, tc[:, None]).squeeze(1)).double().sum()
+            p = z.sub_(lse[:, None]).exp_()
+            p[torch.arange(c1 - c0, device=h.device), tc] -= 1
+            p.div_(N)
+            torch.mm(p, Wf, out=dh[c0:c1])
+            dW.addmm_(p.t(), hc)
+            del z, p
+        return (loss / N).float(), dh, dW
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@torch.no_grad()
+def rel_err(a, ref, rows=1 << 15):
+    """max|a - ref| / max|ref|, in row blocks (no full-size fp32 temporaries)."""
+    num = torch.zeros((), device=ref.device)
+    den = torch.zeros((), device=ref.device)
+    for r0 in range(0, ref.shape[0], rows):
+        r = ref[r0:r0 + rows]
+        num = torch.maximum(num, (a[r0:r0 + rows].float() - r).abs().max())
+        den = torch.maximum(den, r.abs().max())
+    return (num / den).item()
 
 
 # ----------------------------------------------------------------------------- launch knobs

@@ -16,9 +16,14 @@ Providers (each in try/except: an error or a skip is recorded and the run goes o
                      (skipped when this torch has no F.linear_cross_entropy)
   liger-flce         Liger's fused linear cross-entropy (liger_kernel)
   cce                Apple's cut_cross_entropy.linear_cross_entropy (default impl)
+  cce-std1           the same on W / 2 (logits of std 1 instead of the inputs' 2): CCE skips
+                     the backward's tiles whose |gradient| is below bf16 eps / 32 everywhere,
+                     which at std 2 is no tile and at std 1 most of them (no accuracy columns:
+                     other inputs).  Every other provider's time does not depend on the values.
   cce-compile        the same with impl="torch_compile"
 
-Columns: median ms (p10-p90, CUDA events, after warm-up), x3mm = median / the
+Columns: median ms (p10-p90, CUDA events, after warm-up), host ms = median time the Python
+call took to return (near the median: the GPU waits on the host), x3mm = median / the
 3-matmul median of the same shape and run, TFLOP/s = 6*N*D*V / median, extra GiB = peak allocated
 during one call minus what was allocated before it (inputs; the gradients
 are part of the extra), beyond-grads = extra minus the bytes of dh and dW,
@@ -32,7 +37,8 @@ Targets (issue 11), each printed with PASS/FAIL at the end and written to the
 JSON as rows with op "target": accurate <= 1.10x the three matmuls (1.15x at
 16384 x 2304 x 256000) in <= gradients + one chunk; compact <= 1.45x in <=
 gradients + 256 MiB; at 16384 x 2304 x 256000 accurate ahead of Liger and CCE
-(same run; the anchors: 133.0 and 111.2 ms on an H200); dW error <= eager
+(same run, CCE's faster row of cce and cce-std1; the anchors: 133.0 and 111.2 ms on an
+H200); dW error <= eager
 bf16's.  Liger and CCE come as wheels installed with --no-deps
 (benchmarks/gpu_check.sh); without them their rows say "not installed".
 
@@ -42,8 +48,11 @@ torch.compile providers (``DEFERRED``: tens of seconds of compiling each) in a
 second pass while the budget lasts, timed against the first pass's matmuls and
 without the accuracy columns.  An error at one shape (out of memory) is a row.
 ``--knobs K=V,...`` sets triton launch knobs for the run (see gpu_bench.py).  ``--profile``
-(off by default) ends the run with the CUDA kernels of one forward + backward of
-crossent-accurate and crossent-compact at the first shape, by time (torch.profiler).
+(off by default) ends the run with three back-to-back forward + backward steps of
+crossent-accurate and crossent-compact at the first shape under torch.profiler: their
+kernels by time, the GPU's idle time and longest gaps with the host op running in each
+(benchmarks/_gpu_profile.py), rows with op "profile" in the JSON, and a Chrome trace
+each beside the JSON.
 
 Timing, the env stamp, JSON writing and the options come from benchmarks/_gpu_common.py.
 
@@ -60,8 +69,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _gpu_common import (META, GiB, Skip, bench, common_args, dry_run, failed, finish, grouped,  # noqa: E402
-                         guarded, left, over_budget, parse, passes, print_stamp, read_json, record,
-                         require_free, require_triton, start)
+                         guarded, left, linear_ce_reference, over_budget, parse, passes, print_stamp,
+                         read_json, record, rel_err, require_free, require_triton, start)
+from _gpu_profile import profile_steps  # noqa: E402
 
 # The anchor shape first (--quick runs only it); all three are issue 11's.
 SHAPES = [(8192, 4096, 128256), (16384, 2304, 256000), (4096, 4096, 128256)]
@@ -70,6 +80,7 @@ COMPACT_BYTES = 256 * 2 ** 20   # compact's promise: extra <= gradients + this
 SLACK_GIB = 1 / 16              # per-token vectors (loss, lse, int64 target) and allocator rounding
 REF_LEFT_S = 15.0       # only compute the fp32 reference with this much budget left
 DEFERRED = ("torch-compile", "cce-compile")   # second pass (see the module docstring)
+OTHER_VALUES = ("cce-std1",)   # run on other inputs than the reference's: no accuracy columns
 
 
 # ----------------------------------------------------------------------------- providers
@@ -141,15 +152,21 @@ def _liger(h, W, t):
     return lambda: _loss_of(mod(W, h, t))      # the module takes (lin_weight, input, target)
 
 
-def _cce(impl):
+def _cce(impl, w_scale=None):
     def factory(h, W, t):
         try:
             from cut_cross_entropy import linear_cross_entropy as cce_lce
         except ImportError as e:
             raise Skip(f"skipped: cut_cross_entropy not installed ({e})")
-        if impl is None:
-            return lambda: cce_lce(h, W, t)
-        return lambda: cce_lce(h, W, t, impl=impl)
+        kw = {} if impl is None else dict(impl=impl)
+        if w_scale is None:
+            return lambda: cce_lce(h, W, t, **kw)
+        Ws = (W.detach() * w_scale).requires_grad_()
+
+        def call():
+            Ws.grad = None   # (bench's prep clears W.grad, not this copy's)
+            return cce_lce(h, Ws, t, **kw)
+        return call
     return factory
 
 
@@ -172,52 +189,10 @@ def providers():
         "torch-chunked": (_torch_chunked, _est(lambda N, D, V: V * D * 4 + 2 * GiB + g(N, D, V)), False),
         "liger-flce": (_liger, _est(lambda N, D, V: 2 * g(N, D, V) + 2 * GiB), False),
         "cce": (_cce(None), _est(lambda N, D, V: g(N, D, V) + GiB), False),
+        # + its own copy of W (the scaled weight) and that copy's gradient
+        "cce-std1": (_cce(None, 0.5), _est(lambda N, D, V: g(N, D, V) + 2 * V * D * 2 + GiB), False),
         "cce-compile": (_cce("torch_compile"), _est(lambda N, D, V: 2 * N * V * 2 + g(N, D, V) + GiB), True),
     }
-
-
-# ----------------------------------------------------------------------------- reference
-
-@torch.no_grad()
-def reference(h, W, t, chunk_bytes=2 * GiB):
-    """fp32 (loss, dh, dW) of mean cross_entropy(h @ W.T, t), in row chunks, no TF32."""
-    N, D = h.shape
-    V = W.shape[0]
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        Wf = W.float()
-        dW = torch.zeros_like(Wf)
-        dh = torch.empty(N, D, dtype=torch.float32, device=h.device)
-        loss = torch.zeros((), dtype=torch.float64, device=h.device)
-        step = max(1, chunk_bytes // (V * 4))
-        for c0 in range(0, N, step):
-            c1 = min(N, c0 + step)
-            hc, tc = h[c0:c1].float(), t[c0:c1]
-            z = hc @ Wf.T
-            lse = torch.logsumexp(z, 1)
-            loss += (lse - z.gather(1, tc[:, None]).squeeze(1)).double().sum()
-            p = z.sub_(lse[:, None]).exp_()
-            p[torch.arange(c1 - c0, device=h.device), tc] -= 1
-            p.div_(N)
-            torch.mm(p, Wf, out=dh[c0:c1])
-            dW.addmm_(p.t(), hc)
-            del z, p
-        return (loss / N).float(), dh, dW
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-
-
-@torch.no_grad()
-def rel_err(a, ref, rows=1 << 15):
-    """max|a - ref| / max|ref|, in row blocks (no full-size fp32 temporaries)."""
-    num = torch.zeros((), device=ref.device)
-    den = torch.zeros((), device=ref.device)
-    for r0 in range(0, ref.shape[0], rows):
-        r = ref[r0:r0 + rows]
-        num = torch.maximum(num, (a[r0:r0 + rows].float() - r).abs().max())
-        den = torch.maximum(den, r.abs().max())
-    return (num / den).item()
 
 
 # ----------------------------------------------------------------------------- running
@@ -319,11 +294,12 @@ def _run_shape(h, W, t, args, rows, skip, accuracy):
                 row["x3mm"] = ms / base_ms
             # accuracy: one more call, against the fp32 reference (computed once per shape)
             try:
-                if ref is None and accuracy and not args.no_accuracy and left() > REF_LEFT_S:
+                own = name not in OTHER_VALUES   # computed from h, W (the reference's inputs)
+                if own and ref is None and accuracy and not args.no_accuracy and left() > REF_LEFT_S:
                     prep()
                     torch.cuda.empty_cache()
-                    ref = reference(h.detach(), W.detach(), t)
-                if ref is not None:
+                    ref = linear_ce_reference(h.detach(), W.detach(), t)
+                if own and ref is not None:
                     prep()
                     loss = fn()
                     loss.backward()
@@ -346,39 +322,31 @@ def _run_shape(h, W, t, args, rows, skip, accuracy):
 PROFILED = ("crossent-accurate", "crossent-compact")
 
 
-def profile_kernels(N, D, V, top=15):
-    """--profile: one forward + backward of each PROFILED provider at N x D x V under
-    torch.profiler (after one untimed call: compiles, allocator), printing its CUDA kernels
-    by total time, so one GPU call shows where the time beyond the three matmuls goes."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+def profile_kernels(N, D, V, trace_dir=None, steps=3) -> list:
+    """--profile: ``steps`` back-to-back forward + backward steps of each PROFILED provider
+    at N x D x V under torch.profiler, after one untimed step (compiles, allocator): its
+    kernels by time and the GPU's idle gaps with what the host did in them
+    (_gpu_profile.py), and a Chrome trace in ``trace_dir``.  Returns one row per provider."""
     h, W, t = _inputs(N, D, V)
+    rows = []
     for name in PROFILED:
         fn = _crossent(name.split("-", 1)[1])[0](h, W, t)
-        for timed in (False, True):
+
+        def step():
             h.grad = W.grad = None
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fn().backward()
-                torch.cuda.synchronize()
-        kernels: dict = {}
-        for e in prof.events():
-            if e.device_type == DeviceType.CUDA:
-                us, calls = kernels.get(e.name, (0.0, 0))
-                kernels[e.name] = (us + e.time_range.elapsed_us(), calls + 1)
-        total = sum(us for us, _ in kernels.values()) or 1.0
-        print(f"== profile: {name} {N}x{D}x{V}, one fwd+bwd: CUDA kernels {total / 1e3:.2f} ms ==")
-        for kname, (us, calls) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]:
-            print(f"{us / 1e3:9.3f} ms {100 * us / total:5.1f}% {calls:5}x  {kname[:110]}")
+            fn().backward()
+        step()
+        trace = None if trace_dir is None else Path(trace_dir) / f"trace_{name}_{N}x{D}x{V}.json"
+        summary = profile_steps(step, steps, f"{name} {N}x{D}x{V}", trace)
+        rows.append(dict(op="profile", provider=name, shape=f"{N}x{D}x{V}", dtype="bfloat16", **summary))
         fn = None
-    h.grad = W.grad = None
-    del h, W, t
-    torch.cuda.empty_cache()
+    h.grad = W.grad = None   # (h, W, t are freed on return: the closures hold them till then)
+    return rows
 
 
 # ----------------------------------------------------------------------------- output
 
-HEADER = (f"{'provider':<18} {'shape N x D x V':<19} {'median ms':>9} {'(p10-p90)':<17} {'x3mm':>6} "
+HEADER = (f"{'provider':<18} {'shape N x D x V':<19} {'median ms':>9} {'(p10-p90)':<17} {'host ms':>7} {'x3mm':>6} "
           f"{'chunks':>6} {'TFLOP/s':>7} {'extra GiB':>9} {'>grads':>7} {'dW err':>8} {'dh err':>8}")
 
 
@@ -393,8 +361,13 @@ def fmt(r):
                 f"vs {_f(r.get('limit'), '.4g', 9)}  {verdict}")
     if "error" in r:
         return f"{r['provider']:<18} {r['shape']:<19} {r['error'][:90]}"
+    if r.get("op") == "profile":
+        return (f"PROFILE {r['provider']} {r['shape']}, {r['steps']} steps: device span {r['span_ms']:.2f} ms, "
+                f"busy {r['busy_ms']:.2f}, idle {r['idle_ms']:.2f} ({r['gaps']} gaps); host calls "
+                f"{r['host_call_ms']:.2f} ms per step")
     return (f"{r['provider']:<18} {r['shape']:<19} {r['median_ms']:9.2f} "
-            f"{'(%.2f-%.2f)' % (r['p10_ms'], r['p90_ms']):<17} {_f(r.get('x3mm'), '.3f', 6)} "
+            f"{'(%.2f-%.2f)' % (r['p10_ms'], r['p90_ms']):<17} {_f(r.get('host_ms'), '.2f', 7)} "
+            f"{_f(r.get('x3mm'), '.3f', 6)} "
             f"{_f(r.get('num_chunks'), 'd', 6)} {_f(r.get('tflops'), '.0f', 7)} "
             f"{_f(r.get('extra_gib'), '.2f', 9)} {_f(r.get('beyond_grads_gib'), '.2f', 7)} "
             f"{_f(r.get('dW_err'), '.1e', 8)} {_f(r.get('dh_err'), '.1e', 8)}")
@@ -402,6 +375,8 @@ def fmt(r):
 
 # Published on an H200 (anchors; used only where the peer did not run here).
 PEER_ANCHOR_MS = {"liger-flce": 133.0, "cce": 111.2}
+# A peer's time in this run: its fastest row (CCE's speed depends on the values, crossent's not).
+PEER_ROWS = {"liger-flce": ("liger-flce",), "cce": ("cce", "cce-std1")}
 
 
 def targets(rows):
@@ -430,7 +405,8 @@ def targets(rows):
                 get("torch-eager", "dW_err"))
         if shape == BIG_VOCAB:
             for peer, anchor in PEER_ANCHOR_MS.items():
-                ms = get(peer, "median_ms")
+                ms = min((v for v in (get(p, "median_ms") for p in PEER_ROWS[peer]) if v is not None),
+                         default=None)
                 src = "this run" if ms is not None else "H200 anchor"
                 add(f"accurate ms < {peer} ms ({src})", get("crossent-accurate", "median_ms"),
                     anchor if ms is None else ms, lambda v, lim: v < lim)
@@ -438,10 +414,11 @@ def targets(rows):
 
 
 def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_only=False):
-    rows = grouped([r for r in rows if r.get("op") != "target"], key=lambda r: r["shape"])
+    profiles = [r for r in rows if r.get("op") == "profile"]
+    rows = grouped([r for r in rows if r.get("op") not in ("target", "profile")], key=lambda r: r["shape"])
     if targets_only:   # the targets and what they are judged from
         print(f"== {title}: targets (issue 11) ==")
-        keep = ("3-matmul", "crossent-accurate", "crossent-compact", "liger-flce", "cce")
+        keep = ("3-matmul", "crossent-accurate", "crossent-compact", "liger-flce", "cce", "cce-std1")
         rows = [r for r in rows if r["provider"] in keep or r["provider"] == "(shape)"]
     else:
         print(f"== {title} ==")
@@ -457,6 +434,8 @@ def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_on
                   f"dW {r['mm_dW_ms']:.2f} ms")
     for t in targets(rows):
         print(fmt(t))
+    for r in profiles:
+        print(fmt(r))
 
 
 def _shapes(spec):
@@ -473,8 +452,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="NxDxV[,NxDxV...] instead of the two default shapes")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the fp32 reference and error columns")
     ap.add_argument("--profile", action="store_true",
-                    help="after the run: the CUDA kernels of one fwd+bwd of crossent-accurate and "
-                         "crossent-compact at the first shape (torch.profiler)")
+                    help="after the run: three fwd+bwd steps of crossent-accurate and crossent-compact "
+                         "at the first shape under torch.profiler (kernels, idle gaps, Chrome traces)")
     args, out, skip = parse(ap, argv, "gpu_linear_bench")
     if args.print_table:
         print_table(read_json(args.print_table), targets_only=args.targets_only)
@@ -487,7 +466,7 @@ def main(argv=None):
         rc = dry_run(args, out, skip, names, [f"{N}x{D}x{V}" for N, D, V in shapes], DEFERRED)
         if args.profile:
             N, D, V = shapes[0]
-            print(f"then profile: {', '.join(PROFILED)} at {N}x{D}x{V} (one fwd+bwd each, torch.profiler)")
+            print(f"then profile: {', '.join(PROFILED)} at {N}x{D}x{V} (three fwd+bwd each, torch.profiler)")
         return rc
     if not torch.cuda.is_available():
         print("gpu_linear_bench: no CUDA device", file=sys.stderr)
@@ -505,7 +484,8 @@ def main(argv=None):
     print_table([{**r, **META} for r in rows])
     if args.profile:
         try:
-            profile_kernels(*shapes[0])
+            prof = profile_kernels(*shapes[0], trace_dir=Path(out).parent)
+            finish(rows + targets(rows) + [{**r, **META} for r in prof], out, t0)
         except Exception as e:  # noqa: BLE001 - the rows are written already
             print(f"profile failed: {type(e).__name__}: {e}", file=sys.stderr)
     return 0

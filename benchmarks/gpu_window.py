@@ -116,8 +116,9 @@ STAGES = [
     Stage("ce", 170, 60, lambda c, b: _bench(c, "gpu_bench.py", b, "gpu_bench", "--profile", "--tuning",
                                              str(c.out / "gpu_sweep.json")),
           DRY_RUN, margin_s=30, table=_table("gpu_bench.py", "gpu_bench", "--targets-only")),
-    Stage("linear", 170, 60, lambda c, b: _bench(c, "gpu_linear_bench.py", b, "gpu_linear_bench"), DRY_RUN,
-          margin_s=30, table=_table("gpu_linear_bench.py", "gpu_linear_bench", "--targets-only")),
+    # --profile: where compact's wall time beyond its kernels goes (idle gaps, Chrome traces)
+    Stage("linear", 170, 60, lambda c, b: _bench(c, "gpu_linear_bench.py", b, "gpu_linear_bench", "--profile"),
+          DRY_RUN, margin_s=30, table=_table("gpu_linear_bench.py", "gpu_linear_bench", "--targets-only")),
     # launch dispatch on the real GPU: Triton's JIT vs crossent's lean path (issue 10, item 3)
     Stage("dispatch", 45, 20, lambda c, b: _py(c, "gpu_host.py", "--dispatch"), ["--help"]),
     # (each worker compiles inductor's kernels in-process: no pool of compile processes per worker)

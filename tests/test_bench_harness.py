@@ -333,3 +333,48 @@ def test_sweep_plan_and_compile_count():
     assert len(sw.kernel_keys(tp[:1], work)) == 1         # the two-pass tile does not depend on C
     forced = sw.plan({"_ROW_PATH": "twopass"}, cluster_ok=True)
     assert forced and all(kn.get("_ROW_PATH", "twopass") == "twopass" for _, kn in forced)
+
+
+def test_profile_idle_gaps_and_host_attribution():
+    """The device timeline: busy time counts overlapping kernels once, gaps are the holes
+    between them (longest first, with their neighbours), and a gap's host op is the innermost
+    host event at its middle."""
+    prof = _bench_module("_gpu_profile")
+    dev = [(0.0, 10.0, "gemm"), (5.0, 12.0, "copy"), (40.0, 50.0, "ce"), (52.0, 60.0, "gemm"),
+           (200.0, 210.0, "gemm")]
+    span, busy, gaps = prof.idle_gaps(dev, min_us=5.0)
+    assert span == 210.0 and busy == 12.0 + 10.0 + 8.0 + 10.0
+    assert gaps == [(140.0, 60.0, "gemm", "gemm"), (28.0, 12.0, "copy", "ce")]   # the 2 us gap is under min_us
+    assert prof.idle_gaps([]) == (0.0, 0.0, [])
+    host = [(0.0, 300.0, "step"), (100.0, 180.0, "aten::empty"), (120.0, 125.0, "cudaMalloc"),
+            (20.0, 25.0, "aten::mm")]
+    assert prof.host_op_at(host, 130.0) == "aten::empty"      # innermost containing the time
+    assert prof.host_op_at(host, 122.0) == "cudaMalloc"
+    assert prof.host_op_at(host[1:], 50.0) == "(between host ops, after aten::mm)"
+    assert prof.host_op_at(host[1:], 10.0) == "(before the first host op)"
+    assert prof.kernel_table(dev, top=2) == [(28.0, 3, "gemm"), (10.0, 1, "ce")]
+    lines = prof.summarize(dev, host, host_call_ms=0.05, steps=2)
+    assert "idle 0.170 ms over 2 step(s)" in lines[0] and "per step 0.105 ms" in lines[0]
+    assert any("0.140 ms after 'gemm' before 'gemm'; host in 'aten::empty'" in ln for ln in lines)
+
+
+def test_linear_bench_peer_rows_and_profile_rows(capsys):
+    """The linear benchmark's peer target takes CCE's faster row (its speed depends on the
+    values: cce-std1), and its profile rows print as one line each, not as timing rows."""
+    lb = _bench_module("gpu_linear_bench")
+    big = lb.BIG_VOCAB
+    rows = [dict(op="linear_cross_entropy", provider=p, shape=big, median_ms=ms, p10_ms=ms, p90_ms=ms)
+            for p, ms in (("crossent-accurate", 90.0), ("liger-flce", 150.0), ("cce", 340.0), ("cce-std1", 80.0))]
+    got = {t["what"]: (t["limit"], t["passed"]) for t in lb.targets(rows) if "ms <" in t["what"]}
+    assert got == {"accurate ms < liger-flce ms (this run)": (150.0, True),
+                   "accurate ms < cce ms (this run)": (80.0, False)}
+    no_std1 = {t["what"]: t["limit"] for t in lb.targets(rows[:3]) if "ms <" in t["what"]}
+    assert no_std1["accurate ms < cce ms (this run)"] == 340.0
+    anchor = {t["what"]: t["limit"] for t in lb.targets(rows[:1]) if "ms <" in t["what"]}
+    assert anchor["accurate ms < cce ms (H200 anchor)"] == lb.PEER_ANCHOR_MS["cce"]
+    prof = dict(op="profile", provider="crossent-compact", shape=big, steps=3, span_ms=150.0, busy_ms=140.0,
+                idle_ms=10.0, host_call_ms=2.0, gaps=7)
+    lb.print_table(rows + [prof])
+    out = capsys.readouterr().out
+    assert "PROFILE crossent-compact" in out and "idle 10.00 (7 gaps)" in out
+    assert "cce-std1" in out
