@@ -236,12 +236,28 @@ def run_matmuls(N, D, V, h, W, iters, warmup, rows):
     return ms
 
 
-def _inputs(N, D, V):
-    """h, W (bf16, requiring grad) and class targets t of one shape, seeded."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    h = torch.randn(N, D, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
-    W = (torch.randn(V, D, device="cuda", generator=g) * (2 / D ** 0.5)).to(torch.bfloat16).requires_grad_()
-    return h, W, torch.randint(0, V, (N,), device="cuda", generator=g)
+def _inputs(N, D, V, device="cuda"):
+    """h, W (bf16, requiring grad) and class targets t of one shape, seeded: logits of std 2."""
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(N, D, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+    W = (torch.randn(V, D, device=device, generator=g) * (2 / D ** 0.5)).to(torch.bfloat16).requires_grad_()
+    return h, W, torch.randint(0, V, (N,), device=device, generator=g)
+
+
+@torch.no_grad()
+def cce_filtered(N, D, V, w_scale=1.0, tile=128) -> float:
+    """The fraction of CCE's backward tiles (tile x tile logits) that its default filter
+    skips on this benchmark's inputs (W times ``w_scale``), computed on the CPU: a tile is
+    skipped where |softmax - one-hot| < bf16 eps / 32 on all of it (cut_cross_entropy's
+    filter_eps="high").  --cce-filter prints it for the benchmark's shapes at N tokens."""
+    h, W, t = _inputs(N, D, V, device="cpu")
+    g = torch.softmax(h.float() @ (W.float() * w_scale).T, 1)
+    g[torch.arange(N), t] -= 1
+    Vp = -(-V // tile) * tile
+    a = torch.zeros(N, Vp)
+    a[:, :V] = g.abs()
+    worst = a[:N // tile * tile].view(N // tile, tile, Vp // tile, tile).amax((1, 3))
+    return (worst < torch.finfo(torch.bfloat16).eps / 32).float().mean().item()
 
 
 def run_shape(N, D, V, args, rows, skip, accuracy=True):
@@ -454,9 +470,17 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true",
                     help="after the run: three fwd+bwd steps of crossent-accurate and crossent-compact "
                          "at the first shape under torch.profiler (kernels, idle gaps, Chrome traces)")
+    ap.add_argument("--cce-filter", action="store_true",
+                    help="on the CPU: the share of CCE's backward tiles its filter skips on these inputs")
     args, out, skip = parse(ap, argv, "gpu_linear_bench")
     if args.print_table:
         print_table(read_json(args.print_table), targets_only=args.targets_only)
+        return 0
+    if args.cce_filter:
+        for N, D, V in _shapes(args.shapes) if args.shapes else SHAPES[:2]:
+            for name, scale in (("W (cce)", 1.0), ("W / 2 (cce-std1)", 0.5)):
+                print(f"{N}x{D}x{V} at 256 tokens, {name}: CCE skips "
+                      f"{100 * cce_filtered(256, D, V, scale):.0f}% of its backward tiles")
         return 0
     shapes = _shapes(args.shapes) if args.shapes else SHAPES
     if args.quick:

@@ -378,3 +378,11 @@ def test_linear_bench_peer_rows_and_profile_rows(capsys):
     out = capsys.readouterr().out
     assert "PROFILE crossent-compact" in out and "idle 10.00 (7 gaps)" in out
     assert "cce-std1" in out
+
+
+def test_cce_filter_check_tells_the_two_input_spreads_apart():
+    """What the linear benchmark's cce-std1 row rests on: at the inputs' logit spread (std 2)
+    CCE's gradient filter skips no tile, at half of it (W / 2) a large share."""
+    lb = _bench_module("gpu_linear_bench")
+    assert lb.cce_filtered(128, 64, 128256, 1.0) == 0.0
+    assert lb.cce_filtered(128, 64, 128256, 0.5) > 0.2
