@@ -256,17 +256,25 @@ def check_production() -> bool:
     seen = set()
     # mean: the forward that also forms W, the loss and the gradient (one launch);
     # none: the backward's recompute.  A single-tile shape (C <= 16384) beside the benchmark ones.
-    for (R, C), cluster, reduce in itertools.product(BENCH_SHAPES + [(8192, 8192)], sorted({False, cluster_here}),
-                                                     (3, 0)):
-        path, fn, args, consts, opts, per_thread = production(R, C, cluster, reduce)
+    # "claim": the mean's forward with W from a claiming program (ce._MEAN_LAUNCH = "claim", STAGE 3:
+    # one program per tile, no cooperative launch), beside the default cooperative one.
+    for (R, C), cluster, loss in itertools.product(BENCH_SHAPES + [(8192, 8192)], sorted({False, cluster_here}),
+                                                   ("mean", "claim", "none")):
+        path, fn, args, consts, opts, per_thread = production(R, C, cluster, 0 if loss == "none" else 3)
+        if loss == "claim":
+            if fn is not ce._ce_kernel:
+                continue
+            consts, opts = dict(consts, STAGE=3), dict(opts, launch_cooperative_grid=False)
         key = (fn, R, C, tuple(sorted(consts.items())), tuple(sorted(opts.items())))
         if key in seen:
             continue
         seen.add(key)
         ck = compile_kernel(fn, args, consts, opts)
         res = resources(ck)
-        if path == "split" or reduce == 3:   # a barrier: a release on arrival, acquire loads while waiting
+        if path == "split" or loss == "mean":   # a barrier: a release on arrival, acquire loads while waiting
             ok &= "atom.global.gpu.acq_rel" in ck.asm["ptx"] and "ld.global.gpu.acquire" in ck.asm["ptx"]
+        if loss == "claim":   # the claim (compare-and-swap) and the waiters' acquire loads
+            ok &= "atom.global.acq_rel.gpu.cas" in ck.asm["ptx"] and "ld.global.gpu.acquire" in ck.asm["ptx"]
         if path == "cluster":  # the reduction goes through distributed shared memory
             ok &= "mapa.shared::cluster" in ck.asm["ptx"] and "barrier.cluster" in ck.asm["ptx"]
         ctas = ctas_per_sm(res["regs"], res["shared"], opts["num_warps"])
@@ -281,7 +289,7 @@ def check_production() -> bool:
         good = res["local"] == 0 and res["stack"] == 0 and ctas >= 2
         ok &= good
         who = "3.9-like" if cluster else "3.6-like"
-        print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {who} {'mean' if reduce else 'none':5} {path:8} "
+        print(f"{'OK  ' if good else 'FAIL'} {R}x{C:<7} {who} {loss:5} {path:8} "
               f"{res['regs']:4} {res['local']:6} {ctas:7} {per_elem:9.1f}  {one_read}")
     # softmax forward, bf16 8192 x 128256, on the GPU machine's Triton (no cluster reductions)
     R, C = 8192, 128256
