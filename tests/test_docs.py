@@ -182,3 +182,18 @@ def test_softcap_outside_the_documented_formula_raises(fn, cap):
     with pytest.raises(ValueError, match="softcap must be a positive finite number or None"):
         getattr(crossent, fn)(*args, softcap=cap)
     assert getattr(crossent, fn)(*args, softcap=30.0).isfinite()
+
+
+def test_triton_extra_asks_for_the_backends_floor():
+    """pyproject's `triton` extra and README ask for the Triton the backend accepts (MIN_TRITON):
+    an older one would install, and then the kernels refuse to run on it."""
+    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    pytest.importorskip("triton")
+    from packaging.requirements import Requirement
+
+    from crossent.backends.triton import MIN_TRITON
+    floor = ".".join(map(str, MIN_TRITON))
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["triton"]
+    (req,) = map(Requirement, extra)
+    assert req.name == "triton" and str(req.specifier) == f">={floor}"
+    assert f"Triton >= {floor}" in README and f"`triton>={floor}`" in README
