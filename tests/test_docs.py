@@ -197,3 +197,14 @@ def test_triton_extra_asks_for_the_backends_floor():
     (req,) = map(Requirement, extra)
     assert req.name == "triton" and str(req.specifier) == f">={floor}"
     assert f"Triton >= {floor}" in README and f"`triton>={floor}`" in README
+
+
+@pytest.mark.parametrize("name", list(DOCS))
+def test_no_internal_issue_numbers(name):
+    """Readers of a clone have no issue tracker: a target is named by what it is ("the GPU
+    cross-entropy targets (1.2x the floor, ...)"), not as "issue 10's".  Another project's issue,
+    named with its repository ("triton-lang/triton issue 9171"), is fine."""
+    text = DOCS[name]
+    ours = [m[0] for m in re.finditer(r"\bissues?\s+#?\d+", text, re.I)
+            if not re.search(r"[\w.-]+/[\w.-]+\s+$", text[:m.start()])]
+    assert not ours, ours
