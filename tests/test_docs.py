@@ -182,3 +182,37 @@ def test_softcap_outside_the_documented_formula_raises(fn, cap):
     with pytest.raises(ValueError, match="softcap must be a positive finite number or None"):
         getattr(crossent, fn)(*args, softcap=cap)
     assert getattr(crossent, fn)(*args, softcap=30.0).isfinite()
+
+
+def test_triton_extra_never_fights_the_triton_torch_pins():
+    """pyproject's `triton` extra is satisfied by the Triton the installed torch pins (its CUDA
+    wheels pin one exactly: torch 2.4.1 triton==3.0.0, 2.11 3.6.0), so installing the extra never
+    makes pip replace the user's torch; the backend's own floor (MIN_TRITON) is the README's."""
+    tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["triton"]
+    (req,) = map(Requirement, extra)
+    assert req.name == "triton"
+    pins = [Requirement(r) for r in importlib.metadata.requires("torch") or []]
+    for pin in (p for p in pins if p.name == "triton"):
+        for spec in pin.specifier:
+            if spec.operator == "==":
+                assert req.specifier.contains(spec.version), (str(req), str(pin))
+    assert req.specifier.contains("3.0.0")   # what torch 2.4 (pyproject's floor) pins
+    # (read, not imported: the backend imports triton and its kernels)
+    src = (ROOT / "src" / "crossent" / "backends" / "triton" / "__init__.py").read_text()
+    major, minor = re.search(r"^MIN_TRITON = \((\d+), (\d+)\)$", src, re.M).groups()
+    assert f"Triton >= {major}.{minor}" in README
+
+
+@pytest.mark.parametrize("name", list(DOCS))
+def test_no_internal_issue_numbers(name):
+    """Readers of a clone have no issue tracker: a target is named by what it is ("the GPU
+    cross-entropy targets (1.2x the floor, ...)"), not as "issue 10's".  Another project's issue,
+    named with its repository ("triton-lang/triton issue 9171"), is fine."""
+    text = DOCS[name]
+    ours = [m[0] for m in re.finditer(r"\bissues?\s+#?\d+", text, re.I)
+            if not re.search(r"[\w.-]+/[\w.-]+\s+$", text[:m.start()])]
+    assert not ours, ours

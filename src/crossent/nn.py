@@ -6,11 +6,15 @@ torch.nn.LinearCrossEntropyLoss, LinearCrossEntropyLoss subclasses a copy of 2.1
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import functional as F
+
+if TYPE_CHECKING:  # crossent.linear is imported on first use (tests/test_lean_import.py)
+    from .linear import LinearCrossEntropyOptions
 
 __all__ = ["Softmax", "LogSoftmax", "NLLLoss", "CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
@@ -107,9 +111,17 @@ class LinearCrossEntropyLoss(_LinearBase):
     torch.nn.LinearCrossEntropyLoss, on any torch; ``options`` may also be a
     crossent.LinearCrossEntropyOptions), plus keyword-only ``z_loss`` and ``softcap``."""
 
-    def __init__(self, in_features: int, num_classes: int, *, z_loss: float = 0.0,
-                 softcap: float | None = None, **kwargs) -> None:
-        super().__init__(in_features, num_classes, **kwargs)
+    # torch's parameters spelt out (not **kwargs), so that inspect.signature and IDEs show them
+    # and a misspelt keyword raises TypeError naming this class.
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Tensor | None = None, ignore_index: int | None = None,
+                 label_smoothing: float = 0.0,
+                 options: LinearCrossEntropyOptions | torch.nn.LinearCrossEntropyOptions | None = None,
+                 z_loss: float = 0.0, softcap: float | None = None) -> None:
+        super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
+                         dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                         label_smoothing=label_smoothing, options=options)
         self.z_loss = z_loss
         self.softcap = softcap
 
