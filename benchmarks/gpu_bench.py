@@ -339,7 +339,7 @@ def print_table(rows, title="cross-entropy / softmax (bf16)", targets_only=False
     target (PASS/FAIL) and crossent's errors."""
     if targets_only:
         rows = [r for r in rows if target(r)[1] or ("error" in r and r["provider"].startswith(("crossent", "(")))]
-        title += ": targets (issue 10)"
+        title += ": targets"
     print(f"== {title} ==")
     print_stamp(rows)
     print(HEADER)

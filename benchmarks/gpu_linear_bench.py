@@ -433,7 +433,7 @@ def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_on
     profiles = [r for r in rows if r.get("op") == "profile"]
     rows = grouped([r for r in rows if r.get("op") not in ("target", "profile")], key=lambda r: r["shape"])
     if targets_only:   # the targets and what they are judged from
-        print(f"== {title}: targets (issue 11) ==")
+        print(f"== {title}: targets ==")
         keep = ("3-matmul", "crossent-accurate", "crossent-compact", "liger-flce", "cce", "cce-std1")
         rows = [r for r in rows if r["provider"] in keep or r["provider"] == "(shape)"]
     else:
