@@ -22,25 +22,21 @@ Providers (each in try/except: an error or a skip is recorded and the run goes o
                      other inputs).  Every other provider's time does not depend on the values.
   cce-compile        the same with impl="torch_compile"
 
-Columns: median ms (p10-p90, CUDA events, after warm-up), host ms = median time the Python
-call took to return (near the median: the GPU waits on the host), x3mm = median / the
-3-matmul median of the same shape and run, TFLOP/s = 6*N*D*V / median, extra GiB = peak allocated
-during one call minus what was allocated before it (inputs; the gradients
-are part of the extra), beyond-grads = extra minus the bytes of dh and dW,
-dW / dh err = max|g - ref| / max|ref| against an fp32 reference (bf16 inputs
-upcast, no TF32, computed once per shape in row chunks), loss err relative.
-Providers that would not fit in free GPU memory (estimate from the shapes)
-are skipped; providers are not started after --budget-s (torch.compile ones
-need 60 s left).  The JSON is rewritten after every row.
+Columns: median ms (p10-p90, CUDA events, after warm-up); host ms: the median time the call
+took to return (near the median: the GPU waits on the host); x3mm: median / the 3-matmul
+median of the same shape and run; TFLOP/s: 6*N*D*V / median; extra GiB: peak allocated in
+one call beyond what was allocated before it (the gradients count), beyond-grads: less dh
+and dW; dW / dh err: max|g - ref| / max|ref| against an fp32 reference (bf16 inputs upcast,
+no TF32, row chunks, once per shape); loss err relative.  Providers that would not fit in
+free GPU memory are skipped, none starts after --budget-s (torch.compile ones need 60 s
+left).  The JSON is rewritten after every row.
 
-Targets (issue 11), each printed with PASS/FAIL at the end and written to the
-JSON as rows with op "target": accurate <= 1.10x the three matmuls (1.15x at
-16384 x 2304 x 256000) in <= gradients + one chunk; compact <= 1.45x in <=
-gradients + 256 MiB; at 16384 x 2304 x 256000 accurate ahead of Liger and CCE
-(same run, CCE's faster row of cce and cce-std1; the anchors: 133.0 and 111.2 ms on an
-H200); dW error <= eager
-bf16's.  Liger and CCE come as wheels installed with --no-deps
-(benchmarks/gpu_check.sh); without them their rows say "not installed".
+Targets (PASS/FAIL at the end, and rows with op "target" in the JSON): accurate <= 1.10x
+the three matmuls (1.15x at 16384 x 2304 x 256000) in <= gradients + one chunk; compact
+<= 1.45x in <= gradients + 256 MiB; at 16384 x 2304 x 256000 accurate ahead of Liger and
+CCE (this run, CCE's faster row of cce and cce-std1; else the anchors: 133.0 and 111.2 ms
+on an H200); dW error <= eager bf16's.  Liger and CCE come as wheels installed with
+--no-deps (benchmarks/gpu_check.sh); without them their rows say "not installed".
 
 Order, for a short GPU window: every shape with the matmuls, crossent, torch eager,
 torch's chunked path, Liger and CCE first (what the targets need), then the
