@@ -1,0 +1,193 @@
+"""crossent's CUDA-only branches, reached on the CPU where that needs no lie about CUDA.
+
+Each test names the branch it stands in for: the device's memory query
+(torch.cuda's API answered by a stub), the auto backend's pick for CUDA tensors,
+and the code that runs after a check that CUDA skips (the bounds check, the
+entropy's host re-check), which is device-agnostic torch code run here on CPU
+tensors, where an out-of-bounds index raises instead of reading garbage.
+What only a GPU answers (a failed cooperative launch, stream capture, the real
+allocator, device-side asserts) is in tests/gpu/test_gpu_paths.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import _logprobs_ops, _validate, backends
+from crossent import linear as L
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the Triton interpreter
+
+
+# ----------------------------------------------------------------------------- linear._free_bytes
+
+def test_free_bytes_on_cuda_counts_the_allocators_cache(monkeypatch):
+    """linear._free_bytes' CUDA branch: the device's free memory plus what torch's caching
+    allocator reserved and holds unused (reusable by the chunks); None when the query
+    fails or while compiling; _plan reads it for CUDA tensors."""
+    dev = torch.device("cuda", 0)
+    seen = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (seen.append(d), (5 << 30, 80 << 30))[1])
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 1 << 30)
+    assert L._free_bytes(dev) == (5 << 30) + (2 << 30) and seen == [dev]
+
+    N, D, V = 8192, 4096, 128256
+    room = L._free_bytes(dev) - (N + V) * D * 2
+    via_cuda = L._plan(N, D, V, torch.bfloat16, dev, None, "torch")[0]
+    monkeypatch.setattr(L, "_free_bytes", lambda device, free=room + (N + V) * D * 2: free)
+    assert via_cuda == L._plan(N, D, V, torch.bfloat16, dev, None, "torch")[0]
+    monkeypatch.undo()
+
+    def fails(d=None):
+        raise RuntimeError("CUDA error: out of memory")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fails)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: 0)
+    assert L._free_bytes(dev) is None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert L._free_bytes(torch.device("cpu")) is None
+
+
+# ----------------------------------------------------------------------------- backends.select
+
+def test_auto_picks_triton_for_cuda_tensors_only(monkeypatch):
+    """select's CUDA branch: 'auto' takes the triton backend for CUDA tensors where Triton
+    imports and CUDA is there, and the torch backend otherwise (and always on the CPU)."""
+    pytest.importorskip("triton", minversion="3.6")   # backends.triton.MIN_TRITON
+    monkeypatch.setattr(backends, "_triton_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backends.select("cuda", "auto").name == "triton"
+    assert backends.select("cpu", "auto").name == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backends.select("cuda", "auto").name == "torch"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_triton_importable", lambda: False)
+    assert backends.select("cuda", "auto").name == "torch"
+
+
+# ----------------------------------------------------------------------------- out-of-range targets
+
+def _has_triton() -> bool:
+    try:
+        from crossent.backends.triton import TritonBackend
+    except ImportError:
+        return False
+    return TritonBackend().available(torch.device("cpu"))[0]
+
+
+@pytest.fixture(params=["torch", "triton"])
+def unchecked(request, monkeypatch):
+    """A backend, with the bounds check skipped as on CUDA (it would sync with the host)."""
+    if request.param == "triton" and not _has_triton():
+        pytest.skip("the triton backend cannot run here (Triton >= 3.6 and TRITON_INTERPRET=1)")
+    monkeypatch.setenv("CROSSENT_BACKEND", request.param)
+    monkeypatch.setattr(_validate, "check_target_bounds", lambda *a: None)
+    return request.param
+
+
+BAD = [0, 11, -3, -100, 5, 40]   # 11 classes: 11, -3 and 40 out of range, -100 ignored
+
+
+def _bad_and_safe(shape=(6,)):
+    t = torch.tensor(BAD).reshape(shape)
+    bad = (t != -100) & ((t < 0) | (t >= 11))
+    return t, bad, torch.where(bad, 1, t)   # safe: a real class where the target was out of range
+
+
+def _check_rows(ours, theirs, bad, what):
+    """NaN where the target was out of range, torch's values elsewhere (other rows' NaNs
+    must not leak into them)."""
+    assert ours[bad].isnan().all(), (what, ours)
+    torch.testing.assert_close(ours[~bad], theirs[~bad], rtol=1e-5, atol=1e-5, msg=what)
+
+
+@pytest.mark.parametrize("kind", ["2d-weight-smoothing", "kdim-weight"])
+def test_cross_entropy_and_nll_loss_out_of_range(unchecked, kind):
+    """cross_entropy and nll_loss on CUDA: no bounds check, so out-of-range class targets
+    reach the kernels, which give NaN rows (loss and gradient) and read no memory out of
+    bounds; the other rows are torch's."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(11, generator=g) + 0.5
+    if kind == "2d-weight-smoothing":
+        x0, (t, bad, safe), kw = torch.randn(6, 11, generator=g), _bad_and_safe(), dict(label_smoothing=0.1)
+    else:
+        x0, (t, bad, safe), kw = torch.randn(2, 11, 3, generator=g), _bad_and_safe((2, 3)), {}
+    x, xt = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    ours = crossent.cross_entropy(x, t, w, reduction="none", **kw)
+    theirs = F.cross_entropy(xt, safe, w, reduction="none", **kw)
+    _check_rows(ours, theirs, bad, "loss")
+    ours.sum().backward()
+    theirs.sum().backward()
+    gx, gt = x.grad.movedim(1, -1), xt.grad.movedim(1, -1)   # class dim last: rows of the target's shape
+    assert gx[bad].isnan().all()
+    torch.testing.assert_close(gx[~bad], gt[~bad], rtol=1e-5, atol=1e-5)
+    lp = torch.log_softmax(x0, 1)
+    _check_rows(crossent.nll_loss(lp, t, w, reduction="none"), F.nll_loss(lp, safe, w, reduction="none"), bad,
+                "nll_loss")
+    assert crossent.cross_entropy(x0, t, w).isnan() and crossent.nll_loss(lp, t, w).isnan()
+
+
+@pytest.mark.parametrize("variant", ["default", "allow_inplace", "with_stats"])
+def test_linear_cross_entropy_out_of_range(unchecked, variant):
+    """linear_cross_entropy on CUDA: no bounds check, and every token's row kept (on the
+    CPU, ignored ones are dropped; allow_inplace and with_stats keep them all, as CUDA
+    does): NaN loss and input-gradient rows where the target is out of range."""
+    g = torch.Generator().manual_seed(1)
+    h0, W0 = torch.randn(6, 8, generator=g), torch.randn(11, 8, generator=g)
+    t, bad, safe = _bad_and_safe()
+    h, W = h0.clone().requires_grad_(), W0.clone().requires_grad_()
+    if variant == "with_stats":
+        ours = crossent.linear_cross_entropy_with_stats(h, W, t, reduction="none").loss
+    else:
+        opts = crossent.LinearCrossEntropyOptions(allow_inplace=variant == "allow_inplace")
+        ours = crossent.linear_cross_entropy(h, W, t, reduction="none", options=opts)
+    ht = h0.clone().requires_grad_()
+    theirs = F.cross_entropy(ht @ W0.T, safe, reduction="none")
+    _check_rows(ours, theirs, bad, "loss")
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert h.grad[bad].isnan().all()
+    torch.testing.assert_close(h.grad[~bad], ht.grad[~bad], rtol=1e-5, atol=1e-5)
+
+
+def test_log_probs_out_of_range(unchecked):
+    """log_probs and linear_log_probs on CUDA: no bounds check; NaN at out-of-range targets,
+    the ignored position 0, the others the eager formula's."""
+    g = torch.Generator().manual_seed(2)
+    h, W = torch.randn(6, 8, generator=g), torch.randn(11, 8, generator=g)
+    t, bad, safe = _bad_and_safe()
+    keep = t != -100
+    for name, out, z in (("log_probs", crossent.log_probs(h @ W.T, t, entropy=True), h @ W.T),
+                         ("linear_log_probs", crossent.linear_log_probs(h, W, t, entropy=True), h @ W.T)):
+        ls = torch.log_softmax(z, -1)
+        want = torch.where(keep, ls.gather(1, safe.clamp_min(0)[:, None])[:, 0], 0.0)
+        ent = torch.where(keep, -(ls.exp() * ls).sum(-1), 0.0)
+        _check_rows(out.log_probs, want, bad, name)
+        _check_rows(out.entropy, ent, bad, name + " entropy")
+
+
+# ----------------------------------------------------------------------------- log-probs entropy
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entropy_without_the_host_recheck_is_the_same(monkeypatch, dtype):
+    """_logprobs_ops.stats off the CPU (and compiled) clamps every block's log-probabilities
+    at _FLOOR up front instead of re-checking for NaN on the host: the same values, bit for
+    bit (exp underflows to 0 below the floor either way), -inf logits included."""
+    z = torch.randn(5, 300, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4
+    z[1, ::3] = -math.inf
+    z[2, 7] = -3000.0            # finite, far below the floor
+    z[3] = -math.inf
+    z[3, 4] = 2.0                # one live class
+    z = z.to(dtype)
+    ys = torch.tensor([0, 1, 7, 4, 299])
+    host = _logprobs_ops.stats(z.clone(), ys, True)
+    monkeypatch.setattr(_logprobs_ops, "_compiling", lambda: True)   # host = False, as on CUDA
+    dev = _logprobs_ops.stats(z.clone(), ys, True)
+    assert torch.isfinite(host[1]).all(), host[1]
+    for a, b in zip(host, dev):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
