@@ -10,7 +10,9 @@
   check is skipped on CUDA: it would sync with the host).
 
 tests/conftest.py sets CROSSENT_BACKEND=torch for the whole suite, so GPU tests reach
-the triton backend only where they set it themselves, as these do.
+the triton backend only where they set it themselves: test_gpu_linear.py and
+test_gpu_logprobs.py run the torch backend's CE and log-prob kernels on CUDA, and their
+checks are run here once more under 'auto' (what users get: triton).
 """
 import sys
 from pathlib import Path
@@ -21,8 +23,10 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import crossent  # noqa: E402
+import test_gpu_linear as GL  # noqa: E402
+import test_gpu_logprobs as GLP  # noqa: E402
 from crossent import backends  # noqa: E402
 from test_cuda_paths import (check_cross_entropy_out_of_range, check_linear_cross_entropy_out_of_range,  # noqa: E402
                              check_log_probs_out_of_range)
@@ -136,12 +140,40 @@ def test_free_bytes_reads_the_device_and_the_allocator():
     assert cached <= free <= torch.cuda.get_device_properties(dev).total_memory
 
 
+def _use(backend: str, monkeypatch) -> str:
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    if backend == "auto":   # what users get on CUDA
+        assert backends.name_for(DEV) == "triton"
+    return backend
+
+
+@pytest.fixture
+def auto(monkeypatch):
+    return _use("auto", monkeypatch)
+
+
 @pytest.fixture(params=["auto", "torch"])
 def backend(request, monkeypatch):
-    monkeypatch.setenv("CROSSENT_BACKEND", request.param)
-    if request.param == "auto":   # what users get on CUDA
-        assert backends.name_for(DEV) == "triton"
-    return request.param
+    return _use(request.param, monkeypatch)
+
+
+@pytest.mark.parametrize("policy", ["accurate", "compact"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_under_auto(auto, dtype, policy):
+    """test_gpu_linear.py's parity check with the triton kernels for the CE part: several
+    chunks (the fp32 weight-gradient accumulator), bias, class weight, smoothing, ignored tokens."""
+    h, W, b, w, t = GL._data(*GL.SHAPE, dtype, bias=True, weight=True, ignore=True)
+    opts = crossent.LinearCrossEntropyOptions(acc_policy=policy, chunk_size=256, chunk_bytes=4 << 20)
+    for red in ("mean", "none"):
+        GL._check(GL._ours(t, w, red, 0.05, opts=opts), GL._eager(t, w, red, 0.05), h, W, b, red,
+                  f"auto {dtype} {policy} {red}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_log_probs_under_auto(auto, dtype):
+    """test_gpu_logprobs.py's checks (Llama-3's vocabulary) with the triton kernels."""
+    GLP.test_log_probs_gpu(dtype)
+    GLP.test_linear_log_probs_gpu(dtype)
 
 
 @pytest.mark.parametrize("kind", ["2d-weight-smoothing", "2d-wide", "kdim-weight"])
