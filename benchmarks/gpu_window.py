@@ -96,7 +96,7 @@ def _per_test(ctx, seconds: int) -> list:
 
 GPU_TESTS = ["tests/gpu/test_gpu_lean_launch.py", "tests/gpu/test_gpu_triton.py", "tests/gpu/test_gpu_linear.py",
              "tests/gpu/test_gpu_logprobs.py", "tests/gpu/test_gpu_compile.py", "tests/gpu/test_gpu_autocast.py",
-             "tests/test_autocast.py"]   # (the last: its CUDA cases run where a GPU is)
+             "tests/gpu/test_gpu_paths.py", "tests/test_autocast.py"]   # (the last: its CUDA cases run where a GPU is)
 # 1336 small differential cases: host-bound, so several pytest workers share the GPU
 PARITY_WORKERS = 6
 # The GPU tier compiles ~210 Triton kernels on a cold cache (one launch path, dtype and
