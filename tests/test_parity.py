@@ -16,9 +16,10 @@ from _tol import assert_close_to_ref
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(7,), (6, 7), (3, 7, 5), (2, 7, 3, 4), (2, 7, 2, 3, 2)]  # class dim has 7 classes
 REDUCTIONS = ["none", "mean", "sum"]
-# CROSSENT_TEST_DEVICE=cuda runs the differential suite on a GPU (the triton
-# backend), as benchmarks/gpu_check.sh does; torch's own results on that device
-# and a float64 reference on it are the yardsticks there.
+# CROSSENT_TEST_DEVICE=cuda runs the differential suite on a GPU, with the backend
+# CROSSENT_BACKEND names (tests/conftest.py defaults it to torch; benchmarks/gpu_check.sh
+# sets auto, the triton backend there); torch's own results on that device and a
+# float64 reference on it are the yardsticks there.
 DEVICE = os.environ.get("CROSSENT_TEST_DEVICE", "cpu")
 
 
