@@ -322,5 +322,5 @@ def test_gpu_linear_bench_profile_is_opt_in(tmp_path, flag):
     out = subprocess.run(argv + (["--profile"] if flag else []), capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(bench.parents[1] / "src")))
     assert out.returncode == 0, out.stderr[-3000:]
-    line = "then profile: crossent-accurate, crossent-compact at 64x8x100 (one fwd+bwd each"
+    line = "then profile: crossent-accurate, crossent-compact at 64x8x100 (three fwd+bwd each"
     assert (line in out.stdout) == flag, out.stdout
