@@ -86,9 +86,13 @@ def _call(s, ours: bool, a: dict, kw: dict):
             return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras, **own))
         return torch_ce(x, t, w, None, ii, None, red, ls, stats=True, **extras)
     if fn == "linear":
-        f = crossent.linear_cross_entropy if ours else torch_linear
-        return f(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w, reduction=red,
-                 ignore_index=ii, label_smoothing=ls)
+        if not ours:
+            return torch_linear(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
+                                reduction=red, ignore_index=ii, label_smoothing=ls)
+        # spec "options": crossent's own (acc_policy 'compact', small budgets); torch has none
+        opts = crossent.LinearCrossEntropyOptions(**s["options"]) if "options" in s else None
+        return crossent.linear_cross_entropy(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
+                                             reduction=red, ignore_index=ii, label_smoothing=ls, options=opts)
     # vocab_parallel, one rank holding every class: equal to the plain functions
     from crossent import distributed as D
     if s.get("linear"):

@@ -32,10 +32,11 @@ def _log_sum(ssum, m):
 
 
 @triton.jit
-def _lse(ms, logs, m, ssum):
+def _lse(ms, logs, m, ssum, lse_ptr):
     # The stored lse, as torch.logsumexp: +inf for a row whose max is +inf (logs is
     # NaN there, for the loss and softmax), NaN if the row also holds a NaN (ssum).
-    return tl.where((m == float("inf")) & (ssum == ssum), m, ms + logs)
+    # Added in lse_ptr's dtype: an fp64 buffer keeps ms + logs unrounded (ce.ce_forward's lse_lo).
+    return tl.where((m == float("inf")) & (ssum == ssum), m, ms.to(lse_ptr.dtype.element_ty) + logs)
 
 
 # P2 = sum_c wt_c (z_c - shift), the probability / smoothing sum over classes, is summed
