@@ -178,3 +178,16 @@ def test_compact_weight_gradient_far_from_zero(monkeypatch, backend, target_kind
     ref = grads(F.linear_cross_entropy, h.double(), W.double(), bias.double())
     for what, o, th, r in zip(("input", "linear_weight", "linear_bias"), ours, theirs, ref):
         assert_close_to_ref(o, th, r, what=what)
+
+
+def test_compact_weight_gradient_strides_match_the_fake():
+    """acc_policy='compact' allocated dW with empty_like(linear_weight): a transposed weight
+    gave a transposed dW where the custom op's fake says contiguous, and inductor's stride
+    assert failed (fuzz seed 737487229, bf16 under torch.compile).  The fake and the op agree."""
+    from crossent import _linear_ops
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 31, generator=g), torch.randn(31, 33, generator=g).t()   # w: (33, 31), transposed
+    t = torch.randint(0, 33, (6,), generator=g)
+    args = (x, None, w, None, t, None, -100, 0.0, 0.0, 0.0, torch.tensor(1.0), True, True, False, "compact",
+            6, 1 << 20, False, "torch")
+    torch.library.opcheck(_linear_ops.linear_ce, args, test_utils=("test_faketensor",))

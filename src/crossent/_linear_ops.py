@@ -306,7 +306,8 @@ def vocab_pass(x, rows, w, b, target, weight, lse, lse_lo, ignore_index, eps, z_
     R = _Rows(x, rows, target, ignore_index, drop)
     V, D = w.shape
     acc = acc_dtype(x.dtype)
-    dw = torch.empty_like(w) if need_dw else w.new_empty(0)
+    # contiguous, as the token pass's and the fake's (empty_like would keep a transposed w's strides)
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0)
     db = torch.zeros(V, dtype=b.dtype if b is not None else x.dtype, device=x.device) if need_db \
         else x.new_empty(0)
     prob = target.is_floating_point()
