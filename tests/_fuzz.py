@@ -459,9 +459,9 @@ def _logits_row_by_row():
 
 def _logit_blocking_error(s: dict, ref: dict, fixes) -> dict:
     """Rule 13: torch's error with its logits computed one row per call, per
-    output and gradient (where crossent chunks the rows of a linear loss, or
-    takes a 1-D input as one row)."""
-    if not (linear_family(s) and (s.get("tiles") or len(s["shape"]) == 1)):
+    output and gradient (where crossent chunks the rows of a linear loss: spec
+    "tiles", or a budget in spec "options"; or takes a 1-D input as one row)."""
+    if not (linear_family(s) and (s.get("tiles") or len(s.get("options", {})) > 1 or len(s["shape"]) == 1)):
         return {}
     with _logits_row_by_row():
         return _errors(run(s, "torch", fixes), ref)

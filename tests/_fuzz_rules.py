@@ -56,7 +56,7 @@ And for values:
      that estimates torch's own fp64 error loses every digit there, so its
      scaled error, 9e-22, said nothing.)
   13. a linear loss whose hidden states crossent splits into row chunks
-     (spec "tiles"): the matmul rounds each logit by how many rows one call
+     (spec "tiles", or compact's budget in spec "options"): the matmul rounds each logit by how many rows one call
      gets (BLAS kernels sum the D products in another order for 1, 2 or 5
      rows), an ulp of the logits that large offsets make the loss's and
      gradients' error (seed 237521495: fp64, logits ~3e4, crossent's 2-row
