@@ -197,6 +197,15 @@ def check_variants() -> bool:
                 split_args(xdt, f["PROB"], 4096, 100000),
                 dict(BLOCK=8192, NSPLIT=13, NSPLIT_P2=16, STAGE=stage, PREFETCH=pre, REDUCE=red, **f),
                 launch_cooperative_grid=stage == 0)
+    # linear's compact token pass: per-position losses and gradient, the lse in fp64 (lse_lo)
+    for single, bs, bc in [(True, 8, 512), (False, 1, 8192)]:
+        one(f"ce fused lse fp64 single={single} {bs}x{bc}", ce._ce_kernel,
+            dict(fused_args("bf16", False, 4096, 1000), lse_ptr=Ptr("fp64")),
+            dict(BLOCK_S=bs, BLOCK_C=bc, SINGLE=single, NEED_GRAD=True, KEEP_L2=not single, REVERSE=not single,
+                 REDUCE=0, STAGE=0, **FLAG_SETS[1]))
+    one("ce split lse fp64", split._ce_split_kernel, dict(split_args("bf16", False, 4096, 100000), lse_ptr=Ptr("fp64")),
+        dict(BLOCK=8192, NSPLIT=13, NSPLIT_P2=16, STAGE=0, PREFETCH=False, REDUCE=0, **FLAG_SETS[1]),
+        launch_cooperative_grid=True)
     for stage, log in itertools.product((0, 1, 2), (False, True)):
         one(f"softmax split stage={stage} log={log}", split._softmax_split_kernel,
             softmax_split_args(4096, 100000),

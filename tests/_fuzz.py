@@ -86,9 +86,13 @@ def _call(s, ours: bool, a: dict, kw: dict):
             return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras, **own))
         return torch_ce(x, t, w, None, ii, None, red, ls, stats=True, **extras)
     if fn == "linear":
-        f = crossent.linear_cross_entropy if ours else torch_linear
-        return f(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w, reduction=red,
-                 ignore_index=ii, label_smoothing=ls)
+        if not ours:
+            return torch_linear(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
+                                reduction=red, ignore_index=ii, label_smoothing=ls)
+        # spec "options": crossent's own (acc_policy 'compact', small budgets); torch has none
+        opts = crossent.LinearCrossEntropyOptions(**s["options"]) if "options" in s else None
+        return crossent.linear_cross_entropy(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
+                                             reduction=red, ignore_index=ii, label_smoothing=ls, options=opts)
     # vocab_parallel, one rank holding every class: equal to the plain functions
     from crossent import distributed as D
     if s.get("linear"):
@@ -377,18 +381,71 @@ def _target_logit_error(s: dict, ref: dict, fixes) -> dict:
     if not (s["fn"] == "log_probs" and s["linear"] and s["vp"]) or s["grad"] in ("vmap", "autocast"):
         return {}
     z = _rounded_logits(s, {})["input"]
+    z = z[z.isfinite()]   # masked (-inf) classes: the finite logits' ulps (seed 13757555)
     return {"output 0": torch.finfo(getattr(torch, s["dtype"])).eps * z.abs().max().item() / s["temperature"]} \
-        if z.numel() and z.isfinite().all() else {}
+        if z.numel() else {}
+
+
+def _recomputed_logits_error(s: dict, ref: dict, fixes) -> dict:
+    """Rule 20: acc_policy 'compact' with a budget below the whole pass (spec
+    "options") recomputes dW's logits z' by another GEMM blocking than the token
+    pass's z, whose lse the vocab pass divides by: its p is exp(z' - lse), off by
+    z' - z, up to 2 eps (sum_d |h_d W_cd| + |b_c|) (seed 993670698: fp32, 4-token
+    tiles of 128-class blocks, 4 ulps of z; dW 1.5e-5 off, torch 1.0e-6).  Torch's
+    own error is then at least that perturbation carried into dW and db:
+    sum_n |P_nc| (z' - z)_nc |h_nd|, P = scale * A * p the p part of the float64
+    logits' gradient (backends/base.py), found as G(z) - G(z with one class far
+    above the rest), whose p is one-hot."""
+    o = s.get("options", {})
+    if s["fn"] != "linear" or o.get("acc_policy") != "compact" or len(o) == 1 or \
+            s["grad"] not in ("backward", "double", "compile") or ref["error"]:
+        return {}
+    m = materialize(s, "ref")
+    a = {n: m["views"][n](leaf) for n, leaf in m["leaves"].items()}
+    h, W, b, t, kw = a["input"], a["linear_weight"], a.get("linear_bias"), a["target"], m["kw"]
+    prob = t.is_floating_point()
+    h2 = h.flatten(0, -2) if h.dim() > 1 else h[None]   # not reshape(-1, D): ambiguous for D == 0
+    t2 = (t.flatten(0, -2) if t.dim() > 1 else t[None]) if prob else t.reshape(-1).long()
+    z = F.linear(h2, W, b)
+    if z.shape[1] < 2 or not z.isfinite().all() or s["upstream"] != "randn":
+        return {}
+    out_shape = t.shape[:-1] if prob else t.shape
+    u = _upstream(s, torch.empty(out_shape if kw["reduction"] == "none" else (), dtype=torch.float64))
+
+    def grad(zz):
+        zz = zz.detach().requires_grad_()
+        loss = F.cross_entropy(zz, t2, weight=a.get("weight"), reduction=kw["reduction"],
+                               ignore_index=-100 if kw["ignore_index"] is None else kw["ignore_index"],
+                               label_smoothing=kw.get("label_smoothing", 0.0))
+        return torch.autograd.grad(loss, zz, u.reshape(loss.shape))[0]
+
+    def one_hot_p(k):   # G with p one-hot at class k (exp(-1e3) is 0 in float64)
+        zk = z.clone()
+        zk[:, k] = z.max(1).values + 1e3
+        return grad(zk)
+    try:
+        g = grad(z)
+        P = g - one_hot_p(0)
+        P[:, 0] = (g - one_hot_p(1))[:, 0]
+    except RuntimeError:   # targets torch rejects: torch's own error there is its exception
+        return {}
+    shift = 2 * torch.finfo(getattr(torch, s["dtype"])).eps * (h2.abs() @ W.abs().t() + (0 if b is None else b.abs()))
+    dz = P.abs() * shift
+    errs = {"grad of linear_weight": dz.t() @ h2.abs(), "grad of linear_bias": dz.sum(0) if b is not None else None}
+    return {k: e.max().item() for k, e in errs.items() if e is not None and e.numel() and e.max() < float("inf")}
 
 
 @contextlib.contextmanager
 def _logits_row_by_row():
     """torch.nn.functional.linear one row per call, for torch's side (rule 13):
     F.linear_cross_entropy (no options) and torch_ce's compositions look it up
-    in that module at call time."""
+    in that module at call time.  A 1-D input as a one-row matrix, as
+    crossent's heads take it (torch's vector path is another kernel)."""
     linear = F.linear
 
     def rows(h, W, b=None):
+        if h.dim() == 1:
+            return linear(h[None], W, b)[0]
         if h.dim() != 2 or h.shape[0] < 2:
             return linear(h, W, b)
         return torch.cat([linear(h[i:i + 1], W, b) for i in range(h.shape[0])])
@@ -402,8 +459,9 @@ def _logits_row_by_row():
 
 def _logit_blocking_error(s: dict, ref: dict, fixes) -> dict:
     """Rule 13: torch's error with its logits computed one row per call, per
-    output and gradient (where crossent chunks the rows of a linear loss)."""
-    if not (s.get("tiles") and linear_family(s)):
+    output and gradient (where crossent chunks the rows of a linear loss: spec
+    "tiles", or a budget in spec "options"; or takes a 1-D input as one row)."""
+    if not (linear_family(s) and (s.get("tiles") or len(s.get("options", {})) > 1 or len(s["shape"]) == 1)):
         return {}
     with _logits_row_by_row():
         return _errors(run(s, "torch", fixes), ref)
@@ -453,7 +511,7 @@ def check(s: dict) -> str | None:
     own_errors = _fp64_own_errors(s, theirs, fixes) if ref is not None else {}
     if ref is not None:
         for rule in (_logit_rounding_error, _logit_blocking_error, _target_logit_error,
-                     _reciprocal_temperature_error):
+                     _reciprocal_temperature_error, _recomputed_logits_error):
             for k, e in rule(s, ref, fixes).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
         if overflowed_reduction(s, theirs):   # rule 19

@@ -35,6 +35,8 @@ _SMALL_CHUNKS = {
     "crossent._autograd.vocab_parallel": dict(_CPU_CHUNK_BYTES=256),
     "crossent._logprobs_ops": dict(_CPU_CHUNK_BYTES=1024),  # log_probs' row blocks, the fused head's chunks
 }
+# the triton backend's compact block_grad_ tiles too: 4 classes, 2 rows a program
+_TRITON_SMALL = {"crossent.backends.triton.block_grad": dict(_TILE_ELEMS=8, _MAX_BLOCK_V=4)}
 TRITON_PATHS = {  # classes in tiles of 2-4
     "looped": dict(_SINGLE_MAX=4, _LOOP_BLOCK=4, _TILE_ELEMS=4, _ROW_PATH="twopass", _MEAN_LAUNCH="claim"),
     "multirow": dict(_SINGLE_MAX=4, _LOOP_BLOCK=2, _TILE_ELEMS=8, _ROW_PATH="twopass"),
@@ -48,11 +50,12 @@ def tiles(name: str | None):
     if not name:
         yield
         return
-    mods = {m: importlib.import_module(m) for m in _SMALL_CHUNKS}
-    old = {(m, k): getattr(mods[m], k) for m, kv in _SMALL_CHUNKS.items() for k in kv}
+    small = {**_SMALL_CHUNKS, **(_TRITON_SMALL if name in TRITON_PATHS else {})}
+    mods = {m: importlib.import_module(m) for m in small}
+    old = {(m, k): getattr(mods[m], k) for m, kv in small.items() for k in kv}
     ce = defaults = None
     try:
-        for m, kv in _SMALL_CHUNKS.items():
+        for m, kv in small.items():
             for k, v in kv.items():
                 setattr(mods[m], k, v)
         if name in TRITON_PATHS:

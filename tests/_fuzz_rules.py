@@ -56,13 +56,17 @@ And for values:
      that estimates torch's own fp64 error loses every digit there, so its
      scaled error, 9e-22, said nothing.)
   13. a linear loss whose hidden states crossent splits into row chunks
-     (spec "tiles"): the matmul rounds each logit by how many rows one call
+     (spec "tiles", or compact's budget in spec "options"): the matmul rounds each logit by how many rows one call
      gets (BLAS kernels sum the D products in another order for 1, 2 or 5
      rows), an ulp of the logits that large offsets make the loss's and
      gradients' error (seed 237521495: fp64, logits ~3e4, crossent's 2-row
      chunks 4.7e-12 off torch's one call; in fp32 against float64 over 40
      draws crossent's mean error 1.2x torch's).  torch's own error is at
      least that of its same ops with the logits computed one row per call.
+     Likewise for a 1-D input, which torch's F.linear multiplies by its
+     vector kernel (addmv) and crossent's heads as a one-row matrix (addmm):
+     seed 561376160, fp32 logits ~-1e4 with a bias, 1.1e-3 and 4.8e-4 off
+     float64; the smoothed loss 1.5e-4 off, torch's (by luck) 6e-6.
   14. cross_entropy(inplace_backward=True) with a non-finite upstream: the
      logits are gone, so crossent rescales its gradient buffer (that of a
      unit upstream) where torch scales term by term (its inf/NaN pattern);
@@ -75,7 +79,8 @@ And for values:
      all_reduce), rounded apart from the logit row: where the target is the
      row's max, its log-prob can be an ulp of the scaled logits above 0 (seed
      717185034: fp32, logits up to 101 / T = 0.05, +1.5e-5 where torch's is 0).
-     torch's own error there is at least one ulp of the largest scaled logit.
+     torch's own error there is at least one ulp of the largest scaled logit
+     (the largest finite one: masked -inf classes, seed 13757555).
   16. under torch.compile an out-of-range class target gives a NaN loss where
      torch raises "Target N is out of bounds." (reading the target would be
      a host sync; README 3): grad mode "compile" accepts a NaN in the loss.
@@ -100,6 +105,12 @@ And for values:
      logits ~1e38, terms ~1e38 summing to -2.8e36, crossent 3.8e-5 off float64).
      torch's own error there is at least half an ulp of the sum of the terms'
      magnitudes: the float64 loss of |t| and |w| (smoothing kept).
+  20. linear_cross_entropy's acc_policy 'compact' below the whole pass's
+     budget (spec "options") recomputes dW's logits by another GEMM blocking
+     than the token pass whose lse they are divided by, a few ulps of
+     sum_d |h_d W_cd| apart (seed 993670698: fp32, dW 1.5e-5 off, torch
+     1.0e-6).  torch's own error in dW and db is at least that perturbation of
+     p carried through (tests/_fuzz.py, _recomputed_logits_error).
 Everything else, messages included, must be torch's.  Under torch.func
 transforms (grad, vmap, jvp) a case torch cannot transform falls back to a
 plain backward, and where torch's batching rules skip an eager check,

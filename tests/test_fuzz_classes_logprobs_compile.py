@@ -169,3 +169,18 @@ def test_fuzz_linear_log_probs_skipped_rows():
     assert _fuzz_rules._linear_skipped_rows(spec, "grad of input")
     assert not _fuzz_rules._linear_skipped_rows({**spec, "vp": True}, "grad of input")
     assert _fuzz.check({**spec, "vp": True}) is None
+
+
+def test_fuzz_vocab_parallel_linear_log_probs_own_target_logit_masked_classes():
+    """Rule 15 with masked (-inf) classes (seed 13757555: fp32, a 1-D input, log-prob
+    3.8e-6 off where torch's is exact): the bound is an ulp of the largest finite
+    scaled logit; the -inf ones left it undefined and the rule unapplied."""
+    import _fuzz
+    _fuzz.init_single_process()
+    spec = {"fn": "log_probs", "backend": "torch", "seed": 13757555, "dtype": "float32", "linear": True, "vp": True,
+            "shape": [16], "classes": 13, "bias": True, "layout": "contig", "values": "masked", "grad": "backward",
+            "upstream": "inf", "target": "index", "target_dtype": "int64", "ignore": "none_present",
+            "target_layout": "contig", "temperature": 1.0, "entropy": True}
+    assert _fuzz.check(spec) is None
+    bound = _fuzz._target_logit_error(spec, {}, frozenset())["output 0"]
+    assert 0 < bound < float("inf")

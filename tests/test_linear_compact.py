@@ -287,7 +287,8 @@ for xdt, flags in [("bf16", (False,) * 5), *(("bf16", f) for f in alone), ("bf16
                    ("bf16", (True,) * 5), ("fp16", (True,) * 5), ("fp32", (False,) * 5)]:
     consts = dict(zip(("HAS_W", "PROB", "SMOOTH", "HAS_ZL", "HAS_CAP"), flags), BLOCK_R=br, BLOCK_V=bv)
     args = dict(z_ptr=A.Ptr(xdt), sz_r=16384, t_ptr=A.Ptr("fp32" if flags[1] else "i64"), st_r=128256,
-                st_c=1, w_ptr=A.Ptr("fp32"), lse_ptr=A.Ptr("fp32"), scale_ptr=A.Ptr("fp32"), scale_stride=1,
+                st_c=1, w_ptr=A.Ptr("fp32"), lse_ptr=A.Ptr("fp32"), lo_ptr=A.Ptr("fp32"), scale_ptr=A.Ptr("fp32"),
+                scale_stride=1,
                 p1_ptr=A.Ptr("fp32"), R=8192, VB=16384, v0=32768, C=128256, n_vblk=16, ignore_index=-100,
                 one_m_eps=0.9, eps_over_c=1e-6, z_loss=1e-4, cap=30.0)
     try:

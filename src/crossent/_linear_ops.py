@@ -182,10 +182,11 @@ class _Rows:
 
 
 def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale,
-               need_dx, need_dw, need_db, chunk_rows, drop, backend, dx_into=None):
+               need_dx, need_dw, need_db, chunk_rows, drop, backend, dx_into=None, lse_lo=None):
     """The token-chunked pass; returns (loss, lse, dx, dw, db), unneeded ones empty.
     loss/lse are per token (N,), in the wide / acc dtype (as ce_forward's); ignored
-    tokens that were dropped get loss 0 and lse NaN."""
+    tokens that were dropped get loss 0 and lse NaN.  lse_lo: an (N,) acc-dtype
+    tensor that receives lse's rounding error (ce_forward's lse_lo; the vocab pass)."""
     be = backends.load(backend)
     R = _Rows(x, rows, target, ignore_index, drop and dx_into is None)
     N, V = R.N, w.shape[0]
@@ -222,13 +223,16 @@ def token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap
         z = _logits(xc, w, b, zbuf[:xc.shape[0]])
         tc = R.take(target, tok)
         sc = R.take(scale, tok) if row_scale else scale
+        lo = None if lse_lo is None else lse_lo[tok] if isinstance(tok, slice) else lse_lo.new_empty(z.shape[0])
         lc, lse_c, _ = be.ce_forward(z, tc, weight, ignore_index, eps, z_loss, softcap, sc,
-                                     need_grad, grad_into=z if need_grad else None)
+                                     need_grad, grad_into=z if need_grad else None, lse_lo=lo)
         if isinstance(tok, slice):
             loss[tok], lse[tok] = lc, lse_c
         else:
             loss.index_copy_(0, tok, lc.to(loss.dtype))
             lse.index_copy_(0, tok, lse_c.to(acc))
+            if lo is not None:
+                lse_lo.index_copy_(0, tok, lo)
         if not need_grad:
             continue
         g = z  # now d(sum scale*loss)/dlogits
@@ -275,7 +279,7 @@ def vocab_tiles(n_tok: int, V: int, D: int, x_elt: int, acc_elt: int, gathers: b
 
 
 def _vocab_tile(be, R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor], v0: int, V: int,
-                target: Tensor, weight, lse, ignore_index, eps, z_loss, softcap, scale, tw_sum,
+                target: Tensor, weight, lse, lse_lo, ignore_index, eps, z_loss, softcap, scale, tw_sum,
                 need_db: bool, dw_out: Optional[Tensor], whole: bool, first: bool) -> Optional[Tensor]:
     """One (tokens x classes) tile of the vocab pass: its logits, overwritten
     by their gradient (the backend's block_grad_), and its dW contribution
@@ -284,7 +288,8 @@ def _vocab_tile(be, R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor],
     Returns the gradient's column sums."""
     g = torch.addmm(bb, xc, wb.t()) if bb is not None else torch.mm(xc, wb.t())
     be.block_grad_(g, v0, V, R.take(target, tok), R.take(lse, tok), R.take(scale, tok) if scale.dim() else scale,
-                   weight, ignore_index, eps, z_loss, softcap, None if tw_sum is None else R.take(tw_sum, tok))
+                   weight, ignore_index, eps, z_loss, softcap, None if tw_sum is None else R.take(tw_sum, tok),
+                   R.take(lse_lo, tok))
     if dw_out is not None:
         if whole:  # one contraction over all tokens: fp32 inside the GEMM, rounded once
             torch.mm(g.t(), xc, out=dw_out)
@@ -293,14 +298,16 @@ def _vocab_tile(be, R: _Rows, tok, xc: Tensor, wb: Tensor, bb: Optional[Tensor],
     return g.sum(0, dtype=lse.dtype) if need_db else None
 
 
-def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, softcap, scale,
+def vocab_pass(x, rows, w, b, target, weight, lse, lse_lo, ignore_index, eps, z_loss, softcap, scale,
                need_dw, need_db, budget, drop, backend):
-    """dW (and db) by blocks of classes, recomputing logits from the saved lse."""
+    """dW (and db) by blocks of classes, recomputing logits from the saved lse
+    (and its rounding error lse_lo: token_pass's)."""
     be = backends.load(backend)
     R = _Rows(x, rows, target, ignore_index, drop)
     V, D = w.shape
     acc = acc_dtype(x.dtype)
-    dw = torch.empty_like(w) if need_dw else w.new_empty(0)
+    # contiguous, as the token pass's and the fake's (empty_like would keep a transposed w's strides)
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else w.new_empty(0)
     db = torch.zeros(V, dtype=b.dtype if b is not None else x.dtype, device=x.device) if need_db \
         else x.new_empty(0)
     prob = target.is_floating_point()
@@ -328,7 +335,7 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
         for i, (tok, xc) in enumerate(tiles if whole else R.chunks(n)):
             # A function call, so the tile's buffers are freed before the next
             # tile's are allocated (the budget counts one tile).
-            gsum = _vocab_tile(be, R, tok, xc, wb, bb, v0, V, target, weight, lse, ignore_index, eps,
+            gsum = _vocab_tile(be, R, tok, xc, wb, bb, v0, V, target, weight, lse, lse_lo, ignore_index, eps,
                                z_loss, softcap, scale, tw_sum, need_db,
                                dw[v0:v1] if need_dw and whole else blk, whole, i == 0)
             if need_db:
@@ -343,12 +350,14 @@ def vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss, so
 def run(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale, need_dx, need_dw,
         need_db, policy, chunk_rows, budget, drop, backend, dx_into=None):
     if policy == "compact":
+        lse_lo = torch.zeros(target.shape[0], dtype=acc_dtype(x.dtype), device=x.device) \
+            if need_dw or need_db else None
         loss, lse, dx, _, _ = token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss,
                                          softcap, scale, need_dx, False, False, chunk_rows, drop,
-                                         backend, dx_into)
+                                         backend, dx_into, lse_lo)
         dw, db = w.new_empty(0), x.new_empty(0)
         if need_dw or need_db:
-            dw, db = vocab_pass(x, rows, w, b, target, weight, lse, ignore_index, eps, z_loss,
+            dw, db = vocab_pass(x, rows, w, b, target, weight, lse, lse_lo, ignore_index, eps, z_loss,
                                 softcap, scale, need_dw, need_db, budget, drop, backend)
         return loss, lse, dx, dw, db
     return token_pass(x, rows, w, b, target, weight, ignore_index, eps, z_loss, softcap, scale,

@@ -61,13 +61,15 @@ work), with their sums kept from overflowing: see each backend.
 
 Methods (all return new tensors; none mutates its inputs except ``rescale_``):
   ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-             scale, need_grad, grad_into=None) -> (loss rows, lse fp32 rows, grad)
+             scale, need_grad, grad_into=None, lse_lo=None) -> (loss rows, lse fp32 rows, grad)
       loss in wide_dtype(x.device); lse fp32 (fp64 for fp64 input).
       grad: x.shape, contiguous, x.dtype, = gradient of sum(scale*loss) when
       need_grad, else an empty tensor.  Reads x once where the device allows.
       grad_into: a tensor of x's shape and dtype (in practice x itself, for the
       opt-in ``inplace_backward``) that receives the gradient instead; the
       returned grad is then an empty tensor.  softcap: 0.0 means off.
+      lse_lo: None, or an (R,) tensor in lse's dtype for (R, C) x that receives
+      lse's rounding error (shift + log(sumexp) - lse; 0 where lse is +-inf).
   ce_backward(x, target, weight, lse, ignore_index, label_smoothing, z_loss,
               softcap, scale) -> grad   (recomputes p from the saved lse)
   rescale_(grad, g) -> None: grad *= g in place (g a 0-d tensor); may skip the
@@ -75,11 +77,12 @@ Methods (all return new tensors; none mutates its inputs except ``rescale_``):
   ce_in_place(dtype) -> bool: whether ce_forward(x, ..., grad_into=x) allocates
       nothing of x's size for x of this dtype (per-row vectors only).
   block_grad_(z, v0, C, target, lse, scale, weight, ignore_index, label_smoothing,
-              z_loss, softcap, tw_sum) -> z
+              z_loss, softcap, tw_sum, lse_lo=None) -> z
       z: (rows, vb) logits of classes [v0, v0 + vb) of C (unit column stride),
       overwritten in place by the gradient of sum(scale*loss) w.r.t. them
       (computed in the accumulation dtype, rounded once to z's dtype), from the
-      rows' saved lse (fp32 rows; fp64 for fp64).  target: (rows,) class
+      rows' saved lse (fp32 rows; fp64 for fp64) and ce_forward's lse_lo (None: 0):
+      p = exp((z - lse) - lse_lo), exact near the row max.  target: (rows,) class
       indices or (rows, C) probabilities over all classes; tw_sum: probability
       rows' sum_c w_c*t'_c (else None).  linear_cross_entropy's vocabulary pass.
   block_grad_scratch(dtype, softcap, prob) -> int: bytes per logit of z that
@@ -118,7 +121,8 @@ class Backend(Protocol):
     def ce_forward(self, x: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                    label_smoothing: float, z_loss: float, softcap: float,
                    scale: Tensor, need_grad: bool,
-                   grad_into: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]: ...
+                   grad_into: Tensor | None = None,
+                   lse_lo: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def ce_backward(self, x: Tensor, target: Tensor, weight: Tensor | None, lse: Tensor,
                     ignore_index: int, label_smoothing: float, z_loss: float,
@@ -130,7 +134,8 @@ class Backend(Protocol):
 
     def block_grad_(self, z: Tensor, v0: int, C: int, target: Tensor, lse: Tensor, scale: Tensor,
                     weight: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
-                    softcap: float, tw_sum: Tensor | None) -> Tensor: ...
+                    softcap: float, tw_sum: Tensor | None,
+                    lse_lo: Tensor | None = None) -> Tensor: ...
 
     def block_grad_scratch(self, dtype: torch.dtype, softcap: bool, prob: bool) -> int: ...
 

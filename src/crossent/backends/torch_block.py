@@ -24,21 +24,23 @@ def block_grad_scratch(dtype: torch.dtype, softcap: bool, prob: bool) -> int:
 
 def block_grad_(z: Tensor, v0: int, C: int, target: Tensor, lse: Tensor, scale: Tensor,
                 weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                softcap: float, tw_sum: Optional[Tensor]) -> Tensor:
+                softcap: float, tw_sum: Optional[Tensor], lse_lo: Optional[Tensor] = None) -> Tensor:
     acc = acc_dtype(z.dtype)
     if target.is_floating_point():
         target = target[:, v0:v0 + z.shape[1]]
     g = _block_grad(z.to(acc), v0, C, target, lse, scale, weight, ignore_index, label_smoothing, z_loss,
-                    softcap, tw_sum)
+                    softcap, tw_sum, lse_lo)
     return z if g is z else z.copy_(g)
 
 
 def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tensor,
                 weight: Optional[Tensor], ignore_index: int, eps: float, z_loss: float,
-                softcap: float, tw_sum: Optional[Tensor]) -> Tensor:
+                softcap: float, tw_sum: Optional[Tensor], lse_lo: Optional[Tensor]) -> Tensor:
     """d(sum scale*loss)/dlogits for classes [v0, v0 + z.shape[1]) of some rows,
-    in place in z (acc dtype), from the rows' saved lse.  Temporaries of z's
-    size: one with softcap (its derivative), two with probability targets."""
+    in place in z (acc dtype), from the rows' saved lse and its rounding error
+    lse_lo (None: 0): p = exp((z - lse) - lse_lo), z - lse exact near the row max (an lse
+    rounded at |lse| ~ 1e4 would cost every p that relative error).  Temporaries
+    of z's size: one with softcap (its derivative), two with probability targets."""
     Vb = z.shape[1]
     acc = z.dtype
     zero = torch.zeros((), dtype=acc, device=z.device)
@@ -50,7 +52,10 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
     sc = scale.to(acc).unsqueeze(1) if scale.dim() else scale.to(acc)
     zterm = 2 * z_loss * lse_c if z_loss else 0.0
     w = None if weight is None else weight.to(acc)[v0:v0 + Vb]
-    p = z.sub_(lse_c).exp_()
+    p = z.sub_(lse_c)
+    if lse_lo is not None:
+        p.sub_(lse_lo.to(acc).unsqueeze(1))
+    p.exp_()
     if tc.is_floating_point():
         t = tc.to(acc)
         if eps > 0:

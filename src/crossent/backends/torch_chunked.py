@@ -270,6 +270,13 @@ def _col(v: Tensor) -> Tensor:
     return v.unsqueeze(1)
 
 
+def _rounding_error(a: Tensor, b: Tensor, s: Tensor) -> Tensor:
+    """(a + b) - s exactly, for s = a + b rounded (TwoSum); 0 where a is +-inf."""
+    bv = s - a
+    err = (a - (s - bv)) + (b - bv)
+    return torch.where(a.isinf(), 0.0, err)
+
+
 def _wcol(w: Tensor, ndim: int) -> Tensor:
     """Class weights (C,) broadcast along dim 1 of an ndim tensor."""
     return w.view(1, -1, *([1] * (ndim - 2)))
@@ -284,13 +291,13 @@ class TorchChunkedBackend:
 
     # -- cross-entropy -------------------------------------------------------
     def ce_forward(self, x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                   scale, need_grad, grad_into=None):
+                   scale, need_grad, grad_into=None, lse_lo=None):
         k = _Terms(x, target, weight, ignore_index, label_smoothing, z_loss, softcap)
         grad = x.new_empty(0)
         if need_grad:
             grad = grad_into if grad_into is not None else empty_like_fast(x)
         loss, lse = self._sweep(k, x, grad if need_grad else None, scale, with_loss=True,
-                                may_alias=grad_into is not None)
+                                may_alias=grad_into is not None, lse_lo=lse_lo)
         return loss, lse, grad
 
     def ce_backward(self, x, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap,
@@ -304,13 +311,14 @@ class TorchChunkedBackend:
 
     @staticmethod
     def _sweep(k: "_Terms", x: Tensor, grad: Tensor | None, scale: Tensor, with_loss: bool,
-               may_alias: bool = False):
+               may_alias: bool = False, lse_lo: Tensor | None = None):
         """One pass over x in chunks: per-row lse (and loss), and the gradient
         into ``grad`` when given.  Row terms are built per chunk too, so no
         O(rows) temporaries exist beyond loss and lse (small C, e.g. a K-dim
         segmentation map, has as many rows as a few logits).  ``may_alias``:
         grad may be x's own memory (grad_into); only then are pointers compared
-        (forward-mode AD's wrapped tensors have none)."""
+        (forward-mode AD's wrapped tensors have none).  ``lse_lo``: (R, C) x
+        only (linear's token pass), receives lse's rounding error."""
         rows = x.shape[:1] + x.shape[2:]
         lse = torch.empty(rows, dtype=k.acc, device=x.device)
         loss = torch.empty(rows, dtype=k.wide, device=x.device) if with_loss else None
@@ -339,6 +347,8 @@ class TorchChunkedBackend:
             # torch.logsumexp; z - m is NaN there, so the loss stays NaN as torch's
             lse_c = torch.where(m.isinf(), m, ls + m)
             lse[ri] = lse_c.squeeze(1)
+            if lse_lo is not None:
+                lse_lo[ri] = _rounding_error(m, ls, lse_c).squeeze(1)
             if with_loss:
                 loss[ri] = k.loss(z, m, ls, lse_c, zs, rt).squeeze(1)
             if grad is not None:

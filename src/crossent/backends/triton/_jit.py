@@ -32,10 +32,11 @@ def _log_sum(ssum, m):
 
 
 @triton.jit
-def _lse(ms, logs, m, ssum):
+def _lse(ms, logs, m, ssum, lse_ptr):
     # The stored lse, as torch.logsumexp: +inf for a row whose max is +inf (logs is
     # NaN there, for the loss and softmax), NaN if the row also holds a NaN (ssum).
-    return tl.where((m == float("inf")) & (ssum == ssum), m, ms + logs)
+    # Added in lse_ptr's dtype: an fp64 buffer keeps ms + logs unrounded (ce.ce_forward's lse_lo).
+    return tl.where((m == float("inf")) & (ssum == ssum), m, ms.to(lse_ptr.dtype.element_ty) + logs)
 
 
 # P2 = sum_c wt_c (z_c - shift), the probability / smoothing sum over classes, is summed
@@ -55,11 +56,14 @@ def _scaled_shift(z, shift):
 @triton.jit
 def _softcap(x, cap):
     # cap * tanh(x / cap) without tl.math.tanh (absent in some Triton versions);
-    # a short odd series near 0 avoids the cancellation of 1 - e^{-2|u|}.
+    # a short odd series near 0 avoids the cancellation of 1 - e^{-2|u|}.  Near 1
+    # (e < 1/4) as 1 - 2e/(1 + e), rounded once: (1 - e)/(1 + e) rounded 1 - e and
+    # 1 + e to 1 first, so tanh was exactly 1, and the gradient's 1 - (z/cap)^2
+    # exactly 0, from |u| > 8.7, where torch's tanh is 1 - 2^-24 up to |u| = 9.
     u = x / cap
     a = tl.abs(u)
     e = tl.exp(-2.0 * a)                      # in (0, 1]: never overflows
-    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(e < 0.25, 1.0 - 2.0 * e / (1.0 + e), (1.0 - e) / (1.0 + e))
     u2 = u * u
     series = a * (1.0 + u2 * (-1.0 / 3.0 + u2 * (2.0 / 15.0 + u2 * (-17.0 / 315.0))))
     t = tl.where(a < 0.1, series, t)

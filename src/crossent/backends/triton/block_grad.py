@@ -7,8 +7,9 @@ rows' lse saved by the token pass.  One read and one write per logit, fp32 math,
 once (the torch backend's recompute makes an fp32 copy and ~6 passes over it).
 
 Formulas: ``crossent/backends/base.py``, with the device helpers the cross-entropy kernels
-use (``_jit.py``), p = exp(z - lse) from the saved lse (the block never holds the row
-max).  Row terms (target, its weight, scale, lse) are read once per tile row.
+use (``_jit.py``), p = exp((z - lse) - lse_lo) from the saved lse and its rounding error
+(the block never holds the row max; z - lse is exact near it, so a common offset of 1e4
+costs no accuracy).  Row terms (target, its weight, scale, lse) are read once per tile row.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _block_grad_kernel(
     z_ptr, sz_r,                        # (R, VB) logits of classes [v0, v0 + VB), unit column stride
     t_ptr, st_r, st_c,                  # class targets (R,) or probabilities (R, C) over ALL classes
     w_ptr,                              # class weight (C,), contiguous
-    lse_ptr, scale_ptr, scale_stride,   # saved lse (R,) fp32; scale 0-d (stride 0) or per row
+    lse_ptr, lo_ptr,                    # saved lse (R,) fp32 and its rounding error
+    scale_ptr, scale_stride,            # scale 0-d (stride 0) or per row
     p1_ptr,                             # probabilities: sum_c w_c t'_c per row; class index: sum(w), 0-d
     R, VB, v0, C, n_vblk,
     ignore_index, one_m_eps, eps_over_c, z_loss, cap,
@@ -67,6 +69,7 @@ def _block_grad_kernel(
             p1 = tl.zeros([BLOCK_R], tl.float32) + C   # read only when smoothing
     sc = tl.load(scale_ptr + r * scale_stride, mask=rmask, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + r, mask=rmask, other=0.0).to(tl.float32)
+    lo = tl.load(lo_ptr + r, mask=rmask, other=0.0).to(tl.float32)
     # lse in place of (shift, log sumexp): _row_coefs only uses their sum (the z-loss term)
     a2, b2, c2 = _row_coefs(wy, p1, lse, 0.0, sc, valid, inb, one_m_eps, eps_over_c, z_loss,
                             PROB, SMOOTH, HAS_ZL)
@@ -77,7 +80,7 @@ def _block_grad_kernel(
     # --- the tile: one read, one write
     ptr = z_ptr + r[:, None] * sz_r + loc
     z = _as_logits(tl.load(ptr, mask=cmask, other=0.0, eviction_policy="evict_first"), cmask, cap, HAS_CAP)
-    p = tl.exp(z - lse[:, None])
+    p = tl.exp((z - lse[:, None]) - lo[:, None])
     wt = z
     if NEED_P:
         wt = _class_terms(w_ptr, t_ptr, r[:, None] * st_r + cols * st_c, cols, cmask, C,
@@ -98,12 +101,12 @@ def block_grad_scratch(dtype: torch.dtype, softcap: bool, prob: bool) -> int:
 
 
 def block_grad_(z, v0, C, target, lse, scale, weight, ignore_index, label_smoothing, z_loss, softcap,
-                tw_sum):
+                tw_sum, lse_lo=None):
     """Backend method (contract: backends/base.py): z <- its gradient, in place."""
     R, VB = z.shape
     if z.dtype == torch.float64 or z.stride(1) != 1:   # the portable backend's math (fp64 as ce_forward)
         return torch_block.block_grad_(z, v0, C, target, lse, scale, weight, ignore_index, label_smoothing,
-                                       z_loss, softcap, tw_sum)
+                                       z_loss, softcap, tw_sum, lse_lo)
     if z.numel() == 0:
         return z
     prob = target.is_floating_point()
@@ -115,6 +118,7 @@ def block_grad_(z, v0, C, target, lse, scale, weight, ignore_index, label_smooth
     else:
         p1 = lse   # not read
     w = z if weight is None else weight.contiguous()   # z: a dummy pointer, never read
+    lo = torch.zeros_like(lse) if lse_lo is None else lse_lo   # None: an exact lse
     sc, sc_stride = _scale_arg(scale)
     block_r, block_v = tile(R, VB)
     n_vblk = _device.cdiv(VB, block_v)
@@ -122,6 +126,6 @@ def block_grad_(z, v0, C, target, lse, scale, weight, ignore_index, label_smooth
                               PROB=prob, SMOOTH=eps > 0.0, HAS_ZL=z_loss != 0.0, HAS_CAP=bool(softcap),
                               num_warps=4)
     launch((_device.cdiv(R, block_r) * n_vblk,), z, z.stride(0), target, target.stride(0),
-           target.stride(1) if prob else 0, w, lse, sc, sc_stride, p1, R, VB, v0, C, n_vblk,
+           target.stride(1) if prob else 0, w, lse, lo, sc, sc_stride, p1, R, VB, v0, C, n_vblk,
            int(ignore_index), 1.0 - eps, eps / C, float(z_loss), float(softcap) if softcap else 1.0)
     return z

@@ -291,7 +291,7 @@ _device.on_path_change(_forget_plans)   # a failed cooperative launch changes th
 
 
 def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-            reduce=0, loss_dtype=torch.float32, keep_rows=True, keep_lse=True):
+            reduce=0, loss_dtype=torch.float32, keep_rows=True, keep_lse=True, lse_dtype=torch.float32):
     """One sweep over the logits.  reduce 0: (per-position losses in loss_dtype, lse),
     the gradient scaled per position by ``scale``; reduce 1 / 2 / 3 (sum, mean over
     positions, mean over W): (the 0-d reduced loss in loss_dtype, lse), the gradient
@@ -318,7 +318,7 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
     # allocation and its free cost ~2 us of host time each.  size=: a positional shape
     # tuple costs ~0.5 us more in torch's argument parser.
     discard = None if keep_lse and keep_rows and scale is not None else _grid.scratch(dev, plan.positions, 1)
-    lse = torch.empty(size=plan.rows, device=dev, dtype=torch.float32) if keep_lse else discard
+    lse = torch.empty(size=plan.rows, device=dev, dtype=lse_dtype) if keep_lse else discard
     loss = torch.empty(size=plan.rows if reduce == 0 else (), device=dev, dtype=loss_dtype) \
         if keep_rows or reduce else discard
     if scale is None:   # reduce 0 without a gradient reads no scale
@@ -341,7 +341,7 @@ def _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_g
                 raise
             _device.cooperative_failed(dev, e)   # forgets the plans
             return _launch(x, target, weight, ignore_index, eps, z_loss, softcap, scale, need_grad, grad,
-                           reduce, loss_dtype, keep_rows, keep_lse)
+                           reduce, loss_dtype, keep_rows, keep_lse, lse_dtype)
     gs = plan.gs
     rows_out = loss if reduce == 0 else lse            # reduce > 0: per-position losses not stored
     # the kernel's arguments before and after the workspace (ws, part)
@@ -377,20 +377,24 @@ def _torch_backend():
 # ----------------------------------------------------------------------------- backend methods
 
 def ce_forward(x, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-               scale, need_grad, grad_into=None):
+               scale, need_grad, grad_into=None, lse_lo=None):
     # fp64 math is left to the portable backend, as are inputs with no elements
     # (nothing to launch; that backend owns their degenerate losses: NaN rows for
     # C == 0 with smoothing or counted targets, lse = -inf) and torch.func's
     # wrapped tensors (the jvp rule's saved logits), which have no storage to launch on.
     if x.dtype == torch.float64 or x.numel() == 0 or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return _torch_backend().ce_forward(x, target, weight, ignore_index, label_smoothing,
-                                           z_loss, softcap, scale, need_grad, grad_into)
+                                           z_loss, softcap, scale, need_grad, grad_into, lse_lo)
     grad = None
     if need_grad:
         grad = grad_into if grad_into is not None else torch.empty_like(x, memory_format=torch.contiguous_format)
     loss, lse = _launch(x, target, weight, int(ignore_index), float(label_smoothing),
                         float(z_loss), float(softcap or 0.0), scale, need_grad, grad,
-                        loss_dtype=wide_dtype(x.device))   # row losses: backends/base.py
+                        loss_dtype=wide_dtype(x.device),   # row losses: backends/base.py
+                        lse_dtype=torch.float32 if lse_lo is None else wide_dtype(x.device))
+    if lse_lo is not None:   # the kernels added shift + log(sumexp) in fp64: split it (O(rows))
+        wide, lse = lse, lse.float()
+        torch.sub(wide, lse, out=lse_lo).nan_to_num_(nan=0.0)   # inf - inf: a row of inf max, as the torch backend
     return loss, lse, grad if grad is not None and grad_into is None else x.new_empty(0)
 
 

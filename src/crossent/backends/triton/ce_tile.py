@@ -103,7 +103,7 @@ def _ce_tile(
                  PROB, SMOOTH, HAS_ZL)
     if REDUCE == 0:
         tl.store(loss_ptr + pos, _loss_as(loss, loss_ptr.dtype.element_ty), mask=smask)
-    tl.store(lse_ptr + pos, _lse(ms, logs, m, ssum), mask=smask)
+    tl.store(lse_ptr + pos, _lse(ms, logs, m, ssum, lse_ptr), mask=smask)
 
     if NEED_GRAD:
         g_row = b * sg_b + s[:, None] * sg_s

@@ -183,7 +183,7 @@ def _ce_split_kernel(
             if split == 0:
                 if REDUCE == 0:
                     tl.store(loss_ptr + r64, _loss_as(loss, loss_ptr.dtype.element_ty))
-                tl.store(lse_ptr + r64, _lse(ms, logs, m, ssum))
+                tl.store(lse_ptr + r64, _lse(ms, logs, m, ssum, lse_ptr))
             if REDUCE != 0:
                 partial += tl.where(split == 0, loss, 0.0).to(tl.float64)
             if REDUCE == 0:
