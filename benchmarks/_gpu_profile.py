@@ -11,14 +11,19 @@ this module reads the device timeline itself:
             waiting for: a slow launch, an allocation, a synchronising call);
   host      the time the Python calls took to return, against the device span: a
             host that enqueues slower than the GPU runs leaves the GPU idle;
-  trace     a Chrome trace (chrome://tracing, ui.perfetto.dev) of the same steps.
+  trace     a Chrome trace (chrome://tracing, ui.perfetto.dev) of the same steps;
+  sync      one more step under CUDA's sync debug mode "error": the first host sync it
+            makes (a D2H copy, .item(), nonzero, a synchronize), with the line that made it.
+            A sync drains the launch queue, so the GPU then idles while the host catches up.
 
 The timeline helpers take plain (start_us, end_us, name) tuples, so they are tested on CPU
 (tests/test_bench_harness.py); only ``profile_steps`` needs CUDA.
 """
 from __future__ import annotations
 
+import os
 import time
+import traceback
 from pathlib import Path
 
 
@@ -94,6 +99,35 @@ def summarize(dev, host, host_call_ms: float, steps: int, top: int = 15, gaps: i
         lines.append(f"  {us / 1e3:7.3f} ms after {before[:40]!r} before {after[:40]!r}; host in "
                      f"{host_op_at(host, t0 + us / 2)[:60]!r}")
     return lines
+
+
+def raise_site(tb, package: str = "crossent") -> str:
+    """'file:line in function' of a traceback's innermost frame in ``package``'s
+    source (else its innermost frame): the line that made a call torch refused."""
+    frames = traceback.extract_tb(tb)
+    if not frames:
+        return "(no traceback)"
+    ours = [f for f in frames if f"{os.sep}{package}{os.sep}" in f.filename]
+    f = (ours or frames)[-1]
+    return f"{Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
+def first_sync(step) -> str:
+    """Run ``step()`` once with CUDA's sync debug mode "error": '' if it made no host
+    sync that torch checks, else where the first one was and torch's message."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError as e:
+        if "synchroniz" not in str(e):
+            raise
+        return f"{raise_site(e.__traceback__)}: {str(e).strip().splitlines()[0][:100]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return ""
 
 
 def profile_steps(step, steps: int, title: str, trace: Path | None = None, top: int = 15) -> dict:

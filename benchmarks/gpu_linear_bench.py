@@ -47,10 +47,11 @@ without the accuracy columns.  An error at one shape (out of memory) is a row.
 (off by default) ends the run with three back-to-back forward + backward steps of
 crossent-accurate and crossent-compact at the first shape under torch.profiler: their
 kernels by time, the GPU's idle time and longest gaps with the host op running in each
-(benchmarks/_gpu_profile.py), rows with op "profile" in the JSON, and a Chrome trace
-each beside the JSON.
+(benchmarks/_gpu_profile.py), the first host sync a step makes (if any, with its line),
+rows with op "profile" in the JSON, and a Chrome trace each beside the JSON.
 
-Timing, the env stamp, JSON writing and the options come from benchmarks/_gpu_common.py.
+Timing, the env stamp, JSON writing and the options come from benchmarks/_gpu_common.py; the
+rows' lines, the targets and the table from _linear_report.py.
 
     python3 benchmarks/gpu_linear_bench.py --json bench-results/gpu_linear_bench.json
     python3 benchmarks/gpu_linear_bench.py --print-table bench-results/gpu_linear_bench.json
@@ -64,16 +65,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _gpu_common import (META, GiB, Skip, bench, common_args, dry_run, failed, finish, grouped,  # noqa: E402
-                         guarded, left, linear_ce_reference, over_budget, parse, passes, print_stamp,
-                         read_json, record, rel_err, require_free, require_triton, start)
-from _gpu_profile import profile_steps  # noqa: E402
+from _gpu_common import (META, GiB, Skip, bench, common_args, dry_run, failed, finish, guarded,  # noqa: E402
+                         left, linear_ce_reference, over_budget, parse, passes, read_json, record, rel_err,
+                         require_free, require_triton, start)
+from _gpu_profile import first_sync, profile_steps  # noqa: E402
+from _linear_report import HEADER, fmt, print_table, targets  # noqa: E402
 
 # The anchor shape first (--quick runs only it); all three are issue 11's.
 SHAPES = [(8192, 4096, 128256), (16384, 2304, 256000), (4096, 4096, 128256)]
-BIG_VOCAB = "16384x2304x256000"
-COMPACT_BYTES = 256 * 2 ** 20   # compact's promise: extra <= gradients + this
-SLACK_GIB = 1 / 16              # per-token vectors (loss, lse, int64 target) and allocator rounding
 REF_LEFT_S = 15.0       # only compute the fp32 reference with this much budget left
 DEFERRED = ("torch-compile", "cce-compile")   # second pass (see the module docstring)
 OTHER_VALUES = ("cce-std1",)   # run on other inputs than the reference's: no accuracy columns
@@ -338,7 +337,9 @@ def profile_kernels(N, D, V, trace_dir=None, steps=3) -> list:
     """--profile: ``steps`` back-to-back forward + backward steps of each PROFILED provider
     at N x D x V under torch.profiler, after one untimed step (compiles, allocator): its
     kernels by time and the GPU's idle gaps with what the host did in them
-    (_gpu_profile.py), and a Chrome trace in ``trace_dir``.  Returns one row per provider."""
+    (_gpu_profile.py), and a Chrome trace in ``trace_dir``; before them one step under
+    CUDA's sync debug mode (the first host sync, which would leave the GPU idle while
+    the host refills its queue).  Returns one row per provider."""
     h, W, t = _inputs(N, D, V)
     rows = []
     for name in PROFILED:
@@ -348,106 +349,16 @@ def profile_kernels(N, D, V, trace_dir=None, steps=3) -> list:
             h.grad = W.grad = None
             fn().backward()
         step()
+        sync = first_sync(step)
+        print(f"{name} {N}x{D}x{V}: host sync in a step: {sync or 'none'}")
         trace = None if trace_dir is None else Path(trace_dir) / f"trace_{name}_{N}x{D}x{V}.json"
         summary = profile_steps(step, steps, f"{name} {N}x{D}x{V}", trace)
-        rows.append(dict(op="profile", provider=name, shape=f"{N}x{D}x{V}", dtype="bfloat16", **summary))
+        rows.append(dict(op="profile", provider=name, shape=f"{N}x{D}x{V}", dtype="bfloat16",
+                         host_sync=sync, **summary))
         fn = None
     h.grad = W.grad = None   # (h, W, t are freed on return: the closures hold them till then)
     return rows
 
-
-# ----------------------------------------------------------------------------- output
-
-HEADER = (f"{'provider':<18} {'shape N x D x V':<19} {'median ms':>9} {'(p10-p90)':<17} {'host ms':>7} {'x3mm':>6} "
-          f"{'chunks':>6} {'TFLOP/s':>7} {'extra GiB':>9} {'>grads':>7} {'dW err':>8} {'dh err':>8}")
-
-
-def _f(v, spec, width):
-    return format(v, spec).rjust(width) if isinstance(v, (int, float)) else "-".rjust(width)
-
-
-def fmt(r):
-    if r.get("op") == "target":
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[r["passed"]]
-        return (f"TARGET {r['shape']:<19} {r['what']:<52} {_f(r.get('value'), '.4g', 9)} "
-                f"vs {_f(r.get('limit'), '.4g', 9)}  {verdict}")
-    if "error" in r:
-        return f"{r['provider']:<18} {r['shape']:<19} {r['error'][:90]}"
-    if r.get("op") == "profile":
-        return (f"PROFILE {r['provider']} {r['shape']}, {r['steps']} steps: device span {r['span_ms']:.2f} ms, "
-                f"busy {r['busy_ms']:.2f}, idle {r['idle_ms']:.2f} ({r['gaps']} gaps); host calls "
-                f"{r['host_call_ms']:.2f} ms per step")
-    return (f"{r['provider']:<18} {r['shape']:<19} {r['median_ms']:9.2f} "
-            f"{'(%.2f-%.2f)' % (r['p10_ms'], r['p90_ms']):<17} {_f(r.get('host_ms'), '.2f', 7)} "
-            f"{_f(r.get('x3mm'), '.3f', 6)} "
-            f"{_f(r.get('num_chunks'), 'd', 6)} {_f(r.get('tflops'), '.0f', 7)} "
-            f"{_f(r.get('extra_gib'), '.2f', 9)} {_f(r.get('beyond_grads_gib'), '.2f', 7)} "
-            f"{_f(r.get('dW_err'), '.1e', 8)} {_f(r.get('dh_err'), '.1e', 8)}")
-
-
-# Published on an H200 (anchors; used only where the peer did not run here).
-PEER_ANCHOR_MS = {"liger-flce": 133.0, "cce": 111.2}
-# A peer's time in this run: its fastest row (CCE's speed depends on the values, crossent's not).
-PEER_ROWS = {"liger-flce": ("liger-flce",), "cce": ("cce", "cce-std1")}
-
-
-def targets(rows):
-    """Issue 11's targets, judged from the rows of this run: one row each,
-    passed True/False, or None where a number it needs is missing."""
-    out = []
-    ok = {(r["shape"], r["provider"]): r for r in rows if "median_ms" in r}
-    for shape in dict.fromkeys(r["shape"] for r in rows if r.get("op") != "target"):
-        def get(provider, key):
-            return ok.get((shape, provider), {}).get(key)
-
-        def add(what, value, limit, better=lambda v, lim: v <= lim):
-            passed = None if value is None or limit is None else bool(better(value, limit))
-            out.append(dict(op="target", provider="target", shape=shape, what=what, value=value,
-                            limit=limit, passed=passed))
-        lim = 1.15 if shape == BIG_VOCAB else 1.10
-        add(f"accurate time / 3 matmuls <= {lim:.2f}", get("crossent-accurate", "x3mm"), lim)
-        chunk = get("crossent-accurate", "chunk_gib")
-        add("accurate GiB beyond grads <= one chunk + 64 MiB", get("crossent-accurate", "beyond_grads_gib"),
-            None if chunk is None else chunk + SLACK_GIB)
-        add("compact time / 3 matmuls <= 1.45", get("crossent-compact", "x3mm"), 1.45)
-        add("compact GiB beyond grads <= 0.25 + 64 MiB", get("crossent-compact", "beyond_grads_gib"),
-            COMPACT_BYTES / GiB + SLACK_GIB)
-        for pol in ("accurate", "compact"):
-            add(f"{pol} dW err <= eager bf16's", get(f"crossent-{pol}", "dW_err"),
-                get("torch-eager", "dW_err"))
-        if shape == BIG_VOCAB:
-            for peer, anchor in PEER_ANCHOR_MS.items():
-                ms = min((v for v in (get(p, "median_ms") for p in PEER_ROWS[peer]) if v is not None),
-                         default=None)
-                src = "this run" if ms is not None else "H200 anchor"
-                add(f"accurate ms < {peer} ms ({src})", get("crossent-accurate", "median_ms"),
-                    anchor if ms is None else ms, lambda v, lim: v < lim)
-    return out
-
-
-def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_only=False):
-    profiles = [r for r in rows if r.get("op") == "profile"]
-    rows = grouped([r for r in rows if r.get("op") not in ("target", "profile")], key=lambda r: r["shape"])
-    if targets_only:   # the targets and what they are judged from
-        print(f"== {title}: targets ==")
-        keep = ("3-matmul", "crossent-accurate", "crossent-compact", "liger-flce", "cce", "cce-std1")
-        rows = [r for r in rows if r["provider"] in keep or r["provider"] == "(shape)"]
-    else:
-        print(f"== {title} ==")
-    print_stamp(rows)
-    print(HEADER)
-    for r in rows:
-        print(fmt(r))
-    print("x3mm: median / three bare bf16 matmuls (same shape, same run). chunks: crossent's token "
-          "chunks. extra GiB includes dh+dW; >grads excludes them. err: max|g-ref|/max|ref| vs fp32.")
-    for r in rows if not targets_only else []:
-        if r.get("provider") == "3-matmul" and "mm_logits_ms" in r:
-            print(f"3 matmuls {r['shape']}: logits {r['mm_logits_ms']:.2f} ms, dh {r['mm_dh_ms']:.2f} ms, "
-                  f"dW {r['mm_dW_ms']:.2f} ms")
-    for t in targets(rows):
-        print(fmt(t))
-    for r in profiles:
-        print(fmt(r))
 
 
 def _shapes(spec):

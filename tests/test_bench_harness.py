@@ -361,7 +361,7 @@ def test_profile_idle_gaps_and_host_attribution():
 def test_linear_bench_peer_rows_and_profile_rows(capsys):
     """The linear benchmark's peer target takes CCE's faster row (its speed depends on the
     values: cce-std1), and its profile rows print as one line each, not as timing rows."""
-    lb = _bench_module("gpu_linear_bench")
+    lb = _bench_module("_linear_report")
     big = lb.BIG_VOCAB
     rows = [dict(op="linear_cross_entropy", provider=p, shape=big, median_ms=ms, p10_ms=ms, p90_ms=ms)
             for p, ms in (("crossent-accurate", 90.0), ("liger-flce", 150.0), ("cce", 340.0), ("cce-std1", 80.0))]
@@ -373,11 +373,31 @@ def test_linear_bench_peer_rows_and_profile_rows(capsys):
     anchor = {t["what"]: t["limit"] for t in lb.targets(rows[:1]) if "ms <" in t["what"]}
     assert anchor["accurate ms < cce ms (H200 anchor)"] == lb.PEER_ANCHOR_MS["cce"]
     prof = dict(op="profile", provider="crossent-compact", shape=big, steps=3, span_ms=150.0, busy_ms=140.0,
-                idle_ms=10.0, host_call_ms=2.0, gaps=7)
-    lb.print_table(rows + [prof])
+                idle_ms=10.0, host_call_ms=2.0, gaps=7, host_sync="")
+    synced = dict(prof, provider="crossent-accurate", host_sync="linear.py:149 in _free_bytes: called a sync")
+    lb.print_table(rows + [prof, synced])
     out = capsys.readouterr().out
     assert "PROFILE crossent-compact" in out and "idle 10.00 (7 gaps)" in out
+    assert "host sync: none" in out and "host sync: linear.py:149 in _free_bytes" in out
     assert "cce-std1" in out
+
+
+def test_profile_names_the_line_that_synced():
+    """--profile's sync check reports where a refused sync was made: the innermost frame
+    in the library's source, else the innermost frame of the traceback."""
+    prof = _bench_module("_gpu_profile")
+
+    def synchronising_call():
+        raise RuntimeError("called a synchronizing CUDA operation")
+    try:
+        synchronising_call()
+    except RuntimeError as e:
+        tb = e.__traceback__
+    here = Path(__file__).name
+    assert prof.raise_site(tb, package="tests").startswith(f"{here}:")
+    assert prof.raise_site(tb, package="tests").endswith(" in synchronising_call")
+    assert prof.raise_site(tb, package="no_such_package").endswith(" in synchronising_call")
+    assert prof.raise_site(None) == "(no traceback)"
 
 
 def test_cce_filter_check_tells_the_two_input_spreads_apart():

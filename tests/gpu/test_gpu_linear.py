@@ -196,3 +196,29 @@ def test_extra_memory_bf16(policy):
     allowed = grads + (N * V * 2 if policy == "accurate" else budget) + 64 * (N + V) + (4 << 20)
     assert (plan.num_chunks == 1) or policy == "compact", plan
     assert extra <= allowed, (policy, extra / 2 ** 20, allowed / 2 ** 20)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA's sync debug mode")
+@pytest.mark.parametrize("policy", ["accurate", "compact", "auto"])
+def test_no_host_sync(policy):
+    """Forward + backward of several token chunks (and, for compact, vocabulary blocks)
+    with ignored tokens, class weights, smoothing and a bias make no host sync: one
+    would drain the launch queue and idle the GPU while the host refills it."""
+    h, W, b, w, t = _data(1000, 128, 4099, torch.bfloat16, seed=6, bias=True, weight=True, ignore=True)
+    opts = Opts(acc_policy=policy, chunk_size=256 if policy != "auto" else None, chunk_bytes=1 << 20)
+    h.requires_grad_()
+    W.requires_grad_()
+    b.requires_grad_()
+
+    def step(red):
+        out = crossent.linear_cross_entropy(h, W, t, linear_bias=b, weight=w, reduction=red,
+                                            label_smoothing=0.1, options=opts)
+        (out.sum() if red == "none" else out).backward()
+    for red in ("mean", "none"):
+        step(red)   # compile and warm up first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(red)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
