@@ -59,7 +59,8 @@ def targets(rows):
         chunk = get("crossent-accurate", "chunk_gib")
         add("accurate GiB beyond grads <= one chunk + 64 MiB", get("crossent-accurate", "beyond_grads_gib"),
             None if chunk is None else chunk + SLACK_GIB)
-        add("compact time / 3 matmuls <= 1.45", get("crossent-compact", "x3mm"), 1.45)
+        if shape != BIG_VOCAB:   # the issue sets compact's time target at the two D = 4096 shapes only
+            add("compact time / 3 matmuls <= 1.45", get("crossent-compact", "x3mm"), 1.45)
         add("compact GiB beyond grads <= 0.25 + 64 MiB", get("crossent-compact", "beyond_grads_gib"),
             COMPACT_BYTES / GiB + SLACK_GIB)
         for pol in ("accurate", "compact"):
@@ -89,7 +90,7 @@ def print_table(rows, title="linear + cross-entropy (bf16, fwd+bwd)", targets_on
     for r in rows:
         print(fmt(r))
     print("x3mm: median / three bare bf16 matmuls (same shape, same run). chunks: crossent's token "
-          "chunks. extra GiB includes dh+dW; >grads excludes them. err: max|g-ref|/max|ref| vs fp32.")
+          "chunks. extra GiB includes dh+dW; >grads excludes them. err: max|g-ref|/max|ref| vs fp64.")
     for r in rows if not targets_only else []:
         if r.get("provider") == "3-matmul" and "mm_logits_ms" in r:
             print(f"3 matmuls {r['shape']}: logits {r['mm_logits_ms']:.2f} ms, dh {r['mm_dh_ms']:.2f} ms, "

@@ -368,6 +368,10 @@ def test_linear_bench_peer_rows_and_profile_rows(capsys):
     got = {t["what"]: (t["limit"], t["passed"]) for t in lb.targets(rows) if "ms <" in t["what"]}
     assert got == {"accurate ms < liger-flce ms (this run)": (150.0, True),
                    "accurate ms < cce ms (this run)": (80.0, False)}
+    compact = [dict(r, provider="crossent-compact", median_ms=120.0, x3mm=1.5, shape=s)
+               for r, s in ((rows[0], big), (rows[0], "8192x4096x128256"))]
+    timed = {t["shape"] for t in lb.targets(compact) if t["what"].startswith("compact time")}
+    assert timed == {"8192x4096x128256"}   # the issue sets compact's time target at D = 4096 only
     no_std1 = {t["what"]: t["limit"] for t in lb.targets(rows[:3]) if "ms <" in t["what"]}
     assert no_std1["accurate ms < cce ms (this run)"] == 340.0
     anchor = {t["what"]: t["limit"] for t in lb.targets(rows[:1]) if "ms <" in t["what"]}
@@ -398,6 +402,25 @@ def test_profile_names_the_line_that_synced():
     assert prof.raise_site(tb, package="tests").endswith(" in synchronising_call")
     assert prof.raise_site(tb, package="no_such_package").endswith(" in synchronising_call")
     assert prof.raise_site(None) == "(no traceback)"
+
+
+def test_linear_reference_is_float64_autograd_in_chunks():
+    """The linear benchmark's accuracy reference: float64 autograd of mean cross-entropy over
+    h @ W.T, here in 3 row chunks (the last partial), kept in fp32."""
+    import torch
+    import torch.nn.functional as F
+    common = _bench_module("_gpu_common")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 8, generator=g).bfloat16()
+    W = torch.randn(37, 8, generator=g).bfloat16()
+    t = torch.randint(0, 37, (10,), generator=g)
+    loss, dh, dW = common.linear_ce_reference(h, W, t, chunk_bytes=4 * 37 * 8)
+    hd, Wd = h.double().requires_grad_(), W.double().requires_grad_()
+    want = F.cross_entropy(hd @ Wd.T, t)
+    want.backward()
+    assert loss.dtype == dh.dtype == dW.dtype == torch.float32
+    for got, ref in ((loss, want.detach()), (dh, hd.grad), (dW, Wd.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=2 ** -23, atol=0)
 
 
 def test_cce_filter_check_tells_the_two_input_spreads_apart():
