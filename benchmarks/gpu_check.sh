@@ -8,8 +8,8 @@
 # window (default): benchmarks/gpu_window.py runs, most important first and each under its
 # own limit inside GPU_CHECK_BUDGET_S (default 540 s, so that the device tool's 600 s
 # limit is never reached): smoke (each launch path once, features, peers' imports),
-# the knob sweep, the CE/softmax benchmark (issue 10's targets), the linear CE benchmark
-# (issue 11's), the launch dispatch timing, the GPU tests, the parity suite on CUDA and the
+# the knob sweep, the CE/softmax benchmark (its bandwidth targets), the linear CE benchmark
+# (its matmul-floor targets), the launch dispatch timing, the GPU tests, the parity suite on CUDA and the
 # gloo-on-CUDA tests.  perf: only smoke, sweep, ce and dispatch.  --dry-run: the same plan
 # without a GPU (each stage parses its arguments and prints its plan; pytest collects).
 # Results under $OUT (default ./bench-results): window.log (all output), window.json (one

@@ -119,7 +119,7 @@ STAGES = [
     # --profile: where compact's wall time beyond its kernels goes (idle gaps, Chrome traces)
     Stage("linear", 170, 60, lambda c, b: _bench(c, "gpu_linear_bench.py", b, "gpu_linear_bench", "--profile"),
           DRY_RUN, margin_s=30, table=_table("gpu_linear_bench.py", "gpu_linear_bench", "--targets-only")),
-    # launch dispatch on the real GPU: Triton's JIT vs crossent's lean path (issue 10, item 3)
+    # launch dispatch on the real GPU: Triton's JIT vs crossent's lean path (the host-overhead target)
     Stage("dispatch", 45, 20, lambda c, b: _py(c, "gpu_host.py", "--dispatch"), ["--help"]),
     # (each worker compiles inductor's kernels in-process: no pool of compile processes per worker)
     Stage("tests-gpu", 130, 40,
