@@ -171,6 +171,19 @@ def test_named_files_exist(name):
     assert not missing, missing
 
 
+def test_named_tests_exist():
+    """The tests the docs name (`test_parity.py::test_x`, or in README a bare `test_y` after such a
+    file in the same sentence) are defined: in that file, or for a bare name in some file under tests/."""
+    defs = {p.relative_to(ROOT / "tests").as_posix(): set(re.findall(r"^def (test_\w+)", p.read_text(), re.M))
+            for p in (ROOT / "tests").rglob("test_*.py")}
+    qualified = re.findall(r"`(?:tests/)?([\w/]+\.py)::(test_\w+)`", "\n".join(DOCS.values()))
+    bare = set(re.findall(r"`(test_\w+)`", README))
+    assert len(qualified) >= 10 and bare
+    missing = [f"{f}::{t}" for f, t in qualified if t not in defs.get(f, ())]
+    missing += [t for t in bare if not any(t in names for names in defs.values())]
+    assert not missing, missing
+
+
 @pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
 @pytest.mark.parametrize("cap", [float("inf"), 0.0, -1.0, float("nan")])
 def test_softcap_outside_the_documented_formula_raises(fn, cap):

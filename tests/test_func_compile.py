@@ -92,3 +92,15 @@ def test_compiled_probability_target_that_requires_grad():
         f(x, p).backward()
         grads.append((x.grad, p.grad))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_compiled_double_backward_is_not_supported():
+    """README deliberate difference 12.  With backend="eager" torch's compiled loss gives a
+    gradient with a graph; crossent's compiled backward hands back the gradient its forward
+    formed, which has none (in eager mode crossent's double backward works: test_autograd.py)."""
+    for fn, has_graph in ((F.cross_entropy, True), (crossent.cross_entropy, False)):
+        torch._dynamo.reset()
+        x = X.clone().requires_grad_()
+        loss = torch.compile(lambda z, fn=fn: fn(z, T), backend="eager")(x)
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        assert gx.requires_grad == has_graph, fn
