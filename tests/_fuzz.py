@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _tol  # noqa: E402
 from _fuzz_cases import materialize  # noqa: E402
 from _fuzz_config import backend, tiles  # noqa: E402
-from _fuzz_rules import (TORCH_FAILURES, cancelling_terms_error, compare, linear_family,  # noqa: E402
-                         overflowed_reduction, rescaled_under_compile, smoothing_wraps_uint8, tensors)
+from _fuzz_rules import (TORCH_FAILURES, cancelling_terms_error, compare, float64_reduction,  # noqa: E402
+                         linear_family, overflowed_reduction, rescaled_under_compile, smoothing_wraps_uint8, tensors)
 from _fuzz_run import FUNC_MODES, _rounded_logits, _upstream, run  # noqa: E402,F401 (FUNC_MODES, run: the API)
 
 
@@ -244,7 +244,7 @@ def check(s: dict) -> str | None:
                      _reciprocal_temperature_error, _recomputed_logits_error):
             for k, e in rule(s, ref, fixes).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
-        if overflowed_reduction(s, theirs):   # rule 19
+        if overflowed_reduction(s, theirs) or float64_reduction(s, theirs):   # rules 19, 21
             for k, e in cancelling_terms_error(theirs, run(s, "ref", fixes | {"abs_terms"})).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
     msg = compare(s, ours, theirs, ref, own_errors)

@@ -157,7 +157,9 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
         views["target"] = lambda x, v=views["target"]: v(x).reshape(())
     if "flat_weight" in fixes and "weight" in views:
         views["weight"] = lambda w, v=views["weight"]: v(w).reshape(-1)
-    for n in ("target", "weight") if "abs_terms" in fixes else ():  # rule 19's magnitudes
+    # rules 19 and 21: the terms' magnitudes (nll_loss's terms -w x take the input's sign too)
+    nll = s["fn"] == "nll_loss" or s.get("module") == "NLLLoss"
+    for n in ("target", "weight", *(("input",) if nll else ())) if "abs_terms" in fixes else ():
         if n in leaves and leaves[n].is_floating_point():
             leaves[n] = leaves[n].abs()
     mode = s["grad"] if side != "logits" else "no_grad"
