@@ -73,7 +73,9 @@ And for values:
      torch's side takes a unit upstream and multiplies (README); so does a
      reduced loss under torch.compile, where reading the upstream would be a
      host sync (README 9; grad mode "compile": 'mean'/'sum' cross-entropy;
-     torch's own pattern is accepted too, where crossent's path recomputes).
+     torch's own pattern is accepted too, where crossent's path recomputes);
+     so does linear_cross_entropy with allow_inplace (the input gradient has
+     overwritten the hidden states), or torch's pattern where it does not apply.
   15. vocab_parallel_linear_log_probs takes the target's logit from a dot
      product of its own (the target's owner is known only after the first
      all_reduce), rounded apart from the logit row: where the target is the

@@ -69,13 +69,17 @@ def _call(s, ours: bool, a: dict, kw: dict):
             return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras, **own))
         return torch_ce(x, t, w, None, ii, None, red, ls, stats=True, **extras)
     if fn == "linear":
+        own = {**extras, **({"shift": True} if s.get("shift") else {})}
         if not ours:
             return torch_linear(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
-                                reduction=red, ignore_index=ii, label_smoothing=ls)
-        # spec "options": crossent's own (acc_policy 'compact', small budgets); torch has none
+                                reduction=red, ignore_index=ii, label_smoothing=ls, stats=s.get("with_stats", False),
+                                **own)
+        # spec "options": crossent's own (policies, chunks, small budgets); torch has none
         opts = crossent.LinearCrossEntropyOptions(**s["options"]) if "options" in s else None
-        return crossent.linear_cross_entropy(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
-                                             reduction=red, ignore_index=ii, label_smoothing=ls, options=opts)
+        f = crossent.linear_cross_entropy_with_stats if s.get("with_stats") else crossent.linear_cross_entropy
+        out = f(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w, reduction=red,
+                ignore_index=ii, label_smoothing=ls, options=opts, **own)
+        return tuple(out) if s.get("with_stats") else out
     # vocab_parallel, one rank holding every class: equal to the plain functions
     from crossent import distributed as D
     if s.get("linear"):
@@ -192,7 +196,8 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
                 _backward(s, res, outs if s["fn"] == "log_probs" else outs[:1],
                           [(n, leaves[n], views[n]) for n in names], mode == "double",
                           rescaled=side != "ours" and s["upstream"] != "randn" and
-                          (s.get("inplace_backward") or (s["grad"] == "compile" and rescaled_under_compile(s))))
+                          (s.get("inplace_backward") or s.get("rescaled") or
+                           (s["grad"] == "compile" and rescaled_under_compile(s))))
         except Exception as e:  # noqa: BLE001 - whatever torch raises, crossent must raise too
             res["error"] = ("backward" if "outs" in res else "forward", type(e).__name__, str(e))
         finally:

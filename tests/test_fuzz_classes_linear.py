@@ -222,3 +222,48 @@ def test_compact_one_class_gradient_is_torchs_exact_zero(monkeypatch, backend, d
             opts = crossent.LinearCrossEntropyOptions(acc_policy="compact", chunk_bytes=budget, chunk_size=rows)
             for o, th in zip(grads(crossent.linear_cross_entropy, b, options=opts), theirs):
                 torch.testing.assert_close(o, th, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0, 4), (2, 1, 4)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_shift_over_empty_sequences_is_the_sliced_call(shape, reduction):
+    """shift=True is the call on input[..., :-1, :] and target[..., 1:]; a sequence of
+    no positions made T - 1 = -1 rows ("Trying to create tensor with negative
+    dimension", or a target shape [3, -1]) and linear_cross_entropy_plan divided by T = 0
+    (fuzz seed 590024072)."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(shape, generator=g, requires_grad=True)
+    W = torch.randn(5, shape[-1], generator=g, requires_grad=True)
+    t = torch.randint(0, 5, shape[:-1], generator=g)
+    hs, ts = h[..., :-1, :], t[..., 1:]
+    theirs = F.linear_cross_entropy(hs.flatten(0, -2), W, ts.reshape(-1), reduction=reduction)
+    theirs = theirs.reshape(ts.shape) if reduction == "none" else theirs
+    ours = crossent.linear_cross_entropy(h, W, t, shift=True, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=0, atol=0)
+    up = torch.randn(ours.shape, generator=g)
+    for o, th in zip(torch.autograd.grad(ours, (h, W), up), torch.autograd.grad(theirs, (h, W), up)):
+        torch.testing.assert_close(o, th, rtol=0, atol=0)
+    assert crossent.linear_cross_entropy_plan(h, W, shift=True) == crossent.linear_cross_entropy_plan(hs, W)
+
+
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan"), 2.0])
+def test_allow_inplace_non_finite_upstream_rescales_the_gradient(upstream):
+    """allow_inplace writes dx over the hidden states in the forward; a non-finite
+    upstream on CPU asked the backward to recompute term by term from them and raised
+    "does not support create_graph=True" (fuzz seed 600879676).  Now dx, dW and db are
+    the unit upstream's, times the upstream, as cross_entropy(inplace_backward=True)'s
+    (README deliberate difference 9); a finite upstream gives torch's gradients."""
+    g = torch.Generator().manual_seed(4)
+    h, W, b = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g), torch.randn(7, generator=g)
+    t = torch.tensor([0, 3, -100, 6, 1, 2])
+    opts = crossent.LinearCrossEntropyOptions(acc_policy="accurate", chunk_size=2, allow_inplace=True)
+
+    def grads(fn, u, **kw):
+        leaves = [a.clone().requires_grad_() for a in (h, W, b)]
+        return torch.autograd.grad(fn(leaves[0], leaves[1], t, linear_bias=leaves[2], **kw), leaves,
+                                   torch.tensor(u))
+    ours = grads(crossent.linear_cross_entropy, upstream, options=opts)
+    theirs = grads(F.linear_cross_entropy, upstream) if upstream == 2.0 else \
+        [gr * upstream for gr in grads(F.linear_cross_entropy, 1.0)]
+    for o, th in zip(ours, theirs):
+        torch.testing.assert_close(o, th, equal_nan=True)
