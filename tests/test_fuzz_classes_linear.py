@@ -267,3 +267,21 @@ def test_allow_inplace_non_finite_upstream_rescales_the_gradient(upstream):
         [gr * upstream for gr in grads(F.linear_cross_entropy, 1.0)]
     for o, th in zip(ours, theirs):
         torch.testing.assert_close(o, th, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_with_stats_batch_dims_on_materialised_logits(reduction, z_loss):
+    """linear_cross_entropy_with_stats' lse (and a 'none' z term) has the 'none' loss's
+    shape (*B).  Where the logits are materialised (probability targets that require
+    grad) a reduced loss left lse flat, (B*T,) (fuzz seed 1495500416), and a 'none' z
+    term too; compared with torch's ops on the flattened call, as the fused path."""
+    from _fuzz_torch import torch_linear
+    g = torch.Generator().manual_seed(6)
+    h, W = torch.randn(3, 4, 5, generator=g), torch.randn(7, 5, generator=g)
+    t = torch.softmax(torch.randn(3, 4, 7, generator=g), -1)
+    theirs = torch_linear(h, W, t, reduction=reduction, z_loss=z_loss, stats=True)
+    for tt in (t, t.clone().requires_grad_()):
+        ours = crossent.linear_cross_entropy_with_stats(h, W, tt, reduction=reduction, z_loss=z_loss)
+        for o, th in zip(ours, theirs):
+            torch.testing.assert_close(o, th)

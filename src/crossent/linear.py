@@ -333,9 +333,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features
                                  else logits, target, weight, None, ignore_index, None, reduction,
                                  label_smoothing, z_loss, softcap, False)
-        if input.dim() > 2 and out.loss.dim():
+        if input.dim() > 2:   # per-position results (lse whatever the reduction) get the batch shape
             nb = batch[:-1] + (max(batch[-1] - 1, 0),) if shift else batch
-            out = CrossEntropyOutput(out.loss.reshape(nb), out.lse.reshape(nb), out.z_loss)
+            out = CrossEntropyOutput(*(o.reshape(nb) if o.dim() else o for o in out))
         return out
 
     # cross_entropy's checks, on a meta tensor of the logits' shape.
