@@ -104,12 +104,15 @@ def _maybe_compile(rng: random.Random, s: dict) -> None:
 
 
 def _draw_linear(rng: random.Random, s: dict) -> None:
-    """linear_cross_entropy's own extensions: ``shift`` (next-token targets, 2+-D input),
+    """A K-dim linear loss (spec "out_features": weight (C, d1..dk, D)), and
+    linear_cross_entropy's own extensions: ``shift`` (next-token targets, 2+-D input),
     linear_cross_entropy_with_stats (spec "with_stats"), and crossent's options:
     acc_policy 'compact' or the token pass's chunks (chunk_size, chunk_bytes) under
     the other policies, with allow_inplace (the input gradient into the hidden
     states' storage) in plain backward."""
-    if len(s["shape"]) >= 2 and rng.random() < 0.15:
+    if len(s["shape"]) <= 2 and rng.random() < 0.12:
+        s["out_features"] = rng.choice([[2], [3], [2, 2]])  # (a 1-D input: torch's error)
+    elif len(s["shape"]) >= 2 and rng.random() < 0.15:
         s["shift"] = True
     if rng.random() < 0.15:
         s["with_stats"] = True
@@ -371,13 +374,14 @@ def materialize(s: dict, side: str) -> dict:
         leaf, view = _layout(lambda sh: cast(_values(g, sh, dt, kind)), shp, layout, g)
         leaves[name], views[name] = leaf, view
 
+    of = list(s.get("out_features", []))  # a K-dim linear loss: weight (C, d1..dk, D), target (N, d1..dk)
     if lin:
         D, C = shape[-1], s["classes"]
         float_leaf("input", shape, dtype, "normal", s["layout"] if len(shape) != 3 else "contig")
-        float_leaf("linear_weight", [C, D], dtype, "normal", r.choice(["contig", "contig", "transposed"]))
+        float_leaf("linear_weight", [C, *of, D], dtype, "normal", r.choice(["contig", "contig", "transposed"]))
         if s["bias"]:
-            float_leaf("linear_bias", [C], dtype, s["values"])
-        bshape = shape[:-1]
+            float_leaf("linear_bias", [C, *of], dtype, s["values"])
+        bshape = shape[:-1] + of
     else:
         float_leaf("input", shape, dtype, s["values"], s["layout"])
         if s["fn"] == "log_probs":  # classes last
@@ -388,7 +392,7 @@ def materialize(s: dict, side: str) -> dict:
     kw = {}
     if "target" in s:
         if s["target"] == "prob":
-            tshape = bshape + [C] if lin else shape
+            tshape = shape[:-1] + [C] + of if lin else shape
             tdt = _dt(s["target_dtype"])
             leaf, view = _layout(lambda sh: cast(_prob_target(g, s, sh).to(tdt)), tshape, s["target_layout"], g)
             kw["ignore_index"] = s["ignore_index"]

@@ -272,9 +272,11 @@ def _rounded_logits(s: dict, a: dict) -> dict:
     m = materialize(s, "torch")
     h, W = (m["views"][n](m["leaves"][n]) for n in ("input", "linear_weight"))
     b = m["views"]["linear_bias"](m["leaves"]["linear_bias"]) if "linear_bias" in m["leaves"] else None
-    z = F.linear(h, W, b).double()
+    # a K-dim weight (C, d1..dk, D): torch's logits are those of its rows, flattened
+    z = F.linear(h, W.flatten(0, -2), None if b is None else b.flatten()).double()
     rest = {n: v for n, v in a.items() if n != "linear_bias"}
-    return {**rest, "input": z, "linear_weight": torch.eye(W.shape[0], dtype=torch.float64)}
+    eye = torch.eye(z.shape[-1], dtype=torch.float64).reshape(*W.shape[:-1], z.shape[-1])
+    return {**rest, "input": z, "linear_weight": eye}
 
 
 def _rounded_logits_call(s: dict, a: dict, kw: dict):
@@ -286,7 +288,7 @@ def _rounded_logits_call(s: dict, a: dict, kw: dict):
         return _call(s, False, a, kw)
     m = materialize(s, "torch")
     W = m["views"]["linear_weight"](m["leaves"]["linear_weight"])
-    dz = F.linear(m["views"]["input"](_tangent(s, m["leaves"]["input"])), W).double()
+    dz = F.linear(m["views"]["input"](_tangent(s, m["leaves"]["input"])), W.flatten(0, -2)).double()
 
     def f(z):
         out = _call(s, False, {**a, "input": z}, kw)

@@ -81,7 +81,11 @@ def torch_linear(h, W, t, linear_bias=None, weight=None, reduction="mean", ignor
     with torch.no_grad():
         flat_batch(h, t, plain, reduction)
     ii = -100 if ignore_index is None else ignore_index
-    return flat_batch(h, t, lambda h2, t2: torch_ce(F.linear(h2, W, linear_bias), t2, weight, None, ii, None,
+
+    def logits(h2):  # (N, C, d1..dk) for a K-dim weight (C, d1..dk, D), as torch's
+        b = None if linear_bias is None else linear_bias.flatten()
+        return F.linear(h2, W.flatten(0, -2), b).unflatten(-1, W.shape[:-1])
+    return flat_batch(h, t, lambda h2, t2: torch_ce(logits(h2), t2, weight, None, ii, None,
                                                     reduction, label_smoothing, z_loss, softcap, stats), reduction)
 
 
