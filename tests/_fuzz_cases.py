@@ -170,7 +170,9 @@ def _draw_log_probs(rng: random.Random, s: dict, small: bool) -> dict:
         s["shape"] = lead + [rng.choice([1, 2, 3, 5, 7, 13] if small else [1, 2, 3, 5, 7, 13, 31, 97, 257])]
     s["layout"] = rng.choice(["contig"] * 4 + ["transposed", "strided", "expanded"])
     s["values"] = rng.choice(["normal"] * 5 + ["offset1e3", "offset1e4", "masked", "nonfinite", "huge", "wide"])
-    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad"])
+    # (the vocab-parallel Functions are once-differentiable, with no functorch rules)
+    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad"] +
+                           ([] if s["vp"] else ["double", "func_grad", "vmap", "jvp", "autocast"]))
     s["upstream"] = rng.choice(["randn"] * 8 + ["nan", "inf"])
     s["target"], s["target_dtype"] = "index", rng.choice(["int64"] * 4 + ["int32", "uint8"])
     s["ignore"] = rng.choice(["default", "none_present", "some", "class", "all"])
