@@ -82,7 +82,7 @@ def draw(rng: random.Random, backend: str) -> dict:
         _draw_loss(rng, s, kind)
     if rng.random() < 0.3:  # crossent's chunks and tiles shrunk (tests/_fuzz_config.py)
         s["tiles"] = rng.choice(["looped", "multirow", "split"]) if backend == "triton" else "small"
-    if fam == "linear":
+    if lin and fam != "vocab_parallel":
         _draw_linear(rng, s)
     if rng.random() < 0.08:
         s["mutations"] = rng.sample(MUTATIONS, rng.choice([1, 1, 2]))
@@ -110,11 +110,12 @@ def _draw_linear(rng: random.Random, s: dict) -> None:
     acc_policy 'compact' or the token pass's chunks (chunk_size, chunk_bytes) under
     the other policies, with allow_inplace (the input gradient into the hidden
     states' storage) in plain backward."""
-    if len(s["shape"]) <= 2 and rng.random() < 0.12:
+    fn = s["fn"] == "linear"   # crossent.nn.LinearCrossEntropyLoss: options, z_loss and softcap only
+    if fn and len(s["shape"]) <= 2 and rng.random() < 0.12:
         s["out_features"] = rng.choice([[2], [3], [2, 2]])  # (a 1-D input: torch's error)
-    elif len(s["shape"]) >= 2 and rng.random() < 0.15:
+    elif fn and len(s["shape"]) >= 2 and rng.random() < 0.15:
         s["shift"] = True
-    if rng.random() < 0.15:
+    if fn and rng.random() < 0.15:
         s["with_stats"] = True
     if rng.random() >= 0.4:
         return
@@ -212,8 +213,7 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
     shape = s["shape"]
     classes = s.get("classes", shape[class_dim(len(shape))] if shape else 1)
     degenerate = s["weight"] == "all_zero" or classes == 0
-    extras = kind in ("cross_entropy", "stats", "vocab_parallel", "linear") and s["fn"] != "module" and \
-        not degenerate
+    extras = kind in ("cross_entropy", "stats", "vocab_parallel", "linear") and not degenerate
     if extras and rng.random() < 0.15:
         s["z_loss"] = rng.choice([1e-4, 0.1])
     if extras and rng.random() < 0.15:

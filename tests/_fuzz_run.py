@@ -51,13 +51,21 @@ def _call(s, ours: bool, a: dict, kw: dict):
         mod = crossent.nn if ours else torch.nn
         if s["module"] == "LinearCrossEntropyLoss":
             W, b = a["linear_weight"], a.get("linear_bias")
+            mine = {**extras, "options": crossent.LinearCrossEntropyOptions(**s["options"])} \
+                if ours and "options" in s else extras if ours else {}
+            # torch's module is built either way: its constructor's checks, warnings and random init
             m = mod.LinearCrossEntropyLoss(W.shape[1], W.shape[0], bias=b is not None, reduction=red, weight=w,
-                                           ignore_index=ii, label_smoothing=ls)
+                                           ignore_index=ii, label_smoothing=ls, **mine)
+            if not ours and extras:  # crossent's z_loss / softcap: torch's ops composed
+                return torch_linear(x, W, t, linear_bias=b, weight=w, reduction=red, ignore_index=ii,
+                                    label_smoothing=ls, **extras)
             params = {"linear.weight": W, **({"linear.bias": b} if b is not None else {})}
             return torch.func.functional_call(m, params, (x, t))
         if s["module"] == "NLLLoss":
             return mod.NLLLoss(w, sa, ii, rd, red)(x, t)
-        return mod.CrossEntropyLoss(w, sa, ii, rd, red, ls)(x, t)
+        if not ours and extras:
+            return torch_ce(x, t, w, sa, ii, rd, red, ls, **extras)
+        return mod.CrossEntropyLoss(w, sa, ii, rd, red, ls, **extras)(x, t)
     if fn == "nll_loss":
         return (crossent.nll_loss if ours else F.nll_loss)(x, t, w, sa, ii, rd, red)
     if fn == "cross_entropy":
