@@ -51,8 +51,10 @@ def _call(s, ours: bool, a: dict, kw: dict):
         mod = crossent.nn if ours else torch.nn
         if s["module"] == "LinearCrossEntropyLoss":
             W, b = a["linear_weight"], a.get("linear_bias")
-            mine = {**extras, "options": crossent.LinearCrossEntropyOptions(**s["options"])} \
-                if ours and "options" in s else extras if ours else {}
+            mine = {}   # torch's module has no z_loss, softcap or crossent options
+            if ours:
+                mine = {**extras, **({"options": crossent.LinearCrossEntropyOptions(**s["options"])}
+                                     if "options" in s else {})}
             # torch's module is built either way: its constructor's checks, warnings and random init
             m = mod.LinearCrossEntropyLoss(W.shape[1], W.shape[0], bias=b is not None, reduction=red, weight=w,
                                            ignore_index=ii, label_smoothing=ls, **mine)

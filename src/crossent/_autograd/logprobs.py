@@ -50,9 +50,9 @@ def grad_in_torch_ops(z: Tensor, target: Tensor, a: Tensor, b: Tensor | None, op
 
 
 class LogProbsFunction(CrossentFunction):
-    """(x (R, V), target (R,), opts) -> (log_probs (R,), entropy (R,) or empty, lse (R,)); acc
-    dtype; lse not differentiable.  Saves the per-row lse and entropy; the backward reads the
-    logits once more."""
+    """(x (R, V), target (R,), opts) -> (log_probs (R,), entropy (R,) or empty, lse (R, 2):
+    row max and log-sum, not differentiable); acc dtype.  Saves lse and the entropy; the
+    backward reads the logits once more."""
 
     @staticmethod
     def forward(x: Tensor, target: Tensor, opts: LogProbsOptions):
@@ -81,8 +81,8 @@ class LogProbsFunction(CrossentFunction):
 
 class LinearLogProbsFunction(CrossentFunction):
     """(x (N, D), w (V, D), b (V,) or None, target (N,), opts) -> (log_probs, entropy or empty,
-    lse).  The backward recomputes each chunk's logits (per-token upstream gradients
-    cannot be folded into the forward)."""
+    lse as LogProbsFunction's).  The backward recomputes each chunk's logits (per-token
+    upstream gradients cannot be folded into the forward)."""
 
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: LogProbsOptions):
