@@ -128,7 +128,8 @@ def _recomputed_logits_error(s: dict, ref: dict, fixes) -> dict:
     logits' gradient (backends/base.py), found as G(z) - G(z with one class far
     above the rest), whose p is one-hot."""
     o = s.get("options", {})
-    if s["fn"] != "linear" or o.get("acc_policy") != "compact" or len(o) == 1 or \
+    if not (s["fn"] == "linear" or s.get("module") == "LinearCrossEntropyLoss") or \
+            o.get("acc_policy") != "compact" or len(o) == 1 or \
             s["grad"] not in ("backward", "double", "compile") or ref["error"]:
         return {}
     m = materialize(s, "ref")
