@@ -27,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _tol  # noqa: E402
 from _fuzz_cases import materialize  # noqa: E402
 from _fuzz_config import backend, tiles  # noqa: E402
-from _fuzz_rules import (TORCH_FAILURES, cancelling_terms_error, compare, linear_family,  # noqa: E402
-                         overflowed_reduction, rescaled_under_compile, smoothing_wraps_uint8, tensors)
+from _fuzz_rules import (TORCH_FAILURES, cancelling_terms_error, compare, float64_reduction,  # noqa: E402
+                         linear_family, overflowed_reduction, rescaled_under_compile, smoothing_wraps_uint8, tensors)
 from _fuzz_run import FUNC_MODES, _rounded_logits, _upstream, run  # noqa: E402,F401 (FUNC_MODES, run: the API)
+from _fuzz_torch import torch_ce  # noqa: E402
 
 
 
@@ -127,15 +128,20 @@ def _recomputed_logits_error(s: dict, ref: dict, fixes) -> dict:
     logits' gradient (backends/base.py), found as G(z) - G(z with one class far
     above the rest), whose p is one-hot."""
     o = s.get("options", {})
-    if s["fn"] != "linear" or o.get("acc_policy") != "compact" or len(o) == 1 or \
+    if not (s["fn"] == "linear" or s.get("module") == "LinearCrossEntropyLoss") or \
+            o.get("acc_policy") != "compact" or len(o) == 1 or \
             s["grad"] not in ("backward", "double", "compile") or ref["error"]:
         return {}
     m = materialize(s, "ref")
     a = {n: m["views"][n](leaf) for n, leaf in m["leaves"].items()}
     h, W, b, t, kw = a["input"], a["linear_weight"], a.get("linear_bias"), a["target"], m["kw"]
     prob = t.is_floating_point()
+    if s.get("shift"):
+        h, t = h[..., :-1, :], t[..., 1:, :] if prob else t[..., 1:]
     h2 = h.flatten(0, -2) if h.dim() > 1 else h[None]   # not reshape(-1, D): ambiguous for D == 0
     t2 = (t.flatten(0, -2) if t.dim() > 1 else t[None]) if prob else t.reshape(-1).long()
+    if W.dim() > 2:   # a K-dim loss: materialised logits, no vocabulary pass
+        return {}
     z = F.linear(h2, W, b)
     if z.shape[1] < 2 or not z.isfinite().all() or s["upstream"] != "randn":
         return {}
@@ -144,9 +150,8 @@ def _recomputed_logits_error(s: dict, ref: dict, fixes) -> dict:
 
     def grad(zz):
         zz = zz.detach().requires_grad_()
-        loss = F.cross_entropy(zz, t2, weight=a.get("weight"), reduction=kw["reduction"],
-                               ignore_index=-100 if kw["ignore_index"] is None else kw["ignore_index"],
-                               label_smoothing=kw.get("label_smoothing", 0.0))
+        loss = torch_ce(zz, t2, a.get("weight"), None, -100 if kw["ignore_index"] is None else kw["ignore_index"],
+                        None, kw["reduction"], kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0))
         return torch.autograd.grad(loss, zz, u.reshape(loss.shape))[0]
 
     def one_hot_p(k):   # G with p one-hot at class k (exp(-1e3) is 0 in float64)
@@ -191,7 +196,9 @@ def _logit_blocking_error(s: dict, ref: dict, fixes) -> dict:
     """Rule 13: torch's error with its logits computed one row per call, per
     output and gradient (where crossent chunks the rows of a linear loss: spec
     "tiles", or a budget in spec "options"; or takes a 1-D input as one row)."""
-    if not (linear_family(s) and (s.get("tiles") or len(s.get("options", {})) > 1 or len(s["shape"]) == 1)):
+    o = s.get("options", {})
+    if not (linear_family(s) and (s.get("tiles") or o.get("chunk_bytes") or o.get("chunk_size") or
+                                  len(s["shape"]) == 1)):
         return {}
     with _logits_row_by_row():
         return _errors(run(s, "torch", fixes), ref)
@@ -244,7 +251,7 @@ def check(s: dict) -> str | None:
                      _reciprocal_temperature_error, _recomputed_logits_error):
             for k, e in rule(s, ref, fixes).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
-        if overflowed_reduction(s, theirs):   # rule 19
+        if overflowed_reduction(s, theirs) or float64_reduction(s, theirs):   # rules 19, 21
             for k, e in cancelling_terms_error(theirs, run(s, "ref", fixes | {"abs_terms"})).items():
                 own_errors[k] = max(own_errors.get(k, 0.0), e)
     msg = compare(s, ours, theirs, ref, own_errors)
@@ -253,6 +260,11 @@ def check(s: dict) -> str | None:
         # reference path, say), torch's own term-by-term pattern, as in eager mode
         eager = {**s, "grad": "backward"}
         if not compare(s, ours, run(eager, "torch", fixes), run(eager, "ref", fixes), own_errors):
+            return None
+    if msg and s["upstream"] != "randn" and s.get("options", {}).get("allow_inplace"):
+        # rule 14 for linear_cross_entropy's allow_inplace, where it applies (a 'mean'/'sum' of a
+        # contiguous input, not compact): dx has overwritten the hidden states, so it is rescaled
+        if not compare(s, ours, run({**s, "rescaled": True}, "torch", fixes), ref, own_errors):
             return None
     # compiled vs eager crossent, too; not for a non-finite upstream, where eager crossent
     # recomputes term by term and compiled rescales (rule 14)

@@ -82,12 +82,13 @@ def draw(rng: random.Random, backend: str) -> dict:
         _draw_loss(rng, s, kind)
     if rng.random() < 0.3:  # crossent's chunks and tiles shrunk (tests/_fuzz_config.py)
         s["tiles"] = rng.choice(["looped", "multirow", "split"]) if backend == "triton" else "small"
-    if fam == "linear" and rng.random() < 0.3:
-        _draw_compact(rng, s)
+    if lin and fam != "vocab_parallel":
+        _draw_linear(rng, s)
     if rng.random() < 0.08:
         s["mutations"] = rng.sample(MUTATIONS, rng.choice([1, 1, 2]))
-        # torch's side composes z_loss and softcap from other ops, whose checks differ
-        s.pop("z_loss", None), s.pop("softcap", None), s.pop("inplace_backward", None)
+        # torch's side composes z_loss, softcap, the statistics and the shift from other ops, whose checks differ
+        for k in ("z_loss", "softcap", "inplace_backward", "with_stats", "shift"):
+            s.pop(k, None)
     else:
         _maybe_compile(rng, s)
     return s
@@ -102,6 +103,34 @@ def _maybe_compile(rng: random.Random, s: dict) -> None:
             s["compile_backend"] = "inductor"
 
 
+def _draw_linear(rng: random.Random, s: dict) -> None:
+    """A K-dim linear loss (spec "out_features": weight (C, d1..dk, D)), and
+    linear_cross_entropy's own extensions: ``shift`` (next-token targets, 2+-D input),
+    linear_cross_entropy_with_stats (spec "with_stats"), and crossent's options:
+    acc_policy 'compact' or the token pass's chunks (chunk_size, chunk_bytes) under
+    the other policies, with allow_inplace (the input gradient into the hidden
+    states' storage) in plain backward."""
+    fn = s["fn"] == "linear"   # crossent.nn.LinearCrossEntropyLoss: options, z_loss and softcap only
+    if fn and len(s["shape"]) <= 2 and rng.random() < 0.12:
+        s["out_features"] = rng.choice([[2], [3], [2, 2]])  # (a 1-D input: torch's error)
+    elif fn and len(s["shape"]) >= 2 and rng.random() < 0.15:
+        s["shift"] = True
+    if fn and rng.random() < 0.15:
+        s["with_stats"] = True
+    if rng.random() >= 0.4:
+        return
+    if rng.random() < 0.7:
+        _draw_compact(rng, s)
+        return
+    s["options"] = {"acc_policy": rng.choice(["accurate", "balanced", "auto"])}
+    if rng.random() < 0.6:
+        s["options"]["chunk_size"] = rng.choice([1, 2, 3])
+    elif rng.random() < 0.6:
+        s["options"]["chunk_bytes"] = rng.choice([64, 4 * s["classes"] + 1, 12 * s["classes"] + 1])
+    if s["grad"] == "backward" and rng.random() < 0.5:
+        s["options"]["allow_inplace"] = True
+
+
 def _draw_compact(rng: random.Random, s: dict) -> None:
     """linear_cross_entropy's acc_policy 'compact' (spec "options"): the token pass,
     then dW by blocks of classes from the saved lse (backends' block_grad_).  The
@@ -109,18 +138,20 @@ def _draw_compact(rng: random.Random, s: dict) -> None:
     all tokens in one tile with blocks of >= 32 classes, or 128-class blocks in
     token tiles; several blocks need more than 32 / 128 classes, so such a case may
     widen its classes.  Below the whole pass's budget the logits are recomputed by
-    another GEMM blocking (judge rule 20); not with one class, whose exact zero
-    gradient torch's error does not cover (fuzz_findings.md, fuzz9)."""
+    another GEMM blocking (judge rule 20); one class never reaches the vocabulary
+    pass (its exact zero gradient: fuzz F9c).  Rule 20 perturbs p, not a softcap's
+    derivative: a budget drops the softcap."""
     if rng.random() < 0.5:
         s["classes"] = rng.choice([33, 129, 211])
     s["options"] = {"acc_policy": "compact"}
-    if s["classes"] == 1 or rng.random() < 0.4:
+    if rng.random() < 0.4:
         return
     n = 1
     for d in s["shape"][:-1]:
         n *= d
     logits = max(1, n) * s["classes"] * 4
     s["options"]["chunk_bytes"] = rng.choice([64, logits // 3 + 1, logits // 2 + 1, 4 * logits])
+    s.pop("softcap", None)
     if rng.random() < 0.3:
         s["options"]["chunk_size"] = rng.choice([1, 2, 3])
 
@@ -140,10 +171,12 @@ def _draw_log_probs(rng: random.Random, s: dict, small: bool) -> dict:
         s["shape"] = lead + [rng.choice([1, 2, 3, 5, 7, 13] if small else [1, 2, 3, 5, 7, 13, 31, 97, 257])]
     s["layout"] = rng.choice(["contig"] * 4 + ["transposed", "strided", "expanded"])
     s["values"] = rng.choice(["normal"] * 5 + ["offset1e3", "offset1e4", "masked", "nonfinite", "huge", "wide"])
-    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad"])
+    # (the vocab-parallel Functions are once-differentiable, with no functorch rules)
+    s["grad"] = rng.choice(["backward"] * 6 + ["no_grad", "inference", "no_input_grad"] +
+                           ([] if s["vp"] else ["double", "func_grad", "vmap", "jvp", "autocast"]))
     s["upstream"] = rng.choice(["randn"] * 8 + ["nan", "inf"])
     s["target"], s["target_dtype"] = "index", rng.choice(["int64"] * 4 + ["int32", "uint8"])
-    s["ignore"] = rng.choice(["default", "none_present", "some", "class"])
+    s["ignore"] = rng.choice(["default", "none_present", "some", "class", "all"])
     s["target_layout"] = rng.choice(["contig"] * 5 + ["strided", "expanded"])
     s["temperature"] = rng.choice([1.0, 1.0, 0.7, 2.0, 0.05])
     s["entropy"] = rng.random() < 0.6
@@ -162,7 +195,7 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
         s["ignore_index"] = rng.choice([-100, -100, -1, -7] if kind != "linear" else [None, None, None, -100])
     else:
         s["target_dtype"] = rng.choice(["int64"] * 5 + ["int32", "int32", "uint8"])
-        s["ignore"] = rng.choice(["default", "none_present", "some", "class", "wrap", "big", "out_of_range"])
+        s["ignore"] = rng.choice(["default", "none_present", "some", "class", "wrap", "big", "out_of_range", "all"])
         if len(s["shape"]) == 1 and "classes" not in s and rng.random() < 0.3:
             s["target_shape_1"] = True  # (C,) input with a (1,) target instead of a 0-d one
     s["target_layout"] = rng.choice(["contig"] * 5 + ["strided", "expanded"])
@@ -180,7 +213,7 @@ def _draw_loss(rng: random.Random, s: dict, kind: str) -> None:
     shape = s["shape"]
     classes = s.get("classes", shape[class_dim(len(shape))] if shape else 1)
     degenerate = s["weight"] == "all_zero" or classes == 0
-    extras = kind in ("cross_entropy", "stats", "vocab_parallel") and s["fn"] != "module" and not degenerate
+    extras = kind in ("cross_entropy", "stats", "vocab_parallel", "linear") and not degenerate
     if extras and rng.random() < 0.15:
         s["z_loss"] = rng.choice([1e-4, 0.1])
     if extras and rng.random() < 0.15:
@@ -287,6 +320,9 @@ def _index_target(r: random.Random, g: torch.Generator, s: dict, tshape: list[in
         ii = r.choice([2**40, -2**40, 2**31])
     elif mode == "out_of_range":
         ii = mark = min(C + 3, hi)
+    elif mode == "all":  # every target ignored: a 'mean' of no terms
+        ii = r.choice([-100, max(C - 1, 0)]) if dtype != torch.uint8 else 255
+        t.fill_(ii)
     if mark is not None and t.numel():
         t.view(-1)[torch.rand(t.numel(), generator=g) < 0.35] = mark
     return t.to(dtype), ii
@@ -340,13 +376,14 @@ def materialize(s: dict, side: str) -> dict:
         leaf, view = _layout(lambda sh: cast(_values(g, sh, dt, kind)), shp, layout, g)
         leaves[name], views[name] = leaf, view
 
+    of = list(s.get("out_features", []))  # a K-dim linear loss: weight (C, d1..dk, D), target (N, d1..dk)
     if lin:
         D, C = shape[-1], s["classes"]
         float_leaf("input", shape, dtype, "normal", s["layout"] if len(shape) != 3 else "contig")
-        float_leaf("linear_weight", [C, D], dtype, "normal", r.choice(["contig", "contig", "transposed"]))
+        float_leaf("linear_weight", [C, *of, D], dtype, "normal", r.choice(["contig", "contig", "transposed"]))
         if s["bias"]:
-            float_leaf("linear_bias", [C], dtype, s["values"])
-        bshape = shape[:-1]
+            float_leaf("linear_bias", [C, *of], dtype, s["values"])
+        bshape = shape[:-1] + of
     else:
         float_leaf("input", shape, dtype, s["values"], s["layout"])
         if s["fn"] == "log_probs":  # classes last
@@ -357,7 +394,7 @@ def materialize(s: dict, side: str) -> dict:
     kw = {}
     if "target" in s:
         if s["target"] == "prob":
-            tshape = bshape + [C] if lin else shape
+            tshape = shape[:-1] + [C] + of if lin else shape
             tdt = _dt(s["target_dtype"])
             leaf, view = _layout(lambda sh: cast(_prob_target(g, s, sh).to(tdt)), tshape, s["target_layout"], g)
             kw["ignore_index"] = s["ignore_index"]

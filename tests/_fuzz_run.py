@@ -51,13 +51,23 @@ def _call(s, ours: bool, a: dict, kw: dict):
         mod = crossent.nn if ours else torch.nn
         if s["module"] == "LinearCrossEntropyLoss":
             W, b = a["linear_weight"], a.get("linear_bias")
+            mine = {}   # torch's module has no z_loss, softcap or crossent options
+            if ours:
+                mine = {**extras, **({"options": crossent.LinearCrossEntropyOptions(**s["options"])}
+                                     if "options" in s else {})}
+            # torch's module is built either way: its constructor's checks, warnings and random init
             m = mod.LinearCrossEntropyLoss(W.shape[1], W.shape[0], bias=b is not None, reduction=red, weight=w,
-                                           ignore_index=ii, label_smoothing=ls)
+                                           ignore_index=ii, label_smoothing=ls, **mine)
+            if not ours and extras:  # crossent's z_loss / softcap: torch's ops composed
+                return torch_linear(x, W, t, linear_bias=b, weight=w, reduction=red, ignore_index=ii,
+                                    label_smoothing=ls, **extras)
             params = {"linear.weight": W, **({"linear.bias": b} if b is not None else {})}
             return torch.func.functional_call(m, params, (x, t))
         if s["module"] == "NLLLoss":
             return mod.NLLLoss(w, sa, ii, rd, red)(x, t)
-        return mod.CrossEntropyLoss(w, sa, ii, rd, red, ls)(x, t)
+        if not ours and extras:
+            return torch_ce(x, t, w, sa, ii, rd, red, ls, **extras)
+        return mod.CrossEntropyLoss(w, sa, ii, rd, red, ls, **extras)(x, t)
     if fn == "nll_loss":
         return (crossent.nll_loss if ours else F.nll_loss)(x, t, w, sa, ii, rd, red)
     if fn == "cross_entropy":
@@ -69,13 +79,17 @@ def _call(s, ours: bool, a: dict, kw: dict):
             return tuple(crossent.cross_entropy_with_stats(x, t, w, ii, red, ls, **extras, **own))
         return torch_ce(x, t, w, None, ii, None, red, ls, stats=True, **extras)
     if fn == "linear":
+        own = {**extras, **({"shift": True} if s.get("shift") else {})}
         if not ours:
             return torch_linear(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
-                                reduction=red, ignore_index=ii, label_smoothing=ls)
-        # spec "options": crossent's own (acc_policy 'compact', small budgets); torch has none
+                                reduction=red, ignore_index=ii, label_smoothing=ls, stats=s.get("with_stats", False),
+                                **own)
+        # spec "options": crossent's own (policies, chunks, small budgets); torch has none
         opts = crossent.LinearCrossEntropyOptions(**s["options"]) if "options" in s else None
-        return crossent.linear_cross_entropy(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w,
-                                             reduction=red, ignore_index=ii, label_smoothing=ls, options=opts)
+        f = crossent.linear_cross_entropy_with_stats if s.get("with_stats") else crossent.linear_cross_entropy
+        out = f(x, a["linear_weight"], t, linear_bias=a.get("linear_bias"), weight=w, reduction=red,
+                ignore_index=ii, label_smoothing=ls, options=opts, **own)
+        return tuple(out) if s.get("with_stats") else out
     # vocab_parallel, one rank holding every class: equal to the plain functions
     from crossent import distributed as D
     if s.get("linear"):
@@ -157,7 +171,9 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
         views["target"] = lambda x, v=views["target"]: v(x).reshape(())
     if "flat_weight" in fixes and "weight" in views:
         views["weight"] = lambda w, v=views["weight"]: v(w).reshape(-1)
-    for n in ("target", "weight") if "abs_terms" in fixes else ():  # rule 19's magnitudes
+    # rules 19 and 21: the terms' magnitudes (nll_loss's terms -w x take the input's sign too)
+    nll = s["fn"] == "nll_loss" or s.get("module") == "NLLLoss"
+    for n in ("target", "weight", *(("input",) if nll else ())) if "abs_terms" in fixes else ():
         if n in leaves and leaves[n].is_floating_point():
             leaves[n] = leaves[n].abs()
     mode = s["grad"] if side != "logits" else "no_grad"
@@ -190,7 +206,8 @@ def run(s: dict, side: str, fixes: frozenset = frozenset()) -> dict:
                 _backward(s, res, outs if s["fn"] == "log_probs" else outs[:1],
                           [(n, leaves[n], views[n]) for n in names], mode == "double",
                           rescaled=side != "ours" and s["upstream"] != "randn" and
-                          (s.get("inplace_backward") or (s["grad"] == "compile" and rescaled_under_compile(s))))
+                          (s.get("inplace_backward") or s.get("rescaled") or
+                           (s["grad"] == "compile" and rescaled_under_compile(s))))
         except Exception as e:  # noqa: BLE001 - whatever torch raises, crossent must raise too
             res["error"] = ("backward" if "outs" in res else "forward", type(e).__name__, str(e))
         finally:
@@ -265,9 +282,11 @@ def _rounded_logits(s: dict, a: dict) -> dict:
     m = materialize(s, "torch")
     h, W = (m["views"][n](m["leaves"][n]) for n in ("input", "linear_weight"))
     b = m["views"]["linear_bias"](m["leaves"]["linear_bias"]) if "linear_bias" in m["leaves"] else None
-    z = F.linear(h, W, b).double()
+    # a K-dim weight (C, d1..dk, D): torch's logits are those of its rows, flattened
+    z = F.linear(h, W.flatten(0, -2), None if b is None else b.flatten()).double()
     rest = {n: v for n, v in a.items() if n != "linear_bias"}
-    return {**rest, "input": z, "linear_weight": torch.eye(W.shape[0], dtype=torch.float64)}
+    eye = torch.eye(z.shape[-1], dtype=torch.float64).reshape(*W.shape[:-1], z.shape[-1])
+    return {**rest, "input": z, "linear_weight": eye}
 
 
 def _rounded_logits_call(s: dict, a: dict, kw: dict):
@@ -279,7 +298,7 @@ def _rounded_logits_call(s: dict, a: dict, kw: dict):
         return _call(s, False, a, kw)
     m = materialize(s, "torch")
     W = m["views"]["linear_weight"](m["leaves"]["linear_weight"])
-    dz = F.linear(m["views"]["input"](_tangent(s, m["leaves"]["input"])), W).double()
+    dz = F.linear(m["views"]["input"](_tangent(s, m["leaves"]["input"])), W.flatten(0, -2)).double()
 
     def f(z):
         out = _call(s, False, {**a, "input": z}, kw)

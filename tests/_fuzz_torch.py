@@ -53,21 +53,40 @@ def torch_ce(x, t, w=None, size_average=None, ignore_index=-100, reduce=None, re
 
 def flat_batch(h, t, loss_fn, reduction):
     """loss_fn on (N, D) hidden states and their targets, from (*B, D) ones
-    (rule 6); a 'none' loss gets its (*B) shape back."""
+    (rule 6); a 'none' loss (and statistics' lse) gets its (*B) shape back."""
     if h.dim() <= 2:
         return loss_fn(h, t)
     prob = t.dim() == h.dim()
     # flatten, not reshape(-1, D): that is ambiguous for D == 0 (in_features 0)
     out = loss_fn(h.flatten(0, -2), t.flatten(0, -2) if prob else t.reshape(-1))
+    if isinstance(out, tuple):  # (loss, lse, z term): lse per position whatever the reduction
+        return tuple(o.reshape(h.shape[:-1]) if o.dim() == 1 else o for o in out)
     return out.reshape(h.shape[:-1]) if reduction == "none" else out
 
 
 def torch_linear(h, W, t, linear_bias=None, weight=None, reduction="mean", ignore_index=None,
-                 label_smoothing=0.0):
-    """F.linear_cross_entropy, batch dims flattened."""
-    return flat_batch(h, t, lambda h2, t2: F.linear_cross_entropy(
-        h2, W, t2, linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing), reduction)
+                 label_smoothing=0.0, z_loss=0.0, softcap=None, stats=False, shift=False):
+    """F.linear_cross_entropy, batch dims flattened.  crossent's extensions:
+    ``shift``, the call on input[..., :-1, :] with the targets from position 1;
+    z_loss, softcap and the statistics, torch_ce of F.linear's logits, after
+    F.linear_cross_entropy's own checks (its exceptions, in its order)."""
+    if shift:
+        h, t = h[..., :-1, :], t[..., 1:, :] if t.dim() == h.dim() else t[..., 1:]
+
+    def plain(h2, t2):
+        return F.linear_cross_entropy(h2, W, t2, linear_bias=linear_bias, weight=weight, reduction=reduction,
+                                      ignore_index=ignore_index, label_smoothing=label_smoothing)
+    if not (z_loss or softcap or stats):
+        return flat_batch(h, t, plain, reduction)
+    with torch.no_grad():
+        flat_batch(h, t, plain, reduction)
+    ii = -100 if ignore_index is None else ignore_index
+
+    def logits(h2):  # (N, C, d1..dk) for a K-dim weight (C, d1..dk, D), as torch's
+        b = None if linear_bias is None else linear_bias.flatten()
+        return F.linear(h2, W.flatten(0, -2), b).unflatten(-1, W.shape[:-1])
+    return flat_batch(h, t, lambda h2, t2: torch_ce(logits(h2), t2, weight, None, ii, None,
+                                                    reduction, label_smoothing, z_loss, softcap, stats), reduction)
 
 
 def torch_log_probs(x, t, linear_weight=None, linear_bias=None, ignore_index=-100, temperature=1.0,

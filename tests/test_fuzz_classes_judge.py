@@ -283,6 +283,20 @@ def test_fuzz_compact_recomputed_logits_judged_by_their_rounding(monkeypatch):
     assert "grad of linear_weight" in (_fuzz.check(_COMPACT_SPEC) or "")
 
 
+def test_fuzz_compact_module_judged_as_the_function():
+    """Rule 20 for crossent.nn.LinearCrossEntropyLoss(options=compact with a budget):
+    the module runs the same vocabulary pass (fuzz seed 1725471961: dW 1.1e-4 off where
+    torch's own error is 2.0e-5, 4 ulps of recomputed logits ~30 x 211 terms)."""
+    import _fuzz
+    spec = {"fn": "module", "backend": "torch", "seed": 1725471961, "dtype": "float32",
+            "module": "LinearCrossEntropyLoss", "shape": [31, 211], "classes": 211, "bias": True, "layout": "contig",
+            "values": "wide", "grad": "backward", "upstream": "randn", "target": "index", "target_dtype": "int64",
+            "ignore": "some", "target_layout": "contig", "weight": "pos", "weight_layout": "contig",
+            "reduction": "sum", "label_smoothing": 0.05, "options": {"acc_policy": "compact", "chunk_bytes": 13083}}
+    assert _fuzz.check(spec) is None
+    assert _fuzz._recomputed_logits_error(spec, {"error": None}, frozenset())
+
+
 def test_fuzz_linear_vector_input_judged_with_torchs_one_row_matrix():
     """Rule 13 for a 1-D input: torch's F.linear takes its vector kernel (addmv),
     crossent's heads a one-row matrix (addmm), which rounds fp32 logits near -1e4
@@ -296,3 +310,27 @@ def test_fuzz_linear_vector_input_judged_with_torchs_one_row_matrix():
             "label_smoothing": 1.0}
     assert _fuzz.check(spec) is None
     assert _fuzz._logit_blocking_error({**spec, "shape": [1, 13]}, {}, frozenset()) == {}
+
+
+_F9E_SPEC = {"fn": "nll_loss", "backend": "torch", "seed": 145925957, "dtype": "float64", "shape": [6, 1, 3, 5],
+             "layout": "contig", "values": "normal", "grad": "func_grad", "upstream": "nan", "target": "index",
+             "target_dtype": "int64", "ignore": "none_present", "target_layout": "contig", "weight": None,
+             "reduction": "sum"}
+
+
+def test_fuzz_float64_sum_judged_at_its_terms_magnitude(monkeypatch):
+    """Rule 21: an fp64 nll_loss 'sum' of 90 signed terms, crossent 6.4e-15 off the
+    exact sum and torch 6.0e-15, so 1.2e-14 apart, where both float32 draws that
+    estimate torch's own fp64 error cancelled by luck (1.0e-15).  Half an ulp of the
+    terms' magnitudes excuses the summation order; ten times that, or a sum rounded
+    through float32 (a real loss of precision), still fails."""
+    import _fuzz
+    import _fuzz_rules
+    assert _fuzz.check(_F9E_SPEC) is None
+    allowed = _fuzz_rules.cancelling_terms_error(
+        _fuzz.run(_F9E_SPEC, "torch"), _fuzz.run(_F9E_SPEC, "ref", frozenset({"abs_terms"})))["output 0"]
+    exact = crossent.nll_loss
+    for wrong in (lambda *a, **kw: exact(*a, **kw) + 10 * _fuzz._tol.FACTOR * allowed,
+                  lambda *a, **kw: exact(*a, **kw).float().double()):
+        monkeypatch.setattr(crossent, "nll_loss", wrong)
+        assert "output 0" in (_fuzz.check(_F9E_SPEC) or "")

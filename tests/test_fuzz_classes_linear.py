@@ -191,3 +191,97 @@ def test_compact_weight_gradient_strides_match_the_fake():
     args = (x, None, w, None, t, None, -100, 0.0, 0.0, 0.0, torch.tensor(1.0), True, True, False, "compact",
             6, 1 << 20, False, "torch")
     torch.library.opcheck(_linear_ops.linear_ce, args, test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target_kind", ["index", "prob"])
+def test_compact_one_class_gradient_is_torchs_exact_zero(monkeypatch, backend, dtype, target_kind):
+    """With one class the softmax is exactly 1 and torch's gradient exactly 0.  Under a
+    budget that tiles the tokens otherwise than the token pass, acc_policy='compact'
+    recomputed the logit by another GEMM shape and divided by the token pass's lse:
+    1 - p ~ 1e-7, dW 3.9e-6 where torch's is 0 (fuzz F9c, seed 1985645907: 64 bytes).
+    Every budget, chunk size and bias gives torch's gradients bit for bit."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    g = torch.Generator().manual_seed(11)
+    h = (torch.randn(37, 13, generator=g) * 3).to(dtype)
+    W, bias = torch.randn(1, 13, generator=g).to(dtype), torch.randn(1, generator=g).to(dtype)
+    t = torch.zeros(37, dtype=torch.long) if target_kind == "index" else torch.rand(37, 1, generator=g).to(dtype)
+    up = torch.randn(37, generator=g).to(dtype)
+
+    def grads(fn, b, **kw):
+        leaves = [a.clone().requires_grad_() for a in (h, W) + ((b,) if b is not None else ())]
+        out = fn(leaves[0], leaves[1], t, linear_bias=leaves[2] if b is not None else None, reduction="none", **kw)
+        return (out, *torch.autograd.grad(out, leaves, up))
+
+    for b in (None, bias):
+        theirs = grads(F.linear_cross_entropy, b)
+        for budget, rows in ((64, None), (100, None), (300, 2), (1000, 5), (None, 3), (None, None)):
+            opts = crossent.LinearCrossEntropyOptions(acc_policy="compact", chunk_bytes=budget, chunk_size=rows)
+            for o, th in zip(grads(crossent.linear_cross_entropy, b, options=opts), theirs):
+                torch.testing.assert_close(o, th, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (3, 0, 4), (2, 1, 4)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_shift_over_empty_sequences_is_the_sliced_call(shape, reduction):
+    """shift=True is the call on input[..., :-1, :] and target[..., 1:]; a sequence of
+    no positions made T - 1 = -1 rows ("Trying to create tensor with negative
+    dimension", or a target shape [3, -1]) and linear_cross_entropy_plan divided by T = 0
+    (fuzz seed 590024072)."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(shape, generator=g, requires_grad=True)
+    W = torch.randn(5, shape[-1], generator=g, requires_grad=True)
+    t = torch.randint(0, 5, shape[:-1], generator=g)
+    hs, ts = h[..., :-1, :], t[..., 1:]
+    theirs = F.linear_cross_entropy(hs.flatten(0, -2), W, ts.reshape(-1), reduction=reduction)
+    theirs = theirs.reshape(ts.shape) if reduction == "none" else theirs
+    ours = crossent.linear_cross_entropy(h, W, t, shift=True, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True, rtol=0, atol=0)
+    up = torch.randn(ours.shape, generator=g)
+    for o, th in zip(torch.autograd.grad(ours, (h, W), up), torch.autograd.grad(theirs, (h, W), up)):
+        torch.testing.assert_close(o, th, rtol=0, atol=0)
+    assert crossent.linear_cross_entropy_plan(h, W, shift=True) == crossent.linear_cross_entropy_plan(hs, W)
+
+
+@pytest.mark.parametrize("upstream", [float("inf"), float("nan"), 2.0])
+def test_allow_inplace_non_finite_upstream_rescales_the_gradient(upstream):
+    """allow_inplace writes dx over the hidden states in the forward; a non-finite
+    upstream on CPU asked the backward to recompute term by term from them and raised
+    "does not support create_graph=True" (fuzz seed 600879676).  Now dx, dW and db are
+    the unit upstream's, times the upstream, as cross_entropy(inplace_backward=True)'s
+    (README deliberate difference 9); a finite upstream gives torch's gradients."""
+    g = torch.Generator().manual_seed(4)
+    h, W, b = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g), torch.randn(7, generator=g)
+    t = torch.tensor([0, 3, -100, 6, 1, 2])
+    opts = crossent.LinearCrossEntropyOptions(acc_policy="accurate", chunk_size=2, allow_inplace=True)
+
+    def grads(fn, u, **kw):
+        leaves = [a.clone().requires_grad_() for a in (h, W, b)]
+        return torch.autograd.grad(fn(leaves[0], leaves[1], t, linear_bias=leaves[2], **kw), leaves,
+                                   torch.tensor(u))
+    ours = grads(crossent.linear_cross_entropy, upstream, options=opts)
+    theirs = grads(F.linear_cross_entropy, upstream) if upstream == 2.0 else \
+        [gr * upstream for gr in grads(F.linear_cross_entropy, 1.0)]
+    for o, th in zip(ours, theirs):
+        torch.testing.assert_close(o, th, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_with_stats_batch_dims_on_materialised_logits(reduction, z_loss):
+    """linear_cross_entropy_with_stats' lse (and a 'none' z term) has the 'none' loss's
+    shape (*B).  Where the logits are materialised (probability targets that require
+    grad) a reduced loss left lse flat, (B*T,) (fuzz seed 1495500416), and a 'none' z
+    term too; compared with torch's ops on the flattened call, as the fused path."""
+    from _fuzz_torch import torch_linear
+    g = torch.Generator().manual_seed(6)
+    h, W = torch.randn(3, 4, 5, generator=g), torch.randn(7, 5, generator=g)
+    t = torch.softmax(torch.randn(3, 4, 7, generator=g), -1)
+    theirs = torch_linear(h, W, t, reduction=reduction, z_loss=z_loss, stats=True)
+    for tt in (t, t.clone().requires_grad_()):
+        ours = crossent.linear_cross_entropy_with_stats(h, W, tt, reduction=reduction, z_loss=z_loss)
+        for o, th in zip(ours, theirs):
+            torch.testing.assert_close(o, th)

@@ -184,3 +184,47 @@ def test_fuzz_vocab_parallel_linear_log_probs_own_target_logit_masked_classes():
     assert _fuzz.check(spec) is None
     bound = _fuzz._target_logit_error(spec, {}, frozenset())["output 0"]
     assert 0 < bound < float("inf")
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_log_probs_under_torch_func_and_double_backward(linear, entropy):
+    """log_probs and linear_log_probs raised under torch.func.grad / vmap / jvp ("it must
+    override the setup_context staticmethod") and gave a gradient without a graph to
+    backward(create_graph=True), where torch's composition works (README deliberate
+    difference 10: torch.func works as with torch).  Each output's first- and second-order
+    results, an inf upstream's inf/NaN pattern included, against torch's composition
+    (tests/_fuzz_torch.py) in float64."""
+    from _fuzz_torch import torch_log_probs
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 6 if linear else 7, generator=g, dtype=torch.float64)
+    x[0, 1, -1] = float("-inf") if not linear else x[0, 1, -1]   # a masked class
+    W = torch.randn(7, 6, generator=g, dtype=torch.float64) if linear else None
+    t = torch.randint(0, 7, (3, 4), generator=g)
+    t[1, 2] = -100
+    kw = dict(temperature=0.7, entropy=entropy)
+
+    def ours(z, k):
+        out = crossent.linear_log_probs(z, W, t, **kw) if linear else crossent.log_probs(z, t, **kw)
+        return out[k]
+
+    def theirs(z, k):
+        return torch_log_probs(z, t, W, **kw)[k]
+
+    for k in range(1 + entropy):
+        up = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        res = []
+        for f in (ours, theirs):
+            fk = lambda z: f(z, k)  # noqa: E731
+            out = [torch.func.grad(lambda z: (fk(z) * up).sum())(x), torch.func.vmap(fk)(torch.stack([x, 2 * x])),
+                   torch.func.jvp(fk, (x,), (torch.randn(x.shape, generator=torch.Generator().manual_seed(1),
+                                                         dtype=x.dtype),))[1]]
+            xx = x.clone().requires_grad_()
+            for u in (up, torch.where(t == 0, float("inf"), up)):
+                (g1,) = torch.autograd.grad(fk(xx), xx, u, create_graph=True)
+                out.append(g1.detach())
+                if g1.isfinite().all():
+                    out.append(torch.autograd.grad(g1.pow(2).sum(), xx)[0])
+            res.append(out)
+        for o, th in zip(*res):
+            torch.testing.assert_close(o, th, equal_nan=True)

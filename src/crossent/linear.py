@@ -251,7 +251,7 @@ def linear_cross_entropy_plan(input: Tensor, linear_weight: Tensor, *, options=N
     N = 1
     for s in input.shape[:-1]:
         N *= s
-    if shift and input.dim() >= 2:
+    if shift and input.dim() >= 2 and input.shape[-2]:
         N -= N // input.shape[-2]
     return _plan(N, D, V, input.dtype, input.device, options, backends.name_for(input.device.type))[0]
 
@@ -333,9 +333,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
             out = _cross_entropy(logits.reshape(*logits.shape[:-1], C, *out_features) if out_features
                                  else logits, target, weight, None, ignore_index, None, reduction,
                                  label_smoothing, z_loss, softcap, False)
-        if input.dim() > 2 and out.loss.dim():
-            nb = batch[:-1] + (batch[-1] - 1,) if shift else batch
-            out = CrossEntropyOutput(out.loss.reshape(nb), out.lse.reshape(nb), out.z_loss)
+        if input.dim() > 2:   # per-position results (lse whatever the reduction) get the batch shape
+            nb = batch[:-1] + (max(batch[-1] - 1, 0),) if shift else batch
+            out = CrossEntropyOutput(*(o.reshape(nb) if o.dim() else o for o in out))
         return out
 
     # cross_entropy's checks, on a meta tensor of the logits' shape.
@@ -344,7 +344,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     eps, z_loss, cap = _ce_options(label_smoothing, z_loss, softcap, check_range=False)  # in torch's order below
     if shift:
         input_x = input
-        batch = batch[:-1] + (batch[-1] - 1,)
+        batch = batch[:-1] + (max(batch[-1] - 1, 0),)   # as input[..., :-1, :]: none of no positions
         target = target[..., 1:, :] if prob else target[..., 1:]
     nd = len(batch)
     if nd > 1 and not prob and tuple(target.shape) != batch:  # (prob: target is (*batch, C) already)

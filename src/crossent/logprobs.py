@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
+import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
@@ -64,6 +65,19 @@ def _output(lp: Tensor, ent: Tensor, shape, entropy: bool) -> LogProbsOutput:
     return LogProbsOutput(lp.reshape(shape), ent.reshape(shape) if entropy else None)
 
 
+def _in_torch_ops(z: Tensor, target: Tensor, T: float, ignore_index: int, entropy: bool) -> LogProbsOutput:
+    """The definition in torch's own ops, for vmap and forward-mode AD (the fused
+    kernels have no batching or jvp rules; README deliberate difference 10)."""
+    logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / T, -1)
+    t = target.long()
+    keep = t != ignore_index
+    lp = torch.where(keep, logp.gather(-1, torch.where(keep, t, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    if not entropy:
+        return LogProbsOutput(lp, None)
+    p = logp.exp()
+    return LogProbsOutput(lp, torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0))
+
+
 def log_probs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
               entropy: bool = False) -> LogProbsOutput:
     """Per-token log-probability of ``target`` (and the entropy) under
@@ -91,10 +105,12 @@ def log_probs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignor
     lead, V_ = tuple(logits.shape[:-1]), logits.shape[-1]
     T, ii, entropy = check_args("log_probs", lead, target, temperature, ignore_index, entropy)
     _check_classes("log_probs", V_, target, ii)
+    if any(V.func_transforms()):
+        return _in_torch_ops(logits, target, T, ii, entropy)
     opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy,
                            backend=backends.name_for(logits.device.type))
     x = logits.reshape(-1, V_)
-    lp, ent = LogProbsFunction.apply(x if x.stride(-1) == 1 else x.contiguous(), target.reshape(-1), opts)
+    lp, ent, _ = LogProbsFunction.call(x if x.stride(-1) == 1 else x.contiguous(), target.reshape(-1), opts)
     return _output(lp, ent, target.shape, entropy)
 
 
@@ -134,6 +150,8 @@ def linear_log_probs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
     lead = tuple(input.shape[:-1])
     T, ii, entropy = check_args("linear_log_probs", lead, target, temperature, ignore_index, entropy)
     _check_classes("linear_log_probs", V_, target, ii)
+    if any(V.func_transforms()):  # the logits in the input's dtype, as the fused head's
+        return _in_torch_ops(TF.linear(input, linear_weight, linear_bias), target, T, ii, entropy)
     t = target.reshape(-1)
     backend = backends.name_for(input.device.type)
     if input.device.type == "cpu":
@@ -142,5 +160,5 @@ def linear_log_probs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
         rows = _plan(t.shape[0], D, V_, input.dtype, input.device,
                      LinearCrossEntropyOptions(acc_policy="accurate"), backend)[0].chunk_size
     opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy, backend=backend, chunk_rows=rows)
-    lp, ent = LinearLogProbsFunction.apply(input.reshape(-1, D), linear_weight, linear_bias, t, opts)
+    lp, ent, _ = LinearLogProbsFunction.call(input.reshape(-1, D), linear_weight, linear_bias, t, opts)
     return _output(lp, ent, target.shape, entropy)

@@ -72,6 +72,7 @@ class LinearCrossEntropyFunction(CrossentFunction):
         _, lse, dx, dw, db = output
         inplace = any(needs) and opts.reduction != "none" and needs[0] and opts.inplace
         ctx.opts = opts
+        ctx.inplace = inplace
         ctx.grads = None
         if any(needs) and opts.reduction != "none":
             # inplace: a fresh handle on x's storage, so autograd can adopt it as the gradient.
@@ -87,7 +88,9 @@ class LinearCrossEntropyFunction(CrossentFunction):
         opts: LinearCEOptions = ctx.opts
         nx, _, nw, nb = ctx.needs_input_grad[:4]
         none = (None,) * 5
-        if torch.is_grad_enabled() or _batched(g) or not _rescalable(g):
+        # allow_inplace: the hidden states hold dx now, so a non-finite upstream rescales it
+        # too (as cross_entropy's inplace_backward; README deliberate difference 9)
+        if torch.is_grad_enabled() or _batched(g) or (not ctx.inplace and not _rescalable(g)):
             dx, dw, db = _linear_differentiable_grads(ctx, g, nx, nw, nb)
             return (dx, None, dw, db) + none
         if ctx.grads is not None:

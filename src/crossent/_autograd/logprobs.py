@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from .ce import CrossentFunction
 from .vocab_parallel import _row_chunks
 
 
@@ -31,54 +32,86 @@ def lp_coeffs(target: Tensor, opts: LogProbsOptions, V: int, g_lp, g_ent, acc):
     return a, b
 
 
-class LogProbsFunction(torch.autograd.Function):
-    """(x (R, V), target (R,), opts) -> (log_probs (R,), entropy (R,) or empty); acc dtype.
-    Saves the per-row lse and entropy; the backward reads the logits once more."""
+def grad_in_torch_ops(z: Tensor, target: Tensor, a: Tensor, b: Tensor | None, opts: LogProbsOptions) -> Tensor:
+    """d(sum a * log_probs + b * entropy)/dz in torch's differentiable ops, in a's dtype
+    (a, b: lp_coeffs, 1/T included), for backward(create_graph=True) and torch.func.grad,
+    whose gradient needs a graph.  The steps of autograd through the definition
+    (gather, entropy -(p * where(p > 0, log p, 0)).sum(-1), log_softmax), so a non-finite
+    upstream or logit gives torch's inf/NaN pattern."""
+    logp = torch.log_softmax(z.to(a.dtype) / opts.temperature, -1)
+    p = logp.exp()
+    t = target.long()
+    idx = torch.where((t >= 0) & (t < z.shape[1]), t, 0).unsqueeze(1)
+    g = torch.zeros_like(p).scatter(1, idx, a.unsqueeze(1))   # gather's backward: 0 off the target
+    if b is not None:
+        nb = -b.unsqueeze(1)
+        g = g + (nb * torch.where(p > 0, logp, 0.0)) * p + torch.where(p > 0, nb * p, 0.0)
+    return g - p * g.sum(1, keepdim=True)
+
+
+class LogProbsFunction(CrossentFunction):
+    """(x (R, V), target (R,), opts) -> (log_probs (R,), entropy (R,) or empty, lse (R, 2):
+    row max and log-sum, not differentiable); acc dtype.  Saves lse and the entropy; the
+    backward reads the logits once more."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, opts: LogProbsOptions):
+    def forward(x: Tensor, target: Tensor, opts: LogProbsOptions):
         from .. import _logprobs_ops as L
-        lp, ent, lse = L.log_probs_fwd(x, target, opts.ignore_index, opts.temperature, opts.entropy,
-                                       opts.backend)
+        return L.log_probs_fwd(x, target, opts.ignore_index, opts.temperature, opts.entropy, opts.backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, target, opts = inputs
+        _, ent, lse = output
         ctx.opts = opts
+        ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # an unused output costs nothing in the backward
         ctx.save_for_backward(x, target, lse, ent)
-        return lp, ent
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
+    def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None, _g_lse):
         from .. import _logprobs_ops as L
         x, target, lse, ent = ctx.saved_tensors
         o: LogProbsOptions = ctx.opts
         a, b = lp_coeffs(target, o, x.shape[1], g_lp, g_ent, lse.dtype)
+        if torch.is_grad_enabled():
+            return grad_in_torch_ops(x, target, a, b, o).to(x.dtype), None, None
         return L.log_probs_bwd(x, target, lse, ent, a, b, o.ignore_index, o.temperature, o.backend), None, None
 
 
-class LinearLogProbsFunction(torch.autograd.Function):
-    """(x (N, D), w (V, D), b (V,) or None, target (N,), opts) -> (log_probs, entropy or empty).
-    The backward recomputes each chunk's logits (per-token upstream gradients
-    cannot be folded into the forward)."""
+class LinearLogProbsFunction(CrossentFunction):
+    """(x (N, D), w (V, D), b (V,) or None, target (N,), opts) -> (log_probs, entropy or empty,
+    lse as LogProbsFunction's).  The backward recomputes each chunk's logits (per-token
+    upstream gradients cannot be folded into the forward)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: LogProbsOptions):
+    def forward(x: Tensor, w: Tensor, b: Tensor | None, target: Tensor, opts: LogProbsOptions):
         from .. import _logprobs_ops as L
-        lp, ent, lse = L.linear_log_probs_fwd(x, w, b, target, opts.ignore_index, opts.temperature,
-                                              opts.entropy, opts.chunk_rows, opts.backend)
+        return L.linear_log_probs_fwd(x, w, b, target, opts.ignore_index, opts.temperature, opts.entropy,
+                                      opts.chunk_rows, opts.backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, target, opts = inputs
+        _, ent, lse = output
         ctx.opts = opts
+        ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, w, b, target, lse, ent)
-        return lp, ent
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None):
+    def backward(ctx, g_lp: Tensor | None, g_ent: Tensor | None, _g_lse):
         from .. import _logprobs_ops as L
         x, w, b, target, lse, ent = ctx.saved_tensors
         o: LogProbsOptions = ctx.opts
         nx, nw = ctx.needs_input_grad[:2]
         nb = b is not None and ctx.needs_input_grad[2]
         a, cb = lp_coeffs(target, o, w.shape[0], g_lp, g_ent, lse.dtype)
+        if torch.is_grad_enabled():  # the logits as the forward rounds them, then differentiable ops
+            dz = grad_in_torch_ops(torch.nn.functional.linear(x, w, b), target, a, cb, o)
+            dx = (dz @ w.to(dz.dtype)).to(x.dtype) if nx else None
+            dw = (dz.t() @ x.to(dz.dtype)).to(w.dtype) if nw else None
+            return dx, dw, dz.sum(0).to(b.dtype) if nb else None, None, None
         dx, dw, db = L.linear_log_probs_bwd(x, w, b, target, lse, ent, a, cb, o.ignore_index, o.temperature,
                                             nx, nw, nb, o.chunk_rows, o.backend)
         return dx if nx else None, dw if nw else None, db if nb else None, None, None
