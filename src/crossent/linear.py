@@ -238,7 +238,9 @@ def _plan(N: int, D: int, V: int, dtype: torch.dtype, device: torch.device, opts
         extra = budget
     else:
         extra = min(rows, N) * per_row + (acc_bytes if rows < N else 0)
-    flops = (8 if policy == "compact" else 6) * N * D * V
+    # compact's vocabulary pass recomputes the logits (2 N D V more); with one class the
+    # token pass takes dW itself (_linear_ops.run), so there is no second pass
+    flops = (8 if policy == "compact" and V != 1 else 6) * N * D * V
     num = -(-N // rows) if N else 0
     return LinearCrossEntropyPlan(policy, rows, num, vb, int(extra), flops, backend), budget
 
