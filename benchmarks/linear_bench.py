@@ -44,7 +44,6 @@ def _worker(spec: dict) -> dict:
     t = torch.randint(0, V, (N,), generator=g)
     p = spec["provider"]
     if p.startswith("crossent"):
-        import crossent
         from crossent.linear import LinearCrossEntropyOptions, linear_cross_entropy
         policy, _, mib = p.split("-", 1)[1].partition("@")
         opts = LinearCrossEntropyOptions(acc_policy=policy, chunk_bytes=int(mib) << 20 if mib else None)

@@ -23,7 +23,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs the kernels under the Triton interpreter (CPU tensors)", allow_module_level=True)
 
 import crossent  # noqa: E402
-from crossent import _autograd, functional  # noqa: E402
+from crossent import _autograd  # noqa: E402
 import test_triton_launches  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf/nan in the interpreter

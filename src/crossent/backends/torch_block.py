@@ -89,7 +89,7 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
         if eps > 0:
             p.sub_(b * (1.0 if w is None else w))
             # The target entry as p_y*A - (b*w_y + hot), B_y summed first as A is
-            # (as torch_chunked's _Terms.grad_): exactly 0 for one class.
+            # (as _Terms.grad_ in torch_terms.py): exactly 0 for one class.
             p.scatter_(1, col, torch.where(hit, py * coef - (b * wy + hot), p.gather(1, col)))
         else:
             p.scatter_add_(1, col, torch.where(hit, -hot, zero))

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .._autograd.vocab_parallel import GlobalSoftmaxFunction
 from ..backends.base import wide_dtype
-from ..backends.torch_chunked import _col, _wcol  # the same column helpers as the fused backend
+from ..backends.torch_terms import _col, _wcol  # the same column helpers as the fused backend
 from ..functional import _class_denominator, _weight_at
 from ._checks import Layout, layout_from
 

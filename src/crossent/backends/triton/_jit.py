@@ -98,6 +98,34 @@ def _class_terms(w_ptr, t_ptr, t_off, cols, cmask, C, one_m_eps, eps_over_c,
 
 
 @triton.jit
+def _target_terms(t_ptr, t_off, rmask, w_ptr, ignore_index, C, NO_CLASS: tl.constexpr,
+                  HAS_W: tl.constexpr, PROB: tl.constexpr):
+    # A block of rows' target terms: (valid, inb, y_s, wy) = counted (not ignore_index),
+    # class in [0, C), that class as a safe index (NO_CLASS where either fails), w[y_s].
+    # NO_CLASS 0 keeps y_s a readable offset (ce_tile.py reads z[y]); -1 matches no class
+    # of a block of columns (block_grad.py) and reads no weight (wy 0).  Probability
+    # targets: every row counted and in range, y_s -1, wy 0 (the terms go unused).
+    if PROB:
+        valid = rmask
+        inb = rmask
+        y_s = tl.full(rmask.shape, -1, tl.int64)
+        wy = tl.zeros(rmask.shape, tl.float32)
+    else:
+        # int64 compare: a uint8 target 156 is class 156 whatever ignore_index is
+        y = tl.load(t_ptr + t_off, mask=rmask, other=0).to(tl.int64)
+        valid = y != ignore_index
+        inb = (y >= 0) & (y < C)
+        y_s = tl.where(valid & inb, y, NO_CLASS)
+        wy = tl.full(rmask.shape, 1.0, tl.float32)
+        if HAS_W:
+            if NO_CLASS < 0:
+                wy = tl.load(w_ptr + y_s, mask=rmask & (y_s >= 0), other=0.0).to(tl.float32)
+            else:
+                wy = tl.load(w_ptr + y_s, mask=rmask, other=0.0).to(tl.float32)
+    return valid, inb, y_s, wy
+
+
+@triton.jit
 def _loss(ms, logs, zy, wy, p1, p2, one_m_eps, eps_over_c, z_loss, valid, inb,
           PROB: tl.constexpr, SMOOTH: tl.constexpr, HAS_ZL: tl.constexpr):
     # Per-row loss from statistics relative to the shift ms (formulas: base.py), in

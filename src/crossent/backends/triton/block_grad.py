@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .. import torch_block
 from . import _device, _launch
-from ._jit import _as_logits, _class_terms, _grad, _row_coefs
+from ._jit import _as_logits, _class_terms, _grad, _row_coefs, _target_terms
 from .ce import _scale_arg
 
 _TILE_ELEMS = 4096   # logits per program: 32 per thread at 4 warps (46-93 registers, no spills)
@@ -49,24 +49,14 @@ def _block_grad_kernel(
     NEED_P: tl.constexpr = PROB or SMOOTH
 
     # --- per-row terms (as ce_tile.py's): validity, w[y], scale, lse
+    valid, inb, y_s, wy = _target_terms(t_ptr, r * st_r, rmask, w_ptr, ignore_index, C,
+                                        -1, HAS_W, PROB)   # y_s -1: matches no class
     if PROB:
-        valid = rmask
-        inb = rmask
-        y_s = tl.full([BLOCK_R], -1, tl.int64)                              # matches no class
-        wy = tl.zeros([BLOCK_R], tl.float32)
         p1 = tl.load(p1_ptr + r, mask=rmask, other=0.0).to(tl.float32)
+    elif HAS_W and SMOOTH:
+        p1 = tl.load(p1_ptr).to(tl.float32) + tl.zeros([BLOCK_R], tl.float32)
     else:
-        y = tl.load(t_ptr + r * st_r, mask=rmask, other=0).to(tl.int64)    # int64 compare (base.py)
-        valid = y != ignore_index
-        inb = (y >= 0) & (y < C)
-        y_s = tl.where(valid & inb, y, -1)
-        wy = tl.full([BLOCK_R], 1.0, tl.float32)
-        if HAS_W:
-            wy = tl.load(w_ptr + y_s, mask=rmask & (y_s >= 0), other=0.0).to(tl.float32)
-        if HAS_W and SMOOTH:
-            p1 = tl.load(p1_ptr).to(tl.float32) + tl.zeros([BLOCK_R], tl.float32)
-        else:
-            p1 = tl.zeros([BLOCK_R], tl.float32) + C   # read only when smoothing
+        p1 = tl.zeros([BLOCK_R], tl.float32) + C   # read only when smoothing
     sc = tl.load(scale_ptr + r * scale_stride, mask=rmask, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + r, mask=rmask, other=0.0).to(tl.float32)
     lo = tl.load(lo_ptr + r, mask=rmask, other=0.0).to(tl.float32)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ._jit import (_as_logits, _class_terms, _grad, _inv_sum, _log_sum, _loss, _loss_as, _lse, _row_coefs,
-                   _safe, _scaled_shift, _softcap)
+                   _safe, _scaled_shift, _softcap, _target_terms)
 
 
 @triton.jit
@@ -34,21 +34,11 @@ def _ce_tile(
     NEED_P: tl.constexpr = PROB or SMOOTH
 
     # --- per-position target terms (class index): validity, w[y], z[y]
+    valid, inb, y_s, wy = _target_terms(t_ptr + b * st_b, s * st_s, smask, w_ptr, ignore_index, C,
+                                        0, HAS_W, PROB)   # y_s never out of bounds
     if PROB:
-        valid = smask
-        inb = smask
-        y_s = tl.full([BLOCK_S], -1, tl.int64)                       # matches no class
-        wy = tl.zeros([BLOCK_S], tl.float32)
         zy = tl.zeros([BLOCK_S], tl.float32)
     else:
-        # int64 compare: a uint8 target 156 is class 156 whatever ignore_index is
-        y = tl.load(t_ptr + b * st_b + s * st_s, mask=smask, other=0).to(tl.int64)
-        valid = y != ignore_index
-        inb = (y >= 0) & (y < C)
-        y_s = tl.where(valid & inb, y, 0)                             # never out of bounds
-        wy = tl.full([BLOCK_S], 1.0, tl.float32)
-        if HAS_W:
-            wy = tl.load(w_ptr + y_s, mask=smask, other=0.0).to(tl.float32)
         # read before anything is written, so grad_into=x is safe
         zy = tl.load(x_ptr + b * sx_b + s * sx_s + y_s * sx_c, mask=smask & valid & inb,
                      other=0.0).to(tl.float32)
