@@ -398,3 +398,90 @@ def test_softcap_gradient_near_saturation(monkeypatch, backend, reduction):
     if reduction == "mean":   # the opt-in in-place gradient rescales by the upstream (README 9)
         ours = _grad(crossent.cross_entropy, x, inf, t, softcap=5.0, inplace_backward=True)
         assert torch.equal(ours.isnan(), (theirs * inf).isnan())
+
+
+@pytest.mark.parametrize("path", ["torch", "torch-small", "triton", "triton-looped", "triton-multirow", "triton-split"])
+@pytest.mark.parametrize("w0", [inf, -inf, nan])
+def test_ignored_rows_with_a_non_finite_weight_at_the_safe_index(monkeypatch, path, w0):
+    """An ignored row reads its class weight at a safe index (class 0) and multiplies it
+    by the row's 0: for a non-finite w[0] the row's gradient was NaN, where torch's
+    nll_loss writes nothing there (0).  Rows and K-dim layouts, every reduction, each
+    launch path of the triton backend and the torch backend's small chunks."""
+    import _fuzz_config
+    name, _, tiles = path.partition("-")
+    if name == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", name)
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(6, generator=g) + 0.5
+    w[0] = w0
+    cases = [(torch.randn(7, 6, generator=g), torch.tensor([-100, 3, 1, -100, 5, 2, -100])),
+             (torch.randn(2, 6, 4, generator=g), torch.tensor([[-100, 1, 2, -100], [3, -100, 4, 5]]))]
+    with _fuzz_config.tiles(tiles or None):
+        for x, t in cases:
+            for reduction in REDUCTIONS:
+                up = 1.0 if reduction != "none" else 0.7
+                ours = _grad(crossent.cross_entropy, x, up, t, w, reduction=reduction)
+                theirs = _grad(F.cross_entropy, x, up, t, w, reduction=reduction)
+                assert ((theirs if x.dim() == 2 else theirs.transpose(1, 2))[t == -100] == 0).all()
+                torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+@pytest.mark.parametrize("fn", ["linear-accurate", "linear-compact", "vocab_parallel"])
+def test_ignored_rows_non_finite_weight_linear_and_vocab_parallel(monkeypatch, fn):
+    """The same for the linear head (the token pass, and compact's vocabulary pass from
+    the saved lse; ignored rows kept, as on accelerators) and the vocab-parallel loss
+    (one rank), on the torch backend."""
+    monkeypatch.setenv("CROSSENT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(6)
+    h, W = torch.randn(7, 5, generator=g), torch.randn(6, 5, generator=g)
+    t = torch.tensor([-100, 3, 1, -100, 5, 2, -100])
+    w = torch.rand(6, generator=g) + 0.5
+    w[0] = inf
+    if fn == "vocab_parallel":
+        import _fuzz
+        from crossent import distributed as D
+        _fuzz.init_single_process()
+        x = h @ W.T
+        ours = _grad(D.vocab_parallel_cross_entropy, x, 1.0, t, weight=w, reduction="sum")
+        theirs = _grad(F.cross_entropy, x, 1.0, t, w, reduction="sum")
+        torch.testing.assert_close(ours, theirs, equal_nan=True)
+        return
+    opts = crossent.LinearCrossEntropyOptions(acc_policy=fn.split("-")[1], chunk_bytes=64, chunk_size=2)
+    leaves = [h.clone().requires_grad_(), W.clone().requires_grad_()]
+    # with_stats: ignored tokens keep their rows on the CPU too (as on accelerators), not dropped
+    out = crossent.linear_cross_entropy_with_stats(*leaves, t, weight=w, reduction="sum", options=opts)
+    ours = torch.autograd.grad(out.loss, leaves)
+    leaves = [h.clone().requires_grad_(), W.clone().requires_grad_()]
+    theirs = torch.autograd.grad(F.cross_entropy(F.linear(*leaves), t, w, reduction="sum"), leaves)
+    for o, th in zip(ours, theirs):
+        torch.testing.assert_close(o, th, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_smoothing_with_an_infinite_class_weight(monkeypatch, backend):
+    """README deliberate difference 15: with label smoothing and an infinite class weight,
+    a counted row's loss is NaN where torch's is +-inf: crossent forms the smoothing sum
+    relative to the row max, sum(w) * (lse - max) - sum_c w_c (z_c - max), whose terms
+    meet as inf * 0 or inf - inf.  The loss is non-finite exactly where torch's is, and
+    finite values and the gradient (NaN pattern included) are torch's."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CROSSENT_BACKEND", backend)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 5, generator=g)
+    x[::2, 3] = 9.0   # class 3 is the row max in every other row
+    t = torch.tensor([0, 1, -100, 2, 4, -100, 1, 0])
+    for w3 in (inf, -inf):
+        w = torch.rand(5, generator=g) + 0.5
+        w[3] = w3
+        for reduction in REDUCTIONS:
+            ours = crossent.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+            theirs = F.cross_entropy(x, t, w, reduction=reduction, label_smoothing=0.1)
+            torch.testing.assert_close(ours.isfinite(), theirs.isfinite())
+            torch.testing.assert_close(ours[ours.isfinite()], theirs[theirs.isfinite()])
+            up = 1.0 if reduction != "none" else 0.5
+            torch.testing.assert_close(_grad(crossent.cross_entropy, x, up, t, w, reduction=reduction,
+                                             label_smoothing=0.1),
+                                       _grad(F.cross_entropy, x, up, t, w, reduction=reduction, label_smoothing=0.1),
+                                       equal_nan=True)

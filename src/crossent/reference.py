@@ -139,7 +139,8 @@ def cross_entropy_grad(x: Tensor, target: Tensor, weight: Tensor | None, ignore_
     else:
         counted, ok = target_masks(target, ignore_index, C)
         y = torch.where(ok, target, 0).long().unsqueeze(1)
-        wy = 1.0 if w is None else w.reshape(-1)[y]
+        # 0 in an ignored row (not w[0]: a non-finite w[0] times its 0 is NaN; nll_loss writes nothing)
+        wy = 1.0 if w is None else torch.where(counted.unsqueeze(1), w.reshape(-1)[y], 0.0)
         # 1 counted, 0 ignored, NaN out of range (backends/base.py)
         m = counted.unsqueeze(1).to(z.dtype).masked_fill((counted ^ ok).unsqueeze(1), float("nan"))
         # where(), not sc * m alone: a non-finite scale times an ignored row's 0

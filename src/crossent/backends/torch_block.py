@@ -68,7 +68,8 @@ def _block_grad(z: Tensor, v0: int, V: int, tc: Tensor, lse: Tensor, scale: Tens
         ysafe = torch.where(valid & inb, tc, torch.zeros((), dtype=tc.dtype, device=tc.device)).long()
         mrow = torch.where(valid, torch.ones((), dtype=acc, device=z.device), zero)
         mrow = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=z.device), mrow)
-        wy = weight.to(acc)[ysafe] if weight is not None else torch.ones_like(mrow)
+        # ignored rows: 0, not w[0] (a non-finite w[0] times their 0 would be NaN; as _Terms)
+        wy = torch.where(valid, weight.to(acc)[ysafe], zero) if weight is not None else torch.ones_like(mrow)
         sum_w = float(V) if weight is None else weight.to(acc).sum()
         mcol = mrow.unsqueeze(1)
         sm = torch.where(mcol != 0, sc * mcol, zero)  # (n, 1); ignored rows exactly 0

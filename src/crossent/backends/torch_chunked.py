@@ -247,7 +247,7 @@ def _kdim_sweep(k: _Terms, x: Tensor, grad: Tensor | None, scale: Tensor, lse: T
         s = _exp_(e).sum(0)
         ls = s.log()
         torch.where(m.isinf(), m, ls + m, out=lse[b, s0:s1])  # +-inf where the max is, as torch.logsumexp
-        wy = None if w is None else w.take(y)
+        wy = None if w is None else torch.where(valid, w.take(y), 0.0)   # ignored: 0, not w[0] (as _Terms)
         if loss is not None:
             nll = zy.neg_().add_(ls) if wy is None else zy.neg_().add_(ls).mul_(wy)
             # where(), not a multiply: an ignored row stays 0 even if its logits are inf/NaN.

@@ -62,7 +62,9 @@ class _Terms:
             return t if self.w is None else t * self.w
         valid, ok = target_masks(t, self.ignore_index, self.C)
         y = _col(torch.where(ok, t, 0).long())
-        wy = 1.0 if self.w is None else self.w.view(-1)[y]
+        # 0 in an ignored row: w[0] (its safe index) times the row's 0 would be NaN for a
+        # non-finite w[0], where torch's nll_loss writes nothing
+        wy = 1.0 if self.w is None else torch.where(_col(valid), self.w.view(-1)[y], 0.0)
         # Python scalars, not 0-d tensors: with many rows per chunk (small C)
         # these few ops per chunk are a visible share of the time.
         m = valid.to(self.acc).masked_fill_(valid ^ ok, float("nan"))  # valid ^ ok: out of range

@@ -161,7 +161,9 @@ class ShardMath:
         if self.w is not None:
             inb = inb & (t < self.w.numel())
         safe = torch.where(valid & inb, t, 0)
-        self.wy = _weight_at(self.w, safe) if self.w is not None else torch.ones((), dtype=acc, device=dev)
+        # ignored rows: 0, not w[0] (a non-finite w[0] times their 0 would be NaN; torch writes nothing)
+        self.wy = torch.where(valid, _weight_at(self.w, safe), zero) if self.w is not None \
+            else torch.ones((), dtype=acc, device=dev)
         m = torch.where(valid, torch.ones((), dtype=acc, device=dev), zero)
         self.m = torch.where(valid & ~inb, torch.full((), float("nan"), dtype=acc, device=dev), m)
         self.valid = valid

@@ -103,7 +103,7 @@ def _target_terms(t_ptr, t_off, rmask, w_ptr, ignore_index, C, NO_CLASS: tl.cons
     # A block of rows' target terms: (valid, inb, y_s, wy) = counted (not ignore_index),
     # class in [0, C), that class as a safe index (NO_CLASS where either fails), w[y_s].
     # NO_CLASS 0 keeps y_s a readable offset (ce_tile.py reads z[y]); -1 matches no class
-    # of a block of columns (block_grad.py) and reads no weight (wy 0).  Probability
+    # of a block of columns (block_grad.py).  Either way wy is 0 there.  Probability
     # targets: every row counted and in range, y_s -1, wy 0 (the terms go unused).
     if PROB:
         valid = rmask
@@ -117,11 +117,8 @@ def _target_terms(t_ptr, t_off, rmask, w_ptr, ignore_index, C, NO_CLASS: tl.cons
         inb = (y >= 0) & (y < C)
         y_s = tl.where(valid & inb, y, NO_CLASS)
         wy = tl.full(rmask.shape, 1.0, tl.float32)
-        if HAS_W:
-            if NO_CLASS < 0:
-                wy = tl.load(w_ptr + y_s, mask=rmask & (y_s >= 0), other=0.0).to(tl.float32)
-            else:
-                wy = tl.load(w_ptr + y_s, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_W:   # 0 where not counted or out of range: a non-finite w[0] times an ignored row's 0 is NaN
+            wy = tl.load(w_ptr + y_s, mask=rmask & valid & inb, other=0.0).to(tl.float32)
     return valid, inb, y_s, wy
 
 

@@ -151,7 +151,7 @@ def _ce_split_kernel(
             y = tl.where(valid & inb, y, 0)                  # never out of bounds
             wy = 1.0
             if HAS_W:
-                wy = tl.load(w_ptr + y).to(tl.float32)
+                wy = tl.load(w_ptr + y, mask=valid & inb, other=0.0).to(tl.float32)   # as _jit._target_terms
         base = r64 * (NSPLIT * 5)
         # slice statistics; e = exp(z - slice shift) stays for the gradient: p = e * k
         m_sl = tl.max(z, 0)
