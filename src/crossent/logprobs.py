@@ -16,12 +16,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional
 
-import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
 from . import _validate as V
-from . import backends
+from . import backends, reference
 from ._logprobs_ops import _cpu_chunk_rows
 
 __all__ = ["LogProbsOutput", "log_probs", "linear_log_probs"]
@@ -65,19 +64,6 @@ def _output(lp: Tensor, ent: Tensor, shape, entropy: bool) -> LogProbsOutput:
     return LogProbsOutput(lp.reshape(shape), ent.reshape(shape) if entropy else None)
 
 
-def _in_torch_ops(z: Tensor, target: Tensor, T: float, ignore_index: int, entropy: bool) -> LogProbsOutput:
-    """The definition in torch's own ops, for vmap and forward-mode AD (the fused
-    kernels have no batching or jvp rules; README deliberate difference 10)."""
-    logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)) / T, -1)
-    t = target.long()
-    keep = t != ignore_index
-    lp = torch.where(keep, logp.gather(-1, torch.where(keep, t, 0).unsqueeze(-1)).squeeze(-1), 0.0)
-    if not entropy:
-        return LogProbsOutput(lp, None)
-    p = logp.exp()
-    return LogProbsOutput(lp, torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0))
-
-
 def log_probs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignore_index: int = -100,
               entropy: bool = False) -> LogProbsOutput:
     """Per-token log-probability of ``target`` (and the entropy) under
@@ -105,8 +91,8 @@ def log_probs(logits: Tensor, target: Tensor, *, temperature: float = 1.0, ignor
     lead, V_ = tuple(logits.shape[:-1]), logits.shape[-1]
     T, ii, entropy = check_args("log_probs", lead, target, temperature, ignore_index, entropy)
     _check_classes("log_probs", V_, target, ii)
-    if any(V.func_transforms()):
-        return _in_torch_ops(logits, target, T, ii, entropy)
+    if any(V.func_transforms()):   # vmap, forward-mode AD: torch's own ops (README deliberate difference 10)
+        return LogProbsOutput(*reference.log_probs(logits, target, T, ii, entropy))
     opts = LogProbsOptions(ignore_index=ii, temperature=T, entropy=entropy,
                            backend=backends.name_for(logits.device.type))
     x = logits.reshape(-1, V_)
@@ -151,7 +137,8 @@ def linear_log_probs(input: Tensor, linear_weight: Tensor, target: Tensor, *,
     T, ii, entropy = check_args("linear_log_probs", lead, target, temperature, ignore_index, entropy)
     _check_classes("linear_log_probs", V_, target, ii)
     if any(V.func_transforms()):  # the logits in the input's dtype, as the fused head's
-        return _in_torch_ops(TF.linear(input, linear_weight, linear_bias), target, T, ii, entropy)
+        return LogProbsOutput(*reference.log_probs(TF.linear(input, linear_weight, linear_bias), target, T, ii,
+                                                   entropy))
     t = target.reshape(-1)
     backend = backends.name_for(input.device.type)
     if input.device.type == "cpu":

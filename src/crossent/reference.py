@@ -7,7 +7,7 @@ probability-target gradients all work here) and are used
     whose plain-PyTorch part is torch.nn.functional itself;
   * by ``crossent.functional`` as the fallback for the rare calls that need a
     gradient the fused path does not produce (w.r.t. probability targets or
-    class weights).
+    class weights), and by ``crossent.log_probs`` under vmap and forward-mode AD.
 Low-precision inputs are computed in fp32 and the result rounded once: that
 is crossent's documented behaviour (PyTorch rounds log_softmax to bf16/fp16
 first and accumulates fp16 means in fp16).
@@ -176,3 +176,17 @@ def softmax(input: Tensor, dim: int) -> Tensor:
 
 def log_softmax(input: Tensor, dim: int) -> Tensor:
     return torch.log_softmax(_upcast(input), dim).to(input.dtype)
+
+
+def log_probs(logits: Tensor, target: Tensor, temperature: float = 1.0, ignore_index: int = -100,
+              entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """crossent.log_probs's (log p[target], entropy or None) per position, in fp32 for
+    fp16/bf16 logits; 0 at ignored positions (targets already checked in range)."""
+    logp = torch.log_softmax(_upcast(logits) / temperature, -1)
+    t = target.long()
+    keep = t != ignore_index
+    lp = torch.where(keep, logp.gather(-1, torch.where(keep, t, 0).unsqueeze(-1)).squeeze(-1), 0.0)
+    if not entropy:
+        return lp, None
+    p = logp.exp()
+    return lp, torch.where(keep, -(p * torch.where(p > 0, logp, 0.0)).sum(-1), 0.0)
